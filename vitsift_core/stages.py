@@ -1,0 +1,129 @@
+"""Retrieval / Capture / Coach stages (Sec 4.3) as a 3-segment fit over layers.
+
+DESIGN.md section 3: z-score the head-mean (theta_KK - theta_chance) curve and the head-mean
+focus curve over layers 1..L, fit both jointly with three straight segments sharing two
+breakpoints (exhaustive search, each segment >= ``min_len`` layers, least squares), and name
+the segments only when their shapes agree with the paper. Each segment is a group of whole
+layers with its own line (segments are not forced to join).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+STAGE_NAMES = ("Retrieval", "Capture", "Coach")
+
+
+@dataclass
+class StageFit:
+    """Result of :func:`fit_stages`. Layers are 1-based, segments inclusive.
+
+    segments: [(first, last)] * 3; slopes[seg] = {"theta": .., "focus": ..} in z-units per
+    layer; means[seg] likewise (segment means of the z-scored curves); tests: each shape
+    test and whether it passed; names: STAGE_NAMES when every test passed, else None.
+    """
+
+    boundaries: tuple[int, int]
+    segments: list[tuple[int, int]]
+    slopes: list[dict[str, float]]
+    means: list[dict[str, float]]
+    sse: float
+    tests: dict[str, bool] = field(default_factory=dict)
+    names: list[str] | None = None
+    flat_tol: float = 0.05
+
+    @property
+    def holds(self) -> bool:
+        return self.names is not None
+
+    def failed(self) -> list[str]:
+        return [k for k, v in self.tests.items() if not v]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["holds"] = self.holds
+        d["failed"] = self.failed()
+        return d
+
+    def summary(self) -> str:
+        parts = []
+        for k, (a, b) in enumerate(self.segments):
+            label = self.names[k] if self.names else f"segment {k + 1}"
+            parts.append(f"{label}: layers {a}-{b}")
+        tail = "shape tests passed" if self.holds else "failed: " + ", ".join(self.failed())
+        return "; ".join(parts) + f" ({tail})"
+
+
+def zscore(y: np.ndarray) -> np.ndarray:
+    """(L,) -> (L,); a constant curve becomes all zeros rather than NaN."""
+    y = np.asarray(y, dtype=np.float64)
+    sd = y.std()
+    return (y - y.mean()) / sd if sd > 0 else np.zeros_like(y)
+
+
+def _line_fit(x: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, float]:
+    """Least-squares lines for several curves over the same x. ys: (C, n) -> slopes (C,), sse."""
+    xc = x - x.mean()
+    denom = (xc ** 2).sum()
+    yc = ys - ys.mean(axis=1, keepdims=True)
+    slopes = (yc @ xc) / denom
+    resid = yc - slopes[:, None] * xc[None, :]
+    return slopes, float((resid ** 2).sum())
+
+
+def fit_stages(theta_curve, focus_curve, min_len: int = 2, flat_tol: float = 0.05) -> StageFit:
+    """Fit three segments to both curves jointly.
+
+    theta_curve: (L,) head-mean theta_KK - theta_chance per layer; focus_curve: (L,)
+    head-mean focus index per layer (lower = more focused). NaN entries are not allowed.
+    flat_tol: |slope| (z-units per layer) that still counts as flat for the Coach test.
+
+    Shape tests (all must pass for the paper's names):
+      capture_theta_rises     Capture's theta slope > 0
+      capture_focus_falls     Capture's focus slope < 0
+      coach_theta_not_rising  Coach's theta slope <= flat_tol
+      coach_focus_not_falling Coach's focus slope >= -flat_tol
+      retrieval_theta_low     Retrieval's mean theta < Capture's mean theta
+      retrieval_focus_broad   Retrieval's mean focus > Capture's mean focus
+    """
+    th = np.asarray(theta_curve, dtype=np.float64)
+    fo = np.asarray(focus_curve, dtype=np.float64)
+    if th.shape != fo.shape or th.ndim != 1:
+        raise ValueError(f"curves must be 1-D and equal length, got {th.shape} and {fo.shape}")
+    n = th.shape[0]
+    if n < 3 * min_len:
+        raise ValueError(f"need at least {3 * min_len} layers for 3 segments of >= {min_len}, got {n}")
+    if np.isnan(th).any() or np.isnan(fo).any():
+        raise ValueError("curves contain NaN; drop undefined layers before fitting")
+    ys = np.stack([zscore(th), zscore(fo)])
+    x = np.arange(1, n + 1, dtype=np.float64)
+
+    best = None
+    # b1, b2 are the last layers of segments 1 and 2 (1-based).
+    for b1 in range(min_len, n - 2 * min_len + 1):
+        for b2 in range(b1 + min_len, n - min_len + 1):
+            sse = 0.0
+            for lo, hi in ((0, b1), (b1, b2), (b2, n)):
+                sse += _line_fit(x[lo:hi], ys[:, lo:hi])[1]
+            # strict < keeps the earliest breakpoints on exact ties: deterministic
+            if best is None or sse < best[0] - 1e-12:
+                best = (sse, b1, b2)
+    sse, b1, b2 = best
+    segs = [(1, b1), (b1 + 1, b2), (b2 + 1, n)]
+    slopes, means = [], []
+    for lo, hi in ((0, b1), (b1, b2), (b2, n)):
+        s, _ = _line_fit(x[lo:hi], ys[:, lo:hi])
+        slopes.append({"theta": float(s[0]), "focus": float(s[1])})
+        means.append({"theta": float(ys[0, lo:hi].mean()), "focus": float(ys[1, lo:hi].mean())})
+    tests = {
+        "capture_theta_rises": slopes[1]["theta"] > 0,
+        "capture_focus_falls": slopes[1]["focus"] < 0,
+        "coach_theta_not_rising": slopes[2]["theta"] <= flat_tol,
+        "coach_focus_not_falling": slopes[2]["focus"] >= -flat_tol,
+        "retrieval_theta_low": means[0]["theta"] < means[1]["theta"],
+        "retrieval_focus_broad": means[0]["focus"] > means[1]["focus"],
+    }
+    tests = {k: bool(v) for k, v in tests.items()}
+    names = list(STAGE_NAMES) if all(tests.values()) else None
+    return StageFit((b1, b2), segs, slopes, means, float(sse), tests, names, flat_tol)
