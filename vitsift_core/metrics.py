@@ -17,10 +17,6 @@ import torch
 FOCUS_KINDS = ("minmax", "softmax")
 
 
-def _as_float(counts: torch.Tensor) -> torch.Tensor:
-    return counts.to(torch.float32)
-
-
 def attended_mask(attn: torch.Tensor, gamma: float = 1.0, exclude_self: bool = False) -> torch.Tensor:
     """Attended sets S_i of Eq. 2: ``alpha_ij >= gamma * mean_j alpha_ij``.
 
@@ -55,20 +51,27 @@ def theta_rows(
     weighted:   sum_{j in S_i^Key} t_j / (|S_i^Non| + sum_{j in S_i^Key} t_j)
     unweighted: |S_i^Key| / |S_i|
     """
-    # float64 input stays float64 (exact reference comparisons); everything else float32
-    dt = torch.float64 if attn.dtype == torch.float64 else torch.float32
-    mask = attended_mask(attn, gamma, exclude_self).to(dt)
-    t = counts.to(dt)
-    is_key = (t > 0).to(dt)
+    return theta_from_mask(attended_mask(attn, gamma, exclude_self), counts, weighted,
+                           torch.float64 if attn.dtype == torch.float64 else torch.float32)
+
+
+def theta_from_mask(mask: torch.Tensor, counts: torch.Tensor, weighted: bool = True,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """theta_i from precomputed attended sets. mask: (..., N, N) bool; counts: (..., N) -> (..., N).
+
+    Split from :func:`theta_rows` so several keypoint variants can share one mask.
+    float64 keeps reference comparisons exact; float32 is plenty for counts (integers).
+    """
+    m = mask.to(dtype)
+    t = counts.to(dtype)
     if weighted:
         num_w = t
         den_w = torch.where(t > 0, t, torch.ones_like(t))
     else:
-        num_w = is_key
+        num_w = (t > 0).to(dtype)
         den_w = torch.ones_like(t)
     # One matmul for numerator and denominator: (..., N, N) @ (..., N, 2) -> (..., N, 2).
-    w = torch.stack([num_w, den_w], dim=-1)
-    nd = mask @ w
+    nd = m @ torch.stack([num_w, den_w], dim=-1)
     num, den = nd[..., 0], nd[..., 1]
     return torch.where(den > 0, num / den.clamp_min(1e-30), torch.full_like(num, float("nan")))
 
@@ -100,7 +103,7 @@ def theta_chance(counts: torch.Tensor, weighted: bool = True) -> torch.Tensor:
 
     counts: (..., N) -> (...). Weighted: sum_Key t / (#Non + sum_Key t); unweighted: #Key / N.
     """
-    t = _as_float(counts)
+    t = counts.to(torch.float32)
     key = t > 0
     if weighted:
         num = t.sum(dim=-1)
