@@ -1,0 +1,171 @@
+"""`vitsift analyze` end to end on a tiny model: files, values, bad inputs, controls, resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from vitsift_core import runs
+from vitsift_core.attention import attention_maps
+from vitsift_core.cli import main
+from vitsift_core.data import read_record, resolve_images
+from vitsift_core.images import model_input
+from vitsift_core.keypoints import keypoint_counts
+from vitsift_core import metrics as M
+from vitsift_core.models import load_model
+
+from conftest import DECODABLE, UNDECODABLE
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    m = timm.create_model("test_vit", pretrained=False)
+    with torch.no_grad():
+        for blk in m.blocks:
+            blk.attn.qkv.weight.mul_(4.0)   # sharper than random init, so metrics vary
+    p = tmp_path_factory.mktemp("ckpt") / "test_vit.safetensors"
+    save_file(m.state_dict(), str(p))
+    return f"test_vit@{p}"
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VITSIFT_CACHE", str(tmp_path / "cache"))
+
+
+def run_cli(*args):
+    return main(["analyze", "--quiet", "--num-workers", "0", "--batch-size", "4", "--device", "cpu", *args])
+
+
+def photos(d, n, seed=0):
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        img = (rng.random((48, 64, 3)) * 255).astype(np.uint8)
+        img[8:30, 10:40] = rng.integers(0, 255, 3)            # a flat block among texture: uneven keypoints
+        Image.fromarray(img).save(d / f"img_{i:03d}.png")
+    return d
+
+
+def test_end_to_end_bad_inputs(tmp_path, tiny_ckpt, bad_images_dir):
+    out = tmp_path / "out"
+    assert run_cli("--model", tiny_ckpt, "--images", str(bad_images_dir), "--out", str(out)) == 0
+    heads = pd.read_parquet(out / "heads.parquet")
+    assert list(heads.columns) == runs.HEAD_COLS
+    assert heads.image.nunique() == len(DECODABLE)
+    assert len(heads) == len(DECODABLE) * 6 * 2              # test_vit: 6 layers x 2 heads
+    skipped = pd.read_csv(out / "skipped.csv")
+    assert sorted(os.path.basename(p) for p in skipped.path) == sorted(UNDECODABLE)
+    assert skipped.reason.str.len().min() > 0
+    layers = pd.read_parquet(out / "layers.parquet")
+    assert list(layers.layer) == [1, 2, 3, 4, 5, 6]
+    assert (layers.n_images == len(DECODABLE)).all()
+    # images without a keypoint patch (black.png at least) have NaN theta_kk and do not count
+    no_kp = set(heads.loc[heads.n_key == 0, "image"])
+    assert "black.png" in no_kp and len(no_kp) < len(DECODABLE)
+    assert heads[heads.image.isin(no_kp)].theta_kk.isna().all()
+    assert (layers.n_images_kk == len(DECODABLE) - len(no_kp)).all()
+    stages = json.loads((out / "stages.json").read_text())
+    assert stages["fitted"] and len(stages["segments"]) == 3
+    params = json.loads((out / "params.json").read_text())
+    assert params["identity"]["model"] == tiny_ckpt and "torch" in params["versions"]
+    assert params["model"]["source"].startswith("checkpoint:")
+
+    # values equal a direct computation for one image
+    lm = load_model(tiny_ckpt)
+    rec = [r for r in resolve_images(str(bad_images_dir)) if r.id == "photo_astronaut.jpg"][0]
+    crop, x = model_input(read_record(rec), lm.data_config)
+    t, _ = keypoint_counts(crop, lm.grid, lm.patch_size)
+    maps = attention_maps(lm.model, lm.num_prefix_tokens, x[None])
+    got = heads[heads.image == rec.id].set_index(["layer", "head"])
+    for l in range(6):
+        ref = M.head_metrics(maps[l], torch.from_numpy(t)[None])
+        for k, v in ref.items():
+            np.testing.assert_allclose(got.loc[(l + 1,), k].to_numpy(), v[0].numpy(), atol=1e-5)
+
+
+def test_all_controls(tmp_path, tiny_ckpt):
+    imgs = photos(tmp_path / "imgs", 10)
+    base = runs.AnalysisParams(model=tiny_ckpt, images=str(imgs), device="cpu", num_workers=0, batch_size=4)
+    variants = {(c, x): tmp_path / f"{c}-{x}" for c in runs.CONTROLS for x in (False, True)}
+    res = runs.run_suite(base, variants, progress=False)
+    h = {v: pd.read_parquet(r.path / "heads.parquet") for v, r in res.items()}
+    real = h[("none", False)]
+    for v, df in h.items():
+        assert len(df) == 10 * 12 and list(df.columns) == runs.HEAD_COLS
+        assert np.allclose(df.theta_chance, real.theta_chance)   # chance depends on counts only
+    # shuffled counts are a permutation: same n_key, different theta
+    shuf = h[("shuffle-keypoints", False)]
+    assert (shuf.n_key.to_numpy() == real.n_key.to_numpy()).all()
+    assert not np.allclose(shuf.theta_kk, real.theta_kk, equal_nan=True)
+    # random-init differs from the checkpoint; exclude_self changes theta
+    assert not np.allclose(h[("random-init", False)].focus, real.focus)
+    assert not np.allclose(h[("none", True)].theta_kk, real.theta_kk, equal_nan=True)
+    # mean-attention == metrics of the data-set-mean map on each image's counts
+    lm = load_model(tiny_ckpt)
+    kp = np.load(res[("none", False)].path / "keypoints.npz")
+    recs = {r.id: r for r in resolve_images(str(imgs))}
+    xs = torch.stack([model_input(read_record(recs[i]), lm.data_config)[1] for i in kp["ids"]])
+    maps = attention_maps(lm.model, lm.num_prefix_tokens, xs)
+    mean_df = h[("mean-attention", True)].set_index(["image", "layer", "head"])
+    for l in (0, 3, 5):
+        mean_map = maps[l].double().mean(0).float()                     # (H, N, N)
+        for b in (0, 7):
+            ref = M.head_metrics(mean_map[None], torch.from_numpy(kp["counts"][b])[None], exclude_self=True)
+            for k in ("theta_kk", "theta_nk", "focus"):
+                np.testing.assert_allclose(mean_df.loc[(kp["ids"][b], l + 1), k].to_numpy(), ref[k][0].numpy(),
+                                           atol=1e-5)
+
+
+def test_resume_after_kill(tmp_path, tiny_ckpt):
+    imgs = photos(tmp_path / "imgs", 24)
+    env = {**os.environ, "VITSIFT_CHUNK": "4", "VITSIFT_TEST_CHUNK_DELAY": "0.4"}
+    args = [sys.executable, "-m", "vitsift_core.cli", "analyze", "--quiet", "--num-workers", "0",
+            "--batch-size", "2", "--device", "cpu", "--model", tiny_ckpt, "--images", str(imgs)]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(args + ["--out", str(killed)], env=env)
+    deadline = time.time() + 120
+    while not (killed / "parts" / "00001.npz").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = sorted(p.name for p in (killed / "parts").glob("*.npz"))
+    assert 2 <= len(done_before) < 6, done_before       # really killed mid-run
+    assert not (killed / "heads.parquet").exists()
+    mtimes = {n: (killed / "parts" / n).stat().st_mtime_ns for n in done_before}
+    env["VITSIFT_TEST_CHUNK_DELAY"] = "0"
+    assert subprocess.run(args + ["--out", str(killed)], env=env).returncode == 0
+    assert subprocess.run(args + ["--out", str(tmp_path / "clean")], env=env).returncode == 0
+    for n, t in mtimes.items():                          # finished chunks not recomputed
+        assert (killed / "parts" / n).stat().st_mtime_ns == t
+    a = pd.read_parquet(killed / "heads.parquet")
+    b = pd.read_parquet(tmp_path / "clean" / "heads.parquet")
+    pd.testing.assert_frame_equal(a, b)
+    assert json.loads((killed / "stages.json").read_text()) == json.loads((tmp_path / "clean" / "stages.json").read_text())
+
+
+def test_param_mismatch_is_an_error(tmp_path, tiny_ckpt, capsys):
+    imgs = photos(tmp_path / "imgs", 3)
+    out = tmp_path / "o"
+    assert run_cli("--model", tiny_ckpt, "--images", str(imgs), "--out", str(out)) == 0
+    assert run_cli("--model", tiny_ckpt, "--images", str(imgs), "--gamma", "2", "--out", str(out)) == 2
+    assert "gamma" in capsys.readouterr().err
+
+
+def test_missing_weights_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    imgs = photos(tmp_path / "imgs", 2)
+    rc = run_cli("--model", "vit_base_patch16_224.augreg2_in21k_ft_in1k", "--images", str(imgs),
+                 "--out", str(tmp_path / "o"))
+    assert rc == 2
+    assert "vit_base_patch16_224" in capsys.readouterr().err

@@ -1,0 +1,93 @@
+"""Command line: ``vitsift analyze ...`` (see ``vitsift analyze --help``)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+from .runs import CONTROLS, AnalysisParams, RunMismatch, analyze
+
+
+def _add_analyze(sub) -> None:
+    p = sub.add_parser("analyze", help="SIFT x attention metrics for every image, layer and head",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="embedded",
+                   help="'embedded', a timm model name (pretrained), or ARCH@CHECKPOINT")
+    p.add_argument("--images", default="samples",
+                   help="'samples', 'imagenette:val', 'imagenette:train', or a folder (recursive)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many images (spanning classes)")
+    p.add_argument("--gamma", type=float, default=1.0, help="detection line height (Eq. 2)")
+    p.add_argument("--unweighted", action="store_true", help="unweighted theta_i (Eq. 3, left)")
+    p.add_argument("--control", choices=CONTROLS, default="none")
+    p.add_argument("--exclude-self", action="store_true", help="drop j = i from the attended set S_i")
+    p.add_argument("--focus", choices=("minmax", "softmax"), default="minmax", help="focus index row entropy")
+    p.add_argument("--contrast-threshold", type=float, default=0.04, help="SIFT contrast threshold")
+    p.add_argument("--seed", type=int, default=0, help="seed for shuffled keypoints / random init")
+    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=1, help="SIFT/decoding worker processes")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, help="output folder (re-running resumes)")
+
+
+def _distributed():
+    """(rank, world, barrier) under torchrun, else (0, 1, None)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, None
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        import torch
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), dist.barrier
+
+
+def cmd_analyze(a) -> int:
+    from .keypoints import SiftParams
+    sift = dataclasses.asdict(SiftParams(contrast_threshold=a.contrast_threshold))
+    params = AnalysisParams(model=a.model, images=a.images, limit=a.limit, gamma=a.gamma,
+                            weighted=not a.unweighted, exclude_self=a.exclude_self, focus_kind=a.focus,
+                            control=a.control, seed=a.seed, img_size=a.img_size, sift=sift,
+                            batch_size=a.batch_size, device=a.device, num_workers=a.num_workers)
+    rank, world, barrier = _distributed()
+    device = params.device
+    if world > 1 and device in ("auto", "cuda"):
+        import torch
+        if torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
+            params = params.replace(device=device)
+    run = analyze(params, a.out, progress=not a.quiet and rank == 0, rank=rank, world=world, barrier=barrier)
+    if rank == 0:
+        import json
+        info = json.loads((run.path / "run.json").read_text())
+        stages = json.loads((run.path / "stages.json").read_text())
+        print(f"wrote {run.path}: {info['n_images']} images, {info['n_skipped']} skipped; "
+              f"stages: {stages.get('summary', stages.get('reason'))}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vitsift", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _add_analyze(sub)
+    a = parser.parse_args(argv)
+    try:
+        if a.cmd == "analyze":
+            return cmd_analyze(a)
+    except (RunMismatch, ValueError, FileNotFoundError) as e:
+        print(f"vitsift {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - named errors from the model registry
+        from .models import ModelWeightsUnavailable
+        if isinstance(e, ModelWeightsUnavailable):
+            print(f"vitsift {a.cmd}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
