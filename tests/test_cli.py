@@ -163,7 +163,11 @@ def test_param_mismatch_is_an_error(tmp_path, tiny_ckpt, capsys):
 
 
 def test_missing_weights_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants as hfc
+    # huggingface_hub reads these at import: patch both, so the hub is not retried for ~50 s
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hfc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(tmp_path / "hf"))
     imgs = photos(tmp_path / "imgs", 2)
     rc = run_cli("--model", "vit_base_patch16_224.augreg2_in21k_ft_in1k", "--images", str(imgs),
                  "--out", str(tmp_path / "o"))

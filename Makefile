@@ -1,0 +1,42 @@
+# vitsift: `make help` lists the targets. Every target sets up what it needs itself.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PROFILE ?= embedded
+STAMP := $(VENV)/.vitsift-installed
+
+# The project's data setting: VITSIFT_DATA, else a shared copy beside the checkout, else ./data.
+ifeq ($(origin VITSIFT_DATA), undefined)
+  ifneq ($(wildcard ../shared/datasets/imagenette2-160),)
+    export VITSIFT_DATA := $(abspath ../shared/datasets)
+  endif
+endif
+
+.PHONY: help setup test test-slow reproduce bench explore clean-results
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
+	@echo "  variables: PROFILE=$(PROFILE) (smoke|embedded|paper|...), VITSIFT_DATA=$(VITSIFT_DATA)"
+
+setup: $(STAMP) ## create .venv and install the package with its dev extras (only when needed)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+test: $(STAMP) ## run the test suite (no network; Imagenette tests skip when VITSIFT_DATA is absent)
+	HF_HUB_OFFLINE=1 $(BIN)/pytest
+
+test-slow: $(STAMP) ## run the tests marked slow
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -m slow
+
+reproduce: $(STAMP) ## run every notebook headless with params/$(PROFILE).yaml into reports/
+	$(BIN)/python -m vitsift_core.reproduce --profile $(PROFILE)
+
+clean-results: ## delete results/ and reports/ (computed results and executed notebooks)
+	rm -rf results reports
