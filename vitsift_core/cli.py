@@ -33,6 +33,38 @@ def _add_analyze(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (re-running resumes)")
 
 
+def _add_suite(sub) -> None:
+    p = sub.add_parser("suite", help="the real run and all controls, with and without exclude_self, "
+                       "sharing forward passes; writes OUT/<control>[-xself]-<key>/ per variant",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for act in sub.choices["analyze"]._actions:
+        if act.dest in ("help", "control", "exclude_self"):
+            continue
+        p._add_action(act)
+
+
+def _params(a, **kw) -> AnalysisParams:
+    from .keypoints import SiftParams
+    sift = dataclasses.asdict(SiftParams(contrast_threshold=a.contrast_threshold))
+    return AnalysisParams(model=a.model, images=a.images, limit=a.limit, gamma=a.gamma,
+                          weighted=not a.unweighted, focus_kind=a.focus, seed=a.seed,
+                          img_size=a.img_size, sift=sift, batch_size=a.batch_size, device=a.device,
+                          num_workers=a.num_workers, **kw)
+
+
+def cmd_suite(a) -> int:
+    from .runs import run_suite, variant_dir
+    base = _params(a)
+    variants = {(c, x): variant_dir(a.out, base.replace(control=c, exclude_self=x))
+                for c in CONTROLS for x in (False, True)}
+    rank, world, barrier = _distributed()
+    res = run_suite(base, variants, progress=not a.quiet and rank == 0, rank=rank, world=world, barrier=barrier)
+    if rank == 0:
+        for (c, x), r in res.items():
+            print(f"{c:18s} exclude_self={x!s:5s} -> {r.path}")
+    return 0
+
+
 def _distributed():
     """(rank, world, barrier) under torchrun, else (0, 1, None)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -46,12 +78,7 @@ def _distributed():
 
 
 def cmd_analyze(a) -> int:
-    from .keypoints import SiftParams
-    sift = dataclasses.asdict(SiftParams(contrast_threshold=a.contrast_threshold))
-    params = AnalysisParams(model=a.model, images=a.images, limit=a.limit, gamma=a.gamma,
-                            weighted=not a.unweighted, exclude_self=a.exclude_self, focus_kind=a.focus,
-                            control=a.control, seed=a.seed, img_size=a.img_size, sift=sift,
-                            batch_size=a.batch_size, device=a.device, num_workers=a.num_workers)
+    params = _params(a, exclude_self=a.exclude_self, control=a.control)
     rank, world, barrier = _distributed()
     device = params.device
     if world > 1 and device in ("auto", "cuda"):
@@ -73,10 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vitsift", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_analyze(sub)
+    _add_suite(sub)
     a = parser.parse_args(argv)
     try:
         if a.cmd == "analyze":
             return cmd_analyze(a)
+        if a.cmd == "suite":
+            return cmd_suite(a)
     except (RunMismatch, ValueError, FileNotFoundError) as e:
         print(f"vitsift {a.cmd}: error: {e}", file=sys.stderr)
         return 2

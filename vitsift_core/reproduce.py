@@ -1,0 +1,181 @@
+"""`make reproduce`: run every notebook headless with one profile's parameters.
+
+A profile (``params/<name>.yaml``) is::
+
+    description: one line shown in reports/index.md
+    parameters:            # given to every notebook that declares the key
+      model: embedded
+      limit: 1000
+    notebooks:             # optional per-notebook overrides / extras
+      06_spurious_masking:
+        limit: 300
+    only: [02_sift_keypoints]   # optional: run just these notebooks
+
+Before anything runs, every key is checked against the parameters the notebooks declare
+(papermill reads the cell tagged ``parameters``): a key no notebook declares is an error
+naming it, never a silently ignored value. Each notebook also receives ``profile``.
+Executed notebooks go to ``reports/``, figures to ``reports/figures/``, tables to
+``reports/tables/``, and ``reports/index.md`` lists them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from .paths import ROOT, reports_dir
+
+NOTEBOOKS = ROOT / "notebooks"
+PARAMS = ROOT / "params"
+ALWAYS = ("profile",)
+
+
+class ProfileError(ValueError):
+    pass
+
+
+def notebook_paths(folder: Path = NOTEBOOKS) -> list[Path]:
+    """notebooks/NN_*.ipynb in order."""
+    return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+
+
+def declared_parameters(nb: Path) -> dict[str, dict]:
+    import papermill as pm
+    return pm.inspect_notebook(str(nb))
+
+
+def load_profile(name_or_path: str) -> dict:
+    p = Path(name_or_path)
+    if not p.suffix:
+        p = PARAMS / f"{name_or_path}.yaml"
+    if not p.exists():
+        known = ", ".join(sorted(x.stem for x in PARAMS.glob("*.yaml")))
+        raise ProfileError(f"no profile {name_or_path!r} (looked for {p}); known profiles: {known}")
+    d = yaml.safe_load(p.read_text()) or {}
+    unknown_top = set(d) - {"description", "parameters", "notebooks", "only"}
+    if unknown_top:
+        raise ProfileError(f"{p}: unknown top-level keys {sorted(unknown_top)} "
+                           "(allowed: description, parameters, notebooks, only)")
+    d.setdefault("parameters", {})
+    d.setdefault("notebooks", {})
+    d["name"] = p.stem
+    d["path"] = str(p)
+    return d
+
+
+def plan(profile: dict, notebooks: list[Path]) -> list[tuple[Path, dict]]:
+    """-> [(notebook, parameters to pass)]; raises ProfileError on any unknown key."""
+    declared = {nb.stem: declared_parameters(nb) for nb in notebooks}
+    errors = []
+    for nb, decl in declared.items():
+        if "profile" not in decl:
+            errors.append(f"{nb}.ipynb does not declare 'profile' in its parameters cell")
+    all_keys = set().union(*[set(d) for d in declared.values()]) if declared else set()
+    for k in profile["parameters"]:
+        if k not in all_keys:
+            errors.append(f"{profile['path']}: parameter {k!r} is declared by no notebook")
+    for nb, over in profile["notebooks"].items():
+        if nb not in declared:
+            errors.append(f"{profile['path']}: notebooks.{nb}: no notebook {nb}.ipynb "
+                          f"(have: {', '.join(declared)})")
+            continue
+        for k in over or {}:
+            if k not in declared[nb]:
+                errors.append(f"{profile['path']}: notebooks.{nb}.{k}: not a parameter of {nb}.ipynb "
+                              f"(it declares: {', '.join(declared[nb])})")
+    only = profile.get("only")
+    if only:
+        for nb in only:
+            if nb not in declared:
+                errors.append(f"{profile['path']}: only: no notebook {nb}")
+    if errors:
+        raise ProfileError("profile does not match the notebooks:\n  " + "\n  ".join(errors))
+    out = []
+    for nbp in notebooks:
+        if only and nbp.stem not in only:
+            continue
+        decl = declared[nbp.stem]
+        params = {k: v for k, v in profile["parameters"].items() if k in decl}
+        params.update(profile["notebooks"].get(nbp.stem) or {})
+        params["profile"] = profile["name"]
+        out.append((nbp, params))
+    return out
+
+
+def write_index(reports: Path, profile: dict, ran: list[dict]) -> Path:
+    lines = [f"# vitsift reports: profile `{profile['name']}`", "",
+             f"{profile.get('description', '')}", "",
+             f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.", "",
+             "| notebook | seconds | model | data |", "|---|---|---|---|"]
+    for r in ran:
+        lines.append(f"| [{r['notebook']}]({r['notebook']}.ipynb) | {r['seconds']:.1f} | "
+                     f"{r['params'].get('model', '-')} | {r['params'].get('images', '-')} |")
+    for sub, title in (("figures", "Figures"), ("tables", "Tables")):
+        files = sorted((reports / sub).glob("*")) if (reports / sub).exists() else []
+        if files:
+            lines += ["", f"## {title}", ""]
+            lines += [f"- [{f.name}]({sub}/{f.name})" for f in files if f.suffix in (".png", ".md", ".csv")]
+    p = reports / "index.md"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def run(profile_name: str, notebooks: list[Path] | None = None, kernel: str | None = None,
+        log_output: bool = False) -> list[dict]:
+    import papermill as pm
+
+    profile = load_profile(profile_name)
+    jobs = plan(profile, notebooks if notebooks is not None else notebook_paths())
+    if not jobs:
+        print("no notebooks to run")
+        return []
+    reports = reports_dir()
+    (reports / "figures").mkdir(parents=True, exist_ok=True)
+    (reports / "tables").mkdir(parents=True, exist_ok=True)
+    ran = []
+    t_all = time.perf_counter()
+    for nb, params in jobs:
+        print(f"[reproduce:{profile['name']}] {nb.name} {json.dumps(params)}", flush=True)
+        t0 = time.perf_counter()
+        pm.execute_notebook(str(nb), str(reports / nb.name), parameters=params, cwd=str(ROOT),
+                            kernel_name=kernel or "python3", progress_bar=False, log_output=log_output)
+        dt = time.perf_counter() - t0
+        print(f"[reproduce:{profile['name']}] {nb.name} done in {dt:.1f} s", flush=True)
+        ran.append({"notebook": nb.stem, "seconds": dt, "params": params})
+    idx = write_index(reports, profile, ran)
+    print(f"[reproduce:{profile['name']}] all {len(ran)} notebooks in {time.perf_counter() - t_all:.1f} s; "
+          f"see {idx}")
+    return ran
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vitsift_core.reproduce", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="embedded")
+    ap.add_argument("--check", action="store_true", help="only validate the profile against the notebooks")
+    ap.add_argument("--notebook", action="append", help="run only this notebook (stem); repeatable")
+    a = ap.parse_args(argv)
+    try:
+        if a.check:
+            profile = load_profile(a.profile)
+            for nb, params in plan(profile, notebook_paths()):
+                print(f"{nb.name}: {params}")
+            return 0
+        nbs = notebook_paths()
+        if a.notebook:
+            nbs = [p for p in nbs if p.stem in a.notebook]
+        run(a.profile, nbs)
+    except ProfileError as e:
+        print(f"reproduce: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    sys.exit(main())
