@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
@@ -61,3 +62,112 @@ def _has_tabulate() -> bool:
         return True
     except ImportError:
         return False
+
+
+# --------------------------------------------------------------------------- image panels
+def draw_patch_grid(ax, grid: tuple[int, int], patch_size: int, color: str = "white", lw: float = 0.3) -> None:
+    rows, cols = grid
+    for r in range(1, rows):
+        ax.axhline(r * patch_size - 0.5, color=color, lw=lw, alpha=0.6)
+    for c in range(1, cols):
+        ax.axvline(c * patch_size - 0.5, color=color, lw=lw, alpha=0.6)
+
+
+def show_keypoints(ax, crop, keypoints, grid, patch_size, title: str | None = None) -> None:
+    """crop (S, S, 3) uint8 with SIFT keypoints (K, 4) [x, y, size, angle] and the patch grid."""
+    ax.imshow(crop)
+    if len(keypoints):
+        ax.scatter(keypoints[:, 0], keypoints[:, 1], s=np.clip(keypoints[:, 2], 2, 40) * 2,
+                   facecolors="none", edgecolors=PALETTE[8], linewidths=0.7)
+    draw_patch_grid(ax, grid, patch_size)
+    ax.set_xticks([]), ax.set_yticks([])
+    if title:
+        ax.set_title(title)
+
+
+def show_counts(ax, counts, grid, title: str | None = None, annotate: bool = True):
+    """Per-patch keypoint counts (N,) as a (rows, cols) heatmap; returns the image artist."""
+    m = np.asarray(counts).reshape(grid)
+    im = ax.imshow(m, cmap="viridis")
+    if annotate and m.size <= 400:
+        for (r, c), v in np.ndenumerate(m):
+            ax.text(c, r, str(int(v)), ha="center", va="center", fontsize=6,
+                    color="white" if v < m.max() / 2 else "black")
+    ax.set_xticks([]), ax.set_yticks([])
+    if title:
+        ax.set_title(title)
+    return im
+
+
+def _patch_rect(ax, idx: int, grid, patch_size, **kw) -> None:
+    from matplotlib.patches import Rectangle
+    r, c = divmod(int(idx), grid[1])
+    ax.add_patch(Rectangle((c * patch_size - 0.5, r * patch_size - 0.5), patch_size, patch_size, fill=False, **kw))
+
+
+def attention_overlay(ax, crop, row, grid, patch_size, query: int, attended=None, counts=None,
+                      title: str | None = None):
+    """One query's attention row (N,) over the image; attended patches outlined (keypoint patches
+    in one colour, non-keypoint in another), the query patch marked."""
+    import cv2
+    s = crop.shape[0]
+    heat = np.asarray(row, dtype=np.float32).reshape(grid)
+    heat = cv2.resize(heat, (crop.shape[1], s), interpolation=cv2.INTER_NEAREST)
+    ax.imshow(crop)
+    im = ax.imshow(heat, cmap="magma", alpha=0.6)
+    if attended is not None:
+        for j in np.flatnonzero(attended):
+            key = counts is not None and counts[j] > 0
+            _patch_rect(ax, j, grid, patch_size, edgecolor=COLORS["KK"] if key else COLORS["NK"], lw=1.0)
+    _patch_rect(ax, query, grid, patch_size, edgecolor="white", lw=2.0, linestyle="--")
+    ax.set_xticks([]), ax.set_yticks([])
+    if title:
+        ax.set_title(title)
+    return im
+
+
+def attention_bars(ax, row, line: float, attended, counts, title: str | None = None) -> None:
+    """Fig. 4b as bars: alpha_ij per key patch j, the detection line, attended bars coloured by
+    whether patch j holds keypoints."""
+    row = np.asarray(row)
+    key = np.asarray(counts) > 0
+    colors = np.where(np.asarray(attended), np.where(key, "KK", "NK"), "none")
+    cmap = {"KK": COLORS["KK"], "NK": COLORS["NK"], "none": "0.8"}
+    ax.bar(np.arange(len(row)), row, width=1.0, color=[cmap[c] for c in colors], linewidth=0)
+    ax.axhline(line, color="black", lw=1, ls="--", label="detection line (Eq. 2)")
+    from matplotlib.patches import Patch
+    handles = [Patch(color=COLORS["KK"], label="attended, keypoint patch"),
+               Patch(color=COLORS["NK"], label="attended, no keypoint"),
+               Patch(color="0.8", label="not attended"), ax.lines[-1]]
+    ax.legend(handles=handles, loc="upper right")
+    ax.set_xlabel("key patch j (row-major)")
+    ax.set_ylabel("attention weight alpha_ij")
+    ax.set_xlim(-0.5, len(row) - 0.5)
+    if title:
+        ax.set_title(title)
+
+
+# --------------------------------------------------------------------------- layer curves
+def heads_by_layer(ax, heads: pd.DataFrame, metric: str, color, label: str, trend: bool = True,
+                   points: bool = True) -> None:
+    """Fig. 5/6 style: every head as a point (mean over images), head mean as a line, trend
+    line dashed. heads: heads.parquet rows."""
+    per_head = heads.groupby(["layer", "head"])[metric].mean().reset_index()
+    mean = per_head.groupby("layer")[metric].mean()
+    if points:
+        jitter = (per_head["head"] - per_head["head"].mean()) / max(per_head["head"].max(), 1) * 0.3
+        ax.scatter(per_head["layer"] + jitter, per_head[metric], s=8, color=color, alpha=0.35, linewidths=0)
+    ax.plot(mean.index, mean.values, color=color, lw=2, label=label)
+    if trend and mean.notna().sum() >= 2:
+        ok = mean.notna()
+        s, c = np.polyfit(mean.index[ok], mean.values[ok], 1)
+        ax.plot(mean.index, s * mean.index + c, color=color, lw=1, ls=":", label=f"{label} trend")
+
+
+def shade_stages(ax, segments, names=None, alpha: float = 0.15) -> None:
+    """Shade 1-based inclusive layer segments [(a, b)] * 3 with the stage colours."""
+    for k, (a, b) in enumerate(segments):
+        ax.axvspan(a - 0.5, b + 0.5, color=STAGE_COLORS[k % 3], alpha=alpha, lw=0)
+        label = names[k] if names else f"segment {k + 1}"
+        ax.text((a + b) / 2, 1.0, label, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
+                fontsize=8)
