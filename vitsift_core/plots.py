@@ -31,7 +31,8 @@ def style() -> None:
     """Readable defaults for notebook and saved figures."""
     sns.set_theme(context="notebook", style="whitegrid", palette=PALETTE)
     matplotlib.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "savefig.bbox": "tight",
-                                "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 8})
+                                "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 8,
+                                "figure.constrained_layout.use": True})
 
 
 def save_figure(fig: plt.Figure, name: str, folder: Path | None = None) -> list[Path]:

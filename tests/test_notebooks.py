@@ -1,0 +1,77 @@
+"""Notebooks: committed clean, declared parameters match the profiles, and each runs (smoke)."""
+import json
+
+import pytest
+import yaml
+
+from vitsift_core import reproduce as R
+
+NOTEBOOKS = R.notebook_paths()
+
+
+def test_there_are_notebooks():
+    assert len(NOTEBOOKS) >= 4
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_without_outputs_and_with_conventions(nb):
+    d = json.loads(nb.read_text())
+    cells = d["cells"]
+    assert cells[0]["cell_type"] == "markdown", "first cell states the paper's claim"
+    code = [c for c in cells if c["cell_type"] == "code"]
+    assert not any(c.get("outputs") or c.get("execution_count") for c in code), f"{nb.name} has outputs"
+    tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
+    src = "".join(tagged[0]["source"])
+    assert "profile: str" in src
+    for line in src.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            assert "#" in line, f"parameter without a comment: {line!r}"
+    assert "sys.path" not in "".join("".join(c["source"]) for c in code)
+    assert not any("".join(c["source"]).lstrip().startswith(("!pip", "!wget")) for c in code)
+
+
+@pytest.mark.parametrize("profile", ["smoke", "embedded", "paper"])
+def test_profiles_match_notebooks(profile):
+    jobs = R.plan(R.load_profile(profile), NOTEBOOKS)
+    if profile == "smoke":
+        assert [nb for nb, _ in jobs] == NOTEBOOKS, "every notebook needs a smoke run"
+
+
+def test_unknown_keys_are_errors(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump({"parameters": {"limitt": 3}}))
+    with pytest.raises(R.ProfileError, match="limitt"):
+        R.plan(R.load_profile(str(p)), NOTEBOOKS)
+    nb = NOTEBOOKS[0].stem
+    p.write_text(yaml.safe_dump({"notebooks": {nb: {"gama": 2}}}))
+    with pytest.raises(R.ProfileError, match="gama"):
+        R.plan(R.load_profile(str(p)), NOTEBOOKS)
+    p.write_text(yaml.safe_dump({"paramters": {}}))
+    with pytest.raises(R.ProfileError, match="paramters"):
+        R.load_profile(str(p))
+    with pytest.raises(R.ProfileError, match="no profile"):
+        R.load_profile("no-such-profile")
+
+
+@pytest.fixture(scope="module")
+def smoke_env(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    root = tmp_path_factory.mktemp("smoke")
+    mp.setenv("VITSIFT_REPORTS", str(root / "reports"))
+    mp.setenv("VITSIFT_RESULTS", str(root / "results"))   # shared: later notebooks read 02's runs
+    yield root
+    mp.undo()
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_with_smoke_profile(nb, smoke_env):
+    ran = R.run("smoke", [nb])
+    assert ran and ran[0]["notebook"] == nb.stem
+    out = json.loads((smoke_env / "reports" / nb.name).read_text())
+    errors = [o for c in out["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert not errors
+    figs = list((smoke_env / "reports" / "figures").glob(f"{nb.stem[:2]}_*.png"))
+    assert figs, f"{nb.name} saved no figure"
+    assert (smoke_env / "reports" / "index.md").exists()

@@ -1,0 +1,92 @@
+"""study.py: bootstrap CIs and the claims table on a tiny model."""
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from vitsift_core import study
+from vitsift_core.runs import AnalysisParams
+
+
+def test_bootstrap_ci_basic():
+    v, lo, hi = study.bootstrap_ci(np.full(50, 3.0))
+    assert v == lo == hi == 3.0
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.0, 1.0, size=400)
+    v, lo, hi = study.bootstrap_ci(x, n_boot=2000)
+    assert v == pytest.approx(x.mean())
+    assert lo < v < hi
+    # a normal 95% interval of the mean has half-width ~1.96 * sd / sqrt(n)
+    assert (hi - lo) / 2 == pytest.approx(1.96 * x.std() / np.sqrt(len(x)), rel=0.15)
+    assert np.isnan(study.bootstrap_ci(np.full(5, np.nan))[0])
+
+
+def test_trend():
+    s, c = study.trend(np.array([1.0, 3.0, 5.0, np.nan]))
+    assert s == pytest.approx(2.0) and c == pytest.approx(-1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("study")
+    torch.manual_seed(0)
+    m = timm.create_model("test_vit", pretrained=False)
+    with torch.no_grad():
+        for blk in m.blocks:
+            blk.attn.qkv.weight.mul_(4.0)
+    save_file(m.state_dict(), str(d / "w.safetensors"))
+    imgs = d / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        a = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+        a[:32] = 128
+        Image.fromarray(a).save(imgs / f"{i}.png")
+    base = AnalysisParams(model=f"test_vit@{d / 'w.safetensors'}", images=str(imgs), device="cpu",
+                          num_workers=0, batch_size=4)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VITSIFT_CACHE", str(d / "cache"))
+    runs = study.suite(base, root=d / "results", progress=False)
+    yield base, runs, d
+    mp.undo()
+
+
+def test_claims_table(tiny_runs):
+    base, runs, d = tiny_runs
+    table, info = study.claims(runs, n_boot=100)
+    assert {"section", "claim", "measured", "value", "ci95", "holds"} <= set(table.columns)
+    assert len(table) >= 9
+    # first claim's value is the mean over images of the layer-mean KK - NK gap
+    h = study.heads(runs[("none", False)])
+    g = h.groupby(["image", "layer"])[["theta_kk", "theta_nk"]].mean()
+    per_img = (g.theta_kk - g.theta_nk).groupby("image").mean().dropna()
+    assert table.value.iloc[0] == pytest.approx(per_img.mean(), abs=1e-4)
+    assert info["stage"]["fit"]["segments"][0][0] == 1
+
+
+def test_suite_reads_back_without_recomputing(tiny_runs, monkeypatch):
+    base, runs, d = tiny_runs
+    import vitsift_core.study as S
+    monkeypatch.setattr(S, "run_suite", lambda *a, **k: pytest.fail("recomputed a finished run"))
+    again = study.suite(base, root=d / "results", progress=False)
+    assert {v: r.path for v, r in again.items()} == {v: r.path for v, r in runs.items()}
+
+
+def test_layer_curves_and_sensitivity(tiny_runs):
+    base, runs, d = tiny_runs
+    cur = study.layer_curves(runs)
+    assert list(cur.layer) == list(range(1, 7))
+    np.testing.assert_allclose(cur.semantic, cur.kk - cur["kk_mean-attention"])
+    sens = study.sensitivity(base, gammas=(1.0, 2.0), weighted=(True,), limit=4, root=d / "results", progress=False)
+    assert set(sens.gamma) == {1.0, 2.0} and len(sens) == 12
+
+
+def test_choose_images_falls_back_and_says_so(monkeypatch, tmp_path):
+    monkeypatch.setenv("VITSIFT_DATA", str(tmp_path))
+    spec, note = study.choose_images("imagenette:val")
+    assert spec == "samples" and "not found" in note
+    spec, note = study.choose_images("samples")
+    assert spec == "samples"
