@@ -1,0 +1,156 @@
+"""Feed the model: decode -> model input -> SIFT counts, in DataLoader worker processes.
+
+:func:`iter_batches` yields ``(Batch | None, [Skipped])`` in the order of the records. Decoding and
+SIFT are CPU work, so they run in ``num_workers`` processes while the caller runs the model; a file
+that fails to decode becomes a :class:`Skipped` entry with a reason instead of an exception, so one
+bad JPEG in ten thousand never ends a run.
+"""
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .data import ImageRecord, read_record
+from .images import ImageDecodeError, model_input
+from .keypoints import KeypointCache, SiftParams, keypoint_counts
+
+__all__ = ["Batch", "Skipped", "iter_batches", "ImageDataset"]
+
+
+@dataclass
+class Batch:
+    """Good images of one loader batch, in record order.
+
+    ``ids``: B record ids; ``tensors``: ``(B, 3, S, S) float32`` normalised model input;
+    ``counts``: ``(B, N) int64`` SIFT keypoints per patch (N = G_r * G_c, index r * G_c + c);
+    ``labels``: B labels (None where unknown)."""
+
+    ids: list[str]
+    tensors: torch.Tensor
+    counts: torch.Tensor
+    labels: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class Skipped:
+    """An image that could not be used, and why (e.g. ``'x.jpg: empty file (0 bytes)'``)."""
+
+    id: str
+    path: str
+    reason: str
+
+
+@dataclass
+class _Good:
+    id: str
+    tensor: torch.Tensor
+    counts: torch.Tensor
+    label: str | None
+
+
+class ImageDataset(Dataset):
+    """Item i = record i -> ``_Good`` (tensor ``(3, S, S)``, counts ``(N,)``) or :class:`Skipped`."""
+
+    def __init__(self, records: Sequence[ImageRecord], data_config: dict, grid: tuple[int, int],
+                 patch_size: int, sift: SiftParams = SiftParams(), cache: KeypointCache | None = None):
+        self.records = list(records)
+        self.data_config = dict(data_config)
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.patch_size = int(patch_size)
+        self.sift = sift
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        rec = self.records[i]
+        path = str(rec.path) if rec.path is not None else ""
+        try:
+            rgb = read_record(rec)
+            crop, tensor = model_input(rgb, self.data_config)
+            t, _ = keypoint_counts(crop, self.grid, self.patch_size, self.sift, cache=self.cache)
+        except ImageDecodeError as e:
+            return Skipped(rec.id, path, str(e))
+        except Exception as e:  # never kill the run for one image; keep where it failed
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            return Skipped(rec.id, path, f"unexpected {type(e).__name__}: {e} "
+                                         f"(at {where.filename.rsplit('/', 1)[-1]}:{where.lineno})")
+        return _Good(rec.id, tensor, torch.from_numpy(np.ascontiguousarray(t, dtype=np.int64)), rec.label)
+
+
+def _collate(items: list) -> tuple[Batch | None, list[Skipped]]:
+    good = [it for it in items if isinstance(it, _Good)]
+    skipped = [it for it in items if isinstance(it, Skipped)]
+    if not good:
+        return None, skipped
+    batch = Batch(
+        ids=[g.id for g in good],
+        tensors=torch.stack([g.tensor for g in good]),
+        counts=torch.stack([g.counts for g in good]),
+        labels=[g.label for g in good],
+    )
+    return batch, skipped
+
+
+def iter_batches(
+    records: Sequence[ImageRecord],
+    data_config: dict,
+    grid: tuple[int, int],
+    patch_size: int,
+    *,
+    batch_size: int = 32,
+    sift: SiftParams = SiftParams(),
+    num_workers: int = 1,
+    cache: KeypointCache | None = None,
+    progress: bool = True,
+    desc: str = "images",
+) -> Iterator[tuple[Batch | None, list[Skipped]]]:
+    """Yield ``(batch, skipped)`` per loader batch of ``batch_size`` records, in record order.
+
+    ``batch`` holds the good images (None when every record of the batch failed); ``skipped`` the
+    failures of the same records. ``grid * patch_size`` must equal the model input size.
+    ``num_workers=0`` runs in this process (results are identical). Progress: a tqdm bar over images
+    (unit ``img``, so it shows img/s), counting skipped ones too.
+    """
+    from tqdm.auto import tqdm
+
+    _, h, w = (int(x) for x in data_config["input_size"])
+    if int(grid[0]) * int(patch_size) != h or int(grid[1]) * int(patch_size) != w:
+        raise ValueError(f"grid {tuple(grid)} x patch {patch_size} does not tile the {h}x{w} model input")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ds = ImageDataset(records, data_config, grid, patch_size, sift, cache)
+    if len(ds) == 0:
+        return
+    num_workers = max(0, int(num_workers))
+    loader = DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=False,  # order of records is part of the contract
+        num_workers=num_workers,
+        collate_fn=_collate,
+        # No worker_init calling cv2.setNumThreads(1): in a forked worker whose parent has already
+        # run any OpenCV parallel code, it deadlocks for ever (it destroys the parent's thread-pool
+        # condition variables; seen with opencv 5.0 / pthreads). torch's own threads are already
+        # set to 1 in workers by the DataLoader.
+        prefetch_factor=2 if num_workers > 0 else None,
+        persistent_workers=False,
+    )
+    n_skipped = 0
+    with tqdm(total=len(ds), unit="img", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+        for batch, skipped in loader:
+            n = (len(batch) if batch is not None else 0) + len(skipped)
+            n_skipped += len(skipped)
+            bar.update(n)
+            if skipped:
+                bar.set_postfix(skipped=n_skipped)
+            yield batch, skipped
