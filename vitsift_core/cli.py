@@ -1,4 +1,4 @@
-"""Command line: ``vitsift analyze ...`` (see ``vitsift analyze --help``)."""
+"""Command line: ``vitsift analyze|suite|mask-eval ...`` (see ``vitsift <command> --help``)."""
 from __future__ import annotations
 
 import argparse
@@ -101,12 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_analyze(sub)
     _add_suite(sub)
+    from .maskeval import add_cli as _add_mask_eval, cli_main as cmd_mask_eval
+    _add_mask_eval(sub)
     a = parser.parse_args(argv)
     try:
         if a.cmd == "analyze":
             return cmd_analyze(a)
         if a.cmd == "suite":
             return cmd_suite(a)
+        if a.cmd == "mask-eval":
+            return cmd_mask_eval(a)
     except (RunMismatch, ValueError, FileNotFoundError) as e:
         print(f"vitsift {a.cmd}: error: {e}", file=sys.stderr)
         return 2

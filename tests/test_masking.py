@@ -1,0 +1,336 @@
+"""Patch masking (Sec 5.1): rankings, fill, drop, score layers, statistics -- on tiny models."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+
+from vitsift_core import masking as MK
+from vitsift_core import metrics as M
+from vitsift_core.attention import attention_maps, capture_attention
+from vitsift_core.maskeval import _ScoreCollector, bootstrap_means, bootstrap_weights, ordering_check, summarize
+from vitsift_core.probe import fit_linear
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is fastest, and immune to OpenMP spinning when the cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(reg_tokens=0, seed=0):
+    torch.manual_seed(seed)
+    m = timm.create_model("test_vit", reg_tokens=reg_tokens, pretrained=False).eval()
+    with torch.no_grad():
+        for blk in m.blocks:
+            blk.attn.qkv.weight.mul_(4.0)
+    return m
+
+
+GRID, P = (10, 10), 16   # test_vit: 160 px, 16 px patches
+N = 100
+
+
+# ------------------------------------------------------------------------------------------ counts
+@pytest.mark.parametrize("pct,n,m", [(0, 256, 0), (5, 256, 13), (10, 256, 26), (20, 256, 52), (40, 256, 103),
+                                     (5, 196, 10), (10, 196, 20), (30, 196, 59), (7, 100, 7), (100, 100, 100),
+                                     (0.5, 256, 2), (12.5, 16, 2)])
+def test_n_masked_is_ceil_exactly(pct, n, m):
+    assert MK.n_masked(pct, n) == m
+    assert m == math.ceil(round(pct * n / 100, 9))
+
+
+def test_n_masked_range():
+    with pytest.raises(ValueError):
+        MK.n_masked(-1, 10)
+    with pytest.raises(ValueError):
+        MK.n_masked(101, 10)
+
+
+# ------------------------------------------------------------------------------------------ rankings
+def test_top_bottom_pick_exactly_the_extremes():
+    rng = np.random.default_rng(0)
+    s = rng.random((5, N))                           # distinct scores
+    ids = [f"im{i}" for i in range(5)]
+    for pct in (5, 10, 20, 33, 40):
+        m = MK.n_masked(pct, N)
+        top = MK.mask_indices(MK.rank_patches("top", scores=s, ids=ids), pct)
+        bot = MK.mask_indices(MK.rank_patches("bottom", scores=s, ids=ids), pct)
+        assert top.shape == bot.shape == (5, m)
+        for b in range(5):
+            assert set(top[b]) == set(np.argsort(-s[b])[:m])
+            assert set(bot[b]) == set(np.argsort(s[b])[:m])
+            assert len(set(top[b])) == m
+
+
+def test_rankings_are_permutations_and_nested():
+    s = np.random.default_rng(1).random((3, N))
+    c = np.random.default_rng(2).integers(0, 4, (3, N))
+    ids = ["a", "b", "c"]
+    for order in MK.ORDERS:
+        r = MK.rank_patches(order, scores=s, counts=c, ids=ids)
+        assert (np.sort(r, axis=1) == np.arange(N)).all()
+        small, big = MK.mask_indices(r, 10), MK.mask_indices(r, 30)
+        for b in range(3):
+            assert set(small[b]) <= set(big[b])
+
+
+def test_ties_broken_deterministically_by_index():
+    s = np.zeros((1, N))
+    s[0, [3, 50, 70]] = 1.0                          # 3 strict highest, the rest tie at 0
+    r = MK.rank_patches("top", scores=s, ids=["x"], tiebreak="index")
+    assert list(r[0, :3]) == [3, 50, 70]
+    assert list(r[0, 3:8]) == [0, 1, 2, 4, 5]        # ties: lowest patch index first
+    rb = MK.rank_patches("bottom", scores=s, ids=["x"], tiebreak="index")
+    assert list(rb[0, :4]) == [0, 1, 2, 4] and list(rb[0, -3:]) == [3, 50, 70]
+
+
+def test_ties_broken_by_seeded_permutation_per_image():
+    s = np.zeros((2, N))
+    s[:, :10] = 1.0
+    r1 = MK.rank_patches("top", scores=s, ids=["x", "y"], seed=0)
+    r2 = MK.rank_patches("top", scores=s, ids=["x", "y"], seed=0)
+    assert (r1 == r2).all()                                          # deterministic
+    assert set(r1[0, :10]) == set(range(10))                        # strict order respected
+    assert not (r1[0, 10:] == np.arange(10, N)).all()               # ties not by index
+    assert (r1[0] != r1[1]).any()                                   # depends on the image id
+    alone = MK.rank_patches("top", scores=s[1:], ids=["y"], seed=0)
+    assert (alone[0] == r1[1]).all()                                # not on the batch
+    assert (MK.rank_patches("top", scores=s, ids=["x", "y"], seed=1)[0] != r1[0]).any()
+
+
+def test_nan_scores_rank_last():
+    s = np.arange(N, dtype=float)[None].copy()
+    s[0, [0, 99]] = np.nan
+    for order in ("top", "bottom"):
+        r = MK.rank_patches(order, scores=s, ids=["x"])
+        assert set(r[0, -2:]) == {0, 99}
+    assert MK.rank_patches("top", scores=s, ids=["x"])[0, 0] == 98
+    assert MK.rank_patches("bottom", scores=s, ids=["x"])[0, 0] == 1
+
+
+def test_keypoint_order_and_random_order():
+    c = np.zeros((1, N), int)
+    c[0, [5, 6, 7]] = [1, 9, 4]
+    r = MK.rank_patches("keypoints", counts=c, ids=["x"])
+    assert list(r[0, :3]) == [6, 7, 5]
+    r1 = MK.rank_patches("random", counts=c, ids=["x", "y"], seed=3)
+    assert (np.sort(r1, 1) == np.arange(N)).all() and (r1[0] != r1[1]).any()
+    assert (MK.rank_patches("random", counts=c[[0, 0]], ids=["y", "x"], seed=3)[1] == r1[0]).all()
+    with pytest.raises(ValueError):
+        MK.rank_patches("sideways", scores=c)
+    with pytest.raises(ValueError):
+        MK.rank_patches("top", counts=c)
+
+
+def test_keep_indices_complement():
+    masked = np.array([[0, 5, 9], [1, 2, 3]])
+    keep = MK.keep_indices(masked, 10)
+    assert keep.tolist() == [[1, 2, 3, 4, 6, 7, 8], [0, 4, 5, 6, 7, 8, 9]]
+    assert MK.keep_indices(np.zeros((2, 0), int), 4).tolist() == [[0, 1, 2, 3]] * 2
+
+
+# ------------------------------------------------------------------------------------------ fill
+def test_fill_changes_only_masked_pixels():
+    x = torch.randn(2, 3, 160, 160) + 5.0             # no pixel is 0 by chance
+    masked = np.array([[0, 11, 99], [42, 43, 57]])
+    y = MK.fill_patches(x, masked, GRID, P)
+    changed = (y != x).any(dim=1)                      # (B, H, W)
+    for b in range(2):
+        expect = torch.zeros(160, 160, dtype=torch.bool)
+        for j in masked[b]:
+            r, c = divmod(int(j), 10)
+            expect[r * P:(r + 1) * P, c * P:(c + 1) * P] = True
+        assert torch.equal(changed[b], expect)
+        assert (y[b][:, expect] == 0).all()
+    assert torch.equal(x, x.clone())                   # input untouched (copy)
+    assert torch.equal(MK.fill_patches(x, np.zeros((2, 0), int), GRID, P), x)
+
+
+def test_masked_crop_paints_patches():
+    crop = np.full((160, 160, 3), 7, np.uint8)
+    out = MK.masked_crop(crop, [0, 99], GRID, P, (124, 116, 104))
+    assert (out[:16, :16] == [124, 116, 104]).all() and (out[-16:, -16:] == [124, 116, 104]).all()
+    assert (out[16:-16] == 7).all()
+
+
+# ------------------------------------------------------------------------------------------ drop
+@pytest.mark.parametrize("reg", [0, 4])
+def test_drop_with_nothing_dropped_equals_plain_forward(reg):
+    m = tiny(reg)
+    x = torch.randn(3, 3, 160, 160)
+    with torch.inference_mode():
+        ref = m(x)
+        got = m.forward_head(MK.forward_drop(m, x, None))
+        got_all = m.forward_head(MK.forward_drop(m, x, np.tile(np.arange(N), (3, 1))))
+        got_fill = m.forward_head(MK.masked_features(m, x, "fill", np.zeros((3, 0), int), GRID, P))
+        got_drop = m.forward_head(MK.masked_features(m, x, "drop", np.zeros((3, 0), int), GRID, P))
+    for g in (got, got_all, got_fill, got_drop):
+        torch.testing.assert_close(g, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("reg", [0, 4])
+def test_drop_feeds_exactly_n_minus_m_patch_tokens(reg):
+    m = tiny(reg)
+    x = torch.randn(2, 3, 160, 160)
+    seen = []
+    h = m.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape)))
+    try:
+        for pct in (5, 10, 40):
+            r = MK.rank_patches("random", counts=np.zeros((2, N)), ids=["a", "b"])
+            idx = MK.mask_indices(r, pct)
+            with torch.inference_mode():
+                out = MK.masked_features(m, x, "drop", idx, GRID, P)
+            k = N - MK.n_masked(pct, N)
+            assert seen[-1] == (2, m.num_prefix_tokens + k, m.embed_dim)
+            assert out.shape == (2, m.num_prefix_tokens + k, m.embed_dim)
+    finally:
+        h.remove()
+
+
+def test_drop_keeps_each_tokens_own_position():
+    """Position travels with the token: the same kept set in any order gives the same CLS output,
+    and it differs from feeding the same patches at other positions."""
+    m = tiny()
+    x = torch.randn(1, 3, 160, 160)
+    keep = np.array([[3, 17, 40, 41, 77, 90]])
+    with torch.inference_mode():
+        a = MK.forward_drop(m, x, keep)[:, 0]
+        b = MK.forward_drop(m, x, keep[:, ::-1].copy())[:, 0]
+        # manual reference: embed, add positions, gather, run the blocks
+        t = m._pos_embed(m.patch_embed(x))
+        ref_tok = torch.cat([t[:, :1], t[:, 1:][:, keep[0]]], 1)
+        ref = m.norm(m.blocks(m.norm_pre(ref_tok)))[:, 0]
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    torch.testing.assert_close(a, ref, rtol=0, atol=1e-6)
+
+
+def test_drop_changes_logits_when_masking():
+    m = tiny()
+    x = torch.randn(1, 3, 160, 160)
+    idx = MK.mask_indices(MK.rank_patches("random", counts=np.zeros((1, N)), ids=["a"]), 40)
+    with torch.inference_mode():
+        assert not torch.allclose(m.forward_head(MK.masked_features(m, x, "drop", idx, GRID, P)), m(x))
+        assert not torch.allclose(m.forward_head(MK.masked_features(m, x, "fill", idx, GRID, P)), m(x))
+
+
+# ------------------------------------------------------------------------------------------ scores
+def test_score_collector_equals_patch_scores_of_captured_maps():
+    m = tiny()
+    x = torch.randn(2, 3, 160, 160)
+    counts = torch.from_numpy(np.random.default_rng(0).integers(0, 3, (2, N)))
+    maps = attention_maps(m, 1, x, layers=[1, 4])
+    col = _ScoreCollector([1, 4], 1.0, True, False)
+    col.start_batch(counts)
+    with torch.inference_mode(), capture_attention(m, 1, col, layers=[1, 4]):
+        m.forward_features(x)
+    sc, met = col.finish_batch()
+    assert sc.shape == (2, 2, N) and met is None
+    for k, l in enumerate([1, 4]):
+        torch.testing.assert_close(sc[:, k], M.patch_scores(maps[l], counts), rtol=0, atol=1e-6)
+    comb = MK.combine_layer_scores(sc.numpy(), [2, 5], [2, 5])
+    np.testing.assert_allclose(comb, sc.numpy().mean(1), atol=1e-6)
+    np.testing.assert_allclose(MK.combine_layer_scores(sc.numpy(), [5], [2, 5]), sc[:, 1].numpy())
+
+
+def test_default_score_layer_rule():
+    fit = {"fitted": True, "holds": True, "segments": [[1, 3], [4, 8], [9, 12]], "failed": []}
+    assert MK.default_score_layer(fit, 12)[0] == [8]
+    bad = {"fitted": True, "holds": False, "segments": [[1, 3], [4, 8], [9, 12]], "failed": ["capture_theta_rises"]}
+    layers, why = MK.default_score_layer(bad, 12)
+    assert layers == [6] and "capture_theta_rises" in why
+    assert MK.default_score_layer(None, 12)[0] == [6]
+    assert MK.default_score_layer({"fitted": False, "reason": "x"}, 7)[0] == [4]
+
+
+def test_parse_layers():
+    assert MK.parse_layers("auto", 12) == "auto"
+    assert MK.parse_layers("7", 12) == [7]
+    assert MK.parse_layers(3, 12) == [3]
+    assert MK.parse_layers("7-9", 12) == [7, 8, 9]
+    assert MK.parse_layers("5,7", 12) == [5, 7]
+    for bad in ("0", "13", "", "3-14"):
+        with pytest.raises(ValueError):
+            MK.parse_layers(bad, 12)
+
+
+def test_spurious_patches_and_attended_fraction():
+    s = np.array([0.9, 0.1, np.nan, 0.3, 0.05, 0.2])
+    c = np.array([1, 2, 1, 1, 0, 5])
+    assert MK.spurious_patches(s, c, 2).tolist() == [1, 5]          # keypoint patches, lowest s first
+    assert MK.spurious_patches(s, c, 10).tolist() == [1, 5, 3, 0]   # NaN and t=0 left out
+    attn = torch.softmax(torch.randn(3, 6, 6) * 3, -1)
+    frac = MK.attended_fraction(attn, 2)
+    ref = M.attended_mask(attn).float().mean(0)[2].numpy()
+    np.testing.assert_allclose(frac, ref)
+    assert MK.attended_fraction(attn, 2, exclude_self=True)[2] == 0
+
+
+# ------------------------------------------------------------------------------------------ stats
+def _pred_frame(correct: dict, n: int) -> pd.DataFrame:
+    rows = []
+    for (o, m, r), c in correct.items():
+        rows += [{"image": f"i{k}", "label": "a", "target": 0, "order": o, "mode": m, "ratio": r,
+                  "n_masked": int(r), "pred": 0 if c[k] else 1, "correct": bool(c[k])} for k in range(n)]
+    return pd.DataFrame(rows)
+
+
+def test_summarize_accuracy_paired_and_mcnemar():
+    n = 200
+    rng = np.random.default_rng(0)
+    clean = rng.random(n) < 0.8
+    bottom = clean.copy()
+    bottom[:10] = True                               # 10 images gained, at most
+    gain = int((~clean[:10]).sum())
+    top = rng.random(n) < 0.3
+    df = _pred_frame({("bottom", "fill", 0.0): clean, ("top", "fill", 0.0): clean,
+                      ("bottom", "fill", 5.0): bottom, ("top", "fill", 5.0): top}, n)
+    acc, paired = summarize(df, n_boot=500, seed=0)
+    a = acc.set_index(["order", "mode", "ratio"])
+    assert a.loc[("bottom", "fill", 5.0), "top1"] == pytest.approx(100 * bottom.mean())
+    assert a.loc[("top", "fill", 0.0), "top1"] == pytest.approx(100 * clean.mean())
+    assert (acc.ci_low <= acc.top1).all() and (acc.top1 <= acc.ci_high).all() and (acc.n == n).all()
+    p = paired.set_index(["order", "mode", "ratio"])
+    row = p.loc[("bottom", "fill", 5.0)]
+    assert row["diff"] == pytest.approx(100 * gain / n)
+    assert row.n_gain == gain and row.n_loss == 0
+    from scipy.stats import binomtest
+    assert row.p_mcnemar == pytest.approx(binomtest(0, gain, 0.5).pvalue)
+    assert row.ci_low >= 0                           # never below 0: no image lost
+    z = p.loc[("top", "fill", 0.0)]
+    assert z["diff"] == 0 and z.ci_low == 0 and z.ci_high == 0 and z.p_mcnemar == 1.0
+
+
+def test_bootstrap_is_seeded_and_covers_the_mean():
+    w1, w2 = bootstrap_weights(50, 300, 7), bootstrap_weights(50, 300, 7)
+    assert np.array_equal(w1, w2) and (w1.sum(1) == 50).all()
+    v = np.random.default_rng(0).random((50, 2))
+    mean, lo, hi = bootstrap_means(v, w1)
+    assert np.allclose(mean, v.mean(0)) and (lo < mean).all() and (mean < hi).all()
+
+
+def test_ordering_check():
+    acc = pd.DataFrame([
+        {"order": "top", "mode": "fill", "ratio": 10.0, "top1": 50, "ci_low": 45, "ci_high": 55},
+        {"order": "random", "mode": "fill", "ratio": 10.0, "top1": 70, "ci_low": 54, "ci_high": 80},
+        {"order": "bottom", "mode": "fill", "ratio": 10.0, "top1": 90, "ci_low": 85, "ci_high": 95},
+    ])
+    r = ordering_check(acc).iloc[0]
+    assert r.holds and not r.separated
+
+
+# ------------------------------------------------------------------------------------------ probe
+def test_fit_linear_separates_and_folds_standardisation():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(0, 5, (3, 8))
+    y = np.repeat(np.arange(3), 20)
+    x = centers[y] + rng.normal(0, 0.5, (60, 8)) + 100.0       # far from 0: standardisation matters
+    w, b, info = fit_linear(x, y, 3, weight_decay=1e-3, max_iter=200)
+    assert w.shape == (3, 8) and b.shape == (3,)
+    logits = torch.from_numpy(x).float() @ w.T + b
+    assert (logits.argmax(1).numpy() == y).all() and info["train_top1"] == 1.0

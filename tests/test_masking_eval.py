@@ -1,0 +1,188 @@
+"""`vitsift mask-eval` end to end on tiny models: probe tier, ImageNet-classifier tier, resume."""
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from vitsift_core import masking as MK
+from vitsift_core import runs
+from vitsift_core.classify import imagenet_classes, load_classifier
+from vitsift_core.cli import main
+from vitsift_core.data import read_record, resolve_images
+from vitsift_core.images import model_input
+from vitsift_core.maskeval import ACC_COLS, PAIRED_COLS, PRED_COLS, MaskEvalParams, run_mask_eval
+from vitsift_core.models import load_model
+from vitsift_core.probe import ProbeSettings, train_or_load_probe
+
+
+def _ckpt(d, num_classes):
+    torch.manual_seed(0)
+    m = timm.create_model("test_vit", pretrained=False, num_classes=num_classes)
+    with torch.no_grad():
+        for blk in m.blocks:
+            blk.attn.qkv.weight.mul_(4.0)
+    p = d / f"test_vit_{num_classes}.safetensors"
+    save_file(m.state_dict(), str(p))
+    return f"test_vit@{p}"
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    return _ckpt(tmp_path_factory.mktemp("ckpt"), 1000)       # the probe reads its CLS token, not its head
+
+
+@pytest.fixture(scope="module")
+def in1k(tmp_path_factory):
+    return _ckpt(tmp_path_factory.mktemp("ckpt1k"), 1000)     # a tiny 'ImageNet-1k classifier'
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VITSIFT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is fastest, and immune to OpenMP spinning when the cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def labelled(d, classes, n, seed=0):
+    """n images per class; each class a different texture, so a probe can learn them."""
+    rng = np.random.default_rng(seed)
+    for ci, c in enumerate(classes):
+        (d / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = (rng.random((64, 64, 3)) * 60).astype(np.uint8)
+            if ci % 2 == 0:
+                img[::8] = 255                                  # horizontal stripes
+            else:
+                img[:, ::8] = 255                               # vertical stripes
+            img[..., ci % 3] //= 2
+            Image.fromarray(img).save(d / c / f"{c}_{i:02d}.png")
+    return d
+
+
+def cli(*args):
+    return main(["mask-eval", "--quiet", "--num-workers", "0", "--batch-size", "4", "--device", "cpu",
+                 "--n-boot", "200", *args])
+
+
+def test_probe_tier_end_to_end(tmp_path, backbone):
+    train = labelled(tmp_path / "train", ["cat", "dog"], 6)
+    val = labelled(tmp_path / "val", ["cat", "dog"], 3, seed=1)
+    out = tmp_path / "out"
+    args = ["--model", backbone, "--classifier", "embedded-probe", "--images", str(val),
+            "--probe-train", str(train), "--probe-per-class", "5", "--ratios", "0,10,50",
+            "--mode", "fill,drop", "--out", str(out)]
+    assert cli(*args) == 0
+    pred = pd.read_parquet(out / "predictions.parquet")
+    acc = pd.read_parquet(out / "accuracy.parquet")
+    paired = pd.read_parquet(out / "paired.parquet")
+    assert list(pred.columns) == PRED_COLS and list(acc.columns) == ACC_COLS and list(paired.columns) == PAIRED_COLS
+    n = 6
+    assert len(pred) == n * 4 * 2 * 3 and len(acc) == 4 * 2 * 3 and len(paired) == 4 * 2 * 2
+    assert (acc.n == n).all()
+    assert (acc.ci_low <= acc.top1 + 1e-9).all() and (acc.top1 <= acc.ci_high + 1e-9).all()
+    assert set(pred.n_masked) == {0, MK.n_masked(10, 100), MK.n_masked(50, 100)}
+    # ratio 0 is the clean prediction for every order and mode
+    z = pred[pred.ratio == 0].groupby("image").pred.nunique()
+    assert (z == 1).all()
+    # the probe: 5 per class, cached; targets are the class folders in sorted order
+    info = json.loads((out / "params.json").read_text())
+    probe = info["classifier"]["info"]
+    assert probe["per_class"] == {"cat": 5, "dog": 5} and probe["classes"] == ["cat", "dog"]
+    assert "CLS" in probe["feature"]
+    assert set(pred.target) == {0, 1}
+    lm = load_model(backbone)
+    pr = train_or_load_probe(lm, ProbeSettings(train_images=str(train), per_class=5), progress=False)
+    assert pr.info["key"] == probe["key"]                   # loaded from the cache, not retrained
+    # one masked prediction recomputed by hand: Top 50 % fill, and Random 10 % drop
+    sc = np.load(out / "scores.npz")
+    lay = json.loads((out / "layer.json").read_text())
+    assert lay["how"].startswith("auto") and len(lay["layers"]) == 1 and lay["captured"] == [1, 2, 3, 4, 5, 6]
+    recs = {r.id: r for r in resolve_images(str(val))}
+    img = str(sc["ids"][2])
+    x = model_input(read_record(recs[img]), lm.data_config)[1][None]
+    for order, mode, ratio in (("top", "fill", 50.0), ("random", "drop", 10.0)):
+        r = MK.rank_patches(order, scores=sc["scores"][2:3], counts=sc["counts"][2:3], ids=[img])
+        idx = MK.mask_indices(r, ratio)
+        with torch.inference_mode():
+            want = int(pr.logits(MK.masked_features(lm.model, x, mode, idx, lm.grid, lm.patch_size)[:, 0]).argmax())
+        got = pred[(pred.image == img) & (pred.order == order) & (pred["mode"] == mode) & (pred.ratio == ratio)]
+        assert got.pred.item() == want
+    # a second run is a no-op resume with identical tables
+    before = (out / "parts" / "score-00000.npz").stat().st_mtime_ns
+    assert cli(*args) == 0
+    assert (out / "parts" / "score-00000.npz").stat().st_mtime_ns == before
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "accuracy.parquet"), acc)
+
+
+def test_imagenet_classifier_tier_maps_wnids(tmp_path, in1k):
+    wnids = ["n01440764", "n03888257"]                         # tench, parachute: indices 0 and 701
+    val = labelled(tmp_path / "val", wnids + ["not_a_wnid"], 2)
+    out = tmp_path / "out"
+    assert cli("--classifier", in1k, "--images", str(val), "--ratios", "0,20", "--orders", "top,bottom",
+               "--layer", "2", "--out", str(out)) == 0
+    pred = pd.read_parquet(out / "predictions.parquet")
+    classes = imagenet_classes()
+    assert len(classes) == 1000 and classes[0] == "n01440764"
+    assert dict(zip(pred.label, pred.target)) == {w: classes.index(w) for w in wnids}
+    assert classes.index("n03888257") == 701
+    skipped = pd.read_csv(out / "skipped.csv")
+    assert len(skipped) == 2 and skipped.reason.str.contains("not a class").all()
+    lay = json.loads((out / "layer.json").read_text())
+    assert lay["layers"] == [2] and lay["captured"] == [2]
+    # clean predictions are the classifier's own argmax over 1000 classes
+    lm = load_model(in1k)
+    recs = {r.id: r for r in resolve_images(str(val))}
+    clean = pred[pred.ratio == 0].drop_duplicates("image")
+    xs = torch.stack([model_input(read_record(recs[i]), lm.data_config)[1] for i in clean.image])
+    with torch.inference_mode():
+        assert (lm.model(xs).argmax(1).numpy() == clean.pred.to_numpy()).all()
+    info = json.loads((out / "params.json").read_text())
+    assert "probe_train" not in info["identity"] and info["classifier"]["kind"] == "timm"
+
+
+def test_resume_recomputes_only_missing_chunks(tmp_path, backbone, monkeypatch):
+    monkeypatch.setattr(runs, "CHUNK", 3)
+    train = labelled(tmp_path / "train", ["a", "b"], 4)
+    val = labelled(tmp_path / "val", ["a", "b"], 4, seed=2)
+    p = MaskEvalParams(classifier="embedded-probe", model=backbone, images=str(val), probe_train=str(train),
+                       probe_per_class=4, ratios=[0, 10, 30], orders=["top", "random"], modes=["fill", "drop"],
+                       batch_size=2, num_workers=0, device="cpu", n_boot=100)
+    a = run_mask_eval(p, tmp_path / "a", progress=False)
+    parts = sorted((a.path / "parts").iterdir())
+    assert len(parts) == 2 * 3                                   # 8 images in chunks of 3: score + mask files
+    (a.path / "parts" / "mask-00001.parquet").unlink()
+    (a.path / "parts" / "score-00002.npz").unlink()
+    (a.path / "predictions.parquet").unlink()
+    kept = {f.name: f.stat().st_mtime_ns for f in (a.path / "parts").iterdir()}
+    b = run_mask_eval(p, tmp_path / "a", progress=False)
+    for name, t in kept.items():                                 # finished chunks not recomputed
+        assert (b.path / "parts" / name).stat().st_mtime_ns == t, name
+    assert (b.path / "parts" / "mask-00001.parquet").exists() and (b.path / "parts" / "score-00002.npz").exists()
+    c = run_mask_eval(p, tmp_path / "c", progress=False)
+    pd.testing.assert_frame_equal(b.predictions(), c.predictions())
+    pd.testing.assert_frame_equal(b.accuracy(), c.accuracy())
+    # other parameters on the same folder: a clear error
+    with pytest.raises(runs.RunMismatch, match="ratios"):
+        run_mask_eval(p.replace(ratios=[0, 20]), tmp_path / "a", progress=False)
+
+
+def test_bad_arguments_are_clear_errors(tmp_path, backbone, capsys):
+    val = labelled(tmp_path / "val", ["a"], 1)
+    assert cli("--model", backbone, "--images", str(val), "--mode", "blur", "--out", str(tmp_path / "o")) == 2
+    assert "modes" in capsys.readouterr().err
+    headless = load_model("test_vit", control="random-init", model_kwargs={"num_classes": 0})
+    with pytest.raises(ValueError, match="1000"):
+        load_classifier("test_vit", backbone=headless)

@@ -1,0 +1,579 @@
+"""``vitsift mask-eval``: accuracy under theta-ranked patch masking (Sec 5.1), resumable like ``analyze``.
+
+Two passes over the images, each in chunks of ``runs.CHUNK`` images:
+
+1. **score pass** (once per image): one forward of the scoring model with attention captured
+   gives every captured layer's patch scores s_i (head-mean theta_i), the per-layer metrics the
+   stage fit needs (``layer='auto'``), and -- when the classifier runs on the same ViT -- the clean
+   logits from the same forward. After the last chunk the score layer is chosen
+   (:func:`masking.default_score_layer` on the stage fit of these very images for ``auto``).
+2. **mask pass**: for every (mode, order, ratio > 0) one forward of the classifier on the masked
+   input. Ratio 0 is the clean prediction of pass 1 for every order and mode (``drop`` with nothing
+   dropped and ``fill`` with nothing filled are the plain forward; the tests check it).
+
+A run directory holds::
+
+    params.json          identity (every parameter that decides a number), runtime, versions,
+                         the classifier (probe key and training facts) and the model
+    parts/score-NNNNN.npz, parts/mask-NNNNN.parquet   finished chunks (resume skips them)
+    layer.json           the score layer(s) and why; the stage fit when 'auto'
+    scores.npz           ids, counts (n, N), scores (n, N) of the chosen layer(s),
+                         layer_scores (n, L_captured, N) float16, captured (1-based layers)
+    predictions.parquet  image, label, target, order, mode, ratio, n_masked, pred, correct
+    accuracy.parquet     order, mode, ratio, n, top1, ci_low, ci_high, n_masked  (top1 and CI in %)
+    paired.parquet       order, mode, ratio, n, diff, ci_low, ci_high, n_gain, n_loss, p_mcnemar:
+                         masked minus clean accuracy, paired per image (percentage points)
+    skipped.csv          images left out and why (undecodable, label not a classifier class)
+    run.json             complete flag, timings, clean top-1
+
+Ratios are in percent of the N patches (M = ceil(r N) masked). CIs are percentile bootstraps over
+images (``n_boot`` resamples, the same resamples for every condition, so paired differences are
+resampled jointly); ``p_mcnemar`` is the exact two-sided McNemar test on the discordant images.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import masking as MK
+from . import metrics as M
+from .keypoints import SiftParams
+from .runs import RunMismatch, _atomic_write, _write_json, versions
+
+PRED_COLS = ["image", "label", "target", "order", "mode", "ratio", "n_masked", "pred", "correct"]
+ACC_COLS = ["order", "mode", "ratio", "n", "top1", "ci_low", "ci_high", "n_masked"]
+PAIRED_COLS = ["order", "mode", "ratio", "n", "diff", "ci_low", "ci_high", "n_gain", "n_loss", "p_mcnemar"]
+
+
+def _chunk() -> int:
+    from . import runs
+    return runs.CHUNK
+
+
+@dataclass
+class MaskEvalParams:
+    """Everything that decides mask-eval's numbers, plus how to run it (``RUNTIME_KEYS``)."""
+
+    classifier: str = "embedded-probe"
+    model: str | None = None            # scoring ViT; None: the classifier's own (probe: 'embedded')
+    images: str = "imagenette:val"
+    limit: int | None = None
+    ratios: list = field(default_factory=lambda: [0, 5, 10, 20, 30, 40])   # percent of patches
+    orders: list = field(default_factory=lambda: list(MK.ORDERS))
+    modes: list = field(default_factory=lambda: ["fill"])
+    layer: str = "auto"                 # 'auto' (DESIGN section 3), '7', '7-9', '5,7' (1-based)
+    gamma: float = 1.0
+    weighted: bool = True
+    exclude_self: bool = False
+    tiebreak: str = "random"
+    seed: int = 0
+    probe_train: str = "imagenette:train"
+    probe_per_class: int | None = 100
+    probe_weight_decay: float = 1e-3
+    sift: dict = field(default_factory=lambda: dataclasses.asdict(SiftParams()))
+    # how to run / summarise: not part of the identity
+    batch_size: int = 32
+    device: str = "auto"
+    num_workers: int = 1
+    n_boot: int = 2000
+
+    RUNTIME_KEYS = ("batch_size", "device", "num_workers", "n_boot")
+
+    def __post_init__(self):
+        from .classify import PROBE_SPECS
+        if self.model is None:
+            self.model = "embedded" if self.classifier in PROBE_SPECS else self.classifier
+        if self.classifier == "probe":
+            self.classifier = "embedded-probe"
+        self.ratios = sorted({float(r) if float(r) != int(float(r)) else int(float(r)) for r in self.ratios})
+        for r in self.ratios:
+            MK.n_masked(r, 1)   # validates the range
+        self.orders = list(dict.fromkeys(self.orders))
+        self.modes = list(dict.fromkeys(self.modes))
+        bad = [o for o in self.orders if o not in MK.ORDERS] + [m for m in self.modes if m not in MK.MODES]
+        if bad or not self.orders or not self.modes:
+            raise ValueError(f"orders must be among {MK.ORDERS} and modes among {MK.MODES} "
+                             f"(non-empty); got orders={self.orders}, modes={self.modes}")
+        if self.tiebreak not in MK.TIEBREAKS:
+            raise ValueError(f"tiebreak must be one of {MK.TIEBREAKS}, got {self.tiebreak!r}")
+        if not self.gamma > 0:
+            raise ValueError(f"gamma must be > 0, got {self.gamma}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if self.batch_size < 1 or self.n_boot < 1:
+            raise ValueError("batch_size and n_boot must be >= 1")
+        self.layer = str(self.layer)
+        self.sift = dataclasses.asdict(SiftParams(**self.sift))
+
+    def identity(self) -> dict:
+        from .classify import PROBE_SPECS
+        d = dataclasses.asdict(self)
+        for k in self.RUNTIME_KEYS:
+            d.pop(k)
+        if self.classifier not in PROBE_SPECS:   # probe settings mean nothing for a timm head
+            for k in ("probe_train", "probe_per_class", "probe_weight_decay"):
+                d.pop(k)
+        d["chunk"] = _chunk()
+        return d
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def replace(self, **kw) -> "MaskEvalParams":
+        return dataclasses.replace(self, **kw)
+
+    def conditions(self) -> list[tuple[str, str, float]]:
+        """(mode, order, ratio) for every masked forward (ratio > 0)."""
+        return [(m, o, r) for m in self.modes for o in self.orders for r in self.ratios if r > 0]
+
+
+def mask_eval_dir(root: str | Path, params: MaskEvalParams) -> Path:
+    """<root>/mask-eval-<key>/: where a parameter set's results live."""
+    return Path(root) / f"mask-eval-{params.key()}"
+
+
+# ----------------------------------------------------------------------------------- statistics
+def bootstrap_weights(n: int, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
+    """(n_boot, n) float32 resample counts (each row sums to n): resample b of the images."""
+    rng = np.random.default_rng(seed)
+    w = np.empty((n_boot, n), dtype=np.float32)
+    for b in range(n_boot):
+        w[b] = np.bincount(rng.integers(0, n, n), minlength=n)
+    return w
+
+
+def bootstrap_means(values: np.ndarray, weights: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """values (n, K) per-image numbers -> (mean (K,), low (K,), high (K,)) percentile bootstrap."""
+    v = np.asarray(values, dtype=np.float64).reshape(values.shape[0], -1)
+    n = v.shape[0]
+    boot = (weights.astype(np.float64) @ v) / n                     # (n_boot, K)
+    a = (1 - level) / 2
+    return v.mean(0), np.quantile(boot, a, axis=0), np.quantile(boot, 1 - a, axis=0)
+
+
+def _mcnemar(gain: int, loss: int) -> float:
+    from scipy.stats import binomtest
+    return 1.0 if gain + loss == 0 else float(binomtest(min(gain, loss), gain + loss, 0.5).pvalue)
+
+
+def summarize(pred: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """predictions -> (accuracy table, paired masked-minus-clean table); see module doc."""
+    if pred.empty:
+        return pd.DataFrame(columns=ACC_COLS), pd.DataFrame(columns=PAIRED_COLS)
+    wide = pred.pivot_table(index="image", columns=["order", "mode", "ratio"], values="correct", aggfunc="first")
+    wide = wide.sort_index(axis=1)
+    n = len(wide)
+    w = bootstrap_weights(n, n_boot, seed)
+    c = wide.to_numpy(dtype=np.float64)
+    mean, lo, hi = bootstrap_means(c, w)
+    nm = pred.groupby(["order", "mode", "ratio"])["n_masked"].first()
+    acc = pd.DataFrame([{"order": o, "mode": m, "ratio": r, "n": int(wide[(o, m, r)].notna().sum()),
+                         "top1": 100 * mean[i], "ci_low": 100 * lo[i], "ci_high": 100 * hi[i],
+                         "n_masked": int(nm[(o, m, r)])} for i, (o, m, r) in enumerate(wide.columns)])
+    clean = pred[pred.ratio == 0].groupby("image")["correct"].first().reindex(wide.index).to_numpy(dtype=np.float64)
+    d = c - clean[:, None]
+    dm, dlo, dhi = bootstrap_means(d, w)
+    rows = []
+    for i, (o, m, r) in enumerate(wide.columns):
+        gain, loss = int((d[:, i] > 0).sum()), int((d[:, i] < 0).sum())
+        rows.append({"order": o, "mode": m, "ratio": r, "n": n, "diff": 100 * dm[i], "ci_low": 100 * dlo[i],
+                     "ci_high": 100 * dhi[i], "n_gain": gain, "n_loss": loss, "p_mcnemar": _mcnemar(gain, loss)})
+    paired = pd.DataFrame(rows, columns=PAIRED_COLS)
+    order_rank = {o: k for k, o in enumerate(MK.ORDERS)}
+    key = lambda df: df.assign(_o=df.order.map(order_rank)).sort_values(["mode", "_o", "ratio"]).drop(columns="_o")
+    return key(acc)[ACC_COLS].reset_index(drop=True), key(paired)[PAIRED_COLS].reset_index(drop=True)
+
+
+def ordering_check(acc: pd.DataFrame) -> pd.DataFrame:
+    """Per mode and ratio > 0: does Top < Random < Bottom hold (point estimates), and do the CIs
+    of neighbours overlap? Columns: mode, ratio, top, random, bottom, holds, separated."""
+    rows = []
+    for (mode, ratio), g in acc[acc.ratio > 0].groupby(["mode", "ratio"]):
+        g = g.set_index("order")
+        if not {"top", "random", "bottom"} <= set(g.index):
+            continue
+        t, r, b = (g.loc[o] for o in ("top", "random", "bottom"))
+        rows.append({"mode": mode, "ratio": ratio, "top": t.top1, "random": r.top1, "bottom": b.top1,
+                     "holds": bool(t.top1 < r.top1 < b.top1),
+                     "separated": bool(t.ci_high < r.ci_low and r.ci_high < b.ci_low)})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------- the run
+class _ScoreCollector:
+    """Attention callback: head-mean theta_i per captured layer, plus the stage-fit metrics."""
+
+    def __init__(self, captured0: list[int], gamma: float, weighted: bool, exclude_self: bool, metrics=None):
+        self.captured0, self.gamma, self.weighted, self.exclude_self = captured0, gamma, weighted, exclude_self
+        self.metrics = metrics
+
+    def start_batch(self, counts: torch.Tensor) -> None:
+        self.counts, self.scores = counts, {}
+        if self.metrics is not None:
+            self.metrics.start_batch({"real": (counts, self.exclude_self)})
+
+    def __call__(self, layer: int, attn: torch.Tensor) -> None:
+        if self.metrics is not None:
+            self.metrics(layer, attn)
+        self.scores[layer] = M.patch_scores(attn, self.counts.to(attn.device), self.gamma, self.weighted,
+                                            self.exclude_self).float().cpu()
+
+    def finish_batch(self):
+        sc = torch.stack([self.scores[l] for l in self.captured0], dim=1)    # (B, Lc, N)
+        met = self.metrics.finish_batch()["real"] if self.metrics is not None else None
+        return sc, met
+
+
+class MaskEvalRun:
+    """A mask-eval output directory (see module doc)."""
+
+    def __init__(self, path: str | Path, params: MaskEvalParams):
+        self.path, self.params = Path(path), params
+        self.parts = self.path / "parts"
+
+    def prepare(self, n_images: int) -> None:
+        self.parts.mkdir(parents=True, exist_ok=True)
+        pj = self.path / "params.json"
+        ident = self.params.identity()
+        if pj.exists():
+            old = json.loads(pj.read_text()).get("identity", {})
+            diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
+            if diff:
+                detail = ", ".join(f"{k}: {old.get(k)!r} there vs {ident.get(k)!r} now" for k in diff)
+                raise RunMismatch(f"{self.path} holds a mask-eval run with other parameters ({detail}); "
+                                  "use another output folder or delete it")
+            return
+        _write_json(pj, {"identity": ident, "key": self.params.key(),
+                         "runtime": {k: getattr(self.params, k) for k in MaskEvalParams.RUNTIME_KEYS},
+                         "n_images": n_images, "versions": versions(),
+                         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+    def set_info(self, **info) -> None:
+        pj = self.path / "params.json"
+        d = json.loads(pj.read_text())
+        if any(d.get(k) != v for k, v in info.items()):
+            d.update(info)
+            _write_json(pj, d)
+
+    def score_file(self, k: int) -> Path:
+        return self.parts / f"score-{k:05d}.npz"
+
+    def mask_file(self, k: int) -> Path:
+        return self.parts / f"mask-{k:05d}.parquet"
+
+    def is_complete(self) -> bool:
+        rj = self.path / "run.json"
+        return rj.exists() and json.loads(rj.read_text()).get("complete", False)
+
+    # readers for notebooks
+    def accuracy(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path / "accuracy.parquet")
+
+    def paired(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path / "paired.parquet")
+
+    def predictions(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path / "predictions.parquet")
+
+    def scores(self) -> dict:
+        with np.load(self.path / "scores.npz") as z:
+            return {k: z[k] for k in z.files}
+
+    def layer(self) -> dict:
+        return json.loads((self.path / "layer.json").read_text())
+
+    def info(self) -> dict:
+        return {**json.loads((self.path / "params.json").read_text()), **json.loads((self.path / "run.json").read_text())}
+
+
+def _load_scores(run: MaskEvalRun, n_chunks: int) -> dict:
+    keys = ("ids", "labels", "targets", "counts", "layer_scores", "clean_pred")
+    out = {k: [] for k in keys}
+    met: dict[str, list] = {}
+    for k in range(n_chunks):
+        with np.load(run.score_file(k)) as z:
+            for key in keys:
+                out[key].append(z[key])
+            for key in z.files:
+                if key.startswith("m_"):
+                    met.setdefault(key[2:], []).append(z[key])
+    res = {k: np.concatenate(v) for k, v in out.items()}
+    res["metrics"] = {k: np.concatenate(v) for k, v in met.items()}
+    return res
+
+
+def _choose_layers(params: MaskEvalParams, captured: list[int], sc: dict, n_layers: int) -> dict:
+    from .runs import head_rows, layer_table, stage_fit_json
+
+    spec = MK.parse_layers(params.layer, n_layers)
+    if spec != "auto":
+        return {"layers": spec, "how": f"given: layer {params.layer}", "stage_fit": None, "captured": captured}
+    if len(sc["ids"]):
+        res = {k: torch.from_numpy(v) for k, v in sc["metrics"].items()}
+        heads = head_rows(list(sc["ids"]), res, sc["counts"])
+        fit = stage_fit_json(layer_table(heads))
+    else:
+        fit = {"fitted": False, "reason": "no images scored"}
+    layers, why = MK.default_score_layer(fit, n_layers)
+    return {"layers": layers, "how": f"auto: {why}", "stage_fit": fit, "captured": captured}
+
+
+def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = True) -> MaskEvalRun:
+    """Run (or resume) mask-eval into ``out``; returns the finished :class:`MaskEvalRun`."""
+    from tqdm.auto import tqdm
+
+    from .attention import MetricCollector, capture_attention
+    from .classify import load_classifier
+    from .data import resolve_images
+    from .keypoints import KeypointCache
+    from .models import load_model
+    from .pipeline import Skipped, iter_batches
+    from .probe import ProbeSettings, model_identity
+
+    t_start = time.perf_counter()
+    p = params
+    chunk = _chunk()
+    records = resolve_images(p.images, p.limit)
+    if not records:
+        raise ValueError(f"no images found for {p.images!r}")
+    run = MaskEvalRun(out, p)
+    run.prepare(len(records))
+
+    # models: the probe's backbone is the scoring model; a timm classifier scores itself unless told
+    from .classify import PROBE_SPECS
+    score_lm = load_model(p.model, device=p.device)
+    probe = ProbeSettings(train_images=p.probe_train, per_class=p.probe_per_class,
+                          weight_decay=p.probe_weight_decay, seed=p.seed)
+    clf = load_classifier(p.classifier, p.model, device=p.device, probe=probe, batch_size=p.batch_size,
+                          num_workers=p.num_workers, progress=progress, backbone=score_lm)
+    same = clf.lm is score_lm
+    if not same:
+        a, b = score_lm, clf.lm
+        if a.grid != b.grid or a.patch_size != b.patch_size or \
+                {k: a.data_config.get(k) for k in ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")} != \
+                {k: b.data_config.get(k) for k in ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")}:
+            raise ValueError(f"scoring model {a.spec!r} and classifier {b.spec!r} must share the input "
+                             f"(grid {a.grid} vs {b.grid}, patch {a.patch_size} vs {b.patch_size}, "
+                             "and the same data config) so that a patch means the same pixels in both")
+    run.set_info(model=model_identity(score_lm), classifier={**clf.identity(), "info": clf.info,
+                                                             "n_classes": len(clf.classes)})
+
+    # labels the classifier cannot score are left out up front
+    skipped_label = [Skipped(r.id, str(r.path or ""), f"label {r.label!r} is not a class of {clf.spec}")
+                     for r in records if clf.target(r.label) is None]
+    records = [r for r in records if clf.target(r.label) is not None]
+    n_chunks = (len(records) + chunk - 1) // chunk
+    lm = score_lm
+    n_layers = len(lm.model.blocks)
+    spec = MK.parse_layers(p.layer, n_layers)
+    captured = list(range(1, n_layers + 1)) if spec == "auto" else spec
+    dev = next(lm.model.parameters()).device
+    sift = SiftParams(**p.sift)
+    cache = KeypointCache()
+    skipped_io: list = []
+    timing = {}
+
+    # ---- pass 1: scores, stage metrics, clean predictions
+    todo = [k for k in range(n_chunks) if not run.score_file(k).exists()]
+    t0 = time.perf_counter()
+    bar = tqdm(total=sum(len(records[k * chunk:(k + 1) * chunk]) for k in todo), unit="img",
+               desc=f"mask-eval scores [{lm.spec}]", disable=not progress or not todo, dynamic_ncols=True)
+    metrics = MetricCollector(n_layers, p.gamma, p.weighted, "minmax") if spec == "auto" else None
+    col = _ScoreCollector([l - 1 for l in captured], p.gamma, p.weighted, p.exclude_self, metrics)
+    for k in todo:
+        recs = records[k * chunk:(k + 1) * chunk]
+        acc = {"ids": [], "labels": [], "targets": [], "counts": [], "layer_scores": [], "clean_pred": []}
+        met_acc: dict[str, list] = {}
+        sk_chunk = []
+        for batch, sk in iter_batches(recs, lm.data_config, lm.grid, lm.patch_size, batch_size=p.batch_size,
+                                      sift=sift, num_workers=p.num_workers, cache=cache, progress=False):
+            sk_chunk += sk
+            if batch is not None:
+                x = batch.tensors.to(dev)
+                col.start_batch(batch.counts)
+                with torch.inference_mode():
+                    with capture_attention(lm.model, lm.num_prefix_tokens, col, layers=[l - 1 for l in captured]):
+                        tokens = lm.model.forward_features(x)
+                    if not same:
+                        tokens = clf.lm.model.forward_features(x)
+                    pred = clf.logits(tokens).argmax(-1).cpu().numpy()
+                sc, met = col.finish_batch()
+                acc["ids"] += batch.ids
+                acc["labels"] += [str(l) for l in batch.labels]
+                acc["targets"] += [clf.target(l) for l in batch.labels]
+                acc["counts"].append(batch.counts.numpy().astype(np.int32))
+                acc["layer_scores"].append(sc.numpy().astype(np.float32))
+                acc["clean_pred"].append(pred.astype(np.int64))
+                if met is not None:
+                    for key, v in met.items():
+                        met_acc.setdefault(key, []).append(v.numpy().astype(np.float32))
+            bar.update(len(sk) + (len(batch) if batch is not None else 0))
+        n_p = lm.num_patches
+        arrays = {
+            "ids": np.asarray(acc["ids"], dtype=str), "labels": np.asarray(acc["labels"], dtype=str),
+            "targets": np.asarray(acc["targets"], dtype=np.int64),
+            "counts": np.concatenate(acc["counts"]) if acc["counts"] else np.zeros((0, n_p), np.int32),
+            "layer_scores": np.concatenate(acc["layer_scores"]) if acc["layer_scores"] else
+            np.zeros((0, len(captured), n_p), np.float32),
+            "clean_pred": np.concatenate(acc["clean_pred"]) if acc["clean_pred"] else np.zeros(0, np.int64),
+            "skipped": np.asarray([(s.path or s.id, s.reason) for s in sk_chunk], dtype=str).reshape(-1, 2),
+        }
+        if metrics is not None:
+            h = lm.model.blocks[0].attn.num_heads
+            for key in ("theta_kk", "theta_kn", "theta_nk", "theta_nn", "theta_chance", "focus", "focus_norm"):
+                arrays[f"m_{key}"] = np.concatenate(met_acc[key]) if key in met_acc else \
+                    np.zeros((0, n_layers, h), np.float32)
+        # written last and whole: its presence marks the chunk finished
+        _atomic_write(run.score_file(k), lambda f: np.savez(open(f, "wb"), **arrays))
+    bar.close()
+    timing["score_seconds"] = round(time.perf_counter() - t0, 2)
+    timing["score_images"] = sum(len(records[k * chunk:(k + 1) * chunk]) for k in todo)
+
+    sc = _load_scores(run, n_chunks)
+    for k in range(n_chunks):
+        with np.load(run.score_file(k)) as z:
+            skipped_io += [tuple(r) for r in z["skipped"]]
+    choice = _choose_layers(p, captured, sc, n_layers)
+    _write_json(run.path / "layer.json", choice)
+    scores = MK.combine_layer_scores(sc["layer_scores"], choice["layers"], captured)
+    _atomic_write(run.path / "scores.npz", lambda f: np.savez(
+        open(f, "wb"), ids=sc["ids"], labels=sc["labels"], counts=sc["counts"], scores=scores,
+        layer_scores=sc["layer_scores"].astype(np.float16), captured=np.asarray(captured),
+        layers=np.asarray(choice["layers"])))
+    row_of = {i: n for n, i in enumerate(sc["ids"])}
+
+    # ---- pass 2: masked forwards
+    conds = p.conditions()
+    todo = [k for k in range(n_chunks) if not run.mask_file(k).exists()]
+    n_img = sum(len(records[k * chunk:(k + 1) * chunk]) for k in todo)
+    t0 = time.perf_counter()
+    bar = tqdm(total=n_img * len(conds), unit="fwd", desc=f"mask-eval {'+'.join(p.modes)} [{clf.spec}]",
+               disable=not progress or not todo or not conds, dynamic_ncols=True)
+    model = clf.lm.model
+    n_p = lm.num_patches
+    for k in todo:
+        recs = records[k * chunk:(k + 1) * chunk]
+        frames = []
+        for batch, sk in iter_batches(recs, lm.data_config, lm.grid, lm.patch_size, batch_size=p.batch_size,
+                                      sift=sift, num_workers=p.num_workers, cache=cache, progress=False):
+            if batch is None:
+                continue
+            rows = np.asarray([row_of[i] for i in batch.ids])
+            x = batch.tensors.to(dev)
+            rank = {o: MK.rank_patches(o, scores=scores[rows], counts=sc["counts"][rows], ids=batch.ids,
+                                       seed=p.seed, tiebreak=p.tiebreak) for o in p.orders}
+            for mode, order, ratio in conds:
+                idx = MK.mask_indices(rank[order], ratio)
+                with torch.inference_mode():
+                    pred = clf.logits(MK.masked_features(model, x, mode, idx, lm.grid, lm.patch_size)).argmax(-1)
+                frames.append(pd.DataFrame({"image": batch.ids, "order": order, "mode": mode,
+                                            "ratio": float(ratio), "n_masked": idx.shape[1],
+                                            "pred": pred.cpu().numpy().astype(np.int64)}))
+                bar.update(len(batch))
+        df = pd.concat(frames, ignore_index=True) if frames else \
+            pd.DataFrame({c: pd.Series(dtype=t) for c, t in (("image", object), ("order", object), ("mode", object),
+                                                               ("ratio", float), ("n_masked", int), ("pred", int))})
+        _atomic_write(run.mask_file(k), lambda f: df.to_parquet(f, index=False))
+    bar.close()
+    timing["mask_seconds"] = round(time.perf_counter() - t0, 2)
+    timing["mask_forwards"] = n_img * len(conds)
+
+    # ---- finalize: predictions (ratio 0 = clean, for every order and mode), tables
+    masked = pd.concat([pd.read_parquet(run.mask_file(k)) for k in range(n_chunks)], ignore_index=True) \
+        if n_chunks else pd.DataFrame(columns=PRED_COLS)
+    clean = pd.DataFrame({"image": sc["ids"], "pred": sc["clean_pred"]})
+    zero = [r for r in p.ratios if r == 0]
+    clean_rows = pd.concat([clean.assign(order=o, mode=m, ratio=0.0, n_masked=0)
+                            for o in p.orders for m in p.modes for _ in zero], ignore_index=True) \
+        if zero and len(clean) else clean.iloc[:0]
+    pred = pd.concat([clean_rows, masked], ignore_index=True)
+    meta = pd.DataFrame({"image": sc["ids"], "label": sc["labels"], "target": sc["targets"]})
+    pred = pred.merge(meta, on="image", how="left")
+    pred["correct"] = pred["pred"].to_numpy() == pred["target"].to_numpy()
+    pred = pred[PRED_COLS]
+    _atomic_write(run.path / "predictions.parquet", lambda f: pred.to_parquet(f, index=False))
+    if not zero:
+        # the paired table needs clean predictions: add them for the summary only
+        extra = clean.assign(order=p.orders[0], mode=p.modes[0], ratio=0.0, n_masked=0).merge(meta, on="image")
+        extra["correct"] = extra["pred"] == extra["target"]
+        acc, paired = summarize(pd.concat([pred, extra[PRED_COLS]], ignore_index=True), p.n_boot, p.seed)
+        acc = acc[acc.ratio > 0]
+    else:
+        acc, paired = summarize(pred, p.n_boot, p.seed)
+    paired = paired[paired.ratio > 0].reset_index(drop=True)
+    _atomic_write(run.path / "accuracy.parquet", lambda f: acc.to_parquet(f, index=False))
+    _atomic_write(run.path / "paired.parquet", lambda f: paired.to_parquet(f, index=False))
+    skipped = [(s.path or s.id, s.reason) for s in skipped_label] + skipped_io
+    _atomic_write(run.path / "skipped.csv", lambda f: pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(f, index=False))
+    clean_top1 = float((sc["clean_pred"] == sc["targets"]).mean() * 100) if len(sc["ids"]) else float("nan")
+    _write_json(run.path / "run.json", {"complete": True, "n_images": int(len(sc["ids"])), "n_skipped": len(skipped),
+                                        "clean_top1": clean_top1, "layers": choice["layers"],
+                                        "seconds_this_call": round(time.perf_counter() - t_start, 2), **timing})
+    return run
+
+
+# ----------------------------------------------------------------------------------- command line
+def add_cli(sub) -> None:
+    """The ``vitsift mask-eval`` subcommand (registered by ``vitsift_core.cli``)."""
+    import argparse
+
+    p = sub.add_parser("mask-eval", help="classification accuracy with patches masked by theta score "
+                       "(Top/Bottom) and controls (Random, keypoint counts), Sec 5.1",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="scoring ViT ('embedded', timm name, ARCH@PATH); default: "
+                   "the classifier's own ViT ('embedded' for the probe)")
+    p.add_argument("--classifier", default="embedded-probe",
+                   help="'embedded-probe' (linear probe on --model's CLS token), or an ImageNet-1k timm "
+                        "classifier name / ARCH@PATH (e.g. vit_base_patch16_224.augreg2_in21k_ft_in1k)")
+    p.add_argument("--images", default="imagenette:val", help="'imagenette:val' or a folder with one subfolder per wnid")
+    p.add_argument("--limit", type=int, default=None, help="at most this many images (round-robin over classes)")
+    p.add_argument("--ratios", default="0,5,10,20,30,40", help="mask ratios in percent of the patches")
+    p.add_argument("--orders", default=",".join(MK.ORDERS), help="comma list of " + "|".join(MK.ORDERS))
+    p.add_argument("--mode", default="fill", help="fill | drop | fill,drop")
+    p.add_argument("--layer", default="auto", help="score layer(s), 1-based: 'auto' (last Capture layer if the "
+                   "stage fit holds, else the middle layer), '7', '7-9', '5,7'")
+    p.add_argument("--gamma", type=float, default=1.0, help="detection line height (Eq. 2)")
+    p.add_argument("--unweighted", action="store_true", help="unweighted theta_i (Eq. 3, left)")
+    p.add_argument("--exclude-self", action="store_true", help="drop j = i from the attended set S_i")
+    p.add_argument("--tiebreak", choices=MK.TIEBREAKS, default="random",
+                   help="equal scores: seeded per-image permutation, or patch index")
+    p.add_argument("--seed", type=int, default=0, help="random order, tie-break, bootstrap, probe init")
+    p.add_argument("--probe-train", default="imagenette:train", help="probe training images (labelled)")
+    p.add_argument("--probe-per-class", default="100", help="probe training images per class, or 'all'")
+    p.add_argument("--probe-weight-decay", type=float, default=1e-3)
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the CIs")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=1, help="decoding/SIFT worker processes")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", required=True, help="output folder (re-running resumes)")
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in str(s).split(",") if x.strip()]
+
+
+def cli_main(a) -> int:
+    per_class = None if str(a.probe_per_class).lower() in ("all", "none") else int(a.probe_per_class)
+    params = MaskEvalParams(
+        classifier=a.classifier, model=a.model, images=a.images, limit=a.limit,
+        ratios=[float(r) for r in _csv(a.ratios)], orders=_csv(a.orders), modes=_csv(a.mode), layer=a.layer,
+        gamma=a.gamma, weighted=not a.unweighted, exclude_self=a.exclude_self, tiebreak=a.tiebreak, seed=a.seed,
+        probe_train=a.probe_train, probe_per_class=per_class, probe_weight_decay=a.probe_weight_decay,
+        n_boot=a.n_boot, batch_size=a.batch_size, num_workers=a.num_workers, device=a.device)
+    run = run_mask_eval(params, a.out, progress=not a.quiet)
+    info = json.loads((run.path / "run.json").read_text())
+    acc = run.accuracy()
+    print(f"wrote {run.path}: {info['n_images']} images ({info['n_skipped']} skipped), score layer(s) "
+          f"{info['layers']} ({run.layer()['how']}), clean top-1 {info['clean_top1']:.1f}%")
+    show = acc.assign(top1=acc.top1.round(1), ci=[f"[{l:.1f}, {h:.1f}]" for l, h in zip(acc.ci_low, acc.ci_high)])
+    print(show[["mode", "order", "ratio", "n", "top1", "ci"]].to_string(index=False))
+    return 0

@@ -1,0 +1,248 @@
+"""Linear probe on a frozen backbone's CLS token: the embedded tier's classifier (Sec 5.1).
+
+The embedded DINOv2-S backbone has no classifier head, so its masking experiment classifies with a
+linear probe: a single ``nn.Linear`` on the **CLS token of the final layer norm**
+(``forward_features(x)[:, 0]``), trained on Imagenette train (or a per-class subset of it) with
+the backbone frozen, full-batch L-BFGS on standardised features with L2 weight decay, no
+augmentation (the same centre crop the evaluation uses). The standardisation is folded into the
+linear layer afterwards, so the probe is a plain ``Linear(D, C)`` on raw CLS features.
+
+Everything is cached under ``cache_dir()/probes/<features key>/``:
+
+    parts/NNNNN.npz   CLS features of chunk k of the training records (resumable, CHUNK images each)
+    probe-<key>.safetensors / .json   the trained probe and what it was trained on
+
+The features key covers the backbone (spec, source, weights file identity), the training image
+spec, the data config and the chunk size; the training order is the round-robin order of
+``resolve_images(spec, limit)``, whose prefixes are the per-class subsets, so a bigger subset
+reuses the chunks a smaller one computed. The probe key adds the subset size and the optimiser
+settings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .paths import cache_dir
+
+FEATURE_FORMAT = "cls-v1"
+
+
+@dataclass
+class ProbeSettings:
+    """What decides a probe's weights."""
+
+    train_images: str = "imagenette:train"
+    per_class: int | None = 100        # training images per class (None: all)
+    weight_decay: float = 1e-3         # L2 on the standardised-feature weights (mean CE + wd * |W|^2)
+    max_iter: int = 500                # L-BFGS iterations
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.per_class is not None and self.per_class < 1:
+            raise ValueError(f"per_class must be >= 1 or None, got {self.per_class}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclass
+class Probe:
+    """A trained probe: ``logits = features @ weight.T + bias`` over ``classes`` (labels, e.g. wnids)."""
+
+    weight: torch.Tensor   # (C, D)
+    bias: torch.Tensor     # (C,)
+    classes: list[str]
+    info: dict             # training facts: images per class, train accuracy, loss, seconds, key
+
+    def logits(self, feats: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(feats.device, feats.dtype)
+        return feats @ w.T + self.bias.to(feats.device, feats.dtype)
+
+
+def cls_features(tokens: torch.Tensor) -> torch.Tensor:
+    """The probe's input: the CLS token of ``forward_features`` output (B, T, D) -> (B, D)."""
+    return tokens[:, 0]
+
+
+def model_identity(lm) -> dict:
+    """What identifies a LoadedModel's weights, for cache keys (file identity for checkpoints)."""
+    ident = {"spec": lm.spec, "arch": lm.arch, "source": lm.source,
+             "input_size": list(lm.data_config["input_size"]),
+             "mean": list(lm.data_config["mean"]), "std": list(lm.data_config["std"]),
+             "crop_pct": lm.data_config.get("crop_pct"), "interpolation": lm.data_config.get("interpolation")}
+    if lm.source == "embedded":
+        from .embedded import embedded_weights
+        ident["weights"] = embedded_weights().name       # carries the ONNX hash + conversion version
+    elif lm.source.startswith("checkpoint:"):
+        st = Path(lm.source.split(":", 1)[1]).stat()
+        ident["weights"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return ident
+
+
+def _key(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _records(settings: ProbeSettings):
+    from .data import resolve_images
+
+    recs = resolve_images(settings.train_images)
+    classes = sorted({r.label for r in recs if r.label is not None})
+    if not classes:
+        raise ValueError(f"probe training images {settings.train_images!r} carry no labels "
+                         "(use imagenette:train or a folder with one subfolder per class)")
+    # round-robin order over classes in every case, so per-class subsets are prefixes
+    limit = len(recs) if settings.per_class is None else settings.per_class * len(classes)
+    return resolve_images(settings.train_images, min(limit, len(recs))), classes
+
+
+def _atomic_savez(path: Path, **arrays) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def extract_features(lm, records, folder: Path, *, batch_size: int = 32, num_workers: int = 1,
+                     progress: bool = True, chunk: int | None = None) -> tuple[list[str], list[str], np.ndarray]:
+    """CLS features of ``records`` with ``lm`` (frozen), cached in ``folder/parts`` chunk by chunk.
+
+    A chunk file is reused when it holds every id of its chunk (a chunk written for a shorter
+    record list is recomputed once). Returns (ids, labels, features (n, D) float32), skipped
+    (undecodable) images left out.
+    """
+    from tqdm.auto import tqdm
+
+    from .keypoints import KeypointCache
+    from .pipeline import iter_batches
+    from .runs import CHUNK
+
+    chunk = chunk or CHUNK
+    parts = Path(folder) / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    n_chunks = (len(records) + chunk - 1) // chunk
+
+    def load(k):
+        f = parts / f"{k:05d}.npz"
+        if not f.exists():
+            return None
+        with np.load(f) as z:
+            got = {"ids": list(z["ids"]), "labels": list(z["labels"]), "feats": z["feats"],
+                   "seen": set(z["seen"])}
+        want = {r.id for r in records[k * chunk:(k + 1) * chunk]}
+        return got if want <= got["seen"] else None
+
+    todo = [k for k in range(n_chunks) if load(k) is None]
+    dev = next(lm.model.parameters()).device
+    n_todo = sum(len(records[k * chunk:(k + 1) * chunk]) for k in todo)
+    bar = tqdm(total=n_todo, unit="img", desc=f"probe features ({lm.spec})", disable=not progress or not todo,
+               dynamic_ncols=True)
+    cache = KeypointCache()
+    for k in todo:
+        recs = records[k * chunk:(k + 1) * chunk]
+        ids, labels, feats = [], [], []
+        # counts are not needed here; the pipeline computes them anyway (cached on disk for later)
+        for batch, skipped in iter_batches(recs, lm.data_config, lm.grid, lm.patch_size, batch_size=batch_size,
+                                           num_workers=num_workers, cache=cache, progress=False):
+            if batch is not None:
+                with torch.inference_mode():
+                    f = cls_features(lm.model.forward_features(batch.tensors.to(dev)))
+                ids += batch.ids
+                labels += [str(x) for x in batch.labels]
+                feats.append(f.float().cpu().numpy())
+            bar.update(len(skipped) + (len(batch) if batch is not None else 0))
+        d = feats[0].shape[1] if feats else 0
+        _atomic_savez(parts / f"{k:05d}.npz", ids=np.asarray(ids, dtype=str), labels=np.asarray(labels, dtype=str),
+                      feats=np.concatenate(feats) if feats else np.zeros((0, d), np.float32),
+                      seen=np.asarray([r.id for r in recs], dtype=str))
+    bar.close()
+    want = {r.id for r in records}
+    ids, labels, feats = [], [], []
+    for k in range(n_chunks):
+        z = load(k)
+        for i, lab, f in zip(z["ids"], z["labels"], z["feats"]):
+            if i in want:
+                ids.append(i)
+                labels.append(lab)
+                feats.append(f)
+    return ids, labels, (np.stack(feats).astype(np.float32) if feats else np.zeros((0, 0), np.float32))
+
+
+def fit_linear(feats: np.ndarray, y: np.ndarray, n_classes: int, weight_decay: float = 1e-3,
+               max_iter: int = 500, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Multinomial logistic regression, full-batch L-BFGS on standardised features.
+
+    Minimises mean cross-entropy + weight_decay * |W|^2 (W on the standardised features), then
+    folds the standardisation in. Returns (weight (C, D), bias (C,), info)."""
+    x = torch.from_numpy(np.asarray(feats, dtype=np.float64))
+    t = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mu) / sd
+    g = torch.Generator().manual_seed(seed)
+    w = (0.01 * torch.randn(n_classes, x.shape[1], generator=g, dtype=torch.float64)).requires_grad_()
+    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-9,
+                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z @ w.T + b, t) + weight_decay * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        loss = float(torch.nn.functional.cross_entropy(z @ w.T + b, t) + weight_decay * (w ** 2).sum())
+        acc = float(((z @ w.T + b).argmax(1) == t).double().mean())
+        weight = (w / sd).float()
+        bias = (b - (w * (mu / sd)).sum(1)).float()
+    return weight.detach(), bias.detach(), {"train_loss": loss, "train_top1": acc}
+
+
+def train_or_load_probe(lm, settings: ProbeSettings = ProbeSettings(), *, batch_size: int = 32,
+                        num_workers: int = 1, progress: bool = True, root: Path | None = None) -> Probe:
+    """The probe for backbone ``lm`` and ``settings``: loaded from the cache, else trained (with a
+    progress bar over feature extraction, the expensive part) and cached."""
+    from safetensors.torch import load_file, save_file
+
+    from .runs import CHUNK
+
+    records, classes = _records(settings)
+    feat_key = _key({"format": FEATURE_FORMAT, "model": model_identity(lm), "images": settings.train_images,
+                     "chunk": CHUNK})
+    folder = Path(root or cache_dir() / "probes") / feat_key
+    probe_key = _key({"features": feat_key, **asdict(settings)})
+    wfile, jfile = folder / f"probe-{probe_key}.safetensors", folder / f"probe-{probe_key}.json"
+    if wfile.exists() and jfile.exists():
+        info = json.loads(jfile.read_text())
+        sd = load_file(str(wfile))
+        return Probe(sd["weight"], sd["bias"], info["classes"], info)
+    t0 = time.perf_counter()
+    ids, labels, feats = extract_features(lm, records, folder, batch_size=batch_size, num_workers=num_workers,
+                                          progress=progress)
+    if len(ids) == 0:
+        raise ValueError(f"no usable training images for the probe in {settings.train_images!r}")
+    t_feat = time.perf_counter() - t0
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.asarray([index[lab] for lab in labels])
+    weight, bias, fit = fit_linear(feats, y, len(classes), settings.weight_decay, settings.max_iter, settings.seed)
+    per_class = {c: int((y == i).sum()) for i, c in enumerate(classes)}
+    info = {"key": probe_key, "features_key": feat_key, "classes": classes, "settings": asdict(settings),
+            "model": model_identity(lm), "n_train": len(ids), "per_class": per_class,
+            "feature": "CLS token of forward_features (final layer norm), backbone frozen",
+            "feature_seconds": round(t_feat, 1), "fit_seconds": round(time.perf_counter() - t0 - t_feat, 1), **fit}
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = wfile.with_name(f".{wfile.name}.tmp{os.getpid()}")
+    save_file({"weight": weight.contiguous(), "bias": bias.contiguous()}, str(tmp))
+    os.replace(tmp, wfile)
+    tmpj = jfile.with_name(f".{jfile.name}.tmp{os.getpid()}")
+    tmpj.write_text(json.dumps(info, indent=2))
+    os.replace(tmpj, jfile)
+    return Probe(weight, bias, classes, info)
