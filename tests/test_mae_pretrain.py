@@ -1,0 +1,163 @@
+"""MAE pre-training runs: resume after SIGKILL, DDP (gloo, 2 processes) vs 1 process, schedule.
+
+Tiny encoder (timm ``test_vit`` at 32 px, 8 px patches, 2 blocks) on a synthetic 3-class folder;
+each run is a few seconds of CPU. Subprocesses run ``python -m vitsift_core.pretrain`` so that a
+real kill (SIGKILL, no clean-up) and a real ``torchrun`` are tested.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from vitsift_core import pretrain as P
+
+#: the DDP run's per-step loss may differ from the 1-process run only by float re-association
+#: (gradient all-reduce sums two half-batch means instead of one mean): this much, absolute,
+#: on losses of about 1.
+DDP_LOSS_TOL = 1e-4
+
+
+def write_synthetic_folder(d: Path, per_class: int = 12, size: int = 48) -> Path:
+    """3 classes of textured images (stripes / blobs / checker), each with noise for SIFT."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for c, name in enumerate(("stripes", "blobs", "checker")):
+        (d / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            ph = rng.uniform(0, 6.28)
+            if c == 0:
+                base = np.sin(20 * xx + ph)
+            elif c == 1:
+                base = np.sin(8 * np.hypot(xx - rng.uniform(.3, .7), yy - rng.uniform(.3, .7)) * 6 + ph)
+            else:
+                base = np.sign(np.sin(12 * xx + ph) * np.sin(12 * yy))
+            img = (base[..., None] * rng.uniform(40, 90, 3) + 128 + rng.normal(0, 25, (size, size, 3)))
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(d / name / f"{i:03d}.png")
+    return d
+
+
+@pytest.fixture
+def synth(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("VITSIFT_CACHE", str(tmp_path / "cache"))
+    return write_synthetic_folder(tmp_path / "synth")
+
+
+TINY = ["--encoder", "test_vit", "--img-size", "32", "--patch-size", "8", "--depth", "2",
+        "--embed-dim", "32", "--num-heads", "2", "--decoder-dim", "32", "--decoder-depth", "1",
+        "--decoder-heads", "2", "--train-limit", "0", "--val-limit", "0", "--num-workers", "0",
+        "--threads", "1", "--warmup-epochs", "1", "--blr", "1e-3", "--quiet"]
+
+
+def tiny_cfg(folder: Path, **kw) -> P.PretrainConfig:
+    base = dict(encoder="test_vit", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2,
+                decoder_dim=32, decoder_depth=1, decoder_heads=2, train_images=str(folder),
+                train_limit=None, val_images=str(folder), val_limit=None, num_workers=0, threads=1,
+                warmup_epochs=1, blr=1e-3, batch_size=8, epochs=3)
+    base.update(kw)
+    return P.PretrainConfig(**base)
+
+
+def cli_args(cfg: P.PretrainConfig, out: Path) -> list[str]:
+    return TINY + ["--train-images", cfg.train_images, "--val-images", cfg.val_images,
+                   "--batch-size", str(cfg.batch_size), "--epochs", str(cfg.epochs), "--mask", cfg.mask,
+                   "--beta-every", str(cfg.beta_every), "--seed", str(cfg.seed), "--out", str(out)]
+
+
+def run_cli(args, env_extra=None, launcher=None, timeout=240):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env_extra or {}))
+    cmd = (launcher or [sys.executable]) + ["-m", "vitsift_core.pretrain"] + args
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = P.PretrainConfig(blr=2.56e-4, batch_size=256, min_lr=1e-6)
+    lrs = [P.lr_at(cfg, it, 100, 10) for it in range(100)]
+    assert lrs[0] == 0 and abs(lrs[10] - 2.56e-4) < 1e-12 and lrs[5] == pytest.approx(1.28e-4)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(1e-6, abs=2e-7)
+
+
+def test_identity_ignores_curriculum_for_random_masks_and_runtime_keys():
+    a = P.PretrainConfig(mask="random", beta_every=3, threads=1)
+    b = P.PretrainConfig(mask="random", beta_every=7, threads=2, device="cpu")
+    assert a.key() == b.key()
+    assert P.PretrainConfig(mask="guided").key() != P.PretrainConfig(mask="guided", beta_every=3).key()
+    assert a.recipe_key() == P.PretrainConfig(mask="guided", seed=4).recipe_key()
+
+
+def test_guided_run_files_and_curriculum(synth, tmp_path):
+    cfg = tiny_cfg(synth, mask="guided", beta_every=1, betas=(0.1, 0.5), epochs=2)
+    out = P.run_pretrain(cfg, tmp_path / "g", progress=False)
+    m = P.load_metrics(out)
+    assert list(m.columns) == P.METRIC_COLS and list(m.epoch) == [1, 2]
+    assert list(m.beta) == [0.1, 0.5]
+    assert m.key_share.iloc[0] < m.key_share.iloc[1]    # more keypoint patches masked later
+    assert m.knn_acc.between(0, 1).all() and np.isnan(m.probe_acc.iloc[0]) and 0 <= m.probe_acc.iloc[1] <= 1
+    steps = P.load_steps(out)
+    assert len(steps) == 2 * (36 // 8)
+    assert P.is_complete(out)
+    mae = P.load_pretrained_mae(out)
+    assert mae.grid == (4, 4)
+    # same config, same folder: nothing to do; another config in it: refused
+    assert P.run_pretrain(cfg, out, progress=False) == out
+    with pytest.raises(RuntimeError, match="other parameters"):
+        P.run_pretrain(cfg.replace(seed=5), out, progress=False)
+
+
+def test_resume_after_kill_gives_identical_metrics(synth, tmp_path):
+    cfg = tiny_cfg(synth, mask="guided", beta_every=1, epochs=3)
+    steps_per_epoch = 36 // cfg.batch_size                   # 4
+    ref = P.run_pretrain(cfg, tmp_path / "ref", progress=False)
+
+    out = tmp_path / "killed"
+    kill_at = steps_per_epoch + 2                             # in the middle of epoch 2
+    r = run_cli(cli_args(cfg, out), {"VITSIFT_TEST_KILL_AT_STEP": str(kill_at)})
+    assert r.returncode == -9, r.stderr[-2000:]              # SIGKILL: no clean-up ran
+    assert not P.is_complete(out)
+    assert len(P.load_metrics(out)) == 1                      # epoch 1 was checkpointed
+    r = run_cli(cli_args(cfg, out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+    assert json.loads((out / "run.json").read_text())["resumed_from_epoch"] == 1
+    for f in ("metrics.csv", "steps.csv"):
+        assert (out / f).read_bytes() == (ref / f).read_bytes(), f
+
+
+def test_ddp_two_processes_match_one(synth, tmp_path):
+    """gloo, 2 CPU processes x 4 images vs 1 process x 8 images: same global batch."""
+    cfg = tiny_cfg(synth, mask="guided", beta_every=1, epochs=2, batch_size=8)
+    one = P.run_pretrain(cfg, tmp_path / "one", progress=False)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(29500 + os.getpid() % 1000), "--max_restarts", "0"]
+    r = run_cli(cli_args(cfg, tmp_path / "two"), launcher=launcher)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["world"] == 2
+    a, b = P.load_steps(one), P.load_steps(tmp_path / "two")
+    assert len(a) == len(b) == 2 * 4
+    diff = np.abs(a.loss.to_numpy() - b.loss.to_numpy())
+    print(f"DDP vs 1 process: max |loss difference| over {len(a)} steps = {diff.max():.2e}")
+    assert diff.max() < DDP_LOSS_TOL, diff
+    ma, mb = P.load_metrics(one), P.load_metrics(tmp_path / "two")
+    np.testing.assert_allclose(ma.key_share, mb.key_share)     # the very same masks
+    np.testing.assert_allclose(ma.train_loss, mb.train_loss, atol=DDP_LOSS_TOL)
+
+
+def test_score_ordered_guided_run(synth, tmp_path):
+    """order='score': masks ranked by the current encoder's theta scores (one epoch runs)."""
+    cfg = tiny_cfg(synth, mask="guided", order="score", score_layer=1, epochs=1, probe=False)
+    m = P.load_metrics(P.run_pretrain(cfg, tmp_path / "s", progress=False))
+    assert len(m) == 1 and 0 <= m.key_share.iloc[0] <= 1
+
+
+def test_config_from_notebook_params():
+    cfg = P.config_from_params({"encoder": "test_vit", "depth": 0, "train_limit": 0, "epochs": 3,
+                                "unrelated": 1}, mask="guided")
+    assert cfg.depth is None and cfg.train_limit is None and cfg.epochs == 3 and cfg.mask == "guided"
