@@ -1,0 +1,30 @@
+"""Interactive explorers (ipywidgets): attention, stages and masking, in JupyterLab or Voila.
+
+- :mod:`.core`: explorer state -> figure data, plain numpy on cached attention (no widgets);
+- :mod:`.render`: figure data -> PNG (numpy/PIL overlays, small matplotlib plots);
+- :mod:`.ui`: the ipywidgets that wire them (``AttentionExplorer``, ``StageExplorer``,
+  ``MaskingExplorer``);
+- :mod:`.serve`: ``make explore``, the explorers notebook served by Voila on localhost.
+
+The model runs once per image; every slider or click after that redraws from the cached maps
+(``benchmarks/explorer_latency.py`` measures how fast).
+"""
+from __future__ import annotations
+
+from .core import (AttentionState, AttentionView, ImageData, ImageLibrary, StageView, analyse,
+                   attention_view, patch_at, stage_view)
+
+__all__ = ["AttentionState", "AttentionView", "ImageData", "ImageLibrary", "StageView", "analyse",
+           "attention_view", "patch_at", "stage_view", "AttentionExplorer", "StageExplorer",
+           "MaskingExplorer", "library"]
+
+
+def __getattr__(name):
+    # the widget classes import ipywidgets / ipyevents only when asked for
+    if name in ("AttentionExplorer", "StageExplorer", "library"):
+        from . import ui
+        return getattr(ui, name)
+    if name == "MaskingExplorer":
+        from . import masking_ui
+        return masking_ui.MaskingExplorer
+    raise AttributeError(name)

@@ -1,0 +1,319 @@
+"""Figure data -> pixels for the explorers: fast numpy/PIL overlays and small matplotlib plots.
+
+The interactive path draws the overlay with numpy and PIL (a few ms) and keeps one matplotlib
+figure per plot whose artists are updated in place, so a redraw is one Agg render. Colours follow
+:mod:`vitsift_core.plots` (KK / NK / chance / stage colours).
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw
+
+from .. import plots
+from .core import AttentionView, StageView
+
+_LUT: np.ndarray | None = None
+
+
+def _rgb255(color) -> tuple[int, int, int]:
+    from matplotlib.colors import to_rgb
+    return tuple(int(round(255 * v)) for v in to_rgb(color))
+
+
+KEY_RGB = _rgb255(plots.COLORS["KK"])
+NON_RGB = _rgb255(plots.COLORS["NK"])
+KP_RGB = _rgb255(plots.PALETTE[8])
+
+
+def _lut() -> np.ndarray:
+    global _LUT
+    if _LUT is None:
+        import matplotlib
+        _LUT = (matplotlib.colormaps["magma"](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
+    return _LUT
+
+
+def png(arr_or_img, compress_level: int = 1) -> bytes:
+    im = arr_or_img if isinstance(arr_or_img, Image.Image) else Image.fromarray(np.asarray(arr_or_img))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def _upscale(crop: np.ndarray, scale: int) -> Image.Image:
+    im = Image.fromarray(crop)
+    return im if scale == 1 else im.resize((crop.shape[1] * scale, crop.shape[0] * scale), Image.BILINEAR)
+
+
+def _grid_lines(a: np.ndarray, grid, step: int, strength: float = 0.35) -> None:
+    """Lighten the pixel rows/columns on patch borders in place (uint8 (H, W, 3))."""
+    ys = np.arange(1, grid[0]) * step
+    xs = np.arange(1, grid[1]) * step
+    for idx, axis in ((ys, 0), (xs, 1)):
+        sl = (idx, slice(None)) if axis == 0 else (slice(None), idx)
+        v = a[sl].astype(np.float32)
+        a[sl] = (v * (1 - strength) + 255 * strength).astype(np.uint8)
+
+
+def _rect(draw: ImageDraw.ImageDraw, j: int, grid, step: int, color, width: int) -> None:
+    r, c = divmod(int(j), int(grid[1]))
+    draw.rectangle([c * step, r * step, (c + 1) * step - 1, (r + 1) * step - 1], outline=color, width=width)
+
+
+def overlay_image(view: AttentionView, crop: np.ndarray, grid, patch_size: int, scale: int = 2,
+                  alpha: float = 0.55, show_keypoints: bool = True, show_grid: bool = True) -> np.ndarray:
+    """The query's attention over the crop: heat map (magma, row scaled to its maximum), patch
+    grid, SIFT keypoints (dots), the attended set S_i outlined in the KK colour (patch holds
+    keypoints) or the NK colour (no keypoint), the query patch in white. -> (S*scale, S*scale, 3)."""
+    step = patch_size * scale
+    base = np.asarray(_upscale(crop, scale), dtype=np.float32)
+    h = np.asarray(view.row, dtype=np.float32).reshape(grid)
+    top = float(h.max())
+    idx = np.clip(h / top * 255 if top > 0 else h * 0, 0, 255).astype(np.uint8)
+    heat = _lut()[idx].repeat(step, axis=0).repeat(step, axis=1).astype(np.float32)
+    hh, ww = heat.shape[:2]
+    out = base.copy()
+    out[:hh, :ww] = base[:hh, :ww] * (1 - alpha) + heat * alpha
+    out = out.astype(np.uint8)
+    if show_grid:
+        _grid_lines(out, grid, step)
+    im = Image.fromarray(out)
+    d = ImageDraw.Draw(im)
+    if show_keypoints and len(view.keypoints):
+        r = 1.5 * scale
+        for x, y in np.asarray(view.keypoints)[:, :2] * scale:
+            d.ellipse([x - r, y - r, x + r, y + r], fill=KP_RGB)
+    key = np.asarray(view.counts) > 0
+    for j in np.flatnonzero(view.attended):
+        _rect(d, j, grid, step, KEY_RGB if key[j] else NON_RGB, max(2, scale))
+    _rect(d, view.query, grid, step, (255, 255, 255), 2 * scale)
+    r, c = divmod(view.query, int(grid[1]))
+    d.rectangle([c * step + 2 * scale, r * step + 2 * scale, (c + 1) * step - 1 - 2 * scale,
+                 (r + 1) * step - 1 - 2 * scale], outline=(0, 0, 0), width=1)
+    return np.asarray(im)
+
+
+def masked_image(masked_crop: np.ndarray, scale: int = 2) -> np.ndarray:
+    return np.asarray(_upscale(masked_crop, scale))
+
+
+def _canvas(figsize, dpi) -> Figure:
+    fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def fig_png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi)
+    return buf.getvalue()
+
+
+def _snap(values, step: float, floor: float | None = None, ceil: float | None = None) -> tuple[float, float]:
+    """Axis limits: the finite values' range widened to multiples of ``step`` (so small changes
+    of the data keep the same limits and the cached background stays valid)."""
+    v = np.concatenate([np.asarray(x, dtype=float).ravel() for x in values])
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return (floor if floor is not None else 0.0), (ceil if ceil is not None else 1.0)
+    lo, hi = np.floor(v.min() / step) * step, np.ceil(v.max() / step) * step
+    lo = max(lo, floor) if floor is not None else lo
+    hi = min(hi, ceil) if ceil is not None else hi
+    if hi - lo < step:
+        if ceil is not None and hi >= ceil:
+            lo = hi - step
+        else:
+            hi = lo + step
+    return float(lo - 0.02 * (hi - lo)), float(hi + 0.02 * (hi - lo))
+
+
+class _BlitPlot:
+    """A figure whose static parts (axes, ticks, labels, legend) are rendered once and cached; the
+    data artists are drawn over that background on every frame (``blit=True``), so a frame costs a
+    few artists, not a whole matplotlib draw. With ``blit=False`` (figures that are saved) every
+    artist is an ordinary one."""
+
+    def __init__(self, fig: Figure, blit: bool):
+        self.fig = fig
+        self.blit = blit
+        self._bg = None
+        self._bg_key = None
+        self._dynamic: list = []
+
+    def _dyn(self, artist):
+        if self.blit:
+            artist.set_animated(True)
+        self._dynamic.append(artist)
+        return artist
+
+    def _clear_dynamic(self, keep=()) -> None:
+        for a in self._dynamic:
+            if a not in keep:
+                a.remove()
+        self._dynamic = [a for a in self._dynamic if a in keep]
+
+    def frame(self, bg_key) -> np.ndarray:
+        """(H, W, 3) uint8 of the current state."""
+        canvas = self.fig.canvas
+        if not self.blit:
+            canvas.draw()
+        else:
+            if self._bg is None or bg_key != self._bg_key:
+                canvas.draw()               # animated artists are skipped: the background
+                self._bg = canvas.copy_from_bbox(self.fig.bbox)
+                self._bg_key = bg_key
+            canvas.restore_region(self._bg)
+            for a in self._dynamic:
+                a.axes.draw_artist(a) if a.axes is not None else self.fig.draw_artist(a)
+        return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+class LayerCurvesPlot(_BlitPlot):
+    """theta_KK / theta_NK / theta_chance (top) and the focus index (bottom) per layer for one
+    image, with the current layer marked."""
+
+    def __init__(self, figsize=(5.2, 4.0), dpi: int = 80, fig: Figure | None = None, axes=None, blit: bool = True):
+        super().__init__(fig if fig is not None else _canvas(figsize, dpi), blit)
+        if axes is None:
+            axes = self.fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+            self.fig.subplots_adjust(left=0.13, right=0.97, top=0.9, bottom=0.11, hspace=0.08)
+        self.ax, self.ax_f = axes
+        c = plots.COLORS
+        (self.kk,) = self.ax.plot([], [], color=c["KK"], lw=2, marker="o", ms=3, label="theta_KK")
+        (self.nk,) = self.ax.plot([], [], color=c["NK"], lw=2, marker="o", ms=3, label="theta_NK")
+        (self.ch,) = self.ax.plot([], [], color=c["chance"], lw=1.2, ls="--", label="theta_chance")
+        (self.fo,) = self.ax_f.plot([], [], color=plots.PALETTE[5], lw=2, marker="o", ms=3, label="focus")
+        self.v1 = self.ax.axvline(1, color="black", lw=1, alpha=0.6)
+        self.v2 = self.ax_f.axvline(1, color="black", lw=1, alpha=0.6)
+        (self.mark,) = self.ax.plot([], [], "o", ms=9, mfc="none", mec="black")
+        self.title = self.ax.set_title(" ", fontsize=9)
+        for a in (self.kk, self.nk, self.ch, self.fo, self.v1, self.v2, self.mark, self.title):
+            self._dyn(a)
+        self.ax.set_ylabel("theta (weighted)")
+        self.ax_f.set_ylabel("focus (nats)")
+        self.ax_f.set_xlabel("layer")
+        self.ax.legend(fontsize=7, loc="lower right", ncol=3)
+        self.ax.grid(alpha=0.3)
+        self.ax_f.grid(alpha=0.3)
+        self._limits = None
+
+    def update(self, view: AttentionView, image_id: str = "") -> None:
+        cv = view.curves
+        x = cv["layer"]
+        self.kk.set_data(x, cv["theta_kk"])
+        self.nk.set_data(x, cv["theta_nk"])
+        self.ch.set_data(x, np.full(len(x), cv["theta_chance"]))
+        self.fo.set_data(x, cv["focus"])
+        lim = (len(x), _snap((cv["theta_kk"], cv["theta_nk"], [cv["theta_chance"]]), 0.1, 0.0, 1.0),
+               _snap((cv["focus"],), 0.5, 0.0))
+        if lim != self._limits:
+            self.ax.set_xlim(0.5, len(x) + 0.5)
+            self.ax.set_ylim(*lim[1])
+            self.ax_f.set_ylim(*lim[2])
+            self._limits = lim
+        layer = view.state.layer
+        self.v1.set_xdata([layer, layer])
+        self.v2.set_xdata([layer, layer])
+        self.mark.set_data([layer], [cv["theta_kk"][layer - 1]])
+        self.title.set_text(f"{image_id} | {view.head_label} | layer {layer} marked")
+
+    def png(self) -> bytes:
+        return png(self.frame(self._limits))
+
+
+class StagePlot(_BlitPlot):
+    """Stage explorer: theta_KK / NK / chance per layer (left) and the z-scored curves the stage
+    fit uses (right), stages shaded."""
+
+    Z_LIM = (-3.5, 3.5)     # |z| <= sqrt(L - 1) for L points; 12 layers: 3.3
+
+    def __init__(self, figsize=(10.5, 3.8), dpi: int = 80, fig: Figure | None = None, blit: bool = True):
+        super().__init__(fig if fig is not None else _canvas(figsize, dpi), blit)
+        self.axes = self.fig.subplots(1, 2)
+        self.fig.subplots_adjust(left=0.07, right=0.98, top=0.84, bottom=0.13, wspace=0.22)
+        a0, a1 = self.axes
+        c = plots.COLORS
+        from matplotlib.lines import Line2D
+        a0.set_ylabel("theta (head mean, mean over images)")
+        a1.set_ylabel("z-score over layers")
+        a0.legend(handles=[Line2D([], [], color=c["KK"], lw=2, label="theta_KK"),
+                           Line2D([], [], color=c["NK"], lw=2, label="theta_NK"),
+                           Line2D([], [], color=c["chance"], lw=1.2, ls="--", label="theta_chance")],
+                  fontsize=7, loc="lower right")
+        a1.legend(handles=[Line2D([], [], color=c["KK"], lw=2, label="theta_KK - chance (z)"),
+                           Line2D([], [], color=plots.PALETTE[5], lw=2, label="focus index (z)"),
+                           Line2D([], [], color="0.3", lw=1, ls=":", label="segment fits")],
+                  fontsize=7, loc="lower right")
+        for ax in self.axes:
+            ax.set_xlabel("layer")
+            ax.grid(alpha=0.3)
+        self._limits = None
+
+    def update(self, sv: StageView) -> None:
+        from ..stages import STAGE_NAMES, zscore
+
+        a0, a1 = self.axes
+        self._clear_dynamic()
+        c = plots.COLORS
+        x = sv.layer
+        lim = (len(x), _snap((sv.theta_kk, sv.theta_nk, sv.theta_chance), 0.1, 0.0, 1.0))
+        if lim != self._limits:
+            for ax in self.axes:
+                ax.set_xlim(0.5, max(len(x), 1) + 0.5)
+            a0.set_ylim(*lim[1])
+            a1.set_ylim(*self.Z_LIM)
+            self._limits = lim
+        if sv.fit is not None:
+            names = sv.fit.names or [f"segment {k + 1}" for k in range(3)]
+            for ax in self.axes:
+                for k, (a, b) in enumerate(sv.fit.segments):
+                    self._dyn(ax.axvspan(a - 0.5, b + 0.5, color=plots.STAGE_COLORS[k % 3], alpha=0.15, lw=0))
+                    self._dyn(ax.text((a + b) / 2, 1.0, names[k], transform=ax.get_xaxis_transform(),
+                                      ha="center", va="bottom", fontsize=8))
+        self._dyn(a0.plot(x, sv.theta_kk, color=c["KK"], lw=2, marker="o", ms=3)[0])
+        self._dyn(a0.plot(x, sv.theta_nk, color=c["NK"], lw=2, marker="o", ms=3)[0])
+        self._dyn(a0.plot(x, sv.theta_chance, color=c["chance"], lw=1.2, ls="--")[0])
+        if sv.n_images:
+            zt, zf = zscore(sv.theta_curve), zscore(sv.focus)
+            self._dyn(a1.plot(x, zt, color=c["KK"], lw=2, marker="o", ms=3)[0])
+            self._dyn(a1.plot(x, zf, color=plots.PALETTE[5], lw=2, marker="o", ms=3)[0])
+            if sv.fit is not None:
+                for k, (a, b) in enumerate(sv.fit.segments):
+                    xs = np.arange(a, b + 1)
+                    for key, y, col in (("theta", zt, c["KK"]), ("focus", zf, plots.PALETTE[5])):
+                        seg = y[a - 1:b]
+                        self._dyn(a1.plot(xs, sv.fit.slopes[k][key] * (xs - xs.mean()) + seg.mean(),
+                                          color=col, lw=1, ls=":")[0])
+        verdict = ("stages hold: " + " / ".join(STAGE_NAMES) if sv.fit is not None and sv.fit.holds
+                   else "shape tests fail" if sv.fit is not None else "no fit")
+        self._dyn(self.fig.text(0.5, 0.97, f"{sv.n_images} images | gamma={sv.gamma:g} | SIFT threshold="
+                                f"{sv.threshold:g} | {verdict}", ha="center", va="top", fontsize=10))
+
+    def png(self) -> bytes:
+        return png(self.frame(self._limits))
+
+
+def attention_figure(view: AttentionView, crop: np.ndarray, grid, patch_size: int, image_id: str) -> Figure:
+    """A static figure of one attention-explorer state (for notebooks run headless)."""
+    fig = Figure(figsize=(11, 4.4), dpi=100)
+    FigureCanvasAgg(fig)
+    gs = fig.add_gridspec(2, 2, width_ratios=[1, 1.25], height_ratios=[3, 2], left=0.02, right=0.98,
+                          top=0.88, bottom=0.1, wspace=0.15, hspace=0.08)
+    ax = fig.add_subplot(gs[:, 0])
+    ax.imshow(overlay_image(view, crop, grid, patch_size, scale=2))
+    ax.set_xticks([]), ax.set_yticks([])
+    ax.set_title(f"query {view.query}: theta_i = {view.theta:.3f} (chance {view.chance:.3f})\n"
+                 f"S_i outlined: blue = keypoint patch, orange = no keypoint", fontsize=8)
+    a1 = fig.add_subplot(gs[0, 1])
+    a2 = fig.add_subplot(gs[1, 1], sharex=a1)
+    a1.tick_params(labelbottom=False)
+    cp = LayerCurvesPlot(fig=fig, axes=(a1, a2), blit=False)
+    cp.update(view, image_id)
+    st = view.state
+    fig.suptitle(f"Attention explorer (static) | {image_id} | layer {st.layer}, {view.head_label}, "
+                 f"gamma={st.gamma:g}, SIFT threshold={st.threshold:g}", fontsize=10)
+    return fig
