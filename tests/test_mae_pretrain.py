@@ -158,6 +158,15 @@ def test_score_ordered_guided_run(synth, tmp_path):
 
 
 def test_config_from_notebook_params():
-    cfg = P.config_from_params({"encoder": "test_vit", "depth": 0, "train_limit": 0, "epochs": 3,
+    cfg = P.config_from_params({"encoder": "test_vit", "depth": 0, "train_limit": 0, "epochs": 3, "mae_batch_size": 16,
                                 "unrelated": 1}, mask="guided")
     assert cfg.depth is None and cfg.train_limit is None and cfg.epochs == 3 and cfg.mask == "guided"
+    assert cfg.batch_size == 16
+
+
+def test_vitsift_pretrain_cli(synth, tmp_path, capsys):
+    from vitsift_core.cli import main
+    args = cli_args(tiny_cfg(synth, epochs=1), tmp_path / "cli")
+    assert main(["pretrain"] + args) == 0
+    assert "1 epochs" in capsys.readouterr().out
+    assert P.is_complete(tmp_path / "cli")

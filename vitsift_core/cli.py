@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_suite(sub)
     from .maskeval import add_cli as _add_mask_eval, cli_main as cmd_mask_eval
     _add_mask_eval(sub)
+    from .pretrain import add_cli as _add_pretrain, cmd_pretrain
+    _add_pretrain(sub)
     a = parser.parse_args(argv)
     try:
         if a.cmd == "analyze":
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_suite(a)
         if a.cmd == "mask-eval":
             return cmd_mask_eval(a)
+        if a.cmd == "pretrain":
+            return cmd_pretrain(a)
     except (RunMismatch, ValueError, FileNotFoundError) as e:
         print(f"vitsift {a.cmd}: error: {e}", file=sys.stderr)
         return 2

@@ -24,7 +24,8 @@ Optimisation follows the official MAE: AdamW (betas 0.9 / 0.95, weight decay 0.0
 none on biases and norms), lr = blr * global_batch / 256 with linear warmup then half-cosine per
 iteration, bf16 autocast on GPU. Evaluation (DESIGN.md "Convergence"): k-NN (k = 20, cosine) of the
 encoder's CLS feature after every epoch, train images as memory, val images as queries; a linear
-probe after the last epoch.
+probe (logistic regression on the same memory features) after the last epoch, optionally after
+every k-th epoch too (``probe_every``).
 
 Distributed: under ``torchrun`` each of the ``W`` processes takes a contiguous ``B / W`` slice of
 every global batch of ``B`` images; DDP averages the gradients, so the optimiser sees the gradient of
@@ -105,7 +106,8 @@ class PretrainConfig:
     # evaluation
     knn_k: int = 20
     knn_t: float | None = 0.07
-    probe: bool = True
+    probe: bool = True                 # linear probe after the last epoch
+    probe_every: int = 0               # also after every k-th epoch (0: only at the end)
     # runtime: not part of the identity
     device: str = "auto"
     amp: bool = True                   # bf16 autocast on CUDA (ignored on CPU)
@@ -162,9 +164,19 @@ def _hash(d: dict) -> str:
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+#: notebook parameter -> config field, where the notebook must not use the field's name (the
+#: profiles' shared ``batch_size`` means an inference batch for the other notebooks)
+NOTEBOOK_ALIASES = {"mae_batch_size": "batch_size"}
+
+
 def config_from_params(params: dict, **override) -> PretrainConfig:
-    """A config from a notebook's parameter dict (keys named as the fields; others ignored)."""
+    """A config from a notebook's parameter dict (keys named as the fields or in
+    :data:`NOTEBOOK_ALIASES`; others ignored). 0 / "" mean None for the optional sizes and limits."""
     names = {f.name for f in dataclasses.fields(PretrainConfig)}
+    params = dict(params)
+    for alias, name in NOTEBOOK_ALIASES.items():   # notebook keys that differ from field names
+        if alias in params:
+            params[name] = params.pop(alias)
     kw = {k: v for k, v in params.items() if k in names}
     kw.update(override)
     for k in ("patch_size", "depth", "embed_dim", "num_heads", "train_limit", "val_limit",
@@ -599,9 +611,10 @@ def _train(cfg, out, rank, world, dist, local_b, progress, desc, tqdm, knn_accur
             acc = knn_accuracy(f_mem, y_train[:mem], f_val, y_val, len(classes), cfg.knn_k, cfg.knn_t)
             row = {"epoch": epoch + 1, "beta": beta, "key_share": key_masked / max(total_masked, 1),
                    "train_loss": loss_sum / steps, "lr": lr, "knn_acc": acc, "probe_acc": float("nan")}
-            if epoch + 1 == cfg.epochs and cfg.probe:
-                f_tr = f_mem if mem == n_train else encode(model, train.images, device, cfg.eval_batch_size, cfg.amp)
-                row["probe_acc"] = linear_probe(f_tr, y_train, f_val, y_val, len(classes))["val_acc"]
+            last = epoch + 1 == cfg.epochs
+            if (last and cfg.probe) or (cfg.probe_every and (epoch + 1) % cfg.probe_every == 0):
+                # fitted on the k-NN memory's features (all train images unless knn_memory is set)
+                row["probe_acc"] = linear_probe(f_mem, y_train[:mem], f_val, y_val, len(classes))["val_acc"]
             history.append(row)
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
                         "history": history, "steps": step_rows, "key": cfg.key(), "classes": classes,
@@ -713,6 +726,14 @@ def add_arguments(p) -> None:
         p.add_argument(name, type=typ, default=default, help=f"(default {default}){hint}")
     p.add_argument("--out", default=None, help="run folder (default: results/mae/<recipe>/<mask>-seed<seed>)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_cli(sub) -> None:
+    """Register ``vitsift pretrain`` on the main command line's subparsers."""
+    p = sub.add_parser("pretrain", help="MAE pre-training with random or keypoint-guided masks "
+                       "(resumable; torchrun for DDP)", description=__doc__,
+                       formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    add_arguments(p)
 
 
 def cmd_pretrain(a) -> int:

@@ -1,0 +1,101 @@
+"""Convergence of random- vs guided-mask MAE pre-training (paper Fig. 9, DESIGN.md "Convergence").
+
+Epochs-to-threshold: for each seed, the threshold is the best k-NN accuracy of that seed's
+random-mask run minus ``margin`` (1 point); a run's epochs-to-threshold is the first epoch whose
+accuracy reaches it. Runs are paired by seed (same initial weights, same data order and flips;
+only the masks differ), so the comparison is the per-seed difference guided - random, summarised
+by its mean with a Student-t 95% confidence interval over seeds. A guided run that never reaches
+the threshold is *censored*: it counts as ``epochs + 1``, a lower bound on its true value, so the
+difference guided - random is then, if anything, too favourable to guided; censored runs are
+counted in the table. (A random run always reaches its own threshold.)
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["epochs_to_threshold", "mean_ci", "convergence_table", "paired_differences", "curves"]
+
+
+def epochs_to_threshold(acc, threshold: float, epochs=None) -> int | None:
+    """First epoch (the ``epochs`` label, default 1-based position) with ``acc >= threshold``."""
+    acc = np.asarray(acc, dtype=float)
+    ep = np.arange(1, len(acc) + 1) if epochs is None else np.asarray(epochs)
+    hit = np.flatnonzero(acc >= threshold - 1e-12)
+    return int(ep[hit[0]]) if len(hit) else None
+
+
+def mean_ci(values, level: float = 0.95) -> tuple[float, float, float, int]:
+    """``(mean, low, high, n)``: Student-t interval over the finite values (NaN if n < 2)."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    n = len(v)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan"), 0
+    m = float(v.mean())
+    if n < 2:
+        return m, float("nan"), float("nan"), n
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * v.std(ddof=1) / math.sqrt(n))
+    return m, m - half, m + half, n
+
+
+def curves(runs: dict[tuple[str, int], pd.DataFrame]) -> pd.DataFrame:
+    """Long table of every run's metrics: mask, seed + the metrics columns."""
+    frames = []
+    for (mask, seed), df in sorted(runs.items()):
+        d = df.copy()
+        d.insert(0, "seed", int(seed))
+        d.insert(0, "mask", mask)
+        frames.append(d)
+    return pd.concat(frames, ignore_index=True)
+
+
+def convergence_table(runs: dict[tuple[str, int], pd.DataFrame], margin: float = 0.01,
+                      metric: str = "knn_acc") -> pd.DataFrame:
+    """One row per run: mask, seed, threshold (from that seed's random run), epochs_to_threshold
+    (censored runs: epochs + 1, ``reached`` False), best / final ``metric``, final probe."""
+    rows = []
+    seeds = sorted({s for _, s in runs})
+    for seed in seeds:
+        if ("random", seed) not in runs:
+            raise ValueError(f"seed {seed} has no random-mask run to set the threshold")
+        thr = float(runs[("random", seed)][metric].max()) - margin
+        for mask in sorted({m for m, s in runs if s == seed}):
+            df = runs[(mask, seed)]
+            e = epochs_to_threshold(df[metric], thr, df["epoch"])
+            n_ep = int(df["epoch"].max())
+            probe = df["probe_acc"].dropna()
+            rows.append({"mask": mask, "seed": seed, "threshold": thr,
+                         "epochs_to_threshold": e if e is not None else n_ep + 1, "reached": e is not None,
+                         f"best_{metric}": float(df[metric].max()),
+                         f"best_epoch": int(df.loc[df[metric].idxmax(), "epoch"]),
+                         f"final_{metric}": float(df[metric].iloc[-1]),
+                         "final_probe_acc": float(probe.iloc[-1]) if len(probe) else float("nan"),
+                         "final_train_loss": float(df["train_loss"].iloc[-1]), "epochs": n_ep})
+    return pd.DataFrame(rows)
+
+
+def paired_differences(table: pd.DataFrame, a: str = "guided", b: str = "random",
+                       level: float = 0.95) -> pd.DataFrame:
+    """Per quantity: mean over seeds of (a - b) with a t confidence interval, and the per-seed
+    values. Accuracies in percentage points, epochs in epochs."""
+    ta = table[table["mask"] == a].set_index("seed")
+    tb = table[table["mask"] == b].set_index("seed")
+    seeds = sorted(set(ta.index) & set(tb.index))
+    qty = [("epochs_to_threshold", 1.0, "epochs"), ("best_knn_acc", 100.0, "points"),
+           ("final_knn_acc", 100.0, "points"), ("final_probe_acc", 100.0, "points"),
+           ("final_train_loss", 1.0, "loss")]
+    rows = []
+    for col, scale, unit in qty:
+        if col not in ta:
+            continue
+        d = (ta.loc[seeds, col] - tb.loc[seeds, col]).to_numpy(dtype=float) * scale
+        m, lo, hi, n = mean_ci(d, level)
+        rows.append({"quantity": f"{col} ({a} - {b})", "unit": unit, "mean_diff": m, "ci_low": lo,
+                     "ci_high": hi, "n_seeds": n, "per_seed": ", ".join(f"{x:+.3g}" for x in d),
+                     "censored_" + a: int((~ta.loc[seeds, "reached"]).sum()) if col == "epochs_to_threshold" else 0})
+    return pd.DataFrame(rows)

@@ -1,0 +1,204 @@
+"""Image recovery with an MAE (paper Sec. 2.1, Fig. 2; DESIGN.md "Image recovery").
+
+(a) :func:`region_examples`: mask a small and a large square region around each image's
+keypoint-densest spot (the "fox face" and the "whole head"), reconstruct, show original / masked /
+reconstruction.
+
+(b) :func:`recovery_errors`: over many images and several k, mask the k keypoint-densest patches
+(largest SIFT count t_j, ties at random) versus k patches drawn at random among the patches with
+no keypoint (and, for context, k patches drawn at random among all), and measure the
+reconstruction error on the masked patches only. An image counts for a k only when it has at least
+k keypoint patches and k non-keypoint patches, so both conditions use the same images (paired).
+
+Two error measures per image: ``error`` = mean squared error per masked patch in the model's loss
+space (normalised pixels, or per-patch normalised pixels for norm_pix_loss models), and
+``rel_error`` = that error divided by the error of a content-free baseline on the same patches
+(each masked patch filled with the mean colour of the image's visible pixels; for norm_pix_loss
+models, the per-patch mean, i.e. 0). Keypoint patches are textured, so their raw error is larger
+for any predictor; ``rel_error`` < 1 is how much of the baseline's error the MAE removes, and asks
+whether keypoint patches are also harder *for the MAE's inference from context*, which is closer
+to the paper's claim about missing semantic information.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import mae_masks as MM
+from .convergence import mean_ci
+from .pretrain import IMAGENET_MEAN, IMAGENET_STD, ArraySet, to_input
+
+__all__ = ["recovery_errors", "recovery_summary", "region_examples", "to_display",
+           "notebook_parameters", "mae_for_recovery", "CONDITIONS"]
+
+CONDITIONS = ("keypoint-dense", "non-keypoint", "random")
+
+
+def to_display(x: torch.Tensor) -> np.ndarray:
+    """Normalised (3, S, S) or (B, 3, S, S) -> uint8 (S, S, 3) / (B, S, S, 3) for imshow."""
+    mean = torch.tensor(IMAGENET_MEAN).view(-1, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(-1, 1, 1)
+    y = (x.detach().float().cpu() * std + mean).clamp(0, 1) * 255
+    y = y.round().to(torch.uint8)
+    return (y.permute(0, 2, 3, 1) if y.ndim == 4 else y.permute(1, 2, 0)).numpy()
+
+
+@torch.no_grad()
+def _masked_errors(mae, images: np.ndarray, masks: np.ndarray, device, batch_size: int):
+    """Per image: mean loss-space error over its masked patches, and that error relative to the
+    baseline that fills every masked patch with the mean colour of the image's visible pixels."""
+    err_out, rel_out = [], []
+    for s in range(0, len(images), batch_size):
+        x = to_input(images[s:s + batch_size], device)
+        m = torch.from_numpy(masks[s:s + batch_size]).to(device)
+        e = mae.reconstruct(x, m)["errors"]
+        vis = 1 - mae.unpatchify(m[..., None].float().expand(-1, -1, mae.patch_size ** 2 * 3))[:, :1]
+        colour = (x * vis).sum((2, 3), keepdim=True) / vis.sum((2, 3), keepdim=True)
+        target = mae.target(x.float())
+        base = torch.zeros_like(target) if mae.norm_pix_loss else mae.patchify(colour.expand_as(x))
+        base_err = ((base - target) ** 2).mean(-1)
+        mf = m.float()
+        err_out.append(((e * mf).sum(1) / mf.sum(1)).cpu())
+        rel_out.append(((e * mf).sum(1) / (base_err * mf).sum(1).clamp_min(1e-12)).cpu())
+    return torch.cat(err_out).numpy(), torch.cat(rel_out).numpy()
+
+
+def recovery_errors(mae, arrays: ArraySet, ks=(1, 2, 4, 8), *, seed: int = 0, batch_size: int = 64,
+                    device: str | torch.device = "cpu", progress: bool = True) -> pd.DataFrame:
+    """One row per (image, k, condition): error, rel_error, plus n_key (keypoint patches).
+
+    Only images with >= k keypoint and >= k non-keypoint patches enter the table for that k."""
+    from tqdm.auto import tqdm
+
+    mae = mae.to(device).eval()
+    n = mae.num_patches
+    if arrays.counts.shape[1] != n:
+        raise ValueError(f"counts have {arrays.counts.shape[1]} patches, the MAE {n}")
+    rows = []
+    for k in tqdm(list(ks), desc="recovery: k", disable=not progress):
+        k = int(k)
+        sel, masks = [], {c: [] for c in CONDITIONS}
+        for i in range(len(arrays)):
+            c = arrays.counts[i]
+            rng = MM.sample_rng(seed, k, i, MM.STREAM_RECOVERY)
+            dense = MM.top_keypoint_patches(c, k, rng)
+            non = MM.random_nonkeypoint_patches(c, k, rng)
+            if dense is None or non is None:
+                continue
+            sel.append(i)
+            masks["keypoint-dense"].append(MM.patch_set_mask(dense, n))
+            masks["non-keypoint"].append(MM.patch_set_mask(non, n))
+            masks["random"].append(MM.patch_set_mask(rng.choice(n, size=k, replace=False), n))
+        if not sel:
+            continue
+        imgs = np.asarray(arrays.images[np.asarray(sel)])
+        for cond in CONDITIONS:
+            err, rel = _masked_errors(mae, imgs, np.stack(masks[cond]), device, batch_size)
+            for j, i in enumerate(sel):
+                rows.append({"image": arrays.ids[i], "k": k, "condition": cond, "error": float(err[j]),
+                             "rel_error": float(rel[j]), "n_key": int((arrays.counts[i] > 0).sum())})
+    return pd.DataFrame(rows, columns=["image", "k", "condition", "error", "rel_error", "n_key"])
+
+
+def recovery_summary(df: pd.DataFrame, value: str = "error", a: str = "keypoint-dense",
+                     b: str = "non-keypoint") -> pd.DataFrame:
+    """Per k: images, mean ``value`` with 95% t CI per condition, and the paired difference a - b
+    (mean, CI), the ratio of means, and the share of images where a > b."""
+    out = []
+    for k, g in df.groupby("k"):
+        w = g.pivot(index="image", columns="condition", values=value)
+        row = {"k": int(k), "n_images": len(w)}
+        for cond in [c for c in CONDITIONS if c in w]:
+            m, lo, hi, _ = mean_ci(w[cond])
+            row.update({f"{cond}": m, f"{cond}_ci": f"[{lo:.4g}, {hi:.4g}]"})
+        d = (w[a] - w[b]).to_numpy()
+        m, lo, hi, _ = mean_ci(d)
+        row.update({f"diff ({a} - {b})": m, "diff_ci_low": lo, "diff_ci_high": hi,
+                    f"ratio ({a} / {b})": float(w[a].mean() / w[b].mean()),
+                    f"share {a} > {b}": float((d > 0).mean())})
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+@torch.no_grad()
+def region_examples(mae, arrays: ArraySet, indices, small: int, large: int,
+                    device: str | torch.device = "cpu") -> list[dict]:
+    """For each image index: small and large square regions (side in patches) centred on the
+    ``small x small`` window with the most keypoints; ``original``, ``masked`` (masked patches
+    grey), ``reconstruction`` (visible pixels pasted back) as uint8, and the error on the region."""
+    mae = mae.to(device).eval()
+    out = []
+    for i in indices:
+        c = arrays.counts[i]
+        center = MM.densest_window(c, mae.grid, small)
+        x = to_input(np.asarray(arrays.images[i:i + 1]), device)
+        for name, size in (("small", small), ("large", large)):
+            patches = MM.square_region(mae.grid, center, size)
+            m = torch.from_numpy(MM.patch_set_mask(patches, mae.num_patches))[None].to(device)
+            r = mae.reconstruct(x, m)
+            mm = mae.unpatchify(m[..., None].float().expand(-1, -1, mae.patch_size ** 2 * 3))
+            grey = torch.tensor([(0.5 - mu) / sd for mu, sd in zip(IMAGENET_MEAN, IMAGENET_STD)],
+                                device=x.device).view(1, 3, 1, 1)
+            masked = x * (1 - mm) + grey * mm
+            out.append({"index": int(i), "id": arrays.ids[i], "region": name, "size": size,
+                        "center": center, "n_patches": len(patches),
+                        "keypoints_in_region": int(c[patches].sum()),
+                        "error": float(r["errors"][0][m[0]].mean()),
+                        "original": to_display(x[0]), "masked": to_display(masked[0]),
+                        "reconstruction": to_display(r["pasted"][0])})
+    return out
+
+
+# ---------------------------------------------------------------------- which MAE
+def notebook_parameters(profile: str, notebook: str) -> dict:
+    """The parameters ``notebook`` runs with under ``profile``: its own defaults (the cell tagged
+    ``parameters``), then the profile's shared ``parameters`` it declares, then the profile's
+    section for it -- what ``make reproduce`` would pass. A missing profile file gives the defaults."""
+    import ast
+
+    from .reproduce import NOTEBOOKS, PARAMS, declared_parameters, load_profile
+
+    decl = declared_parameters(NOTEBOOKS / f"{notebook}.ipynb")
+    params = {}
+    for k, v in decl.items():
+        try:
+            params[k] = ast.literal_eval(v["default"])
+        except (ValueError, SyntaxError):
+            params[k] = v["default"]
+    if (PARAMS / f"{profile}.yaml").exists():
+        prof = load_profile(profile)
+        params.update({k: v for k, v in prof["parameters"].items() if k in decl})
+        params.update(prof["notebooks"].get(notebook) or {})
+    params["profile"] = profile
+    return params
+
+
+def mae_for_recovery(checkpoint: str = "", *, profile: str = "embedded", notebook: str = "07_guided_mae",
+                     mask: str = "random", seed: int = 0, device: str = "cpu", progress: bool = True,
+                     **override):
+    """The MAE used for recovery, and a line saying where it comes from.
+
+    ``checkpoint`` non-empty: an official MAE checkpoint file (``mae_visualize_vit_base.pth`` ...).
+    Otherwise the ``mask``/``seed`` run of ``notebook``'s recipe under ``profile`` (its results
+    folder, keyed by the recipe), trained now if it is not there yet. ``override``: runtime keys
+    (threads, num_workers, device) for that training.
+    """
+    from .mae import load_official_mae
+    from .pretrain import config_from_params, is_complete, load_pretrained_mae, run_dir, run_pretrain
+
+    if checkpoint:
+        m = load_official_mae(checkpoint, device=device)
+        if not m.has_decoder:
+            raise ValueError(f"{checkpoint} is an encoder-only checkpoint: recovery needs the decoder "
+                             "(use mae_visualize_vit_base.pth / _large.pth)")
+        return m, f"official MAE checkpoint {checkpoint}"
+    params = notebook_parameters(profile, notebook)
+    cfg = config_from_params(params, mask=mask, seed=seed, **override)
+    d = run_dir(cfg)
+    trained_now = not is_complete(d)
+    if trained_now:
+        run_pretrain(cfg, d, progress=progress, desc=f"MAE for recovery ({mask}, seed {seed})")
+    how = "trained now" if trained_now else "found in results"
+    return (load_pretrained_mae(d, device=device),
+            f"{notebook}'s {mask}-mask run, seed {seed}, profile {profile} ({how}: {d})")
