@@ -77,6 +77,15 @@ def test_attention_view_equals_study_query_view(img, ex, gamma, xself):
                 assert v.line == pytest.approx(ref["line"], rel=1e-6)
 
 
+def test_from_example_and_batched_analysis_give_the_same_maps(lm, records, img, ex):
+    np.testing.assert_array_equal(C.from_example(ex).maps, img.maps)
+    many = C.analyse_many(lm, [_rgb(r) for r in records[:2]], [r.id for r in records[:2]])
+    np.testing.assert_allclose(many[0].maps, img.maps, atol=1e-5)   # batch of 2 vs 1: same up to float
+    lib = C.ImageLibrary(lm, [])
+    lib.put(C.from_example(ex))
+    assert lib.ids() == [ex.id] and lib.get(ex.id).id == ex.id and lib.n_forward == 0
+
+
 def test_default_query_is_densest_keypoint_patch(img, ex):
     v = C.attention_view(img, C.AttentionState(img.id))
     assert v.query == study.densest_keypoint_patch(ex.counts)

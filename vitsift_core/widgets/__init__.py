@@ -11,12 +11,12 @@ The model runs once per image; every slider or click after that redraws from the
 """
 from __future__ import annotations
 
-from .core import (AttentionState, AttentionView, ImageData, ImageLibrary, StageView, analyse,
-                   attention_view, patch_at, stage_view)
+from .core import (AttentionState, AttentionView, ImageData, ImageLibrary, MaskingState, StageView, analyse,
+                   attention_view, from_example, masking_view, patch_at, stage_view)
 
-__all__ = ["AttentionState", "AttentionView", "ImageData", "ImageLibrary", "StageView", "analyse",
-           "attention_view", "patch_at", "stage_view", "AttentionExplorer", "StageExplorer",
-           "MaskingExplorer", "library"]
+__all__ = ["AttentionState", "AttentionView", "ImageData", "ImageLibrary", "MaskingState", "StageView", "analyse",
+           "attention_view", "from_example", "masking_view", "patch_at", "stage_view", "AttentionExplorer", "StageExplorer",
+           "MaskingExplorer", "probe_classifier", "library"]
 
 
 def __getattr__(name):
@@ -24,7 +24,7 @@ def __getattr__(name):
     if name in ("AttentionExplorer", "StageExplorer", "library"):
         from . import ui
         return getattr(ui, name)
-    if name == "MaskingExplorer":
+    if name in ("MaskingExplorer", "probe_classifier"):
         from . import masking_ui
-        return masking_ui.MaskingExplorer
+        return getattr(masking_ui, name)
     raise AttributeError(name)

@@ -52,6 +52,8 @@ class ImageData:
         self.head_mean = np.stack([t[l].mean(0).numpy() for l in range(self.n_layers)])
         # focus index (Eq. 5) per (layer, head): independent of gamma and keypoints
         self.focus = M.focus_index(t)[0].numpy().astype(np.float64)
+        # sum_j alpha_ij / N of every row: the detection line is gamma times this
+        self.row_mean = self.maps.sum(axis=-1, keepdims=True, dtype=np.float32) / np.float32(self.n)
         self._kp: dict[float, tuple[np.ndarray, np.ndarray]] = {}
         self._mask_key = None
         self._mask = None
@@ -74,7 +76,10 @@ class ImageData:
         (gamma, exclude_self) asked for is kept."""
         key = (round(float(gamma), 9), bool(exclude_self))
         if self._mask_key != key:
-            self._mask = attended(self.maps, gamma, exclude_self)
+            self._mask = self.maps >= np.float32(gamma) * self.row_mean      # attended(), line precomputed
+            if exclude_self:
+                idx = np.arange(self.n)
+                self._mask[..., idx, idx] = False
             self._mask_key = key
         return self._mask
 
@@ -99,14 +104,37 @@ class ImageData:
 
 def analyse(lm, rgb: np.ndarray, image_id: str, label: str | None = None) -> ImageData:
     """Run the model once on one RGB image: its crop, input and every layer's attention maps."""
+    return analyse_many(lm, [rgb], [image_id], [label])[0]
+
+
+def analyse_many(lm, rgbs: Sequence[np.ndarray], ids: Sequence[str], labels: Sequence | None = None,
+                 batch_size: int = 8) -> list[ImageData]:
+    """:func:`analyse` for several images, in batches (one forward pass per batch)."""
+    import torch
+
     from ..attention import attention_maps
     from ..images import model_input
 
-    crop, x = model_input(rgb, lm.data_config)
+    labels = list(labels) if labels is not None else [None] * len(ids)
     dev = next(lm.model.parameters()).device
-    m = attention_maps(lm.model, lm.num_prefix_tokens, x[None].to(dev))
-    maps = np.stack([m[l][0].numpy() for l in sorted(m)])
-    return ImageData(image_id, crop, x, maps, tuple(lm.grid), lm.patch_size, label)
+    out = []
+    for k in range(0, len(ids), batch_size):
+        inputs = [model_input(rgb, lm.data_config) for rgb in rgbs[k:k + batch_size]]
+        x = torch.stack([t for _, t in inputs])
+        m = attention_maps(lm.model, lm.num_prefix_tokens, x.to(dev))
+        for b, (crop, t) in enumerate(inputs):
+            maps = np.stack([m[l][b].numpy() for l in sorted(m)])
+            out.append(ImageData(ids[k + b], crop, t, maps, tuple(lm.grid), lm.patch_size, labels[k + b]))
+    return out
+
+
+def from_example(ex) -> ImageData:
+    """An :class:`study.Example` with attention (``study.example(lm, rec)``) as ImageData, so a
+    notebook that already ran the model on an image does not run it again."""
+    if not ex.maps:
+        raise ValueError("the example has no attention maps (study.example(..., with_attention=True))")
+    maps = np.stack([ex.maps[l].numpy() for l in sorted(ex.maps)])
+    return ImageData(ex.id, ex.crop, ex.x, maps, ex.grid, ex.patch_size)
 
 
 # ----------------------------------------------------------------------------------- metrics in numpy
@@ -180,7 +208,8 @@ class Source:
 class ImageLibrary:
     """The images an explorer offers, each analysed by the model at most once (LRU of ``keep``).
 
-    ``n_forward`` counts model runs, so tests can check that interactions never run the model.
+    ``n_forward`` counts images the model has analysed, so tests can check that interactions never
+    run the model.
     """
 
     def __init__(self, lm, records: Sequence = (), keep: int = 12):
@@ -214,17 +243,37 @@ class ImageLibrary:
     def is_cached(self, image_id: str) -> bool:
         return image_id in self._cache
 
+    def put(self, img: ImageData) -> None:
+        """Offer an already analysed image (e.g. :func:`from_example`); no model run."""
+        if img.id not in self.sources:
+            self.sources[img.id] = Source(img.id, label=img.label)
+        self._remember(img)
+
+    def _remember(self, img: ImageData) -> None:
+        self._cache[img.id] = img
+        self._cache.move_to_end(img.id)
+        while len(self._cache) > self.keep:
+            self._cache.popitem(last=False)
+
     def get(self, image_id: str) -> ImageData:
         if image_id in self._cache:
             self._cache.move_to_end(image_id)
             return self._cache[image_id]
-        src = self.sources[image_id]
-        img = analyse(self.lm, src.rgb(), image_id, src.label)
-        self.n_forward += 1
-        self._cache[image_id] = img
-        while len(self._cache) > self.keep:
-            self._cache.popitem(last=False)
-        return img
+        return self.get_many([image_id])[0]
+
+    def get_many(self, ids: Sequence[str]) -> list[ImageData]:
+        """Several images; the ones not analysed yet go through the model together, in batches."""
+        self.keep = max(self.keep, len(ids))
+        todo = [i for i in dict.fromkeys(ids) if i not in self._cache]
+        if todo:
+            srcs = [self.sources[i] for i in todo]
+            for img in analyse_many(self.lm, [s.rgb() for s in srcs], todo, [s.label for s in srcs]):
+                self.n_forward += 1
+                self._remember(img)
+        out = [self._cache[i] for i in ids]
+        for i in ids:
+            self._cache.move_to_end(i)
+        return out
 
 
 # ----------------------------------------------------------------------------------- attention explorer
@@ -339,6 +388,21 @@ class StageView:
         return head + (self.fit.summary() if self.fit is not None else self.note)
 
 
+_POOL = None
+
+
+def _parallel(fn, items: Sequence) -> list:
+    """``[fn(x) for x in items]`` on a small thread pool (each item is touched by one thread)."""
+    global _POOL
+    if len(items) < 2:
+        return [fn(x) for x in items]
+    if _POOL is None:
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="vitsift-explorer")
+    return list(_POOL.map(fn, items))
+
+
 def stage_view(images: Sequence[ImageData], gamma: float = 1.0, threshold: float = SIFT_DEFAULT,
                exclude_self: bool = False) -> StageView:
     """Refit the stages (study.claims' recipe) for a gamma and SIFT threshold, from cached maps."""
@@ -346,8 +410,9 @@ def stage_view(images: Sequence[ImageData], gamma: float = 1.0, threshold: float
 
     kk, nk, ch, fo = [], [], [], []
     n_layers = images[0].n_layers if images else 0
-    for img in images:
-        hc = img.head_curves(gamma, threshold, exclude_self)
+    # SIFT and the attended sets of several images in threads (OpenCV and numpy release the GIL)
+    curves = _parallel(lambda im: im.head_curves(gamma, threshold, exclude_self), images)
+    for img, hc in zip(images, curves):
         k, n = nanmean(hc["theta_kk"], axis=1), nanmean(hc["theta_nk"], axis=1)
         if not (np.isfinite(k).all() and np.isfinite(n).all()):
             continue          # no keypoint (or no keypoint-free) patch at this threshold

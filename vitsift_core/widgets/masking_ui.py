@@ -195,7 +195,7 @@ class MaskingExplorer(_Explorer):
 
         img = self.lib.get(self.state.image)
         v = self.view or C.masking_view(img, self.state, self.fill_rgb)
-        fig = Figure(figsize=(10, 3.8), dpi=100)
+        fig = Figure(figsize=(10, 3.8), dpi=100, layout="none")
         FigureCanvasAgg(fig)
         a0, a1 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.6]})
         a0.imshow(v.image)

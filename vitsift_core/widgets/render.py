@@ -84,7 +84,7 @@ def overlay_image(view: AttentionView, crop: np.ndarray, grid, patch_size: int, 
     im = Image.fromarray(out)
     d = ImageDraw.Draw(im)
     if show_keypoints and len(view.keypoints):
-        r = 1.5 * scale
+        r = 1.0 * scale
         for x, y in np.asarray(view.keypoints)[:, :2] * scale:
             d.ellipse([x - r, y - r, x + r, y + r], fill=KP_RGB)
     key = np.asarray(view.counts) > 0
@@ -102,7 +102,7 @@ def masked_image(masked_crop: np.ndarray, scale: int = 2) -> np.ndarray:
 
 
 def _canvas(figsize, dpi) -> Figure:
-    fig = Figure(figsize=figsize, dpi=dpi)
+    fig = Figure(figsize=figsize, dpi=dpi, layout="none")
     FigureCanvasAgg(fig)
     return fig
 
@@ -111,24 +111,6 @@ def fig_png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=fig.dpi)
     return buf.getvalue()
-
-
-def _snap(values, step: float, floor: float | None = None, ceil: float | None = None) -> tuple[float, float]:
-    """Axis limits: the finite values' range widened to multiples of ``step`` (so small changes
-    of the data keep the same limits and the cached background stays valid)."""
-    v = np.concatenate([np.asarray(x, dtype=float).ravel() for x in values])
-    v = v[np.isfinite(v)]
-    if not v.size:
-        return (floor if floor is not None else 0.0), (ceil if ceil is not None else 1.0)
-    lo, hi = np.floor(v.min() / step) * step, np.ceil(v.max() / step) * step
-    lo = max(lo, floor) if floor is not None else lo
-    hi = min(hi, ceil) if ceil is not None else hi
-    if hi - lo < step:
-        if ceil is not None and hi >= ceil:
-            lo = hi - step
-        else:
-            hi = lo + step
-    return float(lo - 0.02 * (hi - lo)), float(hi + 0.02 * (hi - lo))
 
 
 class _BlitPlot:
@@ -176,11 +158,11 @@ class LayerCurvesPlot(_BlitPlot):
     """theta_KK / theta_NK / theta_chance (top) and the focus index (bottom) per layer for one
     image, with the current layer marked."""
 
-    def __init__(self, figsize=(5.2, 4.0), dpi: int = 80, fig: Figure | None = None, axes=None, blit: bool = True):
+    def __init__(self, figsize=(5.2, 4.2), dpi: int = 80, fig: Figure | None = None, axes=None, blit: bool = True):
         super().__init__(fig if fig is not None else _canvas(figsize, dpi), blit)
         if axes is None:
             axes = self.fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
-            self.fig.subplots_adjust(left=0.13, right=0.97, top=0.9, bottom=0.11, hspace=0.08)
+            self.fig.subplots_adjust(left=0.13, right=0.97, top=0.92, bottom=0.12, hspace=0.1)
         self.ax, self.ax_f = axes
         c = plots.COLORS
         (self.kk,) = self.ax.plot([], [], color=c["KK"], lw=2, marker="o", ms=3, label="theta_KK")
@@ -196,7 +178,8 @@ class LayerCurvesPlot(_BlitPlot):
         self.ax.set_ylabel("theta (weighted)")
         self.ax_f.set_ylabel("focus (nats)")
         self.ax_f.set_xlabel("layer")
-        self.ax.legend(fontsize=7, loc="lower right", ncol=3)
+        self.ax.legend(fontsize=7, loc="lower center", ncol=3)
+        self.ax_f.set_title("0 = one patch, log N = uniform", fontsize=7, loc="right", pad=2)
         self.ax.grid(alpha=0.3)
         self.ax_f.grid(alpha=0.3)
         self._limits = None
@@ -208,8 +191,9 @@ class LayerCurvesPlot(_BlitPlot):
         self.nk.set_data(x, cv["theta_nk"])
         self.ch.set_data(x, np.full(len(x), cv["theta_chance"]))
         self.fo.set_data(x, cv["focus"])
-        lim = (len(x), _snap((cv["theta_kk"], cv["theta_nk"], [cv["theta_chance"]]), 0.1, 0.0, 1.0),
-               _snap((cv["focus"],), 0.5, 0.0))
+        # fixed scales (theta in [0, 1], focus in [0, log N]): images, heads and gammas compare at a
+        # glance, and the cached background stays valid, so a redraw is a blit
+        lim = (len(x), (-0.02, 1.02), (0.0, 1.02 * float(np.log(len(view.row)))))
         if lim != self._limits:
             self.ax.set_xlim(0.5, len(x) + 0.5)
             self.ax.set_ylim(*lim[1])
@@ -243,7 +227,7 @@ class StagePlot(_BlitPlot):
         a0.legend(handles=[Line2D([], [], color=c["KK"], lw=2, label="theta_KK"),
                            Line2D([], [], color=c["NK"], lw=2, label="theta_NK"),
                            Line2D([], [], color=c["chance"], lw=1.2, ls="--", label="theta_chance")],
-                  fontsize=7, loc="lower right")
+                  fontsize=7, loc="lower center", ncol=3)
         a1.legend(handles=[Line2D([], [], color=c["KK"], lw=2, label="theta_KK - chance (z)"),
                            Line2D([], [], color=plots.PALETTE[5], lw=2, label="focus index (z)"),
                            Line2D([], [], color="0.3", lw=1, ls=":", label="segment fits")],
@@ -260,7 +244,7 @@ class StagePlot(_BlitPlot):
         self._clear_dynamic()
         c = plots.COLORS
         x = sv.layer
-        lim = (len(x), _snap((sv.theta_kk, sv.theta_nk, sv.theta_chance), 0.1, 0.0, 1.0))
+        lim = (len(x), (-0.02, 1.02))
         if lim != self._limits:
             for ax in self.axes:
                 ax.set_xlim(0.5, max(len(x), 1) + 0.5)
@@ -299,7 +283,7 @@ class StagePlot(_BlitPlot):
 
 def attention_figure(view: AttentionView, crop: np.ndarray, grid, patch_size: int, image_id: str) -> Figure:
     """A static figure of one attention-explorer state (for notebooks run headless)."""
-    fig = Figure(figsize=(11, 4.4), dpi=100)
+    fig = Figure(figsize=(11, 4.4), dpi=100, layout="none")
     FigureCanvasAgg(fig)
     gs = fig.add_gridspec(2, 2, width_ratios=[1, 1.25], height_ratios=[3, 2], left=0.02, right=0.98,
                           top=0.88, bottom=0.1, wspace=0.15, hspace=0.08)

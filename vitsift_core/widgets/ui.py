@@ -26,12 +26,12 @@ _CSS = """<style>
 
 
 def _legend() -> str:
-    def sw(rgb, text):
+    def sw(rgb, text, extra=""):
         return (f'<span style="display:inline-block;width:12px;height:12px;border:2px solid rgb{rgb};'
-                f'margin:0 4px 0 10px;vertical-align:middle"></span>{text}')
+                f'margin:0 4px 0 10px;vertical-align:middle;{extra}"></span>{text}')
     return ("<div style='font-size:12px'>" + sw(R.KEY_RGB, "attended, keypoint patch")
-            + sw(R.NON_RGB, "attended, no keypoint") + sw((255, 255, 255), "query patch (click to move)")
-            + sw(R.KP_RGB, "SIFT keypoint") + "</div>")
+            + sw(R.NON_RGB, "attended, no keypoint") + sw((255, 255, 255), "query patch (click another)", "outline:1px solid #000")
+            + sw(R.KP_RGB, "SIFT keypoint", f"background:rgb{R.KP_RGB};border-radius:50%;width:6px;height:6px") + "</div>")
 
 
 class _Explorer:
@@ -84,6 +84,7 @@ class AttentionExplorer(_Explorer):
         self.w_upload = W.FileUpload(accept="image/*", multiple=False, description="upload image")
         self.w_layer = W.IntSlider(value=self.state.layer, min=1, max=img.n_layers, description="layer",
                                    style=st, layout=lay)
+        self.w_layer.add_class("vitsift-layer")
         self.w_head = W.Dropdown(options=[("mean over heads", 0)] + [(f"head {h}", h) for h in range(1, img.n_heads + 1)],
                                  value=head or 0, description="head", style=st, layout=lay)
         self.w_gamma = W.FloatSlider(value=gamma, min=0.25, max=4.0, step=0.05, description="gamma",
@@ -229,7 +230,7 @@ class StageExplorer(_Explorer):
         if not ids:
             raise ValueError("the stage explorer needs at least one image")
         library.keep = max(library.keep, len(ids) + 2)
-        self.images = [library.get(i) for i in ids]
+        self.images = library.get_many(ids)        # one batched forward for the images not seen yet
         self.gamma, self.threshold, self.exclude_self = float(gamma), float(threshold), False
         self.timings: list[tuple[str, float]] = []
         self._plot = R.StagePlot()

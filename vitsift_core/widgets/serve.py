@@ -1,0 +1,108 @@
+"""``make explore``: the explorers notebook as a stand-alone page, served by Voila on localhost.
+
+    python -m vitsift_core.widgets.serve [--port 0] [--images samples] [--n 12] [--stage-images 6]
+
+Voila runs ``notebooks/08_explorers.ipynb`` in a fresh kernel and shows its outputs only (markdown
+and widgets, no code cells). ``--port 0`` (the default) takes a free port. The address is printed
+once the server answers; Ctrl-C stops it. The options become the ``VITSIFT_EXPLORE_*`` variables
+that the notebook reads in place of its parameters (Voila cannot pass papermill parameters).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from ..paths import ROOT
+
+NOTEBOOK = ROOT / "notebooks" / "08_explorers.ipynb"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def voila_command(notebook: Path, port: int, host: str = "127.0.0.1") -> list[str]:
+    voila = Path(sys.executable).with_name("voila")
+    exe = [str(voila)] if voila.exists() else [sys.executable, "-m", "voila"]
+    return exe + [str(notebook), f"--port={port}", "--no-browser", f"--Voila.ip={host}",
+                  "--strip_sources=True", "--theme=light", "--show_tracebacks=True"]
+
+
+def explore_env(images: str | None = None, n: int | None = None, stage_images: int | None = None,
+                model: str | None = None, base: dict | None = None) -> dict:
+    env = dict(os.environ if base is None else base)
+    env["VITSIFT_EXPLORE"] = "1"
+    for key, val in (("VITSIFT_EXPLORE_IMAGES", images), ("VITSIFT_EXPLORE_N", n),
+                     ("VITSIFT_EXPLORE_STAGE_IMAGES", stage_images), ("VITSIFT_EXPLORE_MODEL", model)):
+        if val is not None:
+            env[key] = str(val)
+    return env
+
+
+def wait_until_up(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0) -> bool:
+    """Poll ``url`` until the server answers (any HTTP status); False on timeout or exit."""
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/api", timeout=5):
+                return True
+        except urllib.error.HTTPError:
+            return True
+        except OSError:
+            time.sleep(0.3)
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vitsift_core.widgets.serve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--port", type=int, default=0, help="0: a free port")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--notebook", default=str(NOTEBOOK))
+    ap.add_argument("--images", help="image spec offered by the explorers (default: the notebook's)")
+    ap.add_argument("--n", type=int, help="images in the picker")
+    ap.add_argument("--stage-images", type=int, help="images of the stage explorer")
+    ap.add_argument("--model", help="model spec (default: the notebook's, 'embedded')")
+    a = ap.parse_args(argv)
+    port = a.port or free_port(a.host)
+    cmd = voila_command(Path(a.notebook), port, a.host)
+    env = explore_env(a.images, a.n, a.stage_images, a.model)
+    url = f"http://{a.host}:{port}/"
+    proc = subprocess.Popen(cmd, env=env, cwd=str(ROOT))
+
+    def _stop(signum, frame):            # SIGTERM too, not only Ctrl-C: never leave Voila behind
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        if not wait_until_up(url, proc):
+            print(f"explore: Voila did not start (exit code {proc.poll()}); command: {' '.join(cmd)}",
+                  file=sys.stderr)
+            proc.terminate()
+            return 1
+        print(f"\n  vitsift explorers: {url}\n  (the page runs the notebook first: the model needs a few "
+              "seconds per image; Ctrl-C stops the server)\n", flush=True)
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
