@@ -130,7 +130,12 @@ def run(profile_name: str, notebooks: list[Path] | None = None, kernel: str | No
     import papermill as pm
 
     profile = load_profile(profile_name)
-    jobs = plan(profile, notebooks if notebooks is not None else notebook_paths())
+    # validate the profile against every notebook, then keep the requested ones: a profile's
+    # overrides for the other notebooks are not errors when running a subset
+    jobs = plan(profile, notebook_paths())
+    if notebooks is not None:
+        wanted = {Path(nb).stem for nb in notebooks}
+        jobs = [(nb, p) for nb, p in jobs if nb.stem in wanted]
     if not jobs:
         print("no notebooks to run")
         return []
