@@ -59,6 +59,7 @@ def convergence_table(runs: dict[tuple[str, int], pd.DataFrame], margin: float =
     """One row per run: mask, seed, threshold (from that seed's random run), epochs_to_threshold
     (censored runs: epochs + 1, ``reached`` False), best / final ``metric``, final probe."""
     rows = []
+    runs = {k: d[d[metric].notna()] for k, d in runs.items()}   # e.g. probes every k epochs
     seeds = sorted({s for _, s in runs})
     for seed in seeds:
         if ("random", seed) not in runs:
@@ -72,7 +73,7 @@ def convergence_table(runs: dict[tuple[str, int], pd.DataFrame], margin: float =
             rows.append({"mask": mask, "seed": seed, "threshold": thr,
                          "epochs_to_threshold": e if e is not None else n_ep + 1, "reached": e is not None,
                          f"best_{metric}": float(df[metric].max()),
-                         f"best_epoch": int(df.loc[df[metric].idxmax(), "epoch"]),
+                         "best_epoch": int(df.loc[df[metric].idxmax(), "epoch"]),
                          f"final_{metric}": float(df[metric].iloc[-1]),
                          "final_probe_acc": float(probe.iloc[-1]) if len(probe) else float("nan"),
                          "final_train_loss": float(df["train_loss"].iloc[-1]), "epochs": n_ep})
@@ -81,14 +82,18 @@ def convergence_table(runs: dict[tuple[str, int], pd.DataFrame], margin: float =
 
 def paired_differences(table: pd.DataFrame, a: str = "guided", b: str = "random",
                        level: float = 0.95) -> pd.DataFrame:
-    """Per quantity: mean over seeds of (a - b) with a t confidence interval, and the per-seed
-    values. Accuracies in percentage points, epochs in epochs."""
+    """Per quantity of a :func:`convergence_table`: mean over seeds of (a - b) with a t confidence
+    interval, and the per-seed values. Accuracies in percentage points, epochs in epochs."""
     ta = table[table["mask"] == a].set_index("seed")
     tb = table[table["mask"] == b].set_index("seed")
     seeds = sorted(set(ta.index) & set(tb.index))
-    qty = [("epochs_to_threshold", 1.0, "epochs"), ("best_knn_acc", 100.0, "points"),
-           ("final_knn_acc", 100.0, "points"), ("final_probe_acc", 100.0, "points"),
-           ("final_train_loss", 1.0, "loss")]
+    metrics = sorted({c[5:] for c in table.columns if c.startswith("best_") and c != "best_epoch"})
+    qty = [("epochs_to_threshold", 1.0, "epochs")]
+    for m in metrics:
+        qty += [(f"best_{m}", 100.0, "points"), (f"final_{m}", 100.0, "points")]
+    if "final_probe_acc" not in [q[0] for q in qty]:
+        qty.append(("final_probe_acc", 100.0, "points"))
+    qty.append(("final_train_loss", 1.0, "loss"))
     rows = []
     for col, scale, unit in qty:
         if col not in ta:

@@ -53,7 +53,7 @@ import torch
 from . import mae_masks as MM
 from .keypoints import SiftParams
 
-__all__ = ["PretrainConfig", "ArraySet", "prepare_arrays", "run_pretrain", "run_experiment",
+__all__ = ["PretrainConfig", "ArraySet", "prepare_arrays", "run_pretrain", "run_experiment", "initial_accuracy",
            "run_dir", "experiment_dir", "load_metrics", "load_steps", "load_pretrained_mae",
            "is_complete", "config_from_params", "main"]
 
@@ -642,6 +642,32 @@ def _train(cfg, out, rank, world, dist, local_b, progress, desc, tqdm, knn_accur
     if dist is not None:
         dist.barrier()
     return out
+
+
+def initial_accuracy(cfg: PretrainConfig, progress: bool = False) -> dict:
+    """Epoch 0: k-NN and linear-probe accuracy of the *untrained* encoder of ``cfg``'s seed (the
+    weights every run with that seed starts from), on the same memory and queries as the runs."""
+    from .knn import knn_accuracy, linear_probe
+
+    threads_before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    try:
+        device = _resolve_device(cfg, 0, 1)
+        model = build_model(cfg).to(device)
+        prep = lambda images, limit: prepare_arrays(images, limit, cfg.img_size, model.patch_size, cfg.crop_pct,
+                                                    cfg.sift, num_workers=cfg.num_workers, progress=progress)
+        train, val = prep(cfg.train_images, cfg.train_limit), prep(cfg.val_images, cfg.val_limit)
+        classes = sorted({str(l) for l in train.labels})
+        y_train = _labels_to_int([str(l) for l in train.labels], classes)
+        y_val = _labels_to_int([str(l) for l in val.labels], classes)
+        mem = len(train) if cfg.knn_memory is None else min(int(cfg.knn_memory), len(train))
+        f_mem = encode(model, train.images[:mem], device, cfg.eval_batch_size, cfg.amp)
+        f_val = encode(model, val.images, device, cfg.eval_batch_size, cfg.amp)
+        return {"knn_acc": knn_accuracy(f_mem, y_train[:mem], f_val, y_val, len(classes), cfg.knn_k, cfg.knn_t),
+                "probe_acc": linear_probe(f_mem, y_train[:mem], f_val, y_val, len(classes))["val_acc"]}
+    finally:
+        torch.set_num_threads(threads_before)
 
 
 def ident_for_checkpoint(cfg: PretrainConfig) -> dict:
