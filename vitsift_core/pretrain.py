@@ -437,11 +437,11 @@ def _autocast(device, amp: bool):
 
 
 def _resolve_device(cfg: PretrainConfig, rank: int, world: int) -> torch.device:
-    if cfg.device == "auto":
-        if torch.cuda.is_available():
-            return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}")
-        return torch.device("cpu")
-    return torch.device(cfg.device)
+    dev = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                       "cpu" if cfg.device == "auto" else cfg.device)
+    if dev.type == "cuda" and dev.index is None:   # one GPU per process under torchrun
+        dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}")
+    return dev
 
 
 # ---------------------------------------------------------------------- the run
