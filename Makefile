@@ -38,5 +38,8 @@ test-slow: $(STAMP) ## run the tests marked slow
 reproduce: $(STAMP) ## run every notebook headless with params/$(PROFILE).yaml into reports/
 	$(BIN)/python -m vitsift_core.reproduce --profile $(PROFILE)
 
+explore: $(STAMP) ## serve the explorers (notebooks/08) as a Voila page on a free localhost port and print its address
+	$(BIN)/python -m vitsift_core.widgets.serve $(if $(EXPLORE_IMAGES),--images '$(EXPLORE_IMAGES)')
+
 clean-results: ## delete results/ and reports/ (computed results and executed notebooks)
 	rm -rf results reports

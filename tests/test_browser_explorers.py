@@ -5,8 +5,8 @@ the layer slider and checks that the overlay image and the theta readout change.
 ``reports/browser/`` (explorer.png: the attention explorer; page.png: the top of the page).
 
 Skipped, with the reason, only where no browser can be run: Playwright not installed, or no
-Chromium binary (``VITSIFT_CHROMIUM`` overrides the path). The page uses 2 of the bundled photos
-and a 2-image stage explorer, so the embedded model runs twice (about a minute in all here).
+Chromium binary (``VITSIFT_CHROMIUM`` overrides the path). The page offers one bundled photo (the
+stage explorer fits over it alone), so the embedded model runs once (under a minute in all here).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from vitsift_core.paths import reports_dir
 CHROMIUM = os.environ.get("VITSIFT_CHROMIUM", "/usr/bin/chromium")
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
-PAGE_TIMEOUT_MS = 420_000       # the notebook runs before the page shows: model load + 2 images, loaded CPU
+PAGE_TIMEOUT_MS = 420_000       # the notebook runs before the page shows: model load + 1 image, loaded CPU
 
 
 def _skip_reason() -> str | None:
@@ -51,7 +51,7 @@ def voila_url(tmp_path_factory):
 
     port = free_port()
     log = tmp_path_factory.mktemp("voila") / "voila.log"
-    env = explore_env(images="samples", n=2, stage_images=2, model="embedded")
+    env = explore_env(images="samples", n=1, stage_images=1, model="embedded")
     env["HF_HUB_OFFLINE"] = "1"
     with open(log, "w") as fh:
         proc = subprocess.Popen(voila_command(NOTEBOOK, port), env=env, stdout=fh, stderr=subprocess.STDOUT,

@@ -6,6 +6,7 @@ numbers are compared against the reference implementations on the same maps, so 
 """
 from __future__ import annotations
 
+import copy
 import io
 
 import numpy as np
@@ -185,14 +186,24 @@ def test_top5_change():
 
 
 # ----------------------------------------------------------------------------------- widgets
+@pytest.fixture(scope="module")
+def analysed(lm, records):
+    return C.analyse_many(lm, [_rgb(r) for r in records[:2]], [r.id for r in records[:2]])
+
+
 @pytest.fixture
-def library(lm, records):
-    return C.ImageLibrary(lm, records[:2])
+def library(lm, records, analysed):
+    """A fresh library whose two images are already analysed (n_forward starts at 0)."""
+    lib = C.ImageLibrary(lm, records[:2])
+    for im in analysed:
+        lib.put(copy.copy(im))
+    return lib
 
 
-def test_attention_explorer_interactions_use_the_cache(library):
+def test_attention_explorer_interactions_use_the_cache(lm, records):
     from vitsift_core.widgets.ui import AttentionExplorer
 
+    library = C.ImageLibrary(lm, records[:2])              # nothing analysed yet
     e = AttentionExplorer(library)
     assert library.n_forward == 1
     seen = {"overlay": {e.overlay.value}, "readout": {e.readout.value}, "curves": {e.curves.value}}
@@ -261,14 +272,14 @@ def test_stage_explorer_refits_from_cache(library):
     from vitsift_core.widgets.ui import StageExplorer
 
     e = StageExplorer(library, n_images=2)
-    assert library.n_forward == 2
+    assert library.n_forward == 0                                   # both analysed already
     first = e.plot.value
     e.w_gamma.value = 2.0
     assert e.view.gamma == 2.0
     e.w_threshold.value = 0.01
     assert e.view.threshold == 0.01 and e.plot.value != first
     e.w_xself.value = True
-    assert library.n_forward == 2 and "images" in e.summary.value
+    assert library.n_forward == 0 and "images" in e.summary.value
 
 
 class _FakeClassifier:
@@ -310,7 +321,7 @@ def test_masking_explorer(library, lm):
     clean = e.predictor.probs(library.get(e.state.image))
     masked = e.predictor.probs(library.get(e.state.image), "drop", e.view.masked)
     np.testing.assert_array_equal(clean, masked)
-    assert library.n_forward == 1
+    assert library.n_forward == 0
     assert e._repr_mimebundle_()["image/png"]
 
 
@@ -330,3 +341,35 @@ def test_probe_files_match_the_probe_cache(lm, tmp_path, kp_cache_dir):
     assert not w.exists()
     train_or_load_probe(lm, s, batch_size=4, num_workers=0, progress=False)
     assert w.exists() and j.exists()
+
+
+# ----------------------------------------------------------------------------------- make explore
+def test_serve_helpers(tmp_path):
+    import socket
+
+    from vitsift_core.widgets import serve
+
+    port = serve.free_port()
+    with socket.socket() as s:          # really free: we can bind it
+        s.bind(("127.0.0.1", port))
+    cmd = serve.voila_command(serve.NOTEBOOK, port)
+    assert str(serve.NOTEBOOK) in cmd and f"--port={port}" in cmd and "--strip_sources=True" in cmd
+    assert "--Voila.ip=127.0.0.1" in cmd and "--no-browser" in cmd
+    env = serve.explore_env(images="samples", n=3, base={"PATH": "/bin"})
+    assert env["VITSIFT_EXPLORE"] == "1" and env["VITSIFT_EXPLORE_IMAGES"] == "samples"
+    assert env["VITSIFT_EXPLORE_N"] == "3" and "VITSIFT_EXPLORE_MODEL" not in env
+    assert serve.wait_until_up(f"http://127.0.0.1:{serve.free_port()}/", timeout=0.5) is False
+    assert serve.NOTEBOOK.exists()
+
+
+def test_explorers_notebook_offers_every_explorer():
+    """The Voila page shows outputs only; the notebook must keep one explorer per section."""
+    import json
+
+    from vitsift_core.widgets import serve
+
+    nb = json.loads(serve.NOTEBOOK.read_text())
+    src = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    for name in ("AttentionExplorer(", "StageExplorer(", "MaskingExplorer("):
+        assert name in src
+    assert "VITSIFT_EXPLORE_IMAGES" in src

@@ -204,7 +204,8 @@ class MaskingExplorer(_Explorer):
         a0.set_title(f"{len(v.masked)} patches masked: {st.order}, {st.ratio:g}%, {st.mode}", fontsize=9)
         if self.predictor is None:
             a1.axis("off")
-            a1.text(0.5, 0.5, "no classifier loaded", ha="center", va="center")
+            a1.text(0.5, 0.5, "no classifier loaded:\nthe linear probe is not cached yet\n(the explorer's button, or `vitsift mask-eval`,\ntrains it)",
+                    ha="center", va="center", fontsize=10)
         else:
             clean, masked = self.predictor.probs(img), self.predictor.probs(img, st.mode, v.masked)
             idx = [i for i, _ in C.top_k(clean)]
