@@ -227,6 +227,11 @@ class ImageLibrary:
 
         return cls(lm, resolve_images(images, limit), keep=keep)
 
+    def add_records(self, records: Sequence) -> None:
+        """Offer more images (records of another spec); ids already offered are kept as they are."""
+        for r in records:
+            self.sources.setdefault(r.id, Source(r.id, record=r, label=getattr(r, "label", None)))
+
     def ids(self) -> list[str]:
         return list(self.sources)
 

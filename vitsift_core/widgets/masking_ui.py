@@ -157,7 +157,8 @@ class MaskingExplorer(_Explorer):
             self.table.value = self._table(clean, masked, img.label)
         ms = 1000 * (time.perf_counter() - t0)
         self.timings.append((what, ms))
-        fwd = f"{n_fwd} classifier forward(s)" if n_fwd else "cached prediction"
+        fwd = ("no classifier" if self.predictor is None else
+               f"{n_fwd} classifier forward(s)" if n_fwd else "cached prediction")
         self.status.value = f"redrawn in {ms:.0f} ms ({what}; {fwd})"
         return v
 

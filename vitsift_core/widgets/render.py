@@ -203,7 +203,8 @@ class LayerCurvesPlot(_BlitPlot):
         self.v1.set_xdata([layer, layer])
         self.v2.set_xdata([layer, layer])
         self.mark.set_data([layer], [cv["theta_kk"][layer - 1]])
-        self.title.set_text(f"{image_id} | {view.head_label} | layer {layer} marked")
+        name = image_id.rsplit("/", 1)[-1]
+        self.title.set_text(f"{name[:40]} | {view.head_label} | layer {layer} marked")
 
     def png(self) -> bytes:
         return png(self.frame(self._limits))
