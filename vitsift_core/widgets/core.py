@@ -506,13 +506,21 @@ class Predictor:
         self._cache: OrderedDict = OrderedDict()
         self.n_forward = 0
 
+    @staticmethod
+    def _key(img: ImageData, mode: str, masked) -> tuple:
+        m = np.asarray(masked, dtype=np.int64).reshape(1, -1)
+        return (img.id, mode if m.shape[1] else "clean", m.tobytes())
+
+    def is_cached(self, img: ImageData, mode: str = "fill", masked=()) -> bool:
+        return self._key(img, mode, masked) in self._cache
+
     def probs(self, img: ImageData, mode: str = "fill", masked=()) -> np.ndarray:
         import torch
 
         from .. import masking as MK
 
         m = np.asarray(masked, dtype=np.int64).reshape(1, -1)
-        key = (img.id, mode if m.shape[1] else "clean", m.tobytes())
+        key = self._key(img, mode, masked)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]

@@ -150,6 +150,9 @@ class MaskingExplorer(_Explorer):
         if self.predictor is None:
             self.table.value = ("<div><i>No classifier loaded.</i> " + html.escape(self._hint) + "</div>")
         else:
+            if not (self.predictor.is_cached(img) and self.predictor.is_cached(img, st.mode, v.masked)):
+                # the masked image is already on screen; say that the classifier is on its way
+                self.status.value = "classifying the masked image (one forward pass of the classifier) ..."
             before = self.predictor.n_forward
             clean = self.predictor.probs(img)
             masked = self.predictor.probs(img, st.mode, v.masked)
