@@ -86,33 +86,21 @@ def main(argv=None) -> int:
               f"max {res[name]['max_ms']:7.1f}", flush=True)
 
     print(f"attention explorer (model ran once: {t_model / 1000:.1f} s for {ids[0]})")
-    layers = [(i % img.n_layers) + 1 for i in range(1, n + 1)]
-    layers = [l if l != e.w_layer.value else (l % img.n_layers) + 1 for l in layers]
-    prev = [e.w_layer.value]
-
-    def set_layer(l):
-        if l == prev[0]:
-            l = l % img.n_layers + 1
-        e.w_layer.value = l
-        prev[0] = l
-    run("attention: layer slider", set_layer, layers)
+    # each step moves to another value than the current one (a widget set to its own value does nothing)
+    start = e.w_layer.value
+    run("attention: layer slider", lambda l: setattr(e.w_layer, "value", l),
+        [(start + i) % img.n_layers + 1 for i in range(n)])
     pts = rng.uniform(0, size, (n, 2))
     run("attention: click a patch", lambda p: e._on_click({"dataX": float(p[0]), "dataY": float(p[1])}), pts)
-    heads = [0] + list(range(1, img.n_heads + 1))
-    hv = [heads[(i + 1) % len(heads)] for i in range(n)]
-    hv = [h for h in hv]
-    cur = [e.w_head.value]
-
-    def set_head(h):
-        if h == cur[0]:
-            h = heads[(heads.index(h) + 1) % len(heads)]
-        e.w_head.value = h
-        cur[0] = h
-    run("attention: head dropdown", set_head, hv)
+    heads = [0] + list(range(1, img.n_heads + 1))          # 0: mean over heads
+    first = heads.index(e.w_head.value)
+    run("attention: head dropdown", lambda h: setattr(e.w_head, "value", h),
+        [heads[(first + 1 + i) % len(heads)] for i in range(n)])
+    # gammas and thresholds never used before (1.0 and 0.04, the starting values, are avoided)
     run("attention: gamma slider (new gamma)", lambda g: setattr(e.w_gamma, "value", g),
-        [round(0.5 + 0.1 * i, 2) for i in range(n)])
+        [round(0.55 + 0.1 * i, 2) for i in range(n)])
     run("attention: SIFT threshold (new value)", lambda t: setattr(e.w_threshold, "value", t),
-        [round(0.01 + 0.005 * i, 3) for i in range(n)])
+        [round(0.0125 + 0.005 * i, 4) for i in range(n)])
     e.w_image.value = ids[1]          # analyse a second image once
     run("attention: switch to a cached image", lambda i: setattr(e.w_image, "value", ids[i % 2]), range(n))
     n_fwd_attention = lib.n_forward
@@ -122,9 +110,9 @@ def main(argv=None) -> int:
     s = StageExplorer(lib, n_images=a.stage_images)
     t_stage_build = time.perf_counter() - t0
     run("stages: gamma slider (new gamma)", lambda g: setattr(s.w_gamma, "value", g),
-        [round(0.55 + 0.1 * i, 2) for i in range(n)])
+        [round(0.65 + 0.1 * i, 2) for i in range(n)])
     run("stages: SIFT threshold (new value)", lambda t: setattr(s.w_threshold, "value", t),
-        [round(0.0125 + 0.005 * i, 4) for i in range(n)])
+        [round(0.0135 + 0.005 * i, 4) for i in range(n)])
 
     clf = probe_classifier(lm)
     clf_note = "embedded-probe (cached)"
