@@ -359,9 +359,14 @@ def init_distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
+    import datetime
+
     import torch.distributed as dist
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # rank 0 decodes the data sets and evaluates while the others wait at a barrier; the
+        # timeout (VITSIFT_DIST_TIMEOUT seconds, default 12 h) must cover a cold decode + SIFT
+        timeout = datetime.timedelta(seconds=int(os.environ.get("VITSIFT_DIST_TIMEOUT", 12 * 3600)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
