@@ -9,6 +9,8 @@ a callback that reduces it at once, so nothing of size depth x batch x N^2 is ev
 from __future__ import annotations
 
 import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import torch
@@ -54,17 +56,33 @@ def fused_attention(model: nn.Module, enabled: bool) -> Iterator[None]:
 
 @contextlib.contextmanager
 def capture_attention(model: nn.Module, num_prefix_tokens: int, callback: Callback,
-                      layers: list[int] | None = None) -> Iterator[None]:
+                      layers: list[int] | None = None, micro_batch: int | None = None,
+                      micro_workers: int = 1) -> Iterator[None]:
     """Call ``callback(layer, attn)`` for every block during forwards inside the context.
 
     attn: (B, H, N, N), the patch block of the post-softmax map (a view; copy it if kept).
     ``layers`` restricts capture to those 0-based block indices; other blocks keep fused
     attention, so capturing one layer costs little more than a plain forward.
+
+    ``micro_batch``: run each captured attention module on slices of that many images (timm's
+    own forward on each slice, outputs concatenated), so the callback sees ``(b, H, N, N)``
+    slices, ``b <= micro_batch``, several calls per layer; :func:`current_slice_start` tells
+    the callback where its slice starts in the batch. Only the N x N maps shrink: the rest of
+    the model still runs on the whole batch. On CPU this keeps each map in cache and bounds its
+    memory (a whole batch's map is B x H x N^2 floats per layer).
+
+    ``micro_workers`` > 1 (CPU only, no autocast): the slices of a layer run concurrently in
+    that many threads, one torch thread each, instead of one slice at a time with torch's
+    intra-op threads. Small ops split over cores wait at a barrier for the slowest core, which
+    costs a scheduler time slice per op on a shared machine; whole slices per core do not.
+    The callback must then be thread-safe (:class:`MetricCollector` is).
     """
     mods = attention_blocks(model)
     wanted = set(range(len(mods))) if layers is None else set(layers)
     p = num_prefix_tokens
     handles = []
+    if micro_batch is not None and micro_batch < 1:
+        raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
 
     def make_hook(idx: int):
         def hook(_mod, _inp, out):
@@ -72,17 +90,85 @@ def capture_attention(model: nn.Module, num_prefix_tokens: int, callback: Callba
         return hook
 
     before = [m.fused_attn for m in mods]
+    patched: list[tuple[nn.Module, object]] = []
     try:
         for i, m in enumerate(mods):
             if i in wanted:
                 m.fused_attn = False
                 handles.append(m.attn_drop.register_forward_hook(make_hook(i)))
+                if micro_batch is not None:
+                    patched.append((m, m.__dict__.get("forward", _MISSING)))
+                    m.forward = _sliced_forward(m.forward, micro_batch, micro_workers)
         yield
     finally:
         for h in handles:
             h.remove()
+        for m, old in patched:
+            if old is _MISSING:
+                del m.forward
+            else:
+                m.forward = old
         for m, b in zip(mods, before):
             m.fused_attn = b
+
+
+_MISSING = object()
+_slice = threading.local()
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def current_slice_start() -> int | None:
+    """Inside a sliced attention forward (``capture_attention(micro_batch=...)``): the index in
+    the batch of the slice's first image; None outside one."""
+    return getattr(_slice, "start", None)
+
+
+def _one_torch_thread() -> None:
+    torch.set_num_threads(1)   # per thread: the caller's own thread count is not touched
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _pools_lock:
+        if workers not in _pools:
+            _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="vitsift-slice",
+                                                 initializer=_one_torch_thread)
+        return _pools[workers]
+
+
+def _autocast_on() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+    except TypeError:  # pragma: no cover - older torch
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+
+
+def _sliced_forward(forward, step: int, workers: int = 1):
+    """``forward(x, ...)`` run on ``x[i:i + step]`` slices, outputs concatenated along the batch."""
+    def run(start: int, x, args, kwargs, grad: bool, inference: bool):
+        prev = getattr(_slice, "start", None)
+        _slice.start = start
+        try:
+            # grad and inference modes are per thread: carry the caller's into pool threads
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                return forward(x, *args, **kwargs)
+        finally:
+            _slice.start = prev
+
+    def sliced(x, *args, **kwargs):
+        n = x.shape[0]
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        # a mask may carry a batch dimension: rare for ViTs; keep the whole batch then
+        if n <= step or args or kwargs.get("attn_mask") is not None:
+            return run(0, x, args, kwargs, grad, inference)
+        starts = range(0, n, step)
+        if workers > 1 and x.device.type == "cpu" and not _autocast_on():
+            outs = list(_pool(workers).map(
+                lambda i: run(i, x[i:i + step], args, kwargs, grad, inference), starts))
+        else:
+            outs = [run(i, x[i:i + step], args, kwargs, grad, inference) for i in starts]
+        return torch.cat(outs)
+    return sliced
 
 
 class MetricCollector:
@@ -92,6 +178,11 @@ class MetricCollector:
     of theta_kk/kn/nk/nn and theta_chance; focus (which does not depend on keypoints) once.
     Optionally accumulates the sum of attention over images, (L, H, N, N) float64, for
     the content-free control.
+
+    A layer may arrive in slices (``capture_attention(..., micro_batch=)``), from several
+    threads: each call covers ``attn.shape[0]`` images from :func:`current_slice_start` (or,
+    outside a sliced forward, the images after the previous call's). Results stay on the maps'
+    device until :meth:`finish_batch`, so a GPU forward is not stalled by copies per layer.
     """
 
     THETA_KEYS = ("theta_kk", "theta_kn", "theta_nk", "theta_nn", "theta_chance")
@@ -104,48 +195,105 @@ class MetricCollector:
         self.attn_sum: torch.Tensor | None = None
         self.n_summed = 0
         self._variants: dict[str, tuple[torch.Tensor, bool]] = {}
-        self._out: dict[str, dict[str, list]] = {}
+        self._batch = 0
+        self._offset: list[int] = []
+        self._parts: list[list[tuple[int, int, dict]]] = []   # per layer: (start, size, metrics)
+        self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
 
     def start_batch(self, variants: dict[str, tuple[torch.Tensor, bool]]) -> None:
         """variants: name -> (counts (B, N) int, exclude_self)."""
         self._variants = variants
-        self._out = {v: {k: [None] * self.n_layers for k in self.THETA_KEYS} for v in variants}
-        self._focus = {k: [None] * self.n_layers for k in ("focus", "focus_norm")}
-        self._batch = None
+        sizes = {int(c.shape[0]) for c, _ in variants.values()}
+        if len(sizes) > 1:
+            raise ValueError(f"variants disagree on the batch size: {sorted(sizes)}")
+        self._batch = sizes.pop() if sizes else -1
+        self._offset = [0] * self.n_layers
+        self._parts = [[] for _ in range(self.n_layers)]
+        self._on_device = {}
+
+    def _workspace(self, a: torch.Tensor) -> list[torch.Tensor]:
+        """Two scratch tensors shaped like ``a``, per thread, kept between calls: a fresh
+        map-sized tensor per operation costs page faults on CPU."""
+        ws = getattr(self._local, "work", None)
+        if ws is None or ws[0].shape != a.shape or ws[0].dtype != a.dtype or ws[0].device != a.device:
+            ws = [torch.empty(a.shape, dtype=a.dtype, device=a.device) for _ in range(2)]
+            self._local.work = ws
+        return ws
+
+    def _counts(self, name: str, device: torch.device) -> torch.Tensor:
+        key = (name, device)
+        if key not in self._on_device:
+            self._on_device[key] = self._variants[name][0].to(device)
+        return self._on_device[key]
 
     def __call__(self, layer: int, attn: torch.Tensor) -> None:
         a = attn.float()
         b, h = a.shape[:2]
+        off = current_slice_start()
+        with self._lock:
+            if off is None:                 # whole-batch calls, or slices in order
+                off = self._offset[layer]
+            self._offset[layer] = max(self._offset[layer], off + b)
+            if self._batch >= 0 and off + b > self._batch:
+                raise RuntimeError(f"layer {layer}: attention for images {off}..{off + b - 1}, "
+                                   f"batch has {self._batch}")
         if self.accumulate_mean:
             s = a.sum(dim=0, dtype=torch.float64)
-            if self.attn_sum is None:
-                self.attn_sum = torch.zeros((self.n_layers,) + tuple(s.shape), dtype=torch.float64, device=s.device)
-            self.attn_sum[layer] += s
-            if layer == 0:
-                self.n_summed += b
-        f, fn = M.focus_index(a, self.focus_kind)
-        self._focus["focus"][layer] = f.cpu()
-        self._focus["focus_norm"][layer] = fn.cpu()
-        mask_cache: dict[bool, torch.Tensor] = {}
-        for name, (counts, excl) in self._variants.items():
-            c = counts.to(a.device).reshape(b, 1, -1)
-            if excl not in mask_cache:
-                mask_cache[excl] = M.attended_mask(a, self.gamma, excl).float()
-            theta = M.theta_from_mask(mask_cache[excl], c, self.weighted)
+            with self._lock:
+                if self.attn_sum is None:
+                    self.attn_sum = torch.zeros((self.n_layers,) + tuple(s.shape), dtype=torch.float64,
+                                                device=s.device)
+                self.attn_sum[layer] += s
+                if layer == 0:
+                    self.n_summed += b
+        part = {}
+        work = self._workspace(a)
+        part["focus"], part["focus_norm"] = M.focus_index(a, self.focus_kind, work=(work[0], work[1]))
+        masks: dict[bool, torch.Tensor] = {}
+        for name, (_, excl) in self._variants.items():
+            c = self._counts(name, a.device)[off:off + b].reshape(b, 1, -1)
+            if excl not in masks:
+                # 0/1 floats straight from the comparison: the same sets as the bool mask
+                masks[excl] = M.attended_mask(a, self.gamma, excl, dtype=a.dtype,
+                                              out=work[0] if not masks else None)
+            theta = M.theta_from_mask(masks[excl], c, self.weighted)
             agg = M.aggregate_theta(theta, c)
-            agg["theta_chance"] = M.theta_chance(counts.reshape(b, -1), self.weighted)[:, None].expand(b, h)
+            agg["theta_chance"] = M.theta_chance(c.reshape(b, -1), self.weighted)[:, None].expand(b, h)
             for k in self.THETA_KEYS:
-                self._out[name][k][layer] = agg[k].float().cpu()
+                part[(name, k)] = agg[k].float()
+        with self._lock:
+            self._parts[layer].append((off, b, part))
 
     def finish_batch(self) -> dict[str, dict[str, torch.Tensor]]:
-        """-> variant -> metric -> (B, L, H) float32 (focus/focus_norm included in each)."""
-        missing = [i for i, v in enumerate(self._focus["focus"]) if v is None]
+        """-> variant -> metric -> (B, L, H) float32 on CPU (focus/focus_norm included in each)."""
+        missing = [i for i, parts in enumerate(self._parts) if not parts]
         if missing:
             raise RuntimeError(f"no attention captured for layers {missing}: capture not active?")
-        foc = {k: torch.stack(v, dim=1) for k, v in self._focus.items()}
+        for layer, parts in enumerate(self._parts):
+            parts.sort(key=lambda t: t[0])
+            pos = 0
+            for off, b, _ in parts:
+                if off != pos:
+                    raise RuntimeError(f"layer {layer}: attention for images from {off}, expected {pos}")
+                pos += b
+            if self._batch >= 0 and pos != self._batch:
+                raise RuntimeError(f"layer {layer}: attention for {pos} of {self._batch} images")
+        keys = list(self._parts[0][0][2])
+
+        def layer_cat(layer: int, k) -> torch.Tensor:
+            parts = self._parts[layer]
+            return parts[0][2][k] if len(parts) == 1 else torch.cat([p[2][k] for p in parts])
+
+        # one (K, B, L, H) tensor, one device -> host copy
+        allv = torch.stack([torch.stack([layer_cat(l, k) for l in range(self.n_layers)], dim=1)
+                            for k in keys]).cpu()
+        got = dict(zip(keys, allv.unbind(0)))
+        foc = {k: got[k] for k in ("focus", "focus_norm")}
         res = {}
-        for name, d in self._out.items():
-            res[name] = {k: torch.stack(v, dim=1) for k, v in d.items()}
+        for name in self._variants:
+            res[name] = {k: got[(name, k)] for k in self.THETA_KEYS}
             res[name].update(foc)
         return res
 

@@ -58,6 +58,7 @@ def cmd_suite(a) -> int:
     variants = {(c, x): variant_dir(a.out, base.replace(control=c, exclude_self=x))
                 for c in CONTROLS for x in (False, True)}
     rank, world, barrier = _distributed()
+    base = _rank_device(base, world)
     res = run_suite(base, variants, progress=not a.quiet and rank == 0, rank=rank, world=world, barrier=barrier)
     if rank == 0:
         for (c, x), r in res.items():
@@ -66,26 +67,48 @@ def cmd_suite(a) -> int:
 
 
 def _distributed():
-    """(rank, world, barrier) under torchrun, else (0, 1, None)."""
+    """(rank, world, barrier) under torchrun, else (0, 1, None).
+
+    gloo on CPU, nccl on CUDA with process LOCAL_RANK on GPU LOCAL_RANK. The timeout
+    (VITSIFT_DIST_TIMEOUT seconds, default 12 h) bounds how long rank 0 waits at the barrier for
+    the others' chunks: torch's default (30 min) is too short for a large or resumed run.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, None
+    import datetime
+
+    import torch
     import torch.distributed as dist
     if not dist.is_initialized():
-        import torch
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        timeout = datetime.timedelta(seconds=float(os.environ.get("VITSIFT_DIST_TIMEOUT", 12 * 3600)))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+            dist.init_process_group("nccl", timeout=timeout)
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), dist.barrier
+
+
+def _rank_device(params: AnalysisParams, world: int) -> AnalysisParams:
+    """Under torchrun with CUDA, 'auto'/'cuda' means this process's GPU (LOCAL_RANK)."""
+    if world > 1 and params.device in ("auto", "cuda"):
+        import torch
+        if torch.cuda.is_available():
+            return params.replace(device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}")
+    return params
+
+
+def _end_distributed() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def cmd_analyze(a) -> int:
     params = _params(a, exclude_self=a.exclude_self, control=a.control)
     rank, world, barrier = _distributed()
-    device = params.device
-    if world > 1 and device in ("auto", "cuda"):
-        import torch
-        if torch.cuda.is_available():
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
-            params = params.replace(device=device)
+    params = _rank_device(params, world)
     run = analyze(params, a.out, progress=not a.quiet and rank == 0, rank=rank, world=world, barrier=barrier)
     if rank == 0:
         import json
@@ -124,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vitsift {a.cmd}: error: {e}", file=sys.stderr)
             return 2
         raise
+    finally:
+        _end_distributed()
     return 1
 
 

@@ -50,6 +50,45 @@ METRIC_COLS = HEAD_COLS[3:10]
 
 
 _TEST_DELAY = float(os.environ.get("VITSIFT_TEST_CHUNK_DELAY", "0"))
+# Attention maps are reduced in slices of this many images on CPU, the slices of a layer spread over
+# torch's CPU threads (cache-sized maps, no per-op barriers, memory that does not grow with the
+# batch: benchmarks/bench_analysis.py); the whole batch on CUDA. VITSIFT_MICRO_BATCH overrides for
+# every device (0 = whole batch). How to run, not part of a run's identity.
+CPU_MICRO_BATCH = 4
+
+
+def capture_micro_batch(device: torch.device | str) -> int | None:
+    """Images per attention slice for :func:`capture_attention` on ``device`` (None: whole batch)."""
+    env = os.environ.get("VITSIFT_MICRO_BATCH")
+    if env is not None and env.strip():
+        return int(env) or None
+    return CPU_MICRO_BATCH if torch.device(device).type == "cpu" else None
+
+
+def forward_autocast(device: torch.device | str):
+    """bf16 autocast for the forward pass on CUDA (metrics are computed in float32); none on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return _null()
+
+
+def batch_metrics(lm, collector: MetricCollector, x: torch.Tensor,
+                  variants: dict) -> dict:
+    """One batch of the analysis: the forward pass with capture, every layer and head reduced to
+    metrics for every variant (name -> (counts (B, N), exclude_self)) as it goes.
+
+    Returns variant -> metric -> (B, L, H) float32 on CPU (``MetricCollector.finish_batch``).
+    This is the whole per-batch cost of ``vitsift analyze`` besides writing rows; the
+    benchmarks time exactly this function.
+    """
+    dev = next(lm.model.parameters()).device
+    collector.start_batch(variants)
+    workers = torch.get_num_threads() if dev.type == "cpu" else 1
+    with torch.inference_mode(), forward_autocast(dev), \
+            capture_attention(lm.model, lm.num_prefix_tokens, collector,
+                              micro_batch=capture_micro_batch(dev), micro_workers=workers):
+        lm.model.forward_features(x.to(dev, non_blocking=True))
+    return collector.finish_batch()
 
 
 class RunMismatch(RuntimeError):
@@ -180,10 +219,11 @@ def stage_fit_json(layers: pd.DataFrame) -> dict:
 class RunDir:
     """One variant's output directory and its finished chunks."""
 
-    def __init__(self, path: Path, params: AnalysisParams):
+    def __init__(self, path: Path, params: AnalysisParams, rank: int = 0):
         self.path = Path(path)
         self.params = params
         self.parts = self.path / "parts"
+        self.rank = rank      # under torchrun: which process; each keeps its own mean-attention sum
 
     def prepare(self, n_images: int, model_info: dict | None = None) -> None:
         self.parts.mkdir(parents=True, exist_ok=True)
@@ -214,16 +254,32 @@ class RunDir:
             return (self.parts / f"{k:05d}.npz").exists() and k in self._mean_chunks()
         return (self.parts / f"{k:05d}.npz").exists()
 
-    # mean-attention bookkeeping: the running sum lists the chunks it includes
+    # mean-attention bookkeeping: the running sum lists the chunks it includes. Each torchrun rank
+    # keeps its own file (rank 0: mean_attention_sum.npz, rank r: mean_attention_sum.rank<r>.npz),
+    # so ranks never read-modify-write the same file; a chunk is in exactly one of them.
     def _mean_file(self) -> Path:
-        return self.path / "mean_attention_sum.npz"
+        return self.path / ("mean_attention_sum.npz" if self.rank == 0 else f"mean_attention_sum.rank{self.rank}.npz")
+
+    def _mean_files(self) -> list[Path]:
+        return sorted(self.path.glob("mean_attention_sum*.npz"))
 
     def _mean_chunks(self) -> set[int]:
-        f = self._mean_file()
-        if not f.exists():
-            return set()
-        with np.load(f) as z:
-            return set(int(c) for c in z["chunks"])
+        out: set[int] = set()
+        for f in self._mean_files():
+            with np.load(f) as z:
+                out |= set(int(c) for c in z["chunks"])
+        return out
+
+    def mean_sum(self) -> tuple[np.ndarray, int]:
+        """(sum of attention over every image so far (L, H, N, N), number of images)."""
+        total, count = None, 0
+        for f in self._mean_files():
+            with np.load(f) as z:
+                total = z["sum"] if total is None else total + z["sum"]
+                count += int(z["n"])
+        if total is None:
+            raise FileNotFoundError(f"no mean_attention_sum*.npz in {self.path}")
+        return total, count
 
     def add_mean(self, k: int, attn_sum: np.ndarray, n: int) -> None:
         f = self._mean_file()
@@ -254,7 +310,9 @@ class RunDir:
                 skipped += [tuple(r) for r in z["skipped"]]
             pq = self.parts / f"{k:05d}.parquet"
             if pq.exists():
-                frames.append(pd.read_parquet(pq))
+                df = pd.read_parquet(pq)
+                if len(df):   # a chunk of unreadable files only has no rows (and untyped columns)
+                    frames.append(df)
         n_patches = counts[0].shape[1] if counts and counts[0].ndim == 2 else 0
         counts = np.concatenate(counts) if counts else np.zeros((0, n_patches), np.int32)
         if mean_fn is not None:
@@ -281,8 +339,8 @@ class RunDir:
 
 def mean_attention_heads(run: RunDir, ids, counts, n_layers: int) -> pd.DataFrame:
     """Content-free control: the data-set-mean map of each layer/head, each image's counts."""
-    with np.load(run._mean_file()) as z:
-        mean = torch.from_numpy(z["sum"] / max(int(z["n"]), 1)).float()   # (L, H, N, N)
+    total, count = run.mean_sum()
+    mean = torch.from_numpy(total / max(count, 1)).float()                  # (L, H, N, N)
     p = run.params
     c = torch.from_numpy(np.asarray(counts)).long()
     res = {k: [] for k in METRIC_COLS}
@@ -320,7 +378,7 @@ def run_suite(base: AnalysisParams, variants: dict[tuple[str, bool], Path], *,
         raise ValueError(f"no images found for {base.images!r}")
     n_chunks = (len(records) + CHUNK - 1) // CHUNK
     mine = [k for k in range(n_chunks) if k % world == rank]
-    runs = {v: RunDir(d, base.replace(control=v[0], exclude_self=v[1])) for v, d in variants.items()}
+    runs = {v: RunDir(d, base.replace(control=v[0], exclude_self=v[1]), rank=rank) for v, d in variants.items()}
     for r in runs.values():
         r.prepare(len(records))
     sift = SiftParams(**base.sift)
@@ -348,7 +406,6 @@ def run_suite(base: AnalysisParams, variants: dict[tuple[str, bool], Path], *,
         n_layers_of[weights] = n_layers
         if not todo:
             continue
-        dev = next(lm.model.parameters()).device
         want_mean = any(v[0] == "mean-attention" for v in vs)
         collector = MetricCollector(n_layers, base.gamma, base.weighted, base.focus_kind, accumulate_mean=want_mean)
         theta_vs = [v for v in vs if v[0] != "mean-attention"]
@@ -357,7 +414,6 @@ def run_suite(base: AnalysisParams, variants: dict[tuple[str, bool], Path], *,
         bar = tqdm(total=n_img, unit="img", desc=f"analyze {base.model} [{weights}]", disable=not progress,
                    dynamic_ncols=True)
         from .pipeline import iter_batches
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else _null()
         for k in todo:
             chunk = records[k * CHUNK:(k + 1) * CHUNK]
             ids, counts, skipped, results = [], [], [], {v: [] for v in theta_vs}
@@ -369,11 +425,9 @@ def run_suite(base: AnalysisParams, variants: dict[tuple[str, bool], Path], *,
                 if batch is not None:
                     c = batch.counts.numpy()
                     shuf = torch.from_numpy(shuffled_counts(c, batch.ids, base.seed))
-                    collector.start_batch({v: (shuf if v[0] == "shuffle-keypoints" else batch.counts, v[1])
-                                           for v in theta_vs})
-                    with torch.inference_mode(), autocast, capture_attention(lm.model, lm.num_prefix_tokens, collector):
-                        lm.model.forward_features(batch.tensors.to(dev, non_blocking=True))
-                    out = collector.finish_batch()
+                    out = batch_metrics(lm, collector, batch.tensors,
+                                        {v: (shuf if v[0] == "shuffle-keypoints" else batch.counts, v[1])
+                                         for v in theta_vs})
                     for v in theta_vs:
                         results[v].append(head_rows(batch.ids, out[v], shuf.numpy() if v[0] == "shuffle-keypoints" else c))
                     ids += batch.ids

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One prepared check for a CUDA machine; finishes within 5 minutes, needs no weights and no data.
+# Prints, for random-init ViT-B/16 and ViT-L/16 at batch 64: the analysis path's throughput over
+# the plain forward (b/a, bf16 autocast forward, float32 metrics), peak memory, and MAE
+# pre-training steps/s (when vitsift_core.mae exists). Writes reports/bench/gpu_check.json.
+#
+#   bash benchmarks/gpu_check.sh                  # on the GPU box, from anywhere
+#   bash benchmarks/gpu_check.sh --cpu-tiny       # the same code on CPU with a tiny model (seconds)
+#   PY=/path/to/python bash benchmarks/gpu_check.sh   # another interpreter (default: .venv, else python3)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [[ -z "${PY:-}" ]]; then
+  if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"   # random-init models: nothing to download
+if command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+fi
+# 290 s for the Python part, so the whole script stays under 5 minutes
+exec timeout -k 10 290 "$PY" benchmarks/gpu_check.py "$@"

@@ -1,0 +1,119 @@
+"""The benchmarks run (tiny model, a few images) and print their tables; they are timed by `make bench`.
+
+These check that each script works end to end, not how fast anything is.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+
+
+def run(script, *args, tmp_path, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VITSIFT_CACHE": str(tmp_path / "cache"),
+           "VITSIFT_REPORTS": str(tmp_path / "reports")}
+    p = subprocess.run([sys.executable, str(BENCH / script), *args], env=env, capture_output=True,
+                       text=True, timeout=timeout, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-8000:]
+    return p.stdout
+
+
+def test_bench_analysis_tiny(tmp_path):
+    out = tmp_path / "analysis.json"
+    out.write_text(json.dumps({"analysis_over_plain": 0.5, "timestamp": "earlier"}))   # "the last run"
+    text = run("bench_analysis.py", "--tiny", "--out", str(out), tmp_path=tmp_path)
+    assert "| variant" in text and "(a) plain forward" in text and "(c) AttentionExtract + NumPy" in text
+    assert "b/a throughput" in text and "b/c throughput" in text and "b/a peak memory" in text
+    rep = json.loads(out.read_text())
+    assert rep["analysis_over_plain"] > 0 and rep["analysis_over_attention_extract"] > 0
+    assert set(rep["images_per_s"]) == {"a", "b", "c"} and rep["model"] == "test_vit"
+    if sys.platform.startswith("linux"):
+        assert rep["memory"]["b"]["peak_bytes"] > 0 and rep["memory_analysis_over_plain"] > 0
+    # (b) and (c) compute the same metrics; focus has no ties, so it agrees to float32 rounding
+    assert rep["max_abs_diff_b_vs_c"]["focus"] < 1e-4
+    assert "vs last run (earlier): analysis_over_plain 0.5 ->" in text     # compared with the last run
+
+
+def test_bench_keypoints_tiny(tmp_path):
+    out = tmp_path / "keypoints.json"
+    text = run("bench_keypoints.py", "--tiny", "--out", str(out), tmp_path=tmp_path)
+    assert "| path" in text and "SIFT only" in text and "cache" in text
+    rep = json.loads(out.read_text())
+    for k in ("sift_parallel_over_single", "sift_cached_over_cold", "analysis_fed_over_model_only_cold",
+              "analysis_fed_over_model_only_warm"):
+        assert rep[k] > 0, k
+
+
+def test_gpu_check_script_cpu_tiny(tmp_path):
+    assert subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")]).returncode == 0
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VITSIFT_CACHE": str(tmp_path / "cache"), "PY": sys.executable}
+    p = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--cpu-tiny", "--out", str(out)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-8000:]
+    assert "| model (random init)" in p.stdout and "test_vit" in p.stdout and "MAE pre-training" in p.stdout
+    rep = json.loads(out.read_text())
+    assert rep["models"][0]["b_over_a"] > 0
+    assert rep["models"][0]["metric_input_dtype"] == "float32"
+
+
+def test_numpy_baseline_matches_core_metrics():
+    """The benchmark's NumPy baseline (c) computes what metrics.head_metrics computes."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from bench_analysis import numpy_head_metrics
+    finally:
+        sys.path.remove(str(BENCH))
+    from vitsift_core import metrics as M
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 2, 16, 16, generator=g, dtype=torch.float64) * 3
+    a = logits.softmax(-1)
+    counts = torch.poisson(torch.full((3, 16), 0.7, dtype=torch.float64), generator=g).long()
+    counts[0] = 0
+    ref = M.head_metrics(a, counts)
+    got = numpy_head_metrics(a.numpy(), counts.numpy())
+    for k, v in ref.items():
+        np.testing.assert_allclose(got[k], v.numpy(), atol=1e-5, equal_nan=True, err_msg=k)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sliced_capture_equals_whole_batch(workers):
+    """The analysis path's attention slices (threads included) give the whole-batch metrics."""
+    import timm
+
+    from vitsift_core.attention import MetricCollector, capture_attention
+
+    torch.manual_seed(0)
+    m = timm.create_model("test_vit", pretrained=False).eval()
+    with torch.no_grad():
+        for blk in m.blocks:
+            blk.attn.qkv.weight.mul_(4.0)
+    x = torch.randn(7, 3, 160, 160)
+    n = m.patch_embed.num_patches
+    counts = torch.randint(0, 3, (7, n))
+    variants = {"real": (counts, False), "xself": (counts, True)}
+    outs, feats = [], []
+    for mb in (None, 3):
+        col = MetricCollector(len(m.blocks), accumulate_mean=True)
+        col.start_batch(variants)
+        with torch.inference_mode(), capture_attention(m, m.num_prefix_tokens, col, micro_batch=mb,
+                                                       micro_workers=workers):
+            feats.append(m.forward_features(x))
+        outs.append((col.finish_batch(), col.attn_sum.clone(), col.n_summed))
+    torch.testing.assert_close(feats[0], feats[1], atol=1e-5, rtol=1e-5)
+    (whole, s0, n0), (sliced, s1, n1) = outs
+    assert n0 == n1 == 7
+    torch.testing.assert_close(s0, s1, atol=1e-6, rtol=0)
+    for v in variants:
+        for k in whole[v]:
+            torch.testing.assert_close(sliced[v][k], whole[v][k], atol=1e-5, rtol=0, equal_nan=True)
+    # capture restored the module: its own forward, fused attention as before
+    assert all("forward" not in blk.attn.__dict__ for blk in m.blocks)
