@@ -167,6 +167,9 @@ def mae_steps(args, dev) -> dict:
     from vitsift_core.runs import forward_autocast
 
     kw = {"decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2} if args.cpu_tiny else {}
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     model = build_mae(args.mae_encoder, seed=0, **kw).to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
     size = model.encoder.patch_embed.img_size

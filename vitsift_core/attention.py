@@ -248,9 +248,10 @@ class MetricCollector:
                 self.attn_sum[layer] += s
                 if layer == 0:
                     self.n_summed += b
-        part = {}
+        # per slice only the (b, H, N) row values; means over rows, layers and images are taken
+        # once per batch in finish_batch (fewer small ops per slice)
         work = self._workspace(a)
-        part["focus"], part["focus_norm"] = M.focus_index(a, self.focus_kind, work=(work[0], work[1]))
+        part = {"entropy": M.row_entropy(a, self.focus_kind, work=(work[0], work[1]))}
         masks: dict[bool, torch.Tensor] = {}
         for name, (_, excl) in self._variants.items():
             c = self._counts(name, a.device)[off:off + b].reshape(b, 1, -1)
@@ -258,11 +259,7 @@ class MetricCollector:
                 # 0/1 floats straight from the comparison: the same sets as the bool mask
                 masks[excl] = M.attended_mask(a, self.gamma, excl, dtype=a.dtype,
                                               out=work[0] if not masks else None)
-            theta = M.theta_from_mask(masks[excl], c, self.weighted)
-            agg = M.aggregate_theta(theta, c)
-            agg["theta_chance"] = M.theta_chance(c.reshape(b, -1), self.weighted)[:, None].expand(b, h)
-            for k in self.THETA_KEYS:
-                part[(name, k)] = agg[k].float()
+            part[("theta", name)] = M.theta_from_mask(masks[excl], c, self.weighted)
         with self._lock:
             self._parts[layer].append((off, b, part))
 
@@ -280,16 +277,27 @@ class MetricCollector:
                 pos += b
             if self._batch >= 0 and pos != self._batch:
                 raise RuntimeError(f"layer {layer}: attention for {pos} of {self._batch} images")
-        keys = list(self._parts[0][0][2])
 
         def layer_cat(layer: int, k) -> torch.Tensor:
             parts = self._parts[layer]
             return parts[0][2][k] if len(parts) == 1 else torch.cat([p[2][k] for p in parts])
 
+        def rows(k) -> torch.Tensor:                       # (B, L, H, N)
+            return torch.stack([layer_cat(l, k) for l in range(self.n_layers)], dim=1)
+
+        focus, focus_norm = M.focus_from_rows(rows("entropy"))
+        out = {"focus": focus, "focus_norm": focus_norm}
+        for name, (_, _excl) in self._variants.items():
+            theta = rows(("theta", name))
+            b, n_l, h = theta.shape[:3]
+            c = self._counts(name, theta.device).reshape(b, 1, 1, -1)
+            agg = M.aggregate_theta(theta, c)
+            agg["theta_chance"] = M.theta_chance(c.reshape(b, -1), self.weighted)[:, None, None].expand(b, n_l, h)
+            for k in self.THETA_KEYS:
+                out[(name, k)] = agg[k].float()
         # one (K, B, L, H) tensor, one device -> host copy
-        allv = torch.stack([torch.stack([layer_cat(l, k) for l in range(self.n_layers)], dim=1)
-                            for k in keys]).cpu()
-        got = dict(zip(keys, allv.unbind(0)))
+        keys = list(out)
+        got = dict(zip(keys, torch.stack([out[k] for k in keys]).cpu().unbind(0)))
         foc = {k: got[k] for k in ("focus", "focus_norm")}
         res = {}
         for name in self._variants:

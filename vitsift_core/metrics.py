@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 FOCUS_KINDS = ("minmax", "softmax")
@@ -133,6 +134,17 @@ def theta_chance(counts: torch.Tensor, weighted: bool = True) -> torch.Tensor:
     return num / den
 
 
+def _log_(t: torch.Tensor) -> torch.Tensor:
+    """In-place natural log. On CPU through NumPy, whose SIMD log is about 3x faster than
+    torch's there (within 2 ulp); the log of every map entry is the focus index's largest cost."""
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and t.is_contiguous() \
+            and not t.requires_grad:
+        a = t.numpy()
+        np.log(a, out=a)
+        return t
+    return t.log_()
+
+
 def row_entropy(attn: torch.Tensor, kind: str = "minmax",
                 work: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Entropy (nats) of each query row, the per-row term of Eq. 5.
@@ -158,7 +170,7 @@ def row_entropy(attn: torch.Tensor, kind: str = "minmax",
     # log on CPU). s_j = 0 contributes 0 (0 * log(tiny)), as in xlogy.
     tiny = torch.finfo(shifted.dtype).tiny
     slogs = torch.clamp_min(shifted, tiny, out=w2) if w2 is not None else shifted.clamp_min(tiny)
-    slogs.log_()
+    _log_(slogs)
     slogs.mul_(shifted)
     ent = torch.log(total) - slogs.sum(dim=-1) / total
     return torch.where(total > 0, ent, torch.full_like(ent, float("nan")))
@@ -171,9 +183,13 @@ def focus_index(attn: torch.Tensor, kind: str = "minmax",
     attn: (..., N, N) -> (focus (...), focus_norm (...)). Lower = more focused. Rows with
     undefined entropy are skipped; NaN if every row is undefined. ``work``: see :func:`row_entropy`.
     """
-    ent = row_entropy(attn, kind, work)
+    return focus_from_rows(row_entropy(attn, kind, work))
+
+
+def focus_from_rows(ent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`focus_index` from the row entropies (..., N) of :func:`row_entropy` -> (...)."""
     mean = _masked_nanmean(ent, torch.ones_like(ent, dtype=torch.bool))
-    return mean, mean / math.log(attn.shape[-1])
+    return mean, mean / math.log(ent.shape[-1])
 
 
 def head_metrics(
