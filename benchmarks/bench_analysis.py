@@ -267,7 +267,7 @@ def parse(argv):
                    "'samples', 'imagenette:val' or a folder")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--batches", type=int, default=2, help="batches per round")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--gamma", type=float, default=1.0)
