@@ -46,7 +46,7 @@ import torch
 from . import masking as MK
 from . import metrics as M
 from .keypoints import SiftParams
-from .runs import RunMismatch, _atomic_write, _write_json, versions
+from .runs import RunMismatch, _atomic_write, _write_json, check_identity, versions
 
 PRED_COLS = ["image", "label", "target", "order", "mode", "ratio", "n_masked", "pred", "correct"]
 ACC_COLS = ["order", "mode", "ratio", "n", "top1", "ci_low", "ci_high", "n_masked"]
@@ -243,13 +243,7 @@ class MaskEvalRun:
         self.parts.mkdir(parents=True, exist_ok=True)
         pj = self.path / "params.json"
         ident = self.params.identity()
-        if pj.exists():
-            old = json.loads(pj.read_text()).get("identity", {})
-            diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
-            if diff:
-                detail = ", ".join(f"{k}: {old.get(k)!r} there vs {ident.get(k)!r} now" for k in diff)
-                raise RunMismatch(f"{self.path} holds a mask-eval run with other parameters ({detail}); "
-                                  "use another output folder or delete it")
+        if check_identity(pj, ident, "mask-eval run"):
             return
         _write_json(pj, {"identity": ident, "key": self.params.key(),
                          "runtime": {k: getattr(self.params, k) for k in MaskEvalParams.RUNTIME_KEYS},

@@ -216,6 +216,20 @@ def stage_fit_json(layers: pd.DataFrame) -> dict:
 
 
 # ------------------------------------------------------------------------------- run dirs
+def check_identity(params_json: Path, ident: dict, what: str = "run") -> bool:
+    """True when ``params_json`` exists and records ``ident``; RunMismatch naming every differing
+    key when it records another; False when there is none yet (a new run)."""
+    if not params_json.exists():
+        return False
+    old = json.loads(params_json.read_text()).get("identity", {})
+    diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
+    if diff:
+        detail = ", ".join(f"{k}: {old.get(k)!r} there vs {ident.get(k)!r} now" for k in diff)
+        raise RunMismatch(f"{params_json.parent} holds a {what} with other parameters ({detail}); "
+                          "use another output folder or delete it")
+    return True
+
+
 class RunDir:
     """One variant's output directory and its finished chunks."""
 
@@ -229,13 +243,7 @@ class RunDir:
         self.parts.mkdir(parents=True, exist_ok=True)
         pj = self.path / "params.json"
         ident = self.params.identity()
-        if pj.exists():
-            old = json.loads(pj.read_text()).get("identity", {})
-            diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
-            if diff:
-                detail = ", ".join(f"{k}: {old.get(k)!r} there vs {ident.get(k)!r} now" for k in diff)
-                raise RunMismatch(f"{self.path} holds a run with other parameters ({detail}); "
-                                  "use another output folder or delete it")
+        if check_identity(pj, ident, "run"):
             return
         _write_json(pj, {"identity": ident, "key": self.params.key(), "runtime": {
             k: getattr(self.params, k) for k in AnalysisParams.RUNTIME_KEYS},
