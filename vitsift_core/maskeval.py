@@ -46,7 +46,7 @@ import torch
 from . import masking as MK
 from . import metrics as M
 from .keypoints import SiftParams
-from .runs import RunMismatch, _atomic_write, _write_json, check_identity, versions
+from .runs import _atomic_write, _write_json, check_identity, versions
 
 PRED_COLS = ["image", "label", "target", "order", "mode", "ratio", "n_masked", "pred", "correct"]
 ACC_COLS = ["order", "mode", "ratio", "n", "top1", "ci_low", "ci_high", "n_masked"]
