@@ -116,3 +116,39 @@ def kp_cache_dir(tmp_path: Path, monkeypatch) -> Path:
     d = tmp_path / "cache"
     monkeypatch.setenv("VITSIFT_CACHE", str(d))
     return d
+
+
+# --------------------------------------------------------------------------- tiny models
+def sharp_test_vit(reg_tokens: int = 0, seed: int = 0):
+    """timm's tiny ``test_vit`` (6 layers x 2 heads, 10x10 patches), seeded, qkv scaled by 4:
+    random init gives near-uniform attention, and sharper maps keep the checks non-trivial."""
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    m = timm.create_model("test_vit", reg_tokens=reg_tokens, pretrained=False).eval()
+    with torch.no_grad():
+        for blk in m.blocks:
+            blk.attn.qkv.weight.mul_(4.0)
+    return m
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """``test_vit@<file>``: :func:`sharp_test_vit` written as safetensors, loaded by spec."""
+    from safetensors.torch import save_file
+
+    p = tmp_path_factory.mktemp("ckpt") / "test_vit.safetensors"
+    save_file(sharp_test_vit().state_dict(), str(p))
+    return f"test_vit@{p}"
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models: one thread is fastest, and immune to OpenMP spinning when the cores are shared."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

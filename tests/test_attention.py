@@ -1,6 +1,5 @@
 """Attention capture on tiny timm ViTs (test tier): exact maps, fused == unfused, reduction."""
 import pytest
-import timm
 import torch
 
 from vitsift_core import metrics as M
@@ -8,14 +7,7 @@ from vitsift_core.attention import (MetricCollector, attention_blocks, attention
                                     capture_attention, fused_attention)
 
 
-def tiny(reg_tokens=0, seed=0):
-    torch.manual_seed(seed)
-    m = timm.create_model("test_vit", reg_tokens=reg_tokens, pretrained=False).eval()
-    # random init gives near-uniform attention; sharpen it so the checks are not trivial
-    with torch.no_grad():
-        for blk in m.blocks:
-            blk.attn.qkv.weight.mul_(4.0)
-    return m
+from conftest import sharp_test_vit as tiny
 
 
 @pytest.fixture(params=[0, 4], ids=["cls", "cls+4reg"])

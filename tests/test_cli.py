@@ -9,10 +9,8 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-import timm
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from vitsift_core import runs
 from vitsift_core.attention import attention_maps
@@ -24,18 +22,6 @@ from vitsift_core import metrics as M
 from vitsift_core.models import load_model
 
 from conftest import DECODABLE, UNDECODABLE
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    m = timm.create_model("test_vit", pretrained=False)
-    with torch.no_grad():
-        for blk in m.blocks:
-            blk.attn.qkv.weight.mul_(4.0)   # sharper than random init, so metrics vary
-    p = tmp_path_factory.mktemp("ckpt") / "test_vit.safetensors"
-    save_file(m.state_dict(), str(p))
-    return f"test_vit@{p}"
 
 
 @pytest.fixture(autouse=True)

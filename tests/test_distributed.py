@@ -12,22 +12,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-import timm
-import torch
 from PIL import Image
-from safetensors.torch import save_file
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    m = timm.create_model("test_vit", pretrained=False)
-    with torch.no_grad():
-        for blk in m.blocks:
-            blk.attn.qkv.weight.mul_(4.0)   # sharper than random init, so metrics vary
-    p = tmp_path_factory.mktemp("ckpt") / "test_vit.safetensors"
-    save_file(m.state_dict(), str(p))
-    return f"test_vit@{p}"
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import timm
 import torch
 
 from vitsift_core import masking as MK
@@ -14,22 +13,10 @@ from vitsift_core.maskeval import _ScoreCollector, bootstrap_means, bootstrap_we
 from vitsift_core.probe import fit_linear
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and immune to OpenMP spinning when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def tiny(reg_tokens=0, seed=0):
-    torch.manual_seed(seed)
-    m = timm.create_model("test_vit", reg_tokens=reg_tokens, pretrained=False).eval()
-    with torch.no_grad():
-        for blk in m.blocks:
-            blk.attn.qkv.weight.mul_(4.0)
-    return m
+from conftest import sharp_test_vit as tiny
 
 
 GRID, P = (10, 10), 16   # test_vit: 160 px, 16 px patches

@@ -47,13 +47,7 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("VITSIFT_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and immune to OpenMP spinning when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def labelled(d, classes, n, seed=0):
