@@ -1,4 +1,4 @@
-"""torchrun: `vitsift analyze` / `vitsift suite` in 2 CPU processes (gloo) write exactly what 1 process writes.
+"""torchrun: `vitsift analyze` / `suite` / `mask-eval` in 2 CPU processes (gloo) write exactly what 1 process writes.
 
 Each rank analyses the chunks k with k % world == rank (VITSIFT_CHUNK=2: several chunks per rank)
 and writes its own parts; rank 0 merges after a barrier. Both runs use one torch thread per process
@@ -98,3 +98,58 @@ def test_torchrun_suite_equals_one_process(tmp_path, tiny_ckpt, images):
             assert len(list((two / d).glob("mean_attention_sum*.npz"))) == 2
         else:
             _same_run(one / d, two / d)
+
+
+@pytest.fixture(scope="module")
+def labelled_images(tmp_path_factory):
+    """Two classes (folders) with different textures, a broken file; val and probe-train sets."""
+    root = tmp_path_factory.mktemp("labelled")
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 4), ("val", 5)):           # val: 10 images + 1 broken -> chunks of 2
+        for ci, c in enumerate(("cat", "dog")):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                img = (rng.random((64, 64, 3)) * 60).astype(np.uint8)
+                if ci == 0:
+                    img[::8] = 255
+                else:
+                    img[:, ::8] = 255
+                Image.fromarray(img).save(root / split / c / f"{c}_{i:02d}.png")
+    (root / "val" / "dog" / "dog_broken.jpg").write_bytes(b"not a jpeg")
+    return root
+
+
+def test_torchrun_mask_eval_equals_one_process(tmp_path, tiny_ckpt, labelled_images):
+    """Probe tier, both modes, layer 'auto': the 2-process run trains the probe on rank 0 (its own
+    empty cache) and writes the same tables, scores and layer choice as 1 process."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    extra = ["--classifier", "embedded-probe", "--probe-train", str(labelled_images / "train"),
+             "--probe-per-class", "4", "--ratios", "0,10,40", "--mode", "fill,drop", "--n-boot", "100"]
+    _single(_args("mask-eval", tiny_ckpt, labelled_images / "val", one, *extra),
+            {**_env(tmp_path), "VITSIFT_CACHE": str(tmp_path / "cache1")})
+    p = _torchrun(_args("mask-eval", tiny_ckpt, labelled_images / "val", two, *extra),
+                  {**_env(tmp_path), "VITSIFT_CACHE": str(tmp_path / "cache2")})
+    assert p.stdout.count("wrote ") == 1                   # rank 0 alone reports
+    for f in ("predictions.parquet", "accuracy.parquet", "paired.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(one / f), pd.read_parquet(two / f), check_exact=True)
+    pred = pd.read_parquet(two / "predictions.parquet")
+    assert pred.image.nunique() == 10 and len(pred) == 10 * 4 * 2 * 3
+    sa, sb = np.load(one / "scores.npz"), np.load(two / "scores.npz")
+    assert sorted(sa.files) == sorted(sb.files)
+    for k in sa.files:
+        assert np.array_equal(sa[k], sb[k]), k
+    assert json.loads((one / "layer.json").read_text()) == json.loads((two / "layer.json").read_text())
+    assert pd.read_csv(one / "skipped.csv").equals(pd.read_csv(two / "skipped.csv"))
+    assert len(pd.read_csv(two / "skipped.csv")) == 1
+    ia, ib = (json.loads((d / "params.json").read_text()) for d in (one, two))
+    assert ia["identity"] == ib["identity"]
+    pa, pb = ia["classifier"]["info"], ib["classifier"]["info"]    # the same probe, trained on rank 0
+    drop = lambda d: {k: v for k, v in d.items() if not k.endswith("seconds")}
+    assert drop(pa) == drop(pb) and pa["n_train"] == 8
+    ra, rb = (json.loads((d / "run.json").read_text()) for d in (one, two))
+    assert ra["complete"] and rb["complete"] and ra["clean_top1"] == rb["clean_top1"] and rb["world"] == 2
+    # rank 0 did its share only: chunks 0, 2, 4 (6 of 11 records) in both passes
+    assert ra["score_images"] == 11 and rb["score_images"] == 6 and rb["mask_forwards"] == 6 * 4 * 2 * 2
+    # each rank wrote its own chunks (11 records / 2 per chunk = 6 chunks per pass)
+    assert sorted(x.name for x in (two / "parts").iterdir()) == \
+        [f"mask-{k:05d}.parquet" for k in range(6)] + [f"score-{k:05d}.npz" for k in range(6)]

@@ -320,8 +320,20 @@ def _choose_layers(params: MaskEvalParams, captured: list[int], sc: dict, n_laye
     return {"layers": layers, "how": f"auto: {why}", "stage_fit": fit, "captured": captured}
 
 
-def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = True) -> MaskEvalRun:
-    """Run (or resume) mask-eval into ``out``; returns the finished :class:`MaskEvalRun`."""
+def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = True,
+                  rank: int = 0, world: int = 1, barrier=None) -> MaskEvalRun:
+    """Run (or resume) mask-eval into ``out``; returns the :class:`MaskEvalRun`.
+
+    With ``world > 1`` (torchrun) this process handles the chunks k with k % world == rank in both
+    passes and writes only its own part files; ``barrier()`` separates the steps: rank 0 writes
+    params.json and trains the probe (the others then load it from the cache), every rank reads
+    all score parts and chooses the same layer (a deterministic function of them), and after pass
+    2 rank 0 alone merges the parts into the tables -- the same files a single process writes.
+    """
+    def sync():
+        if barrier is not None:
+            barrier()
+
     from tqdm.auto import tqdm
 
     from .attention import MetricCollector, capture_attention
@@ -339,15 +351,25 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
     if not records:
         raise ValueError(f"no images found for {p.images!r}")
     run = MaskEvalRun(out, p)
-    run.prepare(len(records))
+    if rank == 0:
+        run.prepare(len(records))
+    sync()
+    if rank != 0:
+        run.prepare(len(records))   # identity written by rank 0: only checked here
 
     # models: the probe's backbone is the scoring model; a timm classifier scores itself unless told
     from .classify import PROBE_SPECS
     score_lm = load_model(p.model, device=p.device)
     probe = ProbeSettings(train_images=p.probe_train, per_class=p.probe_per_class,
                           weight_decay=p.probe_weight_decay, seed=p.seed)
-    clf = load_classifier(p.classifier, p.model, device=p.device, probe=probe, batch_size=p.batch_size,
-                          num_workers=p.num_workers, progress=progress, backbone=score_lm)
+    # rank 0 trains (or loads) the probe first; the other ranks then find it in the cache
+    if rank == 0:
+        clf = load_classifier(p.classifier, p.model, device=p.device, probe=probe, batch_size=p.batch_size,
+                              num_workers=p.num_workers, progress=progress, backbone=score_lm)
+    sync()
+    if rank != 0:
+        clf = load_classifier(p.classifier, p.model, device=p.device, probe=probe, batch_size=p.batch_size,
+                              num_workers=p.num_workers, progress=False, backbone=score_lm)
     same = clf.lm is score_lm
     if not same:
         a, b = score_lm, clf.lm
@@ -357,14 +379,16 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
             raise ValueError(f"scoring model {a.spec!r} and classifier {b.spec!r} must share the input "
                              f"(grid {a.grid} vs {b.grid}, patch {a.patch_size} vs {b.patch_size}, "
                              "and the same data config) so that a patch means the same pixels in both")
-    run.set_info(model=model_identity(score_lm), classifier={**clf.identity(), "info": clf.info,
-                                                             "n_classes": len(clf.classes)})
+    if rank == 0:
+        run.set_info(model=model_identity(score_lm), classifier={**clf.identity(), "info": clf.info,
+                                                                 "n_classes": len(clf.classes)})
 
     # labels the classifier cannot score are left out up front
     skipped_label = [Skipped(r.id, str(r.path or ""), f"label {r.label!r} is not a class of {clf.spec}")
                      for r in records if clf.target(r.label) is None]
     records = [r for r in records if clf.target(r.label) is not None]
     n_chunks = (len(records) + chunk - 1) // chunk
+    mine = [k for k in range(n_chunks) if k % world == rank]
     lm = score_lm
     n_layers = len(lm.model.blocks)
     spec = MK.parse_layers(p.layer, n_layers)
@@ -376,7 +400,7 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
     timing = {}
 
     # ---- pass 1: scores, stage metrics, clean predictions
-    todo = [k for k in range(n_chunks) if not run.score_file(k).exists()]
+    todo = [k for k in mine if not run.score_file(k).exists()]
     t0 = time.perf_counter()
     bar = tqdm(total=sum(len(records[k * chunk:(k + 1) * chunk]) for k in todo), unit="img",
                desc=f"mask-eval scores [{lm.spec}]", disable=not progress or not todo, dynamic_ncols=True)
@@ -431,22 +455,27 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
     timing["score_seconds"] = round(time.perf_counter() - t0, 2)
     timing["score_images"] = sum(len(records[k * chunk:(k + 1) * chunk]) for k in todo)
 
+    sync()
+    missing = [k for k in range(n_chunks) if not run.score_file(k).exists()]
+    if missing:
+        raise RuntimeError(f"{run.path}: score chunks {missing} unfinished after the score pass")
     sc = _load_scores(run, n_chunks)
     for k in range(n_chunks):
         with np.load(run.score_file(k)) as z:
             skipped_io += [tuple(r) for r in z["skipped"]]
     choice = _choose_layers(p, captured, sc, n_layers)
-    _write_json(run.path / "layer.json", choice)
     scores = MK.combine_layer_scores(sc["layer_scores"], choice["layers"], captured)
-    _atomic_write(run.path / "scores.npz", lambda f: np.savez(
-        open(f, "wb"), ids=sc["ids"], labels=sc["labels"], counts=sc["counts"], scores=scores,
-        layer_scores=sc["layer_scores"].astype(np.float16), captured=np.asarray(captured),
-        layers=np.asarray(choice["layers"])))
+    if rank == 0:
+        _write_json(run.path / "layer.json", choice)
+        _atomic_write(run.path / "scores.npz", lambda f: np.savez(
+            open(f, "wb"), ids=sc["ids"], labels=sc["labels"], counts=sc["counts"], scores=scores,
+            layer_scores=sc["layer_scores"].astype(np.float16), captured=np.asarray(captured),
+            layers=np.asarray(choice["layers"])))
     row_of = {i: n for n, i in enumerate(sc["ids"])}
 
     # ---- pass 2: masked forwards
     conds = p.conditions()
-    todo = [k for k in range(n_chunks) if not run.mask_file(k).exists()]
+    todo = [k for k in mine if not run.mask_file(k).exists()]
     n_img = sum(len(records[k * chunk:(k + 1) * chunk]) for k in todo)
     t0 = time.perf_counter()
     bar = tqdm(total=n_img * len(conds), unit="fwd", desc=f"mask-eval {'+'.join(p.modes)} [{clf.spec}]",
@@ -462,10 +491,10 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
                 continue
             rows = np.asarray([row_of[i] for i in batch.ids])
             x = batch.tensors.to(dev)
-            rank = {o: MK.rank_patches(o, scores=scores[rows], counts=sc["counts"][rows], ids=batch.ids,
+            ranked = {o: MK.rank_patches(o, scores=scores[rows], counts=sc["counts"][rows], ids=batch.ids,
                                        seed=p.seed, tiebreak=p.tiebreak) for o in p.orders}
             for mode, order, ratio in conds:
-                idx = MK.mask_indices(rank[order], ratio)
+                idx = MK.mask_indices(ranked[order], ratio)
                 with torch.inference_mode():
                     pred = clf.logits(MK.masked_features(model, x, mode, idx, lm.grid, lm.patch_size)).argmax(-1)
                 frames.append(pd.DataFrame({"image": batch.ids, "order": order, "mode": mode,
@@ -479,7 +508,15 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
     bar.close()
     timing["mask_seconds"] = round(time.perf_counter() - t0, 2)
     timing["mask_forwards"] = n_img * len(conds)
+    if world > 1:
+        timing["world"] = world   # the timings above are rank 0's share
 
+    sync()
+    if rank != 0:
+        return run
+    missing = [k for k in range(n_chunks) if not run.mask_file(k).exists()]
+    if missing:
+        raise RuntimeError(f"{run.path}: mask chunks {missing} unfinished after the mask pass")
     # ---- finalize: predictions (ratio 0 = clean, for every order and mode), tables
     masked = pd.concat([pd.read_parquet(run.mask_file(k)) for k in range(n_chunks)], ignore_index=True) \
         if n_chunks else pd.DataFrame(columns=PRED_COLS)
@@ -563,7 +600,12 @@ def cli_main(a) -> int:
         gamma=a.gamma, weighted=not a.unweighted, exclude_self=a.exclude_self, tiebreak=a.tiebreak, seed=a.seed,
         probe_train=a.probe_train, probe_per_class=per_class, probe_weight_decay=a.probe_weight_decay,
         n_boot=a.n_boot, batch_size=a.batch_size, num_workers=a.num_workers, device=a.device)
-    run = run_mask_eval(params, a.out, progress=not a.quiet)
+    from .cli import _distributed, _rank_device
+    rank, world, barrier = _distributed()
+    params = _rank_device(params, world)
+    run = run_mask_eval(params, a.out, progress=not a.quiet and rank == 0, rank=rank, world=world, barrier=barrier)
+    if rank != 0:
+        return 0
     info = json.loads((run.path / "run.json").read_text())
     acc = run.accuracy()
     print(f"wrote {run.path}: {info['n_images']} images ({info['n_skipped']} skipped), score layer(s) "
