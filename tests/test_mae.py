@@ -86,16 +86,7 @@ def test_norm_pix_target():
     torch.testing.assert_close(t.var(-1), torch.ones(1, 16), atol=1e-3, rtol=0)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run faster on one thread than on a shared, oversubscribed pair."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_tiny_mae_overfits_one_image(one_thread):
+def test_tiny_mae_overfits_one_image(one_torch_thread):
     """Random masks every step; the loss on masked patches falls to a small fraction."""
     torch.manual_seed(0)
     m = tiny(embed_dim=64, decoder_embed_dim=64)
