@@ -110,6 +110,17 @@ def vitsift_data(monkeypatch) -> Path:
     return DATASETS
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """Every test runs with VITSIFT_CACHE in a temporary folder, so the suite never reads or writes
+    the user's cache (converted weights, keypoints, probes); tests that need a cache of their own
+    set it again. The embedded weights are converted once per session here."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VITSIFT_CACHE", str(tmp_path_factory.mktemp("vitsift-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture
 def kp_cache_dir(tmp_path: Path, monkeypatch) -> Path:
     """Isolated VITSIFT_CACHE so tests never touch the user's cache."""
