@@ -9,7 +9,8 @@ import torch
 from vitsift_core import masking as MK
 from vitsift_core import metrics as M
 from vitsift_core.attention import attention_maps, capture_attention
-from vitsift_core.maskeval import _ScoreCollector, bootstrap_means, bootstrap_weights, ordering_check, summarize
+from vitsift_core.maskeval import (_ScoreCollector, bootstrap_means, bootstrap_weights, order_contrasts, ordering_check,
+                                  paired_ordering, summarize)
 from vitsift_core.probe import fit_linear
 
 
@@ -321,3 +322,48 @@ def test_fit_linear_separates_and_folds_standardisation():
     assert w.shape == (3, 8) and b.shape == (3,)
     logits = torch.from_numpy(x).float() @ w.T + b
     assert (logits.argmax(1).numpy() == y).all() and info["train_top1"] == 1.0
+
+
+def test_order_contrasts_hand_computed():
+    """4 images; Top right on images 2, 3; Random on 0, 2, 3; Bottom on all."""
+    df = _pred_frame({("top", "fill", 10.0): [0, 0, 1, 1], ("random", "fill", 10.0): [1, 0, 1, 1],
+                      ("bottom", "fill", 10.0): [1, 1, 1, 1], ("top", "fill", 0.0): [1, 1, 1, 1]}, 4)
+    c = order_contrasts(df, n_boot=300, seed=0).set_index(["a", "b"])
+    assert list(c.columns[:2]) == ["mode", "ratio"] and len(c) == 2 and (c.ratio == 10.0).all()
+    tr, rb = c.loc[("top", "random")], c.loc[("random", "bottom")]
+    assert tr["diff"] == pytest.approx(-25.0) and tr.n_a_only == 0 and tr.n_b_only == 1 and tr.p_mcnemar == 1.0
+    assert rb["diff"] == pytest.approx(-25.0) and rb.n_a_only == 0 and rb.n_b_only == 1
+    assert tr.ci_high <= 0 and tr.ci_low >= -100
+    o = paired_ordering(order_contrasts(df, n_boot=300, seed=0)).iloc[0]
+    # a one-image difference: the bootstrap often draws none of it, so the CI reaches 0: not shown
+    assert o.top_minus_random == pytest.approx(-25.0) and not o.holds
+
+
+def test_order_contrasts_match_a_loop_reference():
+    """Random predictions: diff, CI (the same resamples, looped) and McNemar counts by hand."""
+    from scipy.stats import binomtest
+    rng = np.random.default_rng(3)
+    n, n_boot = 60, 400
+    conds = {(o, m, r): rng.random(n) < p for o, p in (("top", 0.4), ("random", 0.6), ("bottom", 0.8))
+             for m in ("fill", "drop") for r in (5.0, 20.0)}
+    df = _pred_frame(conds, n)
+    c = order_contrasts(df, n_boot=n_boot, seed=5)
+    assert len(c) == 2 * 2 * 2
+    w = bootstrap_weights(n, n_boot, 5)
+    order = sorted(f"i{k}" for k in range(n))          # pivot_table sorts the image ids
+    idx = [int(i[1:]) for i in order]
+    for _, row in c.iterrows():
+        a = conds[(row.a, row["mode"], row.ratio)].astype(float)[idx]
+        b = conds[(row.b, row["mode"], row.ratio)].astype(float)[idx]
+        d = a - b
+        boot = [sum(w[k, j] * d[j] for j in range(n)) / n for k in range(n_boot)]
+        assert row["diff"] == pytest.approx(100 * d.mean())
+        assert row.ci_low == pytest.approx(100 * np.quantile(boot, 0.025))
+        assert row.ci_high == pytest.approx(100 * np.quantile(boot, 0.975))
+        assert row.n_a_only == int((d > 0).sum()) and row.n_b_only == int((d < 0).sum())
+        assert row.p_mcnemar == pytest.approx(binomtest(min(row.n_a_only, row.n_b_only),
+                                                        row.n_a_only + row.n_b_only, 0.5).pvalue)
+    po = paired_ordering(c)
+    assert len(po) == 4 and set(po["mode"]) == {"fill", "drop"}
+    want = (c[(c.a == "top")].ci_high.to_numpy() < 0) & (c[(c.a == "random")].ci_high.to_numpy() < 0)
+    assert po.holds.tolist() == want.tolist()
