@@ -9,8 +9,8 @@ import torch
 from vitsift_core import masking as MK
 from vitsift_core import metrics as M
 from vitsift_core.attention import attention_maps, capture_attention
-from vitsift_core.maskeval import (_ScoreCollector, bootstrap_means, bootstrap_weights, order_contrasts, ordering_check,
-                                  paired_ordering, summarize)
+from vitsift_core.maskeval import (MaskEvalParams, _ScoreCollector, bootstrap_means, bootstrap_weights, mask_shape,
+                                  order_contrasts, ordering_check, paired_ordering, summarize)
 from vitsift_core.probe import fit_linear
 
 
@@ -367,3 +367,51 @@ def test_order_contrasts_match_a_loop_reference():
     assert len(po) == 4 and set(po["mode"]) == {"fill", "drop"}
     want = (c[(c.a == "top")].ci_high.to_numpy() < 0) & (c[(c.a == "random")].ci_high.to_numpy() < 0)
     assert po.holds.tolist() == want.tolist()
+
+
+def test_mask_adjacency_hand_computed():
+    # 4x4 grid. Corner 2x2 block: in-image neighbours 2 + 3 + 3 + 4 = 12, of them masked 2 each -> 8/12
+    assert MK.mask_adjacency(np.array([[0, 1, 4, 5]]), (4, 4))[0] == pytest.approx(8 / 12)
+    assert MK.mask_adjacency(np.arange(16)[None], (4, 4))[0] == 1.0     # everything masked
+    # centre 2x2 block: each has 4 neighbours, 2 masked -> 8/16
+    assert MK.mask_adjacency(np.array([[5, 6, 9, 10]]), (4, 4))[0] == pytest.approx(0.5)
+    # a diagonal: no masked neighbour; last column and first column do not touch (no wrap-around)
+    assert MK.mask_adjacency(np.array([[0, 5, 10, 15]]), (4, 4))[0] == 0.0
+    assert MK.mask_adjacency(np.array([[3, 4]]), (4, 4))[0] == 0.0
+    assert np.isnan(MK.mask_adjacency(np.zeros((1, 0), np.int64), (4, 4))[0])
+
+
+def test_mask_adjacency_matches_loop_reference_and_random_level():
+    rng = np.random.default_rng(0)
+    gh, gw = 6, 9
+    n = gh * gw
+    masked = np.sort(np.stack([rng.permutation(n)[:20] for _ in range(300)]), axis=1)
+    got = MK.mask_adjacency(masked, (gh, gw))
+    for b in range(0, 300, 37):
+        s = set(masked[b].tolist())
+        hit = tot = 0
+        for p in s:
+            r, c = divmod(p, gw)
+            for rr, cc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+                if 0 <= rr < gh and 0 <= cc < gw:
+                    tot += 1
+                    hit += (rr * gw + cc) in s
+        assert got[b] == pytest.approx(hit / tot)
+    assert got.mean() == pytest.approx(19 / 53, abs=0.02)      # random masks: about (M - 1) / (N - 1)
+
+
+def test_mask_shape_rebuilds_the_masks_of_each_order():
+    """Bottom of a score that is low on one 3x3 corner block masks that block (clumped); Random does not."""
+    gh = gw = 6
+    scores = np.ones((2, 36))
+    block = [r * gw + c for r in range(3) for c in range(3)]
+    scores[:, block] = 0.1
+    sc = {"ids": np.array(["a", "b"]), "scores": scores, "counts": np.ones((2, 36), np.int32)}
+    p = MaskEvalParams(classifier="x@y", model="x@y", ratios=[0, 25], orders=["bottom", "random"])
+    t = mask_shape(sc, p, (gh, gw)).set_index("order")
+    assert list(t.ratio) == [25.0, 25.0] and (t.n_masked == 9).all()
+    # the 3x3 corner block: in-image neighbours 2+3+3+3+4+4+3+4+4 = 30, masked 2+3+2+3+4+3+2+3+2 = 24
+    assert t.loc["bottom", "adjacency"] == pytest.approx(24 / 30)
+    want = np.mean(MK.mask_adjacency(MK.mask_indices(MK.rank_patches("random", scores=scores, ids=["a", "b"]), 25),
+                                     (gh, gw)))
+    assert t.loc["random", "adjacency"] == pytest.approx(want) and want < 24 / 30

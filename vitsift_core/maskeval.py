@@ -266,6 +266,24 @@ def paired_ordering(contrasts: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def mask_shape(scores: dict, params: MaskEvalParams, grid: tuple[int, int]) -> pd.DataFrame:
+    """How clumped each order's masks are: for every order and ratio > 0 of ``params``, the mean
+    over images of :func:`masking.mask_adjacency` (share of masked patches' neighbours also masked).
+    ``scores``: :meth:`MaskEvalRun.scores` (ids, scores (n, N), counts (n, N)); the masks are
+    rebuilt exactly as the mask pass built them. Columns: order, ratio, n_masked, adjacency."""
+    ids = [str(i) for i in scores["ids"]]
+    rows = []
+    for order in params.orders:
+        rank = MK.rank_patches(order, scores=scores["scores"], counts=scores["counts"], ids=ids,
+                               seed=params.seed, tiebreak=params.tiebreak)
+        for r in params.ratios:
+            if r > 0:
+                idx = MK.mask_indices(rank, r)
+                rows.append({"order": order, "ratio": float(r), "n_masked": idx.shape[1],
+                             "adjacency": float(np.nanmean(MK.mask_adjacency(idx, grid)))})
+    return pd.DataFrame(rows, columns=["order", "ratio", "n_masked", "adjacency"])
+
+
 # ----------------------------------------------------------------------------------- the run
 class _ScoreCollector:
     """Attention callback: head-mean theta_i per captured layer, plus the stage-fit metrics."""

@@ -118,6 +118,30 @@ def mask_indices(ranking: np.ndarray, ratio_pct: float) -> np.ndarray:
     return np.sort(ranking[:, :m], axis=1)
 
 
+def mask_adjacency(masked: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """How clumped a mask is: masked (B, M) patch indices (row-major on ``grid`` = (gh, gw)) ->
+    (B,) share of the masked patches' in-image 4-neighbours that are masked too (NaN when M = 0).
+
+    A uniformly random mask gives about (M - 1) / (N - 1); one compact blob approaches 1. ViTs
+    tolerate scattered masks far better than blobs, so a Top/Bottom vs Random comparison must be
+    read with this number beside it.
+    """
+    gh, gw = grid
+    b, m = masked.shape
+    on = np.zeros((b, gh + 2, gw + 2), dtype=bool)          # a False border: no wrap-around
+    inside = np.zeros((gh + 2, gw + 2), dtype=bool)
+    inside[1:-1, 1:-1] = True
+    rows, cols = np.divmod(np.asarray(masked, dtype=np.int64), gw)
+    on[np.arange(b)[:, None], rows + 1, cols + 1] = True
+    hit = np.zeros((b, m)); tot = np.zeros((b, m))
+    for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        r, c = rows + 1 + dr, cols + 1 + dc
+        tot += inside[r, c]
+        hit += on[np.arange(b)[:, None], r, c]
+    with np.errstate(invalid="ignore"):
+        return np.where(m > 0, hit.sum(1) / np.maximum(tot.sum(1), 1), np.nan)
+
+
 def keep_indices(masked: np.ndarray, n_patches: int) -> np.ndarray:
     """Complement of ``masked`` (B, M) in range(N): (B, N - M), ascending."""
     b = masked.shape[0]
