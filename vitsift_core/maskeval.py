@@ -164,12 +164,29 @@ def _mcnemar(gain: int, loss: int) -> float:
     return 1.0 if gain + loss == 0 else float(binomtest(min(gain, loss), gain + loss, 0.5).pvalue)
 
 
+def _wide_correct(pred: pd.DataFrame) -> pd.DataFrame:
+    """predictions -> (images, (order, mode, ratio)) 0/1 correctness, columns sorted."""
+    return pred.pivot_table(index="image", columns=["order", "mode", "ratio"], values="correct",
+                            aggfunc="first").sort_index(axis=1)
+
+
+def _paired_stats(d: np.ndarray, weights: np.ndarray) -> list[dict]:
+    """d (n images, K) per-image differences in {-1, 0, 1} -> per column: diff and its bootstrap CI
+    (percentage points), images gained (d > 0) and lost (d < 0), exact McNemar p on those."""
+    mean, lo, hi = bootstrap_means(d, weights)
+    out = []
+    for i in range(d.shape[1]):
+        gain, loss = int((d[:, i] > 0).sum()), int((d[:, i] < 0).sum())
+        out.append({"diff": 100 * mean[i], "ci_low": 100 * lo[i], "ci_high": 100 * hi[i],
+                    "gain": gain, "loss": loss, "p_mcnemar": _mcnemar(gain, loss)})
+    return out
+
+
 def summarize(pred: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """predictions -> (accuracy table, paired masked-minus-clean table); see module doc."""
     if pred.empty:
         return pd.DataFrame(columns=ACC_COLS), pd.DataFrame(columns=PAIRED_COLS)
-    wide = pred.pivot_table(index="image", columns=["order", "mode", "ratio"], values="correct", aggfunc="first")
-    wide = wide.sort_index(axis=1)
+    wide = _wide_correct(pred)
     n = len(wide)
     w = bootstrap_weights(n, n_boot, seed)
     c = wide.to_numpy(dtype=np.float64)
@@ -179,14 +196,11 @@ def summarize(pred: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> tuple[pd
                          "top1": 100 * mean[i], "ci_low": 100 * lo[i], "ci_high": 100 * hi[i],
                          "n_masked": int(nm[(o, m, r)])} for i, (o, m, r) in enumerate(wide.columns)])
     clean = pred[pred.ratio == 0].groupby("image")["correct"].first().reindex(wide.index).to_numpy(dtype=np.float64)
-    d = c - clean[:, None]
-    dm, dlo, dhi = bootstrap_means(d, w)
-    rows = []
-    for i, (o, m, r) in enumerate(wide.columns):
-        gain, loss = int((d[:, i] > 0).sum()), int((d[:, i] < 0).sum())
-        rows.append({"order": o, "mode": m, "ratio": r, "n": n, "diff": 100 * dm[i], "ci_low": 100 * dlo[i],
-                     "ci_high": 100 * dhi[i], "n_gain": gain, "n_loss": loss, "p_mcnemar": _mcnemar(gain, loss)})
-    paired = pd.DataFrame(rows, columns=PAIRED_COLS)
+    stats = _paired_stats(c - clean[:, None], w)
+    paired = pd.DataFrame([{"order": o, "mode": m, "ratio": r, "n": n, "diff": st["diff"], "ci_low": st["ci_low"],
+                            "ci_high": st["ci_high"], "n_gain": st["gain"], "n_loss": st["loss"],
+                            "p_mcnemar": st["p_mcnemar"]} for (o, m, r), st in zip(wide.columns, stats)],
+                          columns=PAIRED_COLS)
     order_rank = {o: k for k, o in enumerate(MK.ORDERS)}
     key = lambda df: df.assign(_o=df.order.map(order_rank)).sort_values(["mode", "_o", "ratio"]).drop(columns="_o")
     return key(acc)[ACC_COLS].reset_index(drop=True), key(paired)[PAIRED_COLS].reset_index(drop=True)
@@ -222,8 +236,7 @@ def order_contrasts(pred: pd.DataFrame, pairs=(("top", "random"), ("random", "bo
     """
     if pred.empty:
         return pd.DataFrame(columns=CONTRAST_COLS)
-    wide = pred.pivot_table(index="image", columns=["order", "mode", "ratio"], values="correct",
-                            aggfunc="first").sort_index(axis=1).astype(np.float64)
+    wide = _wide_correct(pred).astype(np.float64)
     w = bootstrap_weights(len(wide), n_boot, seed)
     keys, cols = [], []
     for mode in dict.fromkeys(wide.columns.get_level_values(1)):
@@ -237,13 +250,9 @@ def order_contrasts(pred: pd.DataFrame, pairs=(("top", "random"), ("random", "bo
     d = np.stack(cols, axis=1)                                             # (n images, K)
     if np.isnan(d).any():
         raise ValueError("order_contrasts: every image needs a prediction under both orders of a pair")
-    mean, lo, hi = bootstrap_means(d, w)
-    rows = []
-    for i, (mode, ratio, a, b) in enumerate(keys):
-        a_only, b_only = int((d[:, i] > 0).sum()), int((d[:, i] < 0).sum())
-        rows.append({"mode": mode, "ratio": ratio, "a": a, "b": b, "n": len(d), "diff": 100 * mean[i],
-                     "ci_low": 100 * lo[i], "ci_high": 100 * hi[i], "n_a_only": a_only, "n_b_only": b_only,
-                     "p_mcnemar": _mcnemar(a_only, b_only)})
+    rows = [{"mode": mode, "ratio": ratio, "a": a, "b": b, "n": len(d), "diff": st["diff"], "ci_low": st["ci_low"],
+             "ci_high": st["ci_high"], "n_a_only": st["gain"], "n_b_only": st["loss"], "p_mcnemar": st["p_mcnemar"]}
+            for (mode, ratio, a, b), st in zip(keys, _paired_stats(d, w))]
     return pd.DataFrame(rows, columns=CONTRAST_COLS)
 
 
@@ -369,15 +378,18 @@ def _load_scores(run: MaskEvalRun, n_chunks: int) -> dict:
     keys = ("ids", "labels", "targets", "counts", "layer_scores", "clean_pred")
     out = {k: [] for k in keys}
     met: dict[str, list] = {}
+    skipped: list[tuple] = []
     for k in range(n_chunks):
         with np.load(run.score_file(k)) as z:
             for key in keys:
                 out[key].append(z[key])
+            skipped += [tuple(r) for r in z["skipped"]]
             for key in z.files:
                 if key.startswith("m_"):
                     met.setdefault(key[2:], []).append(z[key])
     res = {k: np.concatenate(v) for k, v in out.items()}
     res["metrics"] = {k: np.concatenate(v) for k, v in met.items()}
+    res["skipped"] = skipped            # (path or id, reason) of the images the score pass left out
     return res
 
 
@@ -411,6 +423,18 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
         if barrier is not None:
             barrier()
 
+    def rank0_first(fn):
+        """fn() on rank 0, then (after a barrier) on the others: rank 0 writes, they read."""
+        if rank == 0:
+            out = fn()
+        sync()
+        return out if rank == 0 else fn()
+
+    def require(part_file, what: str) -> None:
+        missing = [k for k in range(n_chunks) if not part_file(k).exists()]
+        if missing:
+            raise RuntimeError(f"{run.path}: {what} chunks {missing} unfinished after the {what} pass")
+
     from tqdm.auto import tqdm
 
     from .attention import MetricCollector, capture_attention
@@ -428,11 +452,7 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
     if not records:
         raise ValueError(f"no images found for {p.images!r}")
     run = MaskEvalRun(out, p)
-    if rank == 0:
-        run.prepare(len(records))
-    sync()
-    if rank != 0:
-        run.prepare(len(records))   # identity written by rank 0: only checked here
+    rank0_first(lambda: run.prepare(len(records)))   # the other ranks only check the identity
 
     # models: the probe's backbone is the scoring model; a timm classifier scores itself unless told
     from .classify import PROBE_SPECS
@@ -440,13 +460,9 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
     probe = ProbeSettings(train_images=p.probe_train, per_class=p.probe_per_class,
                           weight_decay=p.probe_weight_decay, seed=p.seed)
     # rank 0 trains (or loads) the probe first; the other ranks then find it in the cache
-    if rank == 0:
-        clf = load_classifier(p.classifier, p.model, device=p.device, probe=probe, batch_size=p.batch_size,
-                              num_workers=p.num_workers, progress=progress, backbone=score_lm)
-    sync()
-    if rank != 0:
-        clf = load_classifier(p.classifier, p.model, device=p.device, probe=probe, batch_size=p.batch_size,
-                              num_workers=p.num_workers, progress=False, backbone=score_lm)
+    clf = rank0_first(lambda: load_classifier(p.classifier, p.model, device=p.device, probe=probe,
+                                              batch_size=p.batch_size, num_workers=p.num_workers,
+                                              progress=progress and rank == 0, backbone=score_lm))
     same = clf.lm is score_lm
     if not same:
         a, b = score_lm, clf.lm
@@ -473,7 +489,6 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
     dev = next(lm.model.parameters()).device
     sift = SiftParams(**p.sift)
     cache = KeypointCache()
-    skipped_io: list = []
     timing = {}
 
     # ---- pass 1: scores, stage metrics, clean predictions
@@ -533,13 +548,8 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
     timing["score_images"] = sum(len(records[k * chunk:(k + 1) * chunk]) for k in todo)
 
     sync()
-    missing = [k for k in range(n_chunks) if not run.score_file(k).exists()]
-    if missing:
-        raise RuntimeError(f"{run.path}: score chunks {missing} unfinished after the score pass")
+    require(run.score_file, "score")
     sc = _load_scores(run, n_chunks)
-    for k in range(n_chunks):
-        with np.load(run.score_file(k)) as z:
-            skipped_io += [tuple(r) for r in z["skipped"]]
     choice = _choose_layers(p, captured, sc, n_layers)
     scores = MK.combine_layer_scores(sc["layer_scores"], choice["layers"], captured)
     if rank == 0:
@@ -591,9 +601,7 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
     sync()
     if rank != 0:
         return run
-    missing = [k for k in range(n_chunks) if not run.mask_file(k).exists()]
-    if missing:
-        raise RuntimeError(f"{run.path}: mask chunks {missing} unfinished after the mask pass")
+    require(run.mask_file, "mask")
     # ---- finalize: predictions (ratio 0 = clean, for every order and mode), tables
     masked = pd.concat([pd.read_parquet(run.mask_file(k)) for k in range(n_chunks)], ignore_index=True) \
         if n_chunks else pd.DataFrame(columns=PRED_COLS)
@@ -619,7 +627,7 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
     paired = paired[paired.ratio > 0].reset_index(drop=True)
     _atomic_write(run.path / "accuracy.parquet", lambda f: acc.to_parquet(f, index=False))
     _atomic_write(run.path / "paired.parquet", lambda f: paired.to_parquet(f, index=False))
-    skipped = [(s.path or s.id, s.reason) for s in skipped_label] + skipped_io
+    skipped = [(s.path or s.id, s.reason) for s in skipped_label] + sc["skipped"]
     _atomic_write(run.path / "skipped.csv", lambda f: pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(f, index=False))
     clean_top1 = float((sc["clean_pred"] == sc["targets"]).mean() * 100) if len(sc["ids"]) else float("nan")
     _write_json(run.path / "run.json", {"complete": True, "n_images": int(len(sc["ids"])), "n_skipped": len(skipped),

@@ -128,18 +128,20 @@ def mask_adjacency(masked: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """
     gh, gw = grid
     b, m = masked.shape
+    if m == 0:
+        return np.full(b, np.nan)
     on = np.zeros((b, gh + 2, gw + 2), dtype=bool)          # a False border: no wrap-around
     inside = np.zeros((gh + 2, gw + 2), dtype=bool)
     inside[1:-1, 1:-1] = True
     rows, cols = np.divmod(np.asarray(masked, dtype=np.int64), gw)
     on[np.arange(b)[:, None], rows + 1, cols + 1] = True
-    hit = np.zeros((b, m)); tot = np.zeros((b, m))
+    hit = np.zeros(b)
+    tot = np.zeros(b)
     for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)):
         r, c = rows + 1 + dr, cols + 1 + dc
-        tot += inside[r, c]
-        hit += on[np.arange(b)[:, None], r, c]
-    with np.errstate(invalid="ignore"):
-        return np.where(m > 0, hit.sum(1) / np.maximum(tot.sum(1), 1), np.nan)
+        tot += inside[r, c].sum(1)
+        hit += on[np.arange(b)[:, None], r, c].sum(1)
+    return hit / np.maximum(tot, 1)
 
 
 def keep_indices(masked: np.ndarray, n_patches: int) -> np.ndarray:
