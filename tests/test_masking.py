@@ -61,7 +61,7 @@ def test_rankings_are_permutations_and_nested():
     c = np.random.default_rng(2).integers(0, 4, (3, N))
     ids = ["a", "b", "c"]
     for order in MK.ORDERS:
-        r = MK.rank_patches(order, scores=s, counts=c, ids=ids)
+        r = MK.rank_patches(order, scores=s, counts=c, ids=ids, other_scores=s[[1, 2, 0]])
         assert (np.sort(r, axis=1) == np.arange(N)).all()
         small, big = MK.mask_indices(r, 10), MK.mask_indices(r, 30)
         for b in range(3):
@@ -415,3 +415,70 @@ def test_mask_shape_rebuilds_the_masks_of_each_order():
     want = np.mean(MK.mask_adjacency(MK.mask_indices(MK.rank_patches("random", scores=scores, ids=["a", "b"]), 25),
                                      (gh, gw)))
     assert t.loc["random", "adjacency"] == pytest.approx(want) and want < 24 / 30
+
+
+# ------------------------------------------------------------------------------- donor (*_other) orders
+def test_donor_rows_is_a_seeded_derangement_independent_of_id_order():
+    ids = [f"im{i:03d}" for i in range(50)]
+    d = MK.donor_rows(ids, seed=0)
+    assert sorted(d) == list(range(50))                      # every map is used exactly once
+    assert (d != np.arange(50)).all()                        # nobody is their own donor
+    # one cycle through all images: following donors from 0 visits everyone before returning
+    seen, k = set(), 0
+    while k not in seen:
+        seen.add(k)
+        k = d[k]
+    assert len(seen) == 50
+    assert (MK.donor_rows(ids, seed=0) == d).all() and (MK.donor_rows(ids, seed=1) != d).any()
+    # the same id gets the same donor id whatever the row order (resume, ranks, batches)
+    perm = np.random.default_rng(5).permutation(50)
+    shuffled = [ids[i] for i in perm]
+    d2 = MK.donor_rows(shuffled, seed=0)
+    assert {shuffled[i]: shuffled[d2[i]] for i in range(50)} == {ids[i]: ids[d[i]] for i in range(50)}
+    assert list(MK.donor_rows(["a", "b"])) == [1, 0]
+    with pytest.raises(ValueError, match="at least 2"):
+        MK.donor_rows(["a"])
+    with pytest.raises(ValueError, match="unique"):
+        MK.donor_rows(["a", "a"])
+
+
+def test_top_other_ranks_the_donor_map_as_top_would():
+    """Hand case: image a's own map peaks at patch 0, its donor's at patch 3 -> top_other masks 3."""
+    own = np.array([[9.0, 1.0, 2.0, 3.0], [1.0, 9.0, 2.0, 3.0]])
+    other = np.array([[0.0, 1.0, 2.0, 9.0], [5.0, 0.0, 1.0, 2.0]])
+    r = MK.rank_patches("top_other", scores=own, ids=["a", "b"], other_scores=other)
+    assert list(r[:, 0]) == [3, 0]
+    assert (MK.rank_patches("bottom_other", scores=own, ids=["a", "b"], other_scores=other)[:, 0] == [0, 1]).all()
+    # exactly Top of the donor's scores, with the image's own tie-break keys
+    s = np.random.default_rng(2).random((6, N))
+    ids = [f"im{i}" for i in range(6)]
+    d = MK.donor_rows(ids)
+    got = MK.rank_patches("top_other", scores=s, ids=ids, other_scores=s[d])
+    assert (got == MK.rank_patches("top", scores=s[d], ids=ids)).all()
+    # as a multiset over the run, the top_other masks are the Top masks (same shapes), reassigned
+    top = MK.mask_indices(MK.rank_patches("top", scores=s, ids=ids), 20)
+    oth = MK.mask_indices(got, 20)
+    assert (oth == top[d]).all()
+    with pytest.raises(ValueError, match="other_scores"):
+        MK.rank_patches("top_other", scores=s, ids=ids)
+
+
+def test_mask_shape_of_top_other_matches_top():
+    """The donor masks are Top masks moved to other images: same mean clumping exactly."""
+    rng = np.random.default_rng(3)
+    gh = gw = 10
+    # smooth maps (a blob each) so Top masks clump
+    yy, xx = np.mgrid[0:gh, 0:gw]
+    maps = np.stack([np.exp(-((yy - rng.integers(0, gh)) ** 2 + (xx - rng.integers(0, gw)) ** 2) / 8).ravel()
+                     for _ in range(12)]) + 1e-3 * rng.random((12, gh * gw))
+    sc = {"ids": np.array([f"i{k}" for k in range(12)]), "scores": maps, "counts": np.ones((12, 100), np.int32)}
+    p = MaskEvalParams(classifier="x@y", model="x@y", ratios=[0, 10, 30], orders=["top", "top_other", "random"])
+    t = mask_shape(sc, p, (gh, gw))
+    w = t.pivot(index="order", columns="ratio", values="adjacency")
+    assert np.allclose(w.loc["top"], w.loc["top_other"])
+    assert (w.loc["top"] > w.loc["random"]).all()
+
+
+def test_widget_orders_exclude_donor_orders():
+    assert "top_other" in MK.ORDERS and "top_other" not in MK.SINGLE_IMAGE_ORDERS
+    assert set(MK.DEFAULT_ORDERS) <= set(MK.ORDERS)

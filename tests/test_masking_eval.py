@@ -84,7 +84,9 @@ def test_probe_tier_end_to_end(tmp_path, backbone):
     paired = pd.read_parquet(out / "paired.parquet")
     assert list(pred.columns) == PRED_COLS and list(acc.columns) == ACC_COLS and list(paired.columns) == PAIRED_COLS
     n = 6
-    assert len(pred) == n * 4 * 2 * 3 and len(acc) == 4 * 2 * 3 and len(paired) == 4 * 2 * 2
+    k = len(MK.DEFAULT_ORDERS)                                # top, bottom, random, keypoints, top_other
+    assert k == 5 and set(pred.order) == set(MK.DEFAULT_ORDERS)
+    assert len(pred) == n * k * 2 * 3 and len(acc) == k * 2 * 3 and len(paired) == k * 2 * 2
     assert (acc.n == n).all()
     assert (acc.ci_low <= acc.top1 + 1e-9).all() and (acc.top1 <= acc.ci_high + 1e-9).all()
     assert set(pred.n_masked) == {0, MK.n_masked(10, 100), MK.n_masked(50, 100)}
@@ -107,8 +109,12 @@ def test_probe_tier_end_to_end(tmp_path, backbone):
     recs = {r.id: r for r in resolve_images(str(val))}
     img = str(sc["ids"][2])
     x = model_input(read_record(recs[img]), lm.data_config)[1][None]
-    for order, mode, ratio in (("top", "fill", 50.0), ("random", "drop", 10.0)):
-        r = MK.rank_patches(order, scores=sc["scores"][2:3], counts=sc["counts"][2:3], ids=[img])
+    donor = MK.donor_rows([str(i) for i in sc["ids"]])[2]     # whose map top_other uses for this image
+    assert donor != 2
+    for order, mode, ratio in (("top", "fill", 50.0), ("random", "drop", 10.0), ("top_other", "fill", 10.0),
+                               ("top_other", "drop", 50.0)):
+        r = MK.rank_patches(order, scores=sc["scores"][2:3], counts=sc["counts"][2:3], ids=[img],
+                            other_scores=sc["scores"][donor:donor + 1])
         idx = MK.mask_indices(r, ratio)
         with torch.inference_mode():
             want = int(pr.logits(MK.masked_features(lm.model, x, mode, idx, lm.grid, lm.patch_size)[:, 0]).argmax())

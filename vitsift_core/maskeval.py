@@ -67,7 +67,7 @@ class MaskEvalParams:
     images: str = "imagenette:val"
     limit: int | None = None
     ratios: list = field(default_factory=lambda: [0, 5, 10, 20, 30, 40])   # percent of patches
-    orders: list = field(default_factory=lambda: list(MK.ORDERS))
+    orders: list = field(default_factory=lambda: list(MK.DEFAULT_ORDERS))
     modes: list = field(default_factory=lambda: ["fill"])
     layer: str = "auto"                 # 'auto' (DESIGN section 3), '7', '7-9', '5,7' (1-based)
     gamma: float = 1.0
@@ -281,10 +281,12 @@ def mask_shape(scores: dict, params: MaskEvalParams, grid: tuple[int, int]) -> p
     ``scores``: :meth:`MaskEvalRun.scores` (ids, scores (n, N), counts (n, N)); the masks are
     rebuilt exactly as the mask pass built them. Columns: order, ratio, n_masked, adjacency."""
     ids = [str(i) for i in scores["ids"]]
+    other = scores["scores"][MK.donor_rows(ids, params.seed)] \
+        if any(o in MK.DONOR_ORDERS for o in params.orders) else None
     rows = []
     for order in params.orders:
         rank = MK.rank_patches(order, scores=scores["scores"], counts=scores["counts"], ids=ids,
-                               seed=params.seed, tiebreak=params.tiebreak)
+                               seed=params.seed, tiebreak=params.tiebreak, other_scores=other)
         for r in params.ratios:
             if r > 0:
                 idx = MK.mask_indices(rank, r)
@@ -451,6 +453,9 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
     records = resolve_images(p.images, p.limit)
     if not records:
         raise ValueError(f"no images found for {p.images!r}")
+    if len(records) < 2 and any(o in MK.DONOR_ORDERS for o in p.orders):
+        raise ValueError(f"orders {[o for o in p.orders if o in MK.DONOR_ORDERS]} mask by another image's "
+                         f"score map and need at least 2 images; {p.images!r} has {len(records)}")
     run = MaskEvalRun(out, p)
     rank0_first(lambda: run.prepare(len(records)))   # the other ranks only check the identity
 
@@ -559,6 +564,9 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
             layer_scores=sc["layer_scores"].astype(np.float16), captured=np.asarray(captured),
             layers=np.asarray(choice["layers"])))
     row_of = {i: n for n, i in enumerate(sc["ids"])}
+    # the *_other orders mask by another image's map: donors drawn over all scored images, so every
+    # rank and every resumed call agrees
+    donor = MK.donor_rows(sc["ids"], p.seed) if any(o in MK.DONOR_ORDERS for o in p.orders) else None
 
     # ---- pass 2: masked forwards
     conds = p.conditions()
@@ -578,8 +586,9 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
                 continue
             rows = np.asarray([row_of[i] for i in batch.ids])
             x = batch.tensors.to(dev)
+            other = scores[donor[rows]] if donor is not None else None
             ranked = {o: MK.rank_patches(o, scores=scores[rows], counts=sc["counts"][rows], ids=batch.ids,
-                                       seed=p.seed, tiebreak=p.tiebreak) for o in p.orders}
+                                       seed=p.seed, tiebreak=p.tiebreak, other_scores=other) for o in p.orders}
             for mode, order, ratio in conds:
                 idx = MK.mask_indices(ranked[order], ratio)
                 with torch.inference_mode():
@@ -652,7 +661,7 @@ def add_cli(sub) -> None:
     p.add_argument("--images", default="imagenette:val", help="'imagenette:val' or a folder with one subfolder per wnid")
     p.add_argument("--limit", type=int, default=None, help="at most this many images (round-robin over classes)")
     p.add_argument("--ratios", default="0,5,10,20,30,40", help="mask ratios in percent of the patches")
-    p.add_argument("--orders", default=",".join(MK.ORDERS), help="comma list of " + "|".join(MK.ORDERS))
+    p.add_argument("--orders", default=",".join(MK.DEFAULT_ORDERS), help="comma list of " + "|".join(MK.ORDERS))
     p.add_argument("--mode", default="fill", help="fill | drop | fill,drop")
     p.add_argument("--layer", default="auto", help="score layer(s), 1-based: 'auto' (last Capture layer if the "
                    "stage fit holds, else the middle layer), '7', '7-9', '5,7'")

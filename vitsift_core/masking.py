@@ -19,6 +19,10 @@ as the keypoint counts and the attention rows):
 - :func:`score_layers` / :func:`default_score_layer`: which layer(s) the score s_i comes from.
 - :func:`spurious_patches`: keypoint patches with the lowest s_i (attention going mostly to
   keypoint-free patches), for the "spurious correlation" view.
+- :func:`donor_rows` and the orders ``top_other`` / ``bottom_other``: the Top (Bottom) mask of
+  *another* image's score map (a seeded derangement of the run's images). Such a mask has the
+  clumping and the (centre-biased) placement of real Top (Bottom) masks but nothing to do with
+  this image's content: the control that Random, whose masks scatter, is not.
 """
 from __future__ import annotations
 
@@ -31,7 +35,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-ORDERS = ("top", "bottom", "random", "keypoints")
+ORDERS = ("top", "bottom", "random", "keypoints", "top_other", "bottom_other")
+# orders that rank a donor image's score map as the named order would rank the image's own
+DONOR_ORDERS = {"top_other": "top", "bottom_other": "bottom"}
+SINGLE_IMAGE_ORDERS = tuple(o for o in ORDERS if o not in DONOR_ORDERS)
+# mask-eval's default: the paper's two orders, the two plain controls and the shape-matched Top control
+# (bottom_other costs another 25 % of masked forwards and is there on request)
+DEFAULT_ORDERS = ("top", "bottom", "random", "keypoints", "top_other")
 MODES = ("fill", "drop")
 TIEBREAKS = ("random", "index")
 
@@ -63,16 +73,43 @@ def _tiebreak_keys(ids: Sequence[str], n: int, tiebreak: str, seed: int) -> np.n
     raise ValueError(f"tiebreak must be one of {TIEBREAKS}, got {tiebreak!r}")
 
 
+def donor_rows(ids: Sequence[str], seed: int = 0) -> np.ndarray:
+    """(n,) int64: for each image, the row of the image whose score map its ``*_other`` mask uses.
+
+    A seeded random derangement -- one cycle through all images, so no image is its own donor --
+    that depends only on the set of ids and the seed (not on their order, batches or ranks).
+    """
+    ids = [str(i) for i in ids]
+    n = len(ids)
+    if n < 2:
+        raise ValueError(f"the '*_other' orders need at least 2 images (another image's score map), got {n}")
+    if len(set(ids)) != n:
+        raise ValueError("donor_rows: image ids must be unique")
+    by_id = np.argsort(np.asarray(ids), kind="stable")
+    cycle = by_id[np.random.default_rng([int(seed), 3]).permutation(n)]
+    donor = np.empty(n, dtype=np.int64)
+    donor[cycle] = np.roll(cycle, -1)
+    return donor
+
+
 def rank_patches(order: str, *, scores: torch.Tensor | np.ndarray | None = None,
                  counts: torch.Tensor | np.ndarray | None = None, ids: Sequence[str] | None = None,
-                 seed: int = 0, tiebreak: str = "random") -> np.ndarray:
+                 seed: int = 0, tiebreak: str = "random",
+                 other_scores: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
     """Masking order of every patch of every image: (B, N) int64, first = masked first.
 
     order ``top`` / ``bottom`` need ``scores`` (B, N) (NaN allowed: ranked last); ``keypoints`` needs
-    ``counts`` (B, N); ``random`` needs only ``ids`` and ``seed``. ``ids`` (B image ids) key the
-    random order and the random tie-break, so an image gets the same masks in any batch or run;
-    without ids the tie-break falls back to the patch index. Deterministic for given inputs.
+    ``counts`` (B, N); ``random`` needs only ``ids`` and ``seed``; ``top_other`` / ``bottom_other``
+    need ``other_scores`` (B, N), row b the score map of image b's donor (:func:`donor_rows`), ranked
+    as ``top`` / ``bottom`` would rank it. ``ids`` (B image ids) key the random order and the random
+    tie-break, so an image gets the same masks in any batch or run; without ids the tie-break falls
+    back to the patch index. Deterministic for given inputs.
     """
+    if order in DONOR_ORDERS:
+        if other_scores is None:
+            raise ValueError(f"order {order!r} needs other_scores: the score maps of each image's donor "
+                             "(see donor_rows)")
+        return rank_patches(DONOR_ORDERS[order], scores=other_scores, ids=ids, seed=seed, tiebreak=tiebreak)
     ref = scores if scores is not None else counts
     if order in ("top", "bottom"):
         if scores is None:

@@ -15,7 +15,8 @@ from . import masking as MK
 from .plots import COLORS, _patch_rect, draw_patch_grid
 
 ORDER_LABELS = {"top": "Top (highest s_i)", "bottom": "Bottom (lowest s_i)", "random": "Random",
-                "keypoints": "most keypoints (t_j)"}
+                "keypoints": "most keypoints (t_j)", "top_other": "Top of another image's map",
+                "bottom_other": "Bottom of another image's map"}
 MODE_LABELS = {"fill": "fill: masked pixels = mean", "drop": "drop: masked tokens removed"}
 
 
@@ -79,11 +80,13 @@ def accuracy_figure(acc: pd.DataFrame, title: str) -> plt.Figure:
         clean = d[d.ratio == 0].top1
         if len(clean):
             ax.axhline(clean.iloc[0], color="black", lw=0.8, ls=":", label="clean (r = 0)")
-        for k, order in enumerate(o for o in MK.ORDERS if o in set(d.order)):
+        present = [o for o in MK.ORDERS if o in set(d.order)]
+        for k, order in enumerate(present):
             g = d[d.order == order].sort_values("ratio")
-            x = g.ratio + (k - 1.5) * 0.25           # tiny offsets so the error bars do not hide each other
+            x = g.ratio + (k - (len(present) - 1) / 2) * 0.25   # offsets so the error bars do not hide each other
             ax.errorbar(x, g.top1, yerr=[g.top1 - g.ci_low, g.ci_high - g.top1], color=COLORS[order],
-                        marker="o", ms=4, lw=1.8, capsize=2, label=ORDER_LABELS[order])
+                        marker="o", ms=4, lw=1.8, capsize=2, label=ORDER_LABELS[order],
+                        ls="--" if order in MK.DONOR_ORDERS else "-")
         ax.set_title(MODE_LABELS[mode])
         ax.set_xlabel("patches masked, r (% of N)")
         ax.set_xticks(sorted(d.ratio.unique()))
@@ -129,8 +132,12 @@ def mask_grid_figure(examples: list[dict], ratios, orders, pred: pd.DataFrame, n
     fig, axes = plt.subplots(len(rows), len(ratios), figsize=(1.9 * len(ratios), 2.15 * len(rows)),
                              squeeze=False, layout="constrained")
     for (ex, order), axr in zip(rows, axes):
+        other = ex.get("other_scores")
+        if order in MK.DONOR_ORDERS and other is None:
+            raise ValueError(f"order {order!r} needs the example's 'other_scores' (its donor's score map)")
         rank = MK.rank_patches(order, scores=ex["scores"][None], counts=ex["counts"][None], ids=[ex["id"]],
-                               seed=ex.get("seed", 0), tiebreak=ex.get("tiebreak", "random"))
+                               seed=ex.get("seed", 0), tiebreak=ex.get("tiebreak", "random"),
+                               other_scores=None if other is None else other[None])
         for ax, r in zip(axr, ratios):
             idx = MK.mask_indices(rank, r)[0]
             ax.imshow(MK.masked_crop(ex["crop"], idx, grid, patch_size, fill_rgb))

@@ -22,7 +22,7 @@ COLORS = {
     "KK": PALETTE[0], "NK": PALETTE[1], "chance": "0.35", "shuffle-keypoints": PALETTE[2],
     "random-init": PALETTE[7], "mean-attention": PALETTE[4], "semantic": PALETTE[3],
     "focus": PALETTE[0], "top": PALETTE[3], "bottom": PALETTE[2], "random": "0.35",
-    "keypoints": PALETTE[4], "guided": PALETTE[2],
+    "keypoints": PALETTE[4], "guided": PALETTE[2], "top_other": PALETTE[5], "bottom_other": PALETTE[9],
 }
 STAGE_COLORS = (PALETTE[9], PALETTE[8], PALETTE[6])
 

@@ -445,7 +445,7 @@ def stage_view(images: Sequence[ImageData], gamma: float = 1.0, threshold: float
 # ----------------------------------------------------------------------------------- masking explorer
 @dataclass(frozen=True)
 class MaskingState:
-    """order: top | bottom | random | keypoints (masking.ORDERS); ratio: percent of patches;
+    """order: top | bottom | random | keypoints (masking.SINGLE_IMAGE_ORDERS); ratio: percent of patches;
     mode: fill | drop; layer: 1-based layer whose head-mean theta_i is the score s_i."""
 
     image: str
@@ -483,8 +483,9 @@ def masking_view(img: ImageData, st: MaskingState, fill_rgb=(0, 0, 0)) -> Maskin
     ``fill_rgb``: colour painted on masked patches (0-255; the normalisation mean for ``fill``)."""
     from .. import masking as MK
 
-    if st.order not in MK.ORDERS:
-        raise ValueError(f"order must be one of {MK.ORDERS}, got {st.order!r}")
+    if st.order not in MK.SINGLE_IMAGE_ORDERS:
+        # top_other / bottom_other need another image's score map: they live in mask-eval runs
+        raise ValueError(f"order must be one of {MK.SINGLE_IMAGE_ORDERS}, got {st.order!r}")
     if st.mode not in MK.MODES:
         raise ValueError(f"mode must be one of {MK.MODES}, got {st.mode!r}")
     counts, _ = img.keypoints(st.threshold)

@@ -78,7 +78,7 @@ class MaskingExplorer(_Explorer):
         st = {"description_width": "90px"}
         lay = W.Layout(width="360px")
         self.w_image = W.Dropdown(options=ids, value=image, description="image", style=st, layout=lay)
-        self.w_order = W.ToggleButtons(options=list(MK.ORDERS), value=order, description="order", style=st)
+        self.w_order = W.ToggleButtons(options=list(MK.SINGLE_IMAGE_ORDERS), value=order, description="order", style=st)
         self.w_ratio = W.IntSlider(value=int(ratio), min=0, max=90, step=5, description="ratio (%)",
                                    continuous_update=False, style=st, layout=lay)
         self.w_mode = W.ToggleButtons(options=list(MK.MODES), value=mode, description="mode", style=st)
