@@ -14,6 +14,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from vitsift_core import masking as MK
+
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
@@ -122,7 +124,8 @@ def labelled_images(tmp_path_factory):
 def test_torchrun_mask_eval_equals_one_process(tmp_path, tiny_ckpt, labelled_images):
     """Probe tier, both modes, layer 'auto': the 2-process run trains the probe on rank 0 (its own
     empty cache) and writes the same tables, scores and layer choice as 1 process."""
-    one, two = tmp_path / "one", tmp_path / "two"
+    # separate parents: a run beside another with the same scores would copy its parts, not compute
+    one, two = tmp_path / "one" / "run", tmp_path / "two" / "run"
     extra = ["--classifier", "embedded-probe", "--probe-train", str(labelled_images / "train"),
              "--probe-per-class", "4", "--ratios", "0,10,40", "--mode", "fill,drop", "--n-boot", "100"]
     _single(_args("mask-eval", tiny_ckpt, labelled_images / "val", one, *extra),
@@ -133,7 +136,7 @@ def test_torchrun_mask_eval_equals_one_process(tmp_path, tiny_ckpt, labelled_ima
     for f in ("predictions.parquet", "accuracy.parquet", "paired.parquet"):
         pd.testing.assert_frame_equal(pd.read_parquet(one / f), pd.read_parquet(two / f), check_exact=True)
     pred = pd.read_parquet(two / "predictions.parquet")
-    assert pred.image.nunique() == 10 and len(pred) == 10 * 4 * 2 * 3
+    assert pred.image.nunique() == 10 and len(pred) == 10 * len(MK.DEFAULT_ORDERS) * 2 * 3
     sa, sb = np.load(one / "scores.npz"), np.load(two / "scores.npz")
     assert sorted(sa.files) == sorted(sb.files)
     for k in sa.files:
@@ -148,8 +151,9 @@ def test_torchrun_mask_eval_equals_one_process(tmp_path, tiny_ckpt, labelled_ima
     assert drop(pa) == drop(pb) and pa["n_train"] == 8
     ra, rb = (json.loads((d / "run.json").read_text()) for d in (one, two))
     assert ra["complete"] and rb["complete"] and ra["clean_top1"] == rb["clean_top1"] and rb["world"] == 2
+    assert ra["score_chunks_reused"] == rb["score_chunks_reused"] == 0 and rb["mask_conditions_reused"] == 0
     # rank 0 did its share only: chunks 0, 2, 4 (6 of 11 records) in both passes
-    assert ra["score_images"] == 11 and rb["score_images"] == 6 and rb["mask_forwards"] == 6 * 4 * 2 * 2
+    assert ra["score_images"] == 11 and rb["score_images"] == 6 and rb["mask_forwards"] == 6 * len(MK.DEFAULT_ORDERS) * 2 * 2
     # each rank wrote its own chunks (11 records / 2 per chunk = 6 chunks per pass)
     assert sorted(x.name for x in (two / "parts").iterdir()) == \
         [f"mask-{k:05d}.parquet" for k in range(6)] + [f"score-{k:05d}.npz" for k in range(6)]

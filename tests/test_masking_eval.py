@@ -171,7 +171,8 @@ def test_resume_recomputes_only_missing_chunks(tmp_path, backbone, monkeypatch):
     for name, t in kept.items():                                 # finished chunks not recomputed
         assert (b.path / "parts" / name).stat().st_mtime_ns == t, name
     assert (b.path / "parts" / "mask-00001.parquet").exists() and (b.path / "parts" / "score-00002.npz").exists()
-    c = run_mask_eval(p, tmp_path / "c", progress=False)
+    c = run_mask_eval(p, tmp_path / "fresh" / "c", progress=False)    # not beside a: computes everything
+    assert json.loads((c.path / "run.json").read_text())["score_chunks_reused"] == 0
     pd.testing.assert_frame_equal(b.predictions(), c.predictions())
     pd.testing.assert_frame_equal(b.accuracy(), c.accuracy())
     # other parameters on the same folder: a clear error
@@ -186,3 +187,41 @@ def test_bad_arguments_are_clear_errors(tmp_path, backbone, capsys):
     headless = load_model("test_vit", control="random-init", model_kwargs={"num_classes": 0})
     with pytest.raises(ValueError, match="1000"):
         load_classifier("test_vit", backbone=headless)
+
+
+def test_adding_orders_reuses_what_a_run_beside_it_computed(tmp_path, backbone, monkeypatch):
+    monkeypatch.setattr(runs, "CHUNK", 4)
+    train = labelled(tmp_path / "train", ["a", "b"], 4)
+    val = labelled(tmp_path / "val", ["a", "b"], 3, seed=3)
+    base = MaskEvalParams(classifier="embedded-probe", model=backbone, images=str(val), probe_train=str(train),
+                          probe_per_class=4, ratios=[0, 20], orders=["top"], modes=["fill"],
+                          batch_size=3, num_workers=0, device="cpu", n_boot=100)
+    a = run_mask_eval(base, tmp_path / "runs" / "a", progress=False)
+    more = base.replace(orders=["top", "top_other"], ratios=[0, 20, 40], modes=["fill", "drop"])
+    assert more.key() != base.key() and more.score_identity() == base.score_identity()
+    b = run_mask_eval(more, tmp_path / "runs" / "b", progress=False)
+    info = json.loads((b.path / "run.json").read_text())
+    assert info["score_chunks_reused"] == 2 and info["score_images"] == 0      # nothing recomputed
+    # top fill 20 % is copied from run a (2 chunks); the other 7 conditions are computed for 6 images
+    assert info["mask_conditions_reused"] == 2 and info["mask_forwards"] == 6 * 7
+    for k in (0, 1):
+        assert (b.path / "parts" / f"score-{k:05d}.npz").read_bytes() == \
+            (a.path / "parts" / f"score-{k:05d}.npz").read_bytes()
+    # the same tables as a run that computed its own score pass
+    c = run_mask_eval(more, tmp_path / "alone" / "c", progress=False)
+    info_c = json.loads((c.path / "run.json").read_text())
+    assert info_c["score_chunks_reused"] == 0 and info_c["mask_forwards"] == 6 * 8
+    for k in (0, 1):                                              # the part files themselves agree
+        pd.testing.assert_frame_equal(pd.read_parquet(b.path / "parts" / f"mask-{k:05d}.parquet"),
+                                      pd.read_parquet(c.path / "parts" / f"mask-{k:05d}.parquet"))
+    pd.testing.assert_frame_equal(b.predictions(), c.predictions())
+    pd.testing.assert_frame_equal(b.accuracy(), c.accuracy())
+    # and Top 20 % fill agrees with the first run's
+    key = ["image", "order", "mode", "ratio"]
+    top_a = a.predictions().query("order == 'top' and ratio == 20").set_index(key).pred
+    top_b = b.predictions().query("order == 'top' and ratio == 20 and mode == 'fill'").set_index(key).pred
+    pd.testing.assert_series_equal(top_a, top_b)
+    # a run that scores differently (another gamma) shares nothing
+    d = run_mask_eval(base.replace(gamma=2.0), tmp_path / "runs" / "d", progress=False)
+    info_d = json.loads((d.path / "run.json").read_text())
+    assert info_d["score_chunks_reused"] == 0 and info_d["mask_conditions_reused"] == 0

@@ -15,7 +15,10 @@ A run directory holds::
 
     params.json          identity (every parameter that decides a number), runtime, versions,
                          the classifier (probe key and training facts) and the model
-    parts/score-NNNNN.npz, parts/mask-NNNNN.parquet   finished chunks (resume skips them)
+    parts/score-NNNNN.npz, parts/mask-NNNNN.parquet   finished chunks (resume skips them; a
+                         score chunk is copied from a run folder beside this one that differs
+                         only in orders, modes or ratios, so adding an order costs only its
+                         masked forwards)
     layer.json           the score layer(s) and why; the stage fit when 'auto'
     scores.npz           ids, counts (n, N), scores (n, N) of the chosen layer(s),
                          layer_scores (n, L_captured, N) float16, captured (1-based layers)
@@ -35,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +130,16 @@ class MaskEvalParams:
 
     def key(self) -> str:
         return hashlib.sha1(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
+
+    # what the masked forwards add; the score pass (scores, stage metrics, clean predictions)
+    # depends on everything else only, so runs that differ in these share its parts
+    MASK_ONLY_KEYS = ("orders", "modes", "ratios")
+
+    def score_identity(self) -> dict:
+        d = self.identity()
+        for k in self.MASK_ONLY_KEYS:
+            d.pop(k)
+        return d
 
     def replace(self, **kw) -> "MaskEvalParams":
         return dataclasses.replace(self, **kw)
@@ -351,6 +365,24 @@ class MaskEvalRun:
     def mask_file(self, k: int) -> Path:
         return self.parts / f"mask-{k:05d}.parquet"
 
+    def score_siblings(self) -> list["MaskEvalRun"]:
+        """Other run folders beside this one whose score pass is this one's (same parameters but for
+        orders, modes and ratios): their finished score chunks can be copied instead of recomputed."""
+        mine = self.params.score_identity()
+        out = []
+        for pj in sorted(self.path.parent.glob("*/params.json")):
+            if pj.parent.resolve() == self.path.resolve():
+                continue
+            try:
+                ident = dict(json.loads(pj.read_text())["identity"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue          # not a mask-eval run (or a half-written one): not a source
+            for k in MaskEvalParams.MASK_ONLY_KEYS:
+                ident.pop(k, None)
+            if ident == mine:
+                out.append(MaskEvalRun(pj.parent, self.params))
+        return out
+
     def is_complete(self) -> bool:
         rj = self.path / "run.json"
         return rj.exists() and json.loads(rj.read_text()).get("complete", False)
@@ -374,6 +406,28 @@ class MaskEvalRun:
 
     def info(self) -> dict:
         return {**json.loads((self.path / "params.json").read_text()), **json.loads((self.path / "run.json").read_text())}
+
+
+MASK_PART_DTYPES = (("image", object), ("order", object), ("mode", object), ("ratio", float), ("n_masked", int),
+                    ("pred", int))
+
+
+def _sibling_mask_rows(siblings: list[MaskEvalRun], k: int, cond_index: dict) -> tuple[pd.DataFrame, set]:
+    """Rows of chunk k's finished mask parts in ``siblings`` for the conditions (mode, order, ratio)
+    in ``cond_index``, each condition from the first sibling that has it; and the set of those."""
+    got, frames = set(), []
+    for sib in siblings:
+        f = sib.mask_file(k)
+        if not f.exists():
+            continue
+        d = pd.read_parquet(f)
+        keys = list(zip(d["mode"], d.order, d.ratio.astype(float)))
+        take = np.asarray([c in cond_index and c not in got for c in keys], dtype=bool)
+        if take.any():
+            frames.append(d[take])
+            got |= {c for c, t in zip(keys, take) if t}
+    empty = pd.DataFrame({c: pd.Series(dtype=t) for c, t in MASK_PART_DTYPES})
+    return (pd.concat(frames, ignore_index=True) if frames else empty), got
 
 
 def _load_scores(run: MaskEvalRun, n_chunks: int) -> dict:
@@ -498,6 +552,17 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
 
     # ---- pass 1: scores, stage metrics, clean predictions
     todo = [k for k in mine if not run.score_file(k).exists()]
+    reused = 0
+    if todo:
+        # a run beside this one that differs only in orders / modes / ratios has these chunks already
+        siblings = run.score_siblings()
+        for k in list(todo):
+            src = next((r.score_file(k) for r in siblings if r.score_file(k).exists()), None)
+            if src is not None:
+                _atomic_write(run.score_file(k), lambda f: shutil.copyfile(src, f))
+                todo.remove(k)
+                reused += 1
+    timing["score_chunks_reused"] = reused
     t0 = time.perf_counter()
     bar = tqdm(total=sum(len(records[k * chunk:(k + 1) * chunk]) for k in todo), unit="img",
                desc=f"mask-eval scores [{lm.spec}]", disable=not progress or not todo, dynamic_ncols=True)
@@ -571,25 +636,31 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
     # ---- pass 2: masked forwards
     conds = p.conditions()
     todo = [k for k in mine if not run.mask_file(k).exists()]
-    n_img = sum(len(records[k * chunk:(k + 1) * chunk]) for k in todo)
+    # conditions a run beside this one already masked (same scores, classifier and seed): copied
+    siblings = run.score_siblings() if todo else []
+    cond_index = {c: i for i, c in enumerate(conds)}
+    reuse = {k: _sibling_mask_rows(siblings, k, cond_index) for k in todo}
+    need = {k: [c for c in conds if c not in reuse[k][1]] for k in todo}
+    n_fwd = sum(len(records[k * chunk:(k + 1) * chunk]) * len(need[k]) for k in todo)
     t0 = time.perf_counter()
-    bar = tqdm(total=n_img * len(conds), unit="fwd", desc=f"mask-eval {'+'.join(p.modes)} [{clf.spec}]",
-               disable=not progress or not todo or not conds, dynamic_ncols=True)
+    bar = tqdm(total=n_fwd, unit="fwd", desc=f"mask-eval {'+'.join(p.modes)} [{clf.spec}]",
+               disable=not progress or not n_fwd, dynamic_ncols=True)
     model = clf.lm.model
-    n_p = lm.num_patches
     for k in todo:
         recs = records[k * chunk:(k + 1) * chunk]
-        frames = []
-        for batch, sk in iter_batches(recs, lm.data_config, lm.grid, lm.patch_size, batch_size=p.batch_size,
-                                      sift=sift, num_workers=p.num_workers, cache=cache, progress=False):
+        frames = [reuse[k][0]] if len(reuse[k][0]) else []
+        batches = iter_batches(recs, lm.data_config, lm.grid, lm.patch_size, batch_size=p.batch_size, sift=sift,
+                               num_workers=p.num_workers, cache=cache, progress=False) if need[k] else ()
+        for batch, sk in batches:
             if batch is None:
                 continue
             rows = np.asarray([row_of[i] for i in batch.ids])
             x = batch.tensors.to(dev)
             other = scores[donor[rows]] if donor is not None else None
             ranked = {o: MK.rank_patches(o, scores=scores[rows], counts=sc["counts"][rows], ids=batch.ids,
-                                       seed=p.seed, tiebreak=p.tiebreak, other_scores=other) for o in p.orders}
-            for mode, order, ratio in conds:
+                                       seed=p.seed, tiebreak=p.tiebreak, other_scores=other)
+                      for o in dict.fromkeys(o for _, o, _ in need[k])}
+            for mode, order, ratio in need[k]:
                 idx = MK.mask_indices(ranked[order], ratio)
                 with torch.inference_mode():
                     pred = clf.logits(MK.masked_features(model, x, mode, idx, lm.grid, lm.patch_size)).argmax(-1)
@@ -597,13 +668,18 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
                                             "ratio": float(ratio), "n_masked": idx.shape[1],
                                             "pred": pred.cpu().numpy().astype(np.int64)}))
                 bar.update(len(batch))
+        # one row order whatever was copied or computed: condition, then the chunk's image order
+        pos = {r.id: i for i, r in enumerate(recs)}
         df = pd.concat(frames, ignore_index=True) if frames else \
-            pd.DataFrame({c: pd.Series(dtype=t) for c, t in (("image", object), ("order", object), ("mode", object),
-                                                               ("ratio", float), ("n_masked", int), ("pred", int))})
+            pd.DataFrame({c: pd.Series(dtype=t) for c, t in MASK_PART_DTYPES})
+        df = df.assign(_c=[cond_index[(m, o, r)] for m, o, r in zip(df["mode"], df.order, df.ratio)],
+                       _i=df.image.map(pos)).sort_values(["_c", "_i"], kind="stable") \
+            .drop(columns=["_c", "_i"]).reset_index(drop=True)
         _atomic_write(run.mask_file(k), lambda f: df.to_parquet(f, index=False))
     bar.close()
     timing["mask_seconds"] = round(time.perf_counter() - t0, 2)
-    timing["mask_forwards"] = n_img * len(conds)
+    timing["mask_forwards"] = n_fwd
+    timing["mask_conditions_reused"] = sum(len(reuse[k][1]) for k in todo)   # (chunk, condition) pairs copied
     if world > 1:
         timing["world"] = world   # the timings above are rank 0's share
 
