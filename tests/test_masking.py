@@ -415,6 +415,14 @@ def test_mask_shape_rebuilds_the_masks_of_each_order():
     want = np.mean(MK.mask_adjacency(MK.mask_indices(MK.rank_patches("random", scores=scores, ids=["a", "b"]), 25),
                                      (gh, gw)))
     assert t.loc["random", "adjacency"] == pytest.approx(want) and want < 24 / 30
+    assert (t.keypoint_share == 1.0).all()                      # every patch holds a keypoint here
+    # keypoints only on the low block's first row (3 of its 9 patches) of image a, none in b
+    counts = np.zeros((2, 36), np.int32)
+    counts[0, [0, 1, 2]] = 2
+    t2 = mask_shape({**sc, "counts": counts}, p, (gh, gw)).set_index("order")
+    assert t2.loc["bottom", "keypoint_share"] == pytest.approx((3 / 9 + 0) / 2)
+    has = np.take_along_axis(counts > 0, MK.mask_indices(MK.rank_patches("random", scores=scores, ids=["a", "b"]), 25), 1)
+    assert t2.loc["random", "keypoint_share"] == pytest.approx(has.mean())
 
 
 # ------------------------------------------------------------------------------- donor (*_other) orders

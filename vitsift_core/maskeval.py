@@ -290,13 +290,16 @@ def paired_ordering(contrasts: pd.DataFrame) -> pd.DataFrame:
 
 
 def mask_shape(scores: dict, params: MaskEvalParams, grid: tuple[int, int]) -> pd.DataFrame:
-    """How clumped each order's masks are: for every order and ratio > 0 of ``params``, the mean
-    over images of :func:`masking.mask_adjacency` (share of masked patches' neighbours also masked).
+    """How clumped each order's masks are and what they cover: for every order and ratio > 0 of
+    ``params``, means over images of :func:`masking.mask_adjacency` (share of masked patches'
+    neighbours also masked) and of the share of masked patches holding at least one keypoint.
     ``scores``: :meth:`MaskEvalRun.scores` (ids, scores (n, N), counts (n, N)); the masks are
-    rebuilt exactly as the mask pass built them. Columns: order, ratio, n_masked, adjacency."""
+    rebuilt exactly as the mask pass built them.
+    Columns: order, ratio, n_masked, adjacency, keypoint_share."""
     ids = [str(i) for i in scores["ids"]]
     other = scores["scores"][MK.donor_rows(ids, params.seed)] \
         if any(o in MK.DONOR_ORDERS for o in params.orders) else None
+    has_kp = np.asarray(scores["counts"]) > 0                                   # (n, N)
     rows = []
     for order in params.orders:
         rank = MK.rank_patches(order, scores=scores["scores"], counts=scores["counts"], ids=ids,
@@ -305,8 +308,9 @@ def mask_shape(scores: dict, params: MaskEvalParams, grid: tuple[int, int]) -> p
             if r > 0:
                 idx = MK.mask_indices(rank, r)
                 rows.append({"order": order, "ratio": float(r), "n_masked": idx.shape[1],
-                             "adjacency": float(np.nanmean(MK.mask_adjacency(idx, grid)))})
-    return pd.DataFrame(rows, columns=["order", "ratio", "n_masked", "adjacency"])
+                             "adjacency": float(np.nanmean(MK.mask_adjacency(idx, grid))),
+                             "keypoint_share": float(np.take_along_axis(has_kp, idx, 1).mean())})
+    return pd.DataFrame(rows, columns=["order", "ratio", "n_masked", "adjacency", "keypoint_share"])
 
 
 # ----------------------------------------------------------------------------------- the run
