@@ -462,6 +462,8 @@ def test_top_other_ranks_the_donor_map_as_top_would():
     ids = [f"im{i}" for i in range(6)]
     d = MK.donor_rows(ids)
     got = MK.rank_patches("top_other", scores=s, ids=ids, other_scores=s[d])
+    assert (MK.donor_scores(s, ids, ["top", "top_other"]) == s[d]).all()
+    assert MK.donor_scores(s[:1], ids[:1], ["top", "random"]) is None       # no *_other order: no donor needed
     assert (got == MK.rank_patches("top", scores=s[d], ids=ids)).all()
     # as a multiset over the run, the top_other masks are the Top masks (same shapes), reassigned
     top = MK.mask_indices(MK.rank_patches("top", scores=s, ids=ids), 20)

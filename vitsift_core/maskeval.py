@@ -15,10 +15,10 @@ A run directory holds::
 
     params.json          identity (every parameter that decides a number), runtime, versions,
                          the classifier (probe key and training facts) and the model
-    parts/score-NNNNN.npz, parts/mask-NNNNN.parquet   finished chunks (resume skips them; a
-                         score chunk is copied from a run folder beside this one that differs
-                         only in orders, modes or ratios, so adding an order costs only its
-                         masked forwards)
+    parts/score-NNNNN.npz, parts/mask-NNNNN.parquet   finished chunks (resume skips them; score
+                         chunks and masked conditions are copied from a run folder beside this
+                         one that differs only in orders, modes or ratios, so adding an order
+                         costs only its masked forwards)
     layer.json           the score layer(s) and why; the stage fit when 'auto'
     scores.npz           ids, counts (n, N), scores (n, N) of the chosen layer(s),
                          layer_scores (n, L_captured, N) float16, captured (1-based layers)
@@ -136,10 +136,11 @@ class MaskEvalParams:
     MASK_ONLY_KEYS = ("orders", "modes", "ratios")
 
     def score_identity(self) -> dict:
-        d = self.identity()
-        for k in self.MASK_ONLY_KEYS:
-            d.pop(k)
-        return d
+        return self.without_mask_keys(self.identity())
+
+    @classmethod
+    def without_mask_keys(cls, identity: dict) -> dict:
+        return {k: v for k, v in identity.items() if k not in cls.MASK_ONLY_KEYS}
 
     def replace(self, **kw) -> "MaskEvalParams":
         return dataclasses.replace(self, **kw)
@@ -297,8 +298,7 @@ def mask_shape(scores: dict, params: MaskEvalParams, grid: tuple[int, int]) -> p
     rebuilt exactly as the mask pass built them.
     Columns: order, ratio, n_masked, adjacency, keypoint_share."""
     ids = [str(i) for i in scores["ids"]]
-    other = scores["scores"][MK.donor_rows(ids, params.seed)] \
-        if any(o in MK.DONOR_ORDERS for o in params.orders) else None
+    other = MK.donor_scores(scores["scores"], ids, params.orders, params.seed)
     has_kp = np.asarray(scores["counts"]) > 0                                   # (n, N)
     rows = []
     for order in params.orders:
@@ -378,11 +378,9 @@ class MaskEvalRun:
             if pj.parent.resolve() == self.path.resolve():
                 continue
             try:
-                ident = dict(json.loads(pj.read_text())["identity"])
-            except (OSError, ValueError, KeyError, TypeError):
+                ident = MaskEvalParams.without_mask_keys(json.loads(pj.read_text())["identity"])
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue          # not a mask-eval run (or a half-written one): not a source
-            for k in MaskEvalParams.MASK_ONLY_KEYS:
-                ident.pop(k, None)
             if ident == mine:
                 out.append(MaskEvalRun(pj.parent, self.params))
         return out
@@ -416,9 +414,10 @@ MASK_PART_DTYPES = (("image", object), ("order", object), ("mode", object), ("ra
                     ("pred", int))
 
 
-def _sibling_mask_rows(siblings: list[MaskEvalRun], k: int, cond_index: dict) -> tuple[pd.DataFrame, set]:
-    """Rows of chunk k's finished mask parts in ``siblings`` for the conditions (mode, order, ratio)
-    in ``cond_index``, each condition from the first sibling that has it; and the set of those."""
+def _sibling_mask_rows(siblings: list[MaskEvalRun], k: int, cond_index: dict) -> tuple[list[pd.DataFrame], set]:
+    """Frames of rows from chunk k's finished mask parts in ``siblings`` for the conditions (mode,
+    order, ratio) in ``cond_index``, each condition from the first sibling that has it; and the set
+    of those conditions."""
     got, frames = set(), []
     for sib in siblings:
         f = sib.mask_file(k)
@@ -430,8 +429,7 @@ def _sibling_mask_rows(siblings: list[MaskEvalRun], k: int, cond_index: dict) ->
         if take.any():
             frames.append(d[take])
             got |= {c for c, t in zip(keys, take) if t}
-    empty = pd.DataFrame({c: pd.Series(dtype=t) for c, t in MASK_PART_DTYPES})
-    return (pd.concat(frames, ignore_index=True) if frames else empty), got
+    return frames, got
 
 
 def _load_scores(run: MaskEvalRun, n_chunks: int) -> dict:
@@ -554,12 +552,15 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
     cache = KeypointCache()
     timing = {}
 
+    # a run beside this one that differs only in orders / modes / ratios: its finished score chunks
+    # and masked conditions are copied (looked up once, only when something is left to do)
+    siblings = run.score_siblings() if any(not f(k).exists() for k in mine
+                                           for f in (run.score_file, run.mask_file)) else []
+
     # ---- pass 1: scores, stage metrics, clean predictions
     todo = [k for k in mine if not run.score_file(k).exists()]
     reused = 0
     if todo:
-        # a run beside this one that differs only in orders / modes / ratios has these chunks already
-        siblings = run.score_siblings()
         for k in list(todo):
             src = next((r.score_file(k) for r in siblings if r.score_file(k).exists()), None)
             if src is not None:
@@ -635,13 +636,11 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
     row_of = {i: n for n, i in enumerate(sc["ids"])}
     # the *_other orders mask by another image's map: donors drawn over all scored images, so every
     # rank and every resumed call agrees
-    donor = MK.donor_rows(sc["ids"], p.seed) if any(o in MK.DONOR_ORDERS for o in p.orders) else None
+    other_all = MK.donor_scores(scores, sc["ids"], p.orders, p.seed)
 
     # ---- pass 2: masked forwards
     conds = p.conditions()
     todo = [k for k in mine if not run.mask_file(k).exists()]
-    # conditions a run beside this one already masked (same scores, classifier and seed): copied
-    siblings = run.score_siblings() if todo else []
     cond_index = {c: i for i, c in enumerate(conds)}
     reuse = {k: _sibling_mask_rows(siblings, k, cond_index) for k in todo}
     need = {k: [c for c in conds if c not in reuse[k][1]] for k in todo}
@@ -652,7 +651,7 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
     model = clf.lm.model
     for k in todo:
         recs = records[k * chunk:(k + 1) * chunk]
-        frames = [reuse[k][0]] if len(reuse[k][0]) else []
+        frames = list(reuse[k][0])
         batches = iter_batches(recs, lm.data_config, lm.grid, lm.patch_size, batch_size=p.batch_size, sift=sift,
                                num_workers=p.num_workers, cache=cache, progress=False) if need[k] else ()
         for batch, sk in batches:
@@ -660,7 +659,7 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
                 continue
             rows = np.asarray([row_of[i] for i in batch.ids])
             x = batch.tensors.to(dev)
-            other = scores[donor[rows]] if donor is not None else None
+            other = other_all[rows] if other_all is not None else None
             ranked = {o: MK.rank_patches(o, scores=scores[rows], counts=sc["counts"][rows], ids=batch.ids,
                                        seed=p.seed, tiebreak=p.tiebreak, other_scores=other)
                       for o in dict.fromkeys(o for _, o, _ in need[k])}

@@ -19,7 +19,7 @@ as the keypoint counts and the attention rows):
 - :func:`score_layers` / :func:`default_score_layer`: which layer(s) the score s_i comes from.
 - :func:`spurious_patches`: keypoint patches with the lowest s_i (attention going mostly to
   keypoint-free patches), for the "spurious correlation" view.
-- :func:`donor_rows` and the orders ``top_other`` / ``bottom_other``: the Top (Bottom) mask of
+- :func:`donor_rows` / :func:`donor_scores` and the orders ``top_other`` / ``bottom_other``: the Top (Bottom) mask of
   *another* image's score map (a seeded derangement of the run's images). Such a mask has the
   clumping and the (centre-biased) placement of real Top (Bottom) masks but nothing to do with
   this image's content: the control that Random, whose masks scatter, is not.
@@ -90,6 +90,15 @@ def donor_rows(ids: Sequence[str], seed: int = 0) -> np.ndarray:
     donor = np.empty(n, dtype=np.int64)
     donor[cycle] = np.roll(cycle, -1)
     return donor
+
+
+def donor_scores(scores: np.ndarray, ids: Sequence[str], orders: Sequence[str], seed: int = 0) -> np.ndarray | None:
+    """scores (n, N) of a run's images -> (n, N): row b the score map of image b's donor
+    (:func:`donor_rows`), the ``other_scores`` of :func:`rank_patches`; None when ``orders`` hold
+    no ``*_other`` order (so a single image needs no donor)."""
+    if not any(o in DONOR_ORDERS for o in orders):
+        return None
+    return np.asarray(scores)[donor_rows(ids, seed)]
 
 
 def rank_patches(order: str, *, scores: torch.Tensor | np.ndarray | None = None,

@@ -132,9 +132,7 @@ def mask_grid_figure(examples: list[dict], ratios, orders, pred: pd.DataFrame, n
     fig, axes = plt.subplots(len(rows), len(ratios), figsize=(1.9 * len(ratios), 2.15 * len(rows)),
                              squeeze=False, layout="constrained")
     for (ex, order), axr in zip(rows, axes):
-        other = ex.get("other_scores")
-        if order in MK.DONOR_ORDERS and other is None:
-            raise ValueError(f"order {order!r} needs the example's 'other_scores' (its donor's score map)")
+        other = ex.get("other_scores")   # rank_patches says so when a *_other order lacks it
         rank = MK.rank_patches(order, scores=ex["scores"][None], counts=ex["counts"][None], ids=[ex["id"]],
                                seed=ex.get("seed", 0), tiebreak=ex.get("tiebreak", "random"),
                                other_scores=None if other is None else other[None])
