@@ -1,10 +1,12 @@
 """Attention capture on tiny timm ViTs (test tier): exact maps, fused == unfused, reduction."""
+import time
+
 import pytest
 import torch
 
 from vitsift_core import metrics as M
 from vitsift_core.attention import (MetricCollector, attention_blocks, attention_maps,
-                                    capture_attention, fused_attention)
+                                    capture_attention, current_slice_start, fused_attention)
 
 
 from conftest import sharp_test_vit as tiny
@@ -90,3 +92,74 @@ def test_collector_matches_metrics_on_stored_maps(model):
 def test_rejects_non_vit():
     with pytest.raises(ValueError, match="ViT-family"):
         attention_blocks(torch.nn.Linear(2, 2))
+
+
+
+def _run_log(model):
+    """Forward hooks recording which blocks' attention and MLP ran, and whether the final norm did."""
+    ran = []
+    hooks = [blk.attn.register_forward_hook(lambda *_, i=i: ran.append(("attn", i)))
+             for i, blk in enumerate(model.blocks)]
+    hooks += [blk.mlp.register_forward_hook(lambda *_, i=i: ran.append(("mlp", i)))
+              for i, blk in enumerate(model.blocks)]
+    hooks.append(model.norm.register_forward_hook(lambda *_: ran.append(("norm", -1))))
+    return ran, hooks
+
+
+@pytest.mark.parametrize("micro_batch,workers", [(None, 1), (2, 1), (2, 2)], ids=["whole", "slices", "threads"])
+def test_stop_early_skips_what_follows_the_deepest_layer_and_keeps_its_maps(micro_batch, workers):
+    model = tiny(0)
+    torch.manual_seed(3)
+    x = torch.randn(5, 3, *model.default_cfg["input_size"][1:])
+    counts = torch.randint(0, 3, (5, model.patch_embed.num_patches))
+    layers = [0, 2]                                     # of 6: blocks 3-5 and the norm can be skipped
+    outs = {}
+    for stop in (False, True):
+        col = MetricCollector(len(layers))             # collector layer k <- model block layers[k]
+        col.start_batch({"real": (counts, False)})
+        ran, hooks = _run_log(model)
+        after_forward = False
+        with torch.inference_mode(), capture_attention(
+                model, model.num_prefix_tokens, lambda l, a: col(layers.index(l), a),
+                layers=layers, micro_batch=micro_batch, micro_workers=workers, stop_early=stop):
+            model.forward_features(x)
+            after_forward = True
+        for h in hooks:
+            h.remove()
+        outs[stop] = col.finish_batch()["real"]        # raises unless every slice of both layers came
+        if stop:
+            assert not after_forward                    # the forward statement was abandoned ...
+            assert ran[-1] == ("attn", 2)               # ... right after block 2's attention
+            assert ("mlp", 2) not in ran and not any(i > 2 or i < 0 for _, i in ran)
+        else:
+            assert after_forward and ran[-1] == ("norm", -1)
+    for k in outs[False]:
+        torch.testing.assert_close(outs[True][k], outs[False][k], atol=0, rtol=0, equal_nan=True)
+    # the context put the model back as it was: no patched forward, no hooks left
+    assert all("forward" not in blk.attn.__dict__ for blk in model.blocks)
+    assert all(not blk.attn._forward_hooks and not blk.attn.attn_drop._forward_hooks for blk in model.blocks)
+
+
+def test_capture_errors_are_not_swallowed_and_bad_layers_are_refused():
+    model = tiny(0)
+    x = torch.randn(2, 3, *model.default_cfg["input_size"][1:])
+
+    done = []
+
+    def fail(layer, attn):
+        # image 0's slice fails at once; image 1's, in the other thread, is still working then
+        if current_slice_start() == 0:
+            raise RuntimeError(f"callback failed at layer {layer}")
+        time.sleep(0.3)
+        done.append(layer)
+
+    with pytest.raises(RuntimeError, match="callback failed at layer 1"):
+        with torch.inference_mode(), capture_attention(model, model.num_prefix_tokens, fail, layers=[1, 3],
+                                                       micro_batch=1, micro_workers=2, stop_early=True):
+            model.forward_features(x)
+    assert done == [1]            # the error left only once the other slice had finished
+    assert all(not blk.attn.attn_drop._forward_hooks and "forward" not in blk.attn.__dict__
+               for blk in model.blocks)
+    with pytest.raises(ValueError, match=r"layers \[6\] out of range.*0\.\.5"):
+        with capture_attention(model, model.num_prefix_tokens, lambda l, a: None, layers=[2, 6]):
+            pass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Iterator
 
 import torch
@@ -57,7 +57,7 @@ def fused_attention(model: nn.Module, enabled: bool) -> Iterator[None]:
 @contextlib.contextmanager
 def capture_attention(model: nn.Module, num_prefix_tokens: int, callback: Callback,
                       layers: list[int] | None = None, micro_batch: int | None = None,
-                      micro_workers: int = 1) -> Iterator[None]:
+                      micro_workers: int = 1, stop_early: bool = False) -> Iterator[None]:
     """Call ``callback(layer, attn)`` for every block during forwards inside the context.
 
     attn: (B, H, N, N), the patch block of the post-softmax map (a view; copy it if kept).
@@ -76,9 +76,20 @@ def capture_attention(model: nn.Module, num_prefix_tokens: int, callback: Callba
     intra-op threads. Small ops split over cores wait at a barrier for the slowest core, which
     costs a scheduler time slice per op on a shared machine; whole slices per core do not.
     The callback must then be thread-safe (:class:`MetricCollector` is).
+
+    ``stop_early``: end the forward pass after the deepest captured layer's attention module
+    (every slice of it). Nothing after it can change a captured map, so that block's MLP, the
+    later blocks and the final norm and head are skipped (timm's ``AttentionExtract`` graph is
+    likewise cut after its last softmax). The statement running the forward inside the ``with``
+    block is abandoned there (it returns nothing) and the block exits normally: only for callers
+    that want the maps and not the model's output.
     """
     mods = attention_blocks(model)
     wanted = set(range(len(mods))) if layers is None else set(layers)
+    if not wanted <= set(range(len(mods))):
+        raise ValueError(f"layers {sorted(wanted - set(range(len(mods))))} out of range: "
+                         f"the model has blocks 0..{len(mods) - 1}")
+    last = max(wanted) if wanted else None
     p = num_prefix_tokens
     handles = []
     if micro_batch is not None and micro_batch < 1:
@@ -88,6 +99,10 @@ def capture_attention(model: nn.Module, num_prefix_tokens: int, callback: Callba
         def hook(_mod, _inp, out):
             callback(idx, out[:, :, p:, p:])
         return hook
+
+    def stop(_mod, _inp, _out):
+        # on the attention module, not on attn_drop: it fires once all slices of the layer are done
+        raise _StopForward
 
     before = [m.fused_attn for m in mods]
     patched: list[tuple[nn.Module, object]] = []
@@ -99,7 +114,12 @@ def capture_attention(model: nn.Module, num_prefix_tokens: int, callback: Callba
                 if micro_batch is not None:
                     patched.append((m, m.__dict__.get("forward", _MISSING)))
                     m.forward = _sliced_forward(m.forward, micro_batch, micro_workers)
-        yield
+        if stop_early and last is not None:
+            handles.append(mods[last].register_forward_hook(stop))
+        try:
+            yield
+        except _StopForward:
+            pass
     finally:
         for h in handles:
             h.remove()
@@ -113,6 +133,11 @@ def capture_attention(model: nn.Module, num_prefix_tokens: int, callback: Callba
 
 
 _MISSING = object()
+
+
+class _StopForward(Exception):
+    """Raised after the deepest captured map (``capture_attention(stop_early=True)``); caught there."""
+
 _slice = threading.local()
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
@@ -163,8 +188,12 @@ def _sliced_forward(forward, step: int, workers: int = 1):
             return run(0, x, args, kwargs, grad, inference)
         starts = range(0, n, step)
         if workers > 1 and x.device.type == "cpu" and not _autocast_on():
-            outs = list(_pool(workers).map(
-                lambda i: run(i, x[i:i + step], args, kwargs, grad, inference), starts))
+            futs = [_pool(workers).submit(run, i, x[i:i + step], args, kwargs, grad, inference)
+                    for i in starts]
+            # every slice finishes (its callback included) before any exception leaves: a
+            # stop_early stop, or an error, must not leave slices writing behind the caller
+            wait(futs)
+            outs = [f.result() for f in futs]
         else:
             outs = [run(i, x[i:i + step], args, kwargs, grad, inference) for i in starts]
         return torch.cat(outs)

@@ -419,7 +419,8 @@ def theta_scores(model, images: np.ndarray, counts: np.ndarray, layer: int, devi
         c = torch.from_numpy(np.asarray(counts[s:s + batch_size])).to(device)
         got = {}
         with capture_attention(model.encoder, model.num_prefix_tokens,
-                               lambda l, a: got.__setitem__(l, patch_scores(a.float(), c)), [layer]):
+                               lambda l, a: got.__setitem__(l, patch_scores(a.float(), c)), [layer],
+                               stop_early=True):
             model.forward_encoder(x, None)
         out.append(got[layer].float().cpu().numpy())
     model.train(was)

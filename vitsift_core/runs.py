@@ -86,7 +86,8 @@ def batch_metrics(lm, collector: MetricCollector, x: torch.Tensor,
     workers = torch.get_num_threads() if dev.type == "cpu" else 1
     with torch.inference_mode(), forward_autocast(dev), \
             capture_attention(lm.model, lm.num_prefix_tokens, collector,
-                              micro_batch=capture_micro_batch(dev), micro_workers=workers):
+                              micro_batch=capture_micro_batch(dev), micro_workers=workers,
+                              stop_early=True):
         lm.model.forward_features(x.to(dev, non_blocking=True))
     return collector.finish_batch()
 
