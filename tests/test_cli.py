@@ -159,3 +159,18 @@ def test_missing_weights_is_a_clear_error(tmp_path, capsys, monkeypatch):
                  "--out", str(tmp_path / "o"))
     assert rc == 2
     assert "vit_base_patch16_224" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_forward_precision(tmp_path, tiny_ckpt, monkeypatch):
+    """A run's chunks all come from one forward precision: a folder begun with fp32 (CPU) is not
+    finished under bf16 autocast (what a CUDA device uses), and nothing is computed first."""
+    imgs = photos(tmp_path / "imgs", 6)
+    out = tmp_path / "out"
+    assert run_cli("--model", tiny_ckpt, "--images", str(imgs), "--out", str(out), "--limit", "4") == 0
+    assert json.loads((out / "params.json").read_text())["model"]["forward"] == "fp32"
+    (out / "run.json").unlink()                                       # as if interrupted after its chunks
+    monkeypatch.setattr(runs, "forward_precision", lambda device: "bf16-autocast")
+    monkeypatch.setattr(runs, "batch_metrics", lambda *a, **k: pytest.fail("computed before refusing"))
+    with pytest.raises(runs.RunMismatch, match="fp32 forward pass.*bf16-autocast"):
+        runs.run_suite(runs.AnalysisParams(model=tiny_ckpt, images=str(imgs), limit=4, device="cpu",
+                                           num_workers=0, batch_size=4), {("none", False): out}, progress=False)

@@ -65,9 +65,15 @@ def capture_micro_batch(device: torch.device | str) -> int | None:
     return CPU_MICRO_BATCH if torch.device(device).type == "cpu" else None
 
 
+def forward_precision(device: torch.device | str) -> str:
+    """How the analysis forward pass runs on ``device``: ``"bf16-autocast"`` on CUDA, else
+    ``"fp32"``. Recorded in a run's params.json: a run's chunks must not mix the two."""
+    return "bf16-autocast" if torch.device(device).type == "cuda" else "fp32"
+
+
 def forward_autocast(device: torch.device | str):
     """bf16 autocast for the forward pass on CUDA (metrics are computed in float32); none on CPU."""
-    if torch.device(device).type == "cuda":
+    if forward_precision(device) == "bf16-autocast":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return _null()
 
@@ -252,8 +258,16 @@ class RunDir:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
     def set_model_info(self, info: dict) -> None:
+        """Record the loaded model (and ``info["forward"]``, its forward precision). Refuses,
+        before anything is computed, to add chunks in another precision than the finished ones:
+        a run begun on a GPU (bf16 autocast) and resumed on a CPU (fp32) would mix the two."""
         pj = self.path / "params.json"
         d = json.loads(pj.read_text())
+        before = (d.get("model") or {}).get("forward")
+        if before and info.get("forward") and before != info["forward"] and any(self.parts.glob("*.npz")):
+            raise RunMismatch(f"{self.path} holds chunks computed with a {before} forward pass; this "
+                              f"process runs it as {info['forward']} (another kind of device). Finish it "
+                              "on the same kind of device, or use another output folder")
         if d.get("model") != info:
             d["model"] = info
             _write_json(pj, d)
@@ -407,7 +421,8 @@ def run_suite(base: AnalysisParams, variants: dict[tuple[str, bool], Path], *,
                         img_size=base.img_size)
         info = {"spec": lm.spec, "arch": lm.arch, "source": lm.source, "patch_size": lm.patch_size,
                 "grid": list(lm.grid), "num_prefix_tokens": lm.num_prefix_tokens,
-                "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in lm.data_config.items()}}
+                "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in lm.data_config.items()},
+                "forward": forward_precision(next(lm.model.parameters()).device)}
         model_infos[weights] = info
         for v in vs:
             runs[v].set_model_info(info)
