@@ -467,232 +467,189 @@ def _choose_layers(params: MaskEvalParams, captured: list[int], sc: dict, n_laye
     return {"layers": layers, "how": f"auto: {why}", "stage_fit": fit, "captured": captured}
 
 
-def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = True,
-                  rank: int = 0, world: int = 1, barrier=None) -> MaskEvalRun:
-    """Run (or resume) mask-eval into ``out``; returns the :class:`MaskEvalRun`.
+@dataclass
+class _Call:
+    """What one ``run_mask_eval`` call's passes share: parameters, images, models and caches."""
 
-    With ``world > 1`` (torchrun) this process handles the chunks k with k % world == rank in both
-    passes and writes only its own part files; ``barrier()`` separates the steps: rank 0 writes
-    params.json and trains the probe (the others then load it from the cache), every rank reads
-    all score parts and chooses the same layer (a deterministic function of them), and after pass
-    2 rank 0 alone merges the parts into the tables -- the same files a single process writes.
-    """
-    def sync():
-        if barrier is not None:
-            barrier()
+    p: MaskEvalParams
+    run: MaskEvalRun
+    records: list              # the images the classifier can score, in run order
+    chunk: int                 # images per chunk
+    lm: object                 # scoring model (LoadedModel)
+    clf: object                # classifier; clf.lm is lm when it is a probe on the same ViT
+    sift: SiftParams
+    cache: object              # KeypointCache
+    progress: bool
 
-    def rank0_first(fn):
-        """fn() on rank 0, then (after a barrier) on the others: rank 0 writes, they read."""
-        if rank == 0:
-            out = fn()
-        sync()
-        return out if rank == 0 else fn()
+    @property
+    def n_chunks(self) -> int:
+        return (len(self.records) + self.chunk - 1) // self.chunk
 
-    def require(part_file, what: str) -> None:
-        missing = [k for k in range(n_chunks) if not part_file(k).exists()]
-        if missing:
-            raise RuntimeError(f"{run.path}: {what} chunks {missing} unfinished after the {what} pass")
+    @property
+    def dev(self) -> torch.device:
+        return next(self.lm.model.parameters()).device
 
+    def chunk_records(self, k: int) -> list:
+        return self.records[k * self.chunk:(k + 1) * self.chunk]
+
+    def n_images(self, chunks) -> int:
+        return sum(len(self.chunk_records(k)) for k in chunks)
+
+    def batches(self, k: int):
+        """(Batch or None, [Skipped]) of chunk k: decoded, model input, per-patch keypoint counts."""
+        from .pipeline import iter_batches
+        return iter_batches(self.chunk_records(k), self.lm.data_config, self.lm.grid, self.lm.patch_size,
+                            batch_size=self.p.batch_size, sift=self.sift, num_workers=self.p.num_workers,
+                            cache=self.cache, progress=False)
+
+
+def _score_chunk(c: _Call, k: int, col: _ScoreCollector, captured: list[int], bar) -> dict:
+    """Pass 1 on chunk k: the arrays of its score part (ids, labels, targets, counts (n, N),
+    layer_scores (n, L_captured, N), clean_pred (n,), skipped (s, 2), and m_<metric> (n, L, H)
+    when the stage fit needs them)."""
+    from .attention import capture_attention
+
+    lm, n_p = c.lm, c.lm.num_patches
+    acc = {"ids": [], "labels": [], "targets": [], "counts": [], "layer_scores": [], "clean_pred": []}
+    met_acc: dict[str, list] = {}
+    skipped = []
+    for batch, sk in c.batches(k):
+        skipped += sk
+        if batch is not None:
+            x = batch.tensors.to(c.dev)
+            col.start_batch(batch.counts)
+            with torch.inference_mode():
+                with capture_attention(lm.model, lm.num_prefix_tokens, col, layers=[l - 1 for l in captured]):
+                    tokens = lm.model.forward_features(x)
+                if c.clf.lm is not lm:
+                    tokens = c.clf.lm.model.forward_features(x)
+                pred = c.clf.logits(tokens).argmax(-1).cpu().numpy()
+            sc, met = col.finish_batch()
+            acc["ids"] += batch.ids
+            acc["labels"] += [str(l) for l in batch.labels]
+            acc["targets"] += [c.clf.target(l) for l in batch.labels]
+            acc["counts"].append(batch.counts.numpy().astype(np.int32))
+            acc["layer_scores"].append(sc.numpy().astype(np.float32))
+            acc["clean_pred"].append(pred.astype(np.int64))
+            for key, v in (met or {}).items():
+                met_acc.setdefault(key, []).append(v.numpy().astype(np.float32))
+        bar.update(len(sk) + (len(batch) if batch is not None else 0))
+    arrays = {
+        "ids": np.asarray(acc["ids"], dtype=str), "labels": np.asarray(acc["labels"], dtype=str),
+        "targets": np.asarray(acc["targets"], dtype=np.int64),
+        "counts": np.concatenate(acc["counts"]) if acc["counts"] else np.zeros((0, n_p), np.int32),
+        "layer_scores": np.concatenate(acc["layer_scores"]) if acc["layer_scores"] else
+        np.zeros((0, len(captured), n_p), np.float32),
+        "clean_pred": np.concatenate(acc["clean_pred"]) if acc["clean_pred"] else np.zeros(0, np.int64),
+        "skipped": np.asarray([(s.path or s.id, s.reason) for s in skipped], dtype=str).reshape(-1, 2),
+    }
+    if col.metrics is not None:
+        n_layers, h = len(lm.model.blocks), lm.model.blocks[0].attn.num_heads
+        for key in ("theta_kk", "theta_kn", "theta_nk", "theta_nn", "theta_chance", "focus", "focus_norm"):
+            arrays[f"m_{key}"] = np.concatenate(met_acc[key]) if key in met_acc else \
+                np.zeros((0, n_layers, h), np.float32)
+    return arrays
+
+
+def _score_pass(c: _Call, mine: list[int], siblings: list[MaskEvalRun], captured: list[int],
+                stage_metrics: bool) -> dict:
+    """Pass 1 over this rank's unfinished chunks: copies a sibling's part where one exists,
+    computes the rest. Returns its timings."""
     from tqdm.auto import tqdm
 
-    from .attention import MetricCollector, capture_attention
-    from .classify import load_classifier
-    from .data import resolve_images
-    from .keypoints import KeypointCache
-    from .models import load_model
-    from .pipeline import Skipped, iter_batches
-    from .probe import ProbeSettings, model_identity
+    from .attention import MetricCollector
 
-    t_start = time.perf_counter()
-    p = params
-    chunk = _chunk()
-    records = resolve_images(p.images, p.limit)
-    if not records:
-        raise ValueError(f"no images found for {p.images!r}")
-    if len(records) < 2 and any(o in MK.DONOR_ORDERS for o in p.orders):
-        raise ValueError(f"orders {[o for o in p.orders if o in MK.DONOR_ORDERS]} mask by another image's "
-                         f"score map and need at least 2 images; {p.images!r} has {len(records)}")
-    run = MaskEvalRun(out, p)
-    rank0_first(lambda: run.prepare(len(records)))   # the other ranks only check the identity
-
-    # models: the probe's backbone is the scoring model; a timm classifier scores itself unless told
-    from .classify import PROBE_SPECS
-    score_lm = load_model(p.model, device=p.device)
-    probe = ProbeSettings(train_images=p.probe_train, per_class=p.probe_per_class,
-                          weight_decay=p.probe_weight_decay, seed=p.seed)
-    # rank 0 trains (or loads) the probe first; the other ranks then find it in the cache
-    clf = rank0_first(lambda: load_classifier(p.classifier, p.model, device=p.device, probe=probe,
-                                              batch_size=p.batch_size, num_workers=p.num_workers,
-                                              progress=progress and rank == 0, backbone=score_lm))
-    same = clf.lm is score_lm
-    if not same:
-        a, b = score_lm, clf.lm
-        if a.grid != b.grid or a.patch_size != b.patch_size or \
-                {k: a.data_config.get(k) for k in ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")} != \
-                {k: b.data_config.get(k) for k in ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")}:
-            raise ValueError(f"scoring model {a.spec!r} and classifier {b.spec!r} must share the input "
-                             f"(grid {a.grid} vs {b.grid}, patch {a.patch_size} vs {b.patch_size}, "
-                             "and the same data config) so that a patch means the same pixels in both")
-    if rank == 0:
-        run.set_info(model=model_identity(score_lm), classifier={**clf.identity(), "info": clf.info,
-                                                                 "n_classes": len(clf.classes)})
-
-    # labels the classifier cannot score are left out up front
-    skipped_label = [Skipped(r.id, str(r.path or ""), f"label {r.label!r} is not a class of {clf.spec}")
-                     for r in records if clf.target(r.label) is None]
-    records = [r for r in records if clf.target(r.label) is not None]
-    n_chunks = (len(records) + chunk - 1) // chunk
-    mine = [k for k in range(n_chunks) if k % world == rank]
-    lm = score_lm
-    n_layers = len(lm.model.blocks)
-    spec = MK.parse_layers(p.layer, n_layers)
-    captured = list(range(1, n_layers + 1)) if spec == "auto" else spec
-    dev = next(lm.model.parameters()).device
-    sift = SiftParams(**p.sift)
-    cache = KeypointCache()
-    timing = {}
-
-    # a run beside this one that differs only in orders / modes / ratios: its finished score chunks
-    # and masked conditions are copied (looked up once, only when something is left to do)
-    siblings = run.score_siblings() if any(not f(k).exists() for k in mine
-                                           for f in (run.score_file, run.mask_file)) else []
-
-    # ---- pass 1: scores, stage metrics, clean predictions
-    todo = [k for k in mine if not run.score_file(k).exists()]
-    reused = 0
-    if todo:
-        for k in list(todo):
-            src = next((r.score_file(k) for r in siblings if r.score_file(k).exists()), None)
-            if src is not None:
-                _atomic_write(run.score_file(k), lambda f: shutil.copyfile(src, f))
-                todo.remove(k)
-                reused += 1
-    timing["score_chunks_reused"] = reused
+    p, run = c.p, c.run
+    todo, reused = [], 0
+    for k in mine:
+        if run.score_file(k).exists():
+            continue
+        src = next((r.score_file(k) for r in siblings if r.score_file(k).exists()), None)
+        if src is None:
+            todo.append(k)
+        else:
+            _atomic_write(run.score_file(k), lambda f: shutil.copyfile(src, f))
+            reused += 1
     t0 = time.perf_counter()
-    bar = tqdm(total=sum(len(records[k * chunk:(k + 1) * chunk]) for k in todo), unit="img",
-               desc=f"mask-eval scores [{lm.spec}]", disable=not progress or not todo, dynamic_ncols=True)
-    metrics = MetricCollector(n_layers, p.gamma, p.weighted, "minmax") if spec == "auto" else None
+    bar = tqdm(total=c.n_images(todo), unit="img", desc=f"mask-eval scores [{c.lm.spec}]",
+               disable=not c.progress or not todo, dynamic_ncols=True)
+    metrics = MetricCollector(len(c.lm.model.blocks), p.gamma, p.weighted, "minmax") if stage_metrics else None
     col = _ScoreCollector([l - 1 for l in captured], p.gamma, p.weighted, p.exclude_self, metrics)
     for k in todo:
-        recs = records[k * chunk:(k + 1) * chunk]
-        acc = {"ids": [], "labels": [], "targets": [], "counts": [], "layer_scores": [], "clean_pred": []}
-        met_acc: dict[str, list] = {}
-        sk_chunk = []
-        for batch, sk in iter_batches(recs, lm.data_config, lm.grid, lm.patch_size, batch_size=p.batch_size,
-                                      sift=sift, num_workers=p.num_workers, cache=cache, progress=False):
-            sk_chunk += sk
-            if batch is not None:
-                x = batch.tensors.to(dev)
-                col.start_batch(batch.counts)
-                with torch.inference_mode():
-                    with capture_attention(lm.model, lm.num_prefix_tokens, col, layers=[l - 1 for l in captured]):
-                        tokens = lm.model.forward_features(x)
-                    if not same:
-                        tokens = clf.lm.model.forward_features(x)
-                    pred = clf.logits(tokens).argmax(-1).cpu().numpy()
-                sc, met = col.finish_batch()
-                acc["ids"] += batch.ids
-                acc["labels"] += [str(l) for l in batch.labels]
-                acc["targets"] += [clf.target(l) for l in batch.labels]
-                acc["counts"].append(batch.counts.numpy().astype(np.int32))
-                acc["layer_scores"].append(sc.numpy().astype(np.float32))
-                acc["clean_pred"].append(pred.astype(np.int64))
-                if met is not None:
-                    for key, v in met.items():
-                        met_acc.setdefault(key, []).append(v.numpy().astype(np.float32))
-            bar.update(len(sk) + (len(batch) if batch is not None else 0))
-        n_p = lm.num_patches
-        arrays = {
-            "ids": np.asarray(acc["ids"], dtype=str), "labels": np.asarray(acc["labels"], dtype=str),
-            "targets": np.asarray(acc["targets"], dtype=np.int64),
-            "counts": np.concatenate(acc["counts"]) if acc["counts"] else np.zeros((0, n_p), np.int32),
-            "layer_scores": np.concatenate(acc["layer_scores"]) if acc["layer_scores"] else
-            np.zeros((0, len(captured), n_p), np.float32),
-            "clean_pred": np.concatenate(acc["clean_pred"]) if acc["clean_pred"] else np.zeros(0, np.int64),
-            "skipped": np.asarray([(s.path or s.id, s.reason) for s in sk_chunk], dtype=str).reshape(-1, 2),
-        }
-        if metrics is not None:
-            h = lm.model.blocks[0].attn.num_heads
-            for key in ("theta_kk", "theta_kn", "theta_nk", "theta_nn", "theta_chance", "focus", "focus_norm"):
-                arrays[f"m_{key}"] = np.concatenate(met_acc[key]) if key in met_acc else \
-                    np.zeros((0, n_layers, h), np.float32)
+        arrays = _score_chunk(c, k, col, captured, bar)
         # written last and whole: its presence marks the chunk finished
         _atomic_write(run.score_file(k), lambda f: np.savez(open(f, "wb"), **arrays))
     bar.close()
-    timing["score_seconds"] = round(time.perf_counter() - t0, 2)
-    timing["score_images"] = sum(len(records[k * chunk:(k + 1) * chunk]) for k in todo)
+    return {"score_chunks_reused": reused, "score_seconds": round(time.perf_counter() - t0, 2),
+            "score_images": c.n_images(todo)}
 
-    sync()
-    require(run.score_file, "score")
-    sc = _load_scores(run, n_chunks)
-    choice = _choose_layers(p, captured, sc, n_layers)
-    scores = MK.combine_layer_scores(sc["layer_scores"], choice["layers"], captured)
-    if rank == 0:
-        _write_json(run.path / "layer.json", choice)
-        _atomic_write(run.path / "scores.npz", lambda f: np.savez(
-            open(f, "wb"), ids=sc["ids"], labels=sc["labels"], counts=sc["counts"], scores=scores,
-            layer_scores=sc["layer_scores"].astype(np.float16), captured=np.asarray(captured),
-            layers=np.asarray(choice["layers"])))
+
+def _mask_chunk(c: _Call, k: int, need: list[tuple], frames: list[pd.DataFrame], sc: dict,
+                scores: np.ndarray, donors: np.ndarray | None, cond_index: dict, bar) -> pd.DataFrame:
+    """Pass 2 on chunk k: the conditions in ``need`` (mode, order, ratio) computed, added to
+    ``frames`` (rows copied from a sibling), in one row order: condition, then image.
+
+    scores: (n, N) of every scored image, rows as ``sc["ids"]``; donors: (n, N) the donor map of
+    each row, or None without a *_other order."""
+    p, lm, model = c.p, c.lm, c.clf.lm.model
     row_of = {i: n for n, i in enumerate(sc["ids"])}
-    # the *_other orders mask by another image's map: donors drawn over all scored images, so every
-    # rank and every resumed call agrees
-    other_all = MK.donor_scores(scores, sc["ids"], p.orders, p.seed)
+    frames = list(frames)
+    for batch, _sk in (c.batches(k) if need else ()):
+        if batch is None:
+            continue
+        rows = np.asarray([row_of[i] for i in batch.ids])
+        x = batch.tensors.to(c.dev)
+        other = donors[rows] if donors is not None else None
+        ranked = {o: MK.rank_patches(o, scores=scores[rows], counts=sc["counts"][rows], ids=batch.ids,
+                                     seed=p.seed, tiebreak=p.tiebreak, other_scores=other)
+                  for o in dict.fromkeys(o for _, o, _ in need)}
+        for mode, order, ratio in need:
+            idx = MK.mask_indices(ranked[order], ratio)
+            with torch.inference_mode():
+                pred = c.clf.logits(MK.masked_features(model, x, mode, idx, lm.grid, lm.patch_size)).argmax(-1)
+            frames.append(pd.DataFrame({"image": batch.ids, "order": order, "mode": mode,
+                                        "ratio": float(ratio), "n_masked": idx.shape[1],
+                                        "pred": pred.cpu().numpy().astype(np.int64)}))
+            bar.update(len(batch))
+    pos = {r.id: i for i, r in enumerate(c.chunk_records(k))}
+    df = pd.concat(frames, ignore_index=True) if frames else \
+        pd.DataFrame({col: pd.Series(dtype=t) for col, t in MASK_PART_DTYPES})
+    return df.assign(_c=[cond_index[(m, o, r)] for m, o, r in zip(df["mode"], df.order, df.ratio)],
+                     _i=df.image.map(pos)).sort_values(["_c", "_i"], kind="stable") \
+        .drop(columns=["_c", "_i"]).reset_index(drop=True)
 
-    # ---- pass 2: masked forwards
+
+def _mask_pass(c: _Call, mine: list[int], siblings: list[MaskEvalRun], sc: dict, scores: np.ndarray,
+               donors: np.ndarray | None) -> dict:
+    """Pass 2 over this rank's unfinished chunks: (mode, order, ratio) conditions a sibling has
+    are copied, the others computed. Returns its timings."""
+    from tqdm.auto import tqdm
+
+    p, run = c.p, c.run
     conds = p.conditions()
+    cond_index = {cond: i for i, cond in enumerate(conds)}
     todo = [k for k in mine if not run.mask_file(k).exists()]
-    cond_index = {c: i for i, c in enumerate(conds)}
     reuse = {k: _sibling_mask_rows(siblings, k, cond_index) for k in todo}
-    need = {k: [c for c in conds if c not in reuse[k][1]] for k in todo}
-    n_fwd = sum(len(records[k * chunk:(k + 1) * chunk]) * len(need[k]) for k in todo)
+    need = {k: [cond for cond in conds if cond not in reuse[k][1]] for k in todo}
+    n_fwd = sum(len(c.chunk_records(k)) * len(need[k]) for k in todo)
     t0 = time.perf_counter()
-    bar = tqdm(total=n_fwd, unit="fwd", desc=f"mask-eval {'+'.join(p.modes)} [{clf.spec}]",
-               disable=not progress or not n_fwd, dynamic_ncols=True)
-    model = clf.lm.model
+    bar = tqdm(total=n_fwd, unit="fwd", desc=f"mask-eval {'+'.join(p.modes)} [{c.clf.spec}]",
+               disable=not c.progress or not n_fwd, dynamic_ncols=True)
     for k in todo:
-        recs = records[k * chunk:(k + 1) * chunk]
-        frames = list(reuse[k][0])
-        batches = iter_batches(recs, lm.data_config, lm.grid, lm.patch_size, batch_size=p.batch_size, sift=sift,
-                               num_workers=p.num_workers, cache=cache, progress=False) if need[k] else ()
-        for batch, sk in batches:
-            if batch is None:
-                continue
-            rows = np.asarray([row_of[i] for i in batch.ids])
-            x = batch.tensors.to(dev)
-            other = other_all[rows] if other_all is not None else None
-            ranked = {o: MK.rank_patches(o, scores=scores[rows], counts=sc["counts"][rows], ids=batch.ids,
-                                       seed=p.seed, tiebreak=p.tiebreak, other_scores=other)
-                      for o in dict.fromkeys(o for _, o, _ in need[k])}
-            for mode, order, ratio in need[k]:
-                idx = MK.mask_indices(ranked[order], ratio)
-                with torch.inference_mode():
-                    pred = clf.logits(MK.masked_features(model, x, mode, idx, lm.grid, lm.patch_size)).argmax(-1)
-                frames.append(pd.DataFrame({"image": batch.ids, "order": order, "mode": mode,
-                                            "ratio": float(ratio), "n_masked": idx.shape[1],
-                                            "pred": pred.cpu().numpy().astype(np.int64)}))
-                bar.update(len(batch))
-        # one row order whatever was copied or computed: condition, then the chunk's image order
-        pos = {r.id: i for i, r in enumerate(recs)}
-        df = pd.concat(frames, ignore_index=True) if frames else \
-            pd.DataFrame({c: pd.Series(dtype=t) for c, t in MASK_PART_DTYPES})
-        df = df.assign(_c=[cond_index[(m, o, r)] for m, o, r in zip(df["mode"], df.order, df.ratio)],
-                       _i=df.image.map(pos)).sort_values(["_c", "_i"], kind="stable") \
-            .drop(columns=["_c", "_i"]).reset_index(drop=True)
+        df = _mask_chunk(c, k, need[k], reuse[k][0], sc, scores, donors, cond_index, bar)
         _atomic_write(run.mask_file(k), lambda f: df.to_parquet(f, index=False))
     bar.close()
-    timing["mask_seconds"] = round(time.perf_counter() - t0, 2)
-    timing["mask_forwards"] = n_fwd
-    timing["mask_conditions_reused"] = sum(len(reuse[k][1]) for k in todo)   # (chunk, condition) pairs copied
-    if world > 1:
-        timing["world"] = world   # the timings above are rank 0's share
+    return {"mask_seconds": round(time.perf_counter() - t0, 2), "mask_forwards": n_fwd,
+            # (chunk, condition) pairs copied
+            "mask_conditions_reused": sum(len(reuse[k][1]) for k in todo)}
 
-    sync()
-    if rank != 0:
-        return run
-    require(run.mask_file, "mask")
-    # ---- finalize: predictions (ratio 0 = clean, for every order and mode), tables
-    masked = pd.concat([pd.read_parquet(run.mask_file(k)) for k in range(n_chunks)], ignore_index=True) \
-        if n_chunks else pd.DataFrame(columns=PRED_COLS)
+
+def _finalize(c: _Call, sc: dict, choice: dict, skipped_label: list, stats: dict) -> None:
+    """Rank 0, once every part exists: predictions (ratio 0 = clean, for every order and mode),
+    accuracy and paired tables, skipped.csv, run.json."""
+    p, run = c.p, c.run
+    masked = pd.concat([pd.read_parquet(run.mask_file(k)) for k in range(c.n_chunks)], ignore_index=True) \
+        if c.n_chunks else pd.DataFrame(columns=PRED_COLS)
     clean = pd.DataFrame({"image": sc["ids"], "pred": sc["clean_pred"]})
     zero = [r for r in p.ratios if r == 0]
     clean_rows = pd.concat([clean.assign(order=o, mode=m, ratio=0.0, n_masked=0)
@@ -719,8 +676,120 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
     _atomic_write(run.path / "skipped.csv", lambda f: pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(f, index=False))
     clean_top1 = float((sc["clean_pred"] == sc["targets"]).mean() * 100) if len(sc["ids"]) else float("nan")
     _write_json(run.path / "run.json", {"complete": True, "n_images": int(len(sc["ids"])), "n_skipped": len(skipped),
-                                        "clean_top1": clean_top1, "layers": choice["layers"],
-                                        "seconds_this_call": round(time.perf_counter() - t_start, 2), **timing})
+                                        "clean_top1": clean_top1, "layers": choice["layers"], **stats})
+
+
+def _load_models(p: MaskEvalParams, progress: bool, rank0_first):
+    """(scoring model, classifier). The probe's backbone is the scoring model; a timm classifier
+    must share its input so that a patch means the same pixels in both."""
+    from .classify import load_classifier
+    from .models import load_model
+    from .probe import ProbeSettings
+
+    score_lm = load_model(p.model, device=p.device)
+    probe = ProbeSettings(train_images=p.probe_train, per_class=p.probe_per_class,
+                          weight_decay=p.probe_weight_decay, seed=p.seed)
+    # rank 0 trains (or loads) the probe first; the other ranks then find it in the cache
+    clf = rank0_first(lambda: load_classifier(p.classifier, p.model, device=p.device, probe=probe,
+                                              batch_size=p.batch_size, num_workers=p.num_workers,
+                                              progress=progress, backbone=score_lm))
+    if clf.lm is not score_lm:
+        a, b = score_lm, clf.lm
+        keys = ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
+        if a.grid != b.grid or a.patch_size != b.patch_size or \
+                {k: a.data_config.get(k) for k in keys} != {k: b.data_config.get(k) for k in keys}:
+            raise ValueError(f"scoring model {a.spec!r} and classifier {b.spec!r} must share the input "
+                             f"(grid {a.grid} vs {b.grid}, patch {a.patch_size} vs {b.patch_size}, "
+                             "and the same data config) so that a patch means the same pixels in both")
+    return score_lm, clf
+
+
+def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = True,
+                  rank: int = 0, world: int = 1, barrier=None) -> MaskEvalRun:
+    """Run (or resume) mask-eval into ``out``; returns the :class:`MaskEvalRun`.
+
+    With ``world > 1`` (torchrun) this process handles the chunks k with k % world == rank in both
+    passes and writes only its own part files; ``barrier()`` separates the steps: rank 0 writes
+    params.json and trains the probe (the others then load it from the cache), every rank reads
+    all score parts and chooses the same layer (a deterministic function of them), and after pass
+    2 rank 0 alone merges the parts into the tables -- the same files a single process writes.
+    """
+    def sync():
+        if barrier is not None:
+            barrier()
+
+    def rank0_first(fn):
+        """fn() on rank 0, then (after a barrier) on the others: rank 0 writes, they read."""
+        if rank == 0:
+            out = fn()
+        sync()
+        return out if rank == 0 else fn()
+
+    def require(part_file, what: str) -> None:
+        missing = [k for k in range(c.n_chunks) if not part_file(k).exists()]
+        if missing:
+            raise RuntimeError(f"{run.path}: {what} chunks {missing} unfinished after the {what} pass")
+
+    from .data import resolve_images
+    from .keypoints import KeypointCache
+    from .pipeline import Skipped
+    from .probe import model_identity
+
+    t_start = time.perf_counter()
+    p = params
+    records = resolve_images(p.images, p.limit)
+    if not records:
+        raise ValueError(f"no images found for {p.images!r}")
+    if len(records) < 2 and any(o in MK.DONOR_ORDERS for o in p.orders):
+        raise ValueError(f"orders {[o for o in p.orders if o in MK.DONOR_ORDERS]} mask by another image's "
+                         f"score map and need at least 2 images; {p.images!r} has {len(records)}")
+    run = MaskEvalRun(out, p)
+    rank0_first(lambda: run.prepare(len(records)))   # the other ranks only check the identity
+    lm, clf = _load_models(p, progress and rank == 0, rank0_first)
+    if rank == 0:
+        run.set_info(model=model_identity(lm), classifier={**clf.identity(), "info": clf.info,
+                                                           "n_classes": len(clf.classes)})
+    # labels the classifier cannot score are left out up front
+    skipped_label = [Skipped(r.id, str(r.path or ""), f"label {r.label!r} is not a class of {clf.spec}")
+                     for r in records if clf.target(r.label) is None]
+    records = [r for r in records if clf.target(r.label) is not None]
+    c = _Call(p, run, records, _chunk(), lm, clf, SiftParams(**p.sift), KeypointCache(), progress)
+    mine = [k for k in range(c.n_chunks) if k % world == rank]
+    n_layers = len(lm.model.blocks)
+    spec = MK.parse_layers(p.layer, n_layers)
+    captured = list(range(1, n_layers + 1)) if spec == "auto" else spec
+
+    # a run beside this one that differs only in orders / modes / ratios: its finished score chunks
+    # and masked conditions are copied (looked up once, only when something is left to do)
+    siblings = run.score_siblings() if any(not f(k).exists() for k in mine
+                                           for f in (run.score_file, run.mask_file)) else []
+
+    # ---- pass 1: scores, stage metrics, clean predictions; then the score layer
+    stats = _score_pass(c, mine, siblings, captured, stage_metrics=spec == "auto")
+    sync()
+    require(run.score_file, "score")
+    sc = _load_scores(run, c.n_chunks)
+    choice = _choose_layers(p, captured, sc, n_layers)
+    scores = MK.combine_layer_scores(sc["layer_scores"], choice["layers"], captured)
+    if rank == 0:
+        _write_json(run.path / "layer.json", choice)
+        _atomic_write(run.path / "scores.npz", lambda f: np.savez(
+            open(f, "wb"), ids=sc["ids"], labels=sc["labels"], counts=sc["counts"], scores=scores,
+            layer_scores=sc["layer_scores"].astype(np.float16), captured=np.asarray(captured),
+            layers=np.asarray(choice["layers"])))
+    # the *_other orders mask by another image's map: donors drawn over all scored images, so every
+    # rank and every resumed call agrees
+    donors = MK.donor_scores(scores, sc["ids"], p.orders, p.seed)
+
+    # ---- pass 2: masked forwards
+    stats.update(_mask_pass(c, mine, siblings, sc, scores, donors))
+    if world > 1:
+        stats["world"] = world   # the timings above are rank 0's share
+    sync()
+    if rank != 0:
+        return run
+    require(run.mask_file, "mask")
+    _finalize(c, sc, choice, skipped_label, {"seconds_this_call": round(time.perf_counter() - t_start, 2), **stats})
     return run
 
 
