@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import sharp_test_vit
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 
@@ -87,15 +89,9 @@ def test_numpy_baseline_matches_core_metrics():
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sliced_capture_equals_whole_batch(workers):
     """The analysis path's attention slices (threads included) give the whole-batch metrics."""
-    import timm
-
     from vitsift_core.attention import MetricCollector, capture_attention
 
-    torch.manual_seed(0)
-    m = timm.create_model("test_vit", pretrained=False).eval()
-    with torch.no_grad():
-        for blk in m.blocks:
-            blk.attn.qkv.weight.mul_(4.0)
+    m = sharp_test_vit(seed=0)
     x = torch.randn(7, 3, 160, 160)
     n = m.patch_embed.num_patches
     counts = torch.randint(0, 3, (7, n))
