@@ -88,7 +88,10 @@ def numpy_head_metrics(a: np.ndarray, counts: np.ndarray, gamma: float = 1.0) ->
 
 # ------------------------------------------------------------------------------ the three variants
 class Bench:
-    def __init__(self, lm, gamma: float = 1.0):
+    """The three variants on one model; ``precision`` (runs.PRECISIONS) is the forward pass's, the
+    same for all three (the metrics are float32 in each)."""
+
+    def __init__(self, lm, gamma: float = 1.0, precision: str = "auto"):
         from timm.utils import AttentionExtract
 
         from vitsift_core.attention import MetricCollector, fused_attention
@@ -98,6 +101,7 @@ class Bench:
         self.dev = next(self.model.parameters()).device
         self.n_layers = len(self.model.blocks)
         self.gamma = gamma
+        self.precision = precision
         self.collector = MetricCollector(self.n_layers, gamma=gamma)
         self._extract = None
         self._AttentionExtract = AttentionExtract
@@ -113,13 +117,13 @@ class Bench:
     def plain(self, x, counts, ids):
         from vitsift_core.runs import forward_autocast
 
-        with torch.inference_mode(), forward_autocast(self.dev), self._fused(self.model, True):
+        with torch.inference_mode(), forward_autocast(self.dev, self.precision), self._fused(self.model, True):
             return self.model.forward_features(x)
 
     def analyze(self, x, counts, ids):
         from vitsift_core.runs import batch_metrics, head_rows
 
-        out = batch_metrics(self.lm, self.collector, x, {VARIANT: (counts, False)})[VARIANT]
+        out = batch_metrics(self.lm, self.collector, x, {VARIANT: (counts, False)}, self.precision)[VARIANT]
         head_rows(ids, out, counts.numpy())
         return out
 
@@ -128,7 +132,7 @@ class Bench:
 
         ex = self.extractor()
         p = self.lm.num_prefix_tokens
-        with torch.inference_mode(), forward_autocast(self.dev), self._fused(self.model, False):
+        with torch.inference_mode(), forward_autocast(self.dev, self.precision), self._fused(self.model, False):
             maps = ex(x)                                                # name -> (B, H, T, T), all layers
         c = counts.numpy()
         per_layer = [numpy_head_metrics(m.float().cpu().numpy()[:, :, p:, p:], c, self.gamma)
@@ -214,7 +218,7 @@ def memory_child(args) -> None:
     """(in a fresh process) one batch of one variant; prints a JSON line with RSS figures."""
     lm = load(args)
     batches, _, _ = make_batches(args, lm, n_batches=1)
-    bench = Bench(lm, args.gamma)
+    bench = Bench(lm, args.gamma, args.precision)
     # a first pass allocates what stays for good (thread pools, BLAS/oneDNN buffers, the fx graph):
     # steady state, measured from after it
     bench.run(args.memory_child, batches)
@@ -271,6 +275,9 @@ def parse(argv):
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--gamma", type=float, default=1.0)
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="forward pass of all three variants (vitsift analyze --precision): auto = bf16 "
+                        "autocast on CUDA, fp32 on CPU")
     p.add_argument("--skip", default="", help="variants not to time, e.g. 'c'")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--out", default=None, help="default: <reports>/bench/analysis.json (VITSIFT_REPORTS, else ./reports)")
@@ -301,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     lm = load(args)
     batches, spec, n_distinct = make_batches(args, lm)
-    bench = Bench(lm, args.gamma)
+    bench = Bench(lm, args.gamma, args.precision)
     dev = bench.dev
     timed = [v for v in VARIANTS if v not in args.skip]
     from vitsift_core.runs import capture_micro_batch

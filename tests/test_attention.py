@@ -163,3 +163,27 @@ def test_capture_errors_are_not_swallowed_and_bad_layers_are_refused():
     with pytest.raises(ValueError, match=r"layers \[6\] out of range.*0\.\.5"):
         with capture_attention(model, model.num_prefix_tokens, lambda l, a: None, layers=[2, 6]):
             pass
+
+
+def test_threaded_slices_keep_the_callers_cpu_autocast():
+    """Slices run in pool threads, where autocast is off unless carried over: the threaded bf16
+    maps must be the sequential bf16 maps, not the fp32 ones."""
+    model = tiny(0)
+    torch.manual_seed(5)
+    x = torch.randn(6, 3, *model.default_cfg["input_size"][1:])
+    p = model.num_prefix_tokens
+
+    def maps(workers, bf16):
+        got = {}
+
+        def keep(layer, attn):
+            got[(layer, current_slice_start())] = attn.float().clone()
+
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
+                capture_attention(model, p, keep, micro_batch=2, micro_workers=workers):
+            model.forward_features(x)
+        return torch.cat([got[k] for k in sorted(got)])
+
+    threaded, sequential, fp32 = maps(2, True), maps(1, True), maps(2, False)
+    torch.testing.assert_close(threaded, sequential, atol=2e-3, rtol=0)
+    assert (threaded - fp32).abs().max() > 10 * (threaded - sequential).abs().max() + 1e-4

@@ -64,6 +64,9 @@ def test_gpu_check_script_cpu_tiny(tmp_path):
     rep = json.loads(out.read_text())
     assert rep["models"][0]["b_over_a"] > 0
     assert rep["models"][0]["metric_input_dtype"] == "float32"
+    # the bf16-vs-fp32 comparison runs on CPU too: a real, small difference
+    d = rep["models"][0]["bf16_vs_fp32_mean_abs_diff"]
+    assert 0 < d["focus"] < 0.05 and 0 <= d["theta_kk"] < 0.05
 
 
 def test_numpy_baseline_matches_core_metrics():

@@ -161,16 +161,27 @@ def test_missing_weights_is_a_clear_error(tmp_path, capsys, monkeypatch):
     assert "vit_base_patch16_224" in capsys.readouterr().err
 
 
-def test_resume_refuses_another_forward_precision(tmp_path, tiny_ckpt, monkeypatch):
-    """A run's chunks all come from one forward precision: a folder begun with fp32 (CPU) is not
-    finished under bf16 autocast (what a CUDA device uses), and nothing is computed first."""
-    imgs = photos(tmp_path / "imgs", 6)
-    out = tmp_path / "out"
-    assert run_cli("--model", tiny_ckpt, "--images", str(imgs), "--out", str(out), "--limit", "4") == 0
-    assert json.loads((out / "params.json").read_text())["model"]["forward"] == "fp32"
-    (out / "run.json").unlink()                                       # as if interrupted after its chunks
-    monkeypatch.setattr(runs, "forward_precision", lambda device: "bf16-autocast")
-    monkeypatch.setattr(runs, "batch_metrics", lambda *a, **k: pytest.fail("computed before refusing"))
-    with pytest.raises(runs.RunMismatch, match="fp32 forward pass.*bf16-autocast"):
-        runs.run_suite(runs.AnalysisParams(model=tiny_ckpt, images=str(imgs), limit=4, device="cpu",
-                                           num_workers=0, batch_size=4), {("none", False): out}, progress=False)
+def test_precision_choice_is_applied_recorded_and_never_mixed(tmp_path, tiny_ckpt):
+    assert [runs.forward_precision(d, p) for d, p in
+            [("cpu", "auto"), ("cuda", "auto"), ("cpu", "bf16"), ("cuda:1", "fp32")]] == \
+        ["fp32", "bf16-autocast", "bf16-autocast", "fp32"]
+    with pytest.raises(ValueError, match="precision"):
+        runs.AnalysisParams(precision="fp16")
+    imgs = photos(tmp_path / "imgs", 4)
+    out = {}
+    for prec in ("fp32", "bf16"):
+        assert run_cli("--model", tiny_ckpt, "--images", str(imgs), "--out", str(tmp_path / prec),
+                       "--precision", prec) == 0
+        out[prec] = pd.read_parquet(tmp_path / prec / "heads.parquet")
+        params = json.loads((tmp_path / prec / "params.json").read_text())
+        assert params["model"]["forward"] == runs.forward_precision("cpu", prec)
+        assert params["runtime"]["precision"] == prec and "precision" not in params["identity"]
+    # bf16 moved the numbers a little, not much (focus is an entropy in nats, up to log 100)
+    diff = (out["bf16"].focus - out["fp32"].focus).abs()
+    assert 0 < diff.max() < 0.05
+    # finishing the bf16 folder in fp32 is refused before anything runs
+    (tmp_path / "bf16" / "run.json").unlink()
+    with pytest.raises(runs.RunMismatch, match="bf16-autocast forward pass.*fp32"):
+        runs.run_suite(runs.AnalysisParams(model=tiny_ckpt, images=str(imgs), device="cpu", num_workers=0,
+                                           batch_size=4, precision="fp32"),
+                       {("none", False): tmp_path / "bf16"}, progress=False)

@@ -71,9 +71,9 @@ def capture_attention(model: nn.Module, num_prefix_tokens: int, callback: Callba
     the model still runs on the whole batch. On CPU this keeps each map in cache and bounds its
     memory (a whole batch's map is B x H x N^2 floats per layer).
 
-    ``micro_workers`` > 1 (CPU only, no autocast): the slices of a layer run concurrently in
-    that many threads, one torch thread each, instead of one slice at a time with torch's
-    intra-op threads. Small ops split over cores wait at a barrier for the slowest core, which
+    ``micro_workers`` > 1 (CPU only; the caller's CPU autocast is carried into the threads): the
+    slices of a layer run concurrently in that many threads, one torch thread each, instead of
+    one slice at a time with torch's intra-op threads. Small ops split over cores wait at a barrier for the slowest core, which
     costs a scheduler time slice per op on a shared machine; whole slices per core do not.
     The callback must then be thread-safe (:class:`MetricCollector` is).
 
@@ -161,21 +161,20 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         return _pools[workers]
 
 
-def _autocast_on() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
-    except TypeError:  # pragma: no cover - older torch
-        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+def _cpu_autocast_dtype() -> torch.dtype | None:
+    """The dtype of the CPU autocast region the caller is in, None outside one."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
 
 
 def _sliced_forward(forward, step: int, workers: int = 1):
     """``forward(x, ...)`` run on ``x[i:i + step]`` slices, outputs concatenated along the batch."""
-    def run(start: int, x, args, kwargs, grad: bool, inference: bool):
+    def run(start: int, x, args, kwargs, grad: bool, inference: bool, amp: torch.dtype | None = None):
         prev = getattr(_slice, "start", None)
         _slice.start = start
         try:
-            # grad and inference modes are per thread: carry the caller's into pool threads
-            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            # grad, inference and autocast modes are per thread: carry the caller's into pool threads
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
+                    torch.autocast("cpu", dtype=amp, enabled=amp is not None):
                 return forward(x, *args, **kwargs)
         finally:
             _slice.start = prev
@@ -185,17 +184,19 @@ def _sliced_forward(forward, step: int, workers: int = 1):
         grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
         # a mask may carry a batch dimension: rare for ViTs; keep the whole batch then
         if n <= step or args or kwargs.get("attn_mask") is not None:
-            return run(0, x, args, kwargs, grad, inference)
+            return run(0, x, args, kwargs, grad, inference, _cpu_autocast_dtype())
         starts = range(0, n, step)
-        if workers > 1 and x.device.type == "cpu" and not _autocast_on():
-            futs = [_pool(workers).submit(run, i, x[i:i + step], args, kwargs, grad, inference)
+        if workers > 1 and x.device.type == "cpu":
+            amp = _cpu_autocast_dtype()
+            futs = [_pool(workers).submit(run, i, x[i:i + step], args, kwargs, grad, inference, amp)
                     for i in starts]
             # every slice finishes (its callback included) before any exception leaves: a
             # stop_early stop, or an error, must not leave slices writing behind the caller
             wait(futs)
             outs = [f.result() for f in futs]
         else:
-            outs = [run(i, x[i:i + step], args, kwargs, grad, inference) for i in starts]
+            outs = [run(i, x[i:i + step], args, kwargs, grad, inference, _cpu_autocast_dtype())
+                    for i in starts]
         return torch.cat(outs)
     return sliced
 

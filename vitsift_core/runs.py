@@ -65,21 +65,33 @@ def capture_micro_batch(device: torch.device | str) -> int | None:
     return CPU_MICRO_BATCH if torch.device(device).type == "cpu" else None
 
 
-def forward_precision(device: torch.device | str) -> str:
-    """How the analysis forward pass runs on ``device``: ``"bf16-autocast"`` on CUDA, else
-    ``"fp32"``. Recorded in a run's params.json: a run's chunks must not mix the two."""
-    return "bf16-autocast" if torch.device(device).type == "cuda" else "fp32"
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def forward_autocast(device: torch.device | str):
-    """bf16 autocast for the forward pass on CUDA (metrics are computed in float32); none on CPU."""
-    if forward_precision(device) == "bf16-autocast":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def forward_precision(device: torch.device | str, precision: str = "auto") -> str:
+    """How the analysis forward pass runs: ``"bf16-autocast"`` or ``"fp32"``.
+
+    ``precision``: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32", or "bf16" (autocast on
+    any device; on a CPU with AVX512-BF16 or AMX it is about twice as fast, see
+    benchmarks/README.md). The metrics are computed in float32 either way. Recorded in a run's
+    params.json: a run's chunks must not mix the two.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return "bf16-autocast" if precision == "bf16" else "fp32"
+
+
+def forward_autocast(device: torch.device | str, precision: str = "auto"):
+    """The context the analysis forward runs in: bf16 autocast or none (:func:`forward_precision`)."""
+    if forward_precision(device, precision) == "bf16-autocast":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return _null()
 
 
 def batch_metrics(lm, collector: MetricCollector, x: torch.Tensor,
-                  variants: dict) -> dict:
+                  variants: dict, precision: str = "auto") -> dict:
     """One batch of the analysis: the forward pass with capture, every layer and head reduced to
     metrics for every variant (name -> (counts (B, N), exclude_self)) as it goes.
 
@@ -90,7 +102,7 @@ def batch_metrics(lm, collector: MetricCollector, x: torch.Tensor,
     dev = next(lm.model.parameters()).device
     collector.start_batch(variants)
     workers = torch.get_num_threads() if dev.type == "cpu" else 1
-    with torch.inference_mode(), forward_autocast(dev), \
+    with torch.inference_mode(), forward_autocast(dev, precision), \
             capture_attention(lm.model, lm.num_prefix_tokens, collector,
                               micro_batch=capture_micro_batch(dev), micro_workers=workers,
                               stop_early=True):
@@ -121,8 +133,10 @@ class AnalysisParams:
     batch_size: int = 32
     device: str = "auto"
     num_workers: int = 1
+    # bf16 autocast or fp32 forward (forward_precision); recorded per run folder, never mixed in one
+    precision: str = "auto"
 
-    RUNTIME_KEYS = ("batch_size", "device", "num_workers")
+    RUNTIME_KEYS = ("batch_size", "device", "num_workers", "precision")
 
     def __post_init__(self):
         if self.control not in CONTROLS:
@@ -135,6 +149,8 @@ class AnalysisParams:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         self.sift = dataclasses.asdict(SiftParams(**self.sift))   # validates the keys
 
     def identity(self) -> dict:
@@ -260,14 +276,15 @@ class RunDir:
     def set_model_info(self, info: dict) -> None:
         """Record the loaded model (and ``info["forward"]``, its forward precision). Refuses,
         before anything is computed, to add chunks in another precision than the finished ones:
-        a run begun on a GPU (bf16 autocast) and resumed on a CPU (fp32) would mix the two."""
+        a run begun on a GPU (bf16 autocast) and resumed on a CPU (fp32), or resumed with another
+        ``precision``, would mix the two."""
         pj = self.path / "params.json"
         d = json.loads(pj.read_text())
         before = (d.get("model") or {}).get("forward")
         if before and info.get("forward") and before != info["forward"] and any(self.parts.glob("*.npz")):
             raise RunMismatch(f"{self.path} holds chunks computed with a {before} forward pass; this "
-                              f"process runs it as {info['forward']} (another kind of device). Finish it "
-                              "on the same kind of device, or use another output folder")
+                              f"process runs it as {info['forward']} (another kind of device or another "
+                              "--precision). Finish it as it was begun, or use another output folder")
         if d.get("model") != info:
             d["model"] = info
             _write_json(pj, d)
@@ -422,7 +439,7 @@ def run_suite(base: AnalysisParams, variants: dict[tuple[str, bool], Path], *,
         info = {"spec": lm.spec, "arch": lm.arch, "source": lm.source, "patch_size": lm.patch_size,
                 "grid": list(lm.grid), "num_prefix_tokens": lm.num_prefix_tokens,
                 "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in lm.data_config.items()},
-                "forward": forward_precision(next(lm.model.parameters()).device)}
+                "forward": forward_precision(next(lm.model.parameters()).device, base.precision)}
         model_infos[weights] = info
         for v in vs:
             runs[v].set_model_info(info)
@@ -451,7 +468,7 @@ def run_suite(base: AnalysisParams, variants: dict[tuple[str, bool], Path], *,
                     shuf = torch.from_numpy(shuffled_counts(c, batch.ids, base.seed))
                     out = batch_metrics(lm, collector, batch.tensors,
                                         {v: (shuf if v[0] == "shuffle-keypoints" else batch.counts, v[1])
-                                         for v in theta_vs})
+                                         for v in theta_vs}, base.precision)
                     for v in theta_vs:
                         results[v].append(head_rows(batch.ids, out[v], shuf.numpy() if v[0] == "shuffle-keypoints" else c))
                     ids += batch.ids
