@@ -206,6 +206,24 @@ def check_agreement(bench: Bench, batch) -> dict:
     return worst
 
 
+def precision_effect(bench: Bench, batches) -> dict:
+    """What ``bench.precision`` changes in the numbers: (b) under it vs (b) with an fp32 forward,
+    on every benchmark batch. Per metric: mean and max |difference| over (image, layer, head), and
+    the max |difference| of the per-layer means (over images and heads; what the figures plot)."""
+    fp32 = Bench(bench.lm, bench.gamma, "fp32")
+    got = {"test": [bench.analyze(*b) for b in batches], "fp32": [fp32.analyze(*b) for b in batches]}
+    out = {}
+    for k in ("theta_kk", "theta_nk", "focus"):
+        a, b = (torch.cat([o[k] for o in got[v]]).numpy() for v in ("test", "fp32"))   # (B, L, H)
+        ok = ~np.isnan(a) & ~np.isnan(b)
+        d = np.abs(a - b)[ok]
+        lm_a, lm_b = np.nanmean(a, axis=(0, 2)), np.nanmean(b, axis=(0, 2))
+        out[k] = {"mean_abs": float(d.mean()), "max_abs": float(d.max()),
+                  "layer_mean_max_abs": float(np.abs(lm_a - lm_b).max()),
+                  "nan_mismatch": int((np.isnan(a) != np.isnan(b)).sum())}
+    return out
+
+
 # ------------------------------------------------------------------------------ memory
 def tensor_bytes(model, batches) -> int:
     n = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -372,6 +390,15 @@ def main(argv: list[str] | None = None) -> int:
     if diff is not None:
         print(f"(b) and (c) give the same metrics: max |difference| theta {diff['theta']:.2g}, "
               f"focus {diff['focus']:.2g}")
+    from vitsift_core.runs import forward_precision
+    effect = None
+    if forward_precision(dev, args.precision) != "fp32":
+        effect = precision_effect(bench, batches)
+        print(f"{forward_precision(dev, args.precision)} vs fp32 forward, (b) on the same "
+              f"{n_img} images: " + "; ".join(
+                  f"{k} |diff| mean {e['mean_abs']:.2g}, max {e['max_abs']:.2g}, layer means max "
+                  f"{e['layer_mean_max_abs']:.2g}" + (f", {e['nan_mismatch']} NaN mismatches" if e['nan_mismatch'] else "")
+                  for k, e in effect.items()))
     report = {
         "analysis_over_plain": b_a, "analysis_over_attention_extract": b_c,
         "memory_analysis_over_plain": mem_ratio, "working_memory_analysis_over_plain": work_ratio,
@@ -383,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         "memory_method": ("torch.cuda.max_memory_allocated" if dev.type == "cuda" else
                           "RSS in a fresh process per variant: working = VmHWM - VmRSS around one batch; "
                           "peak = working + bytes of weights and input batch"),
-        "max_abs_diff_b_vs_c": diff, "model": args.model, "arch": lm.arch, "random_init": args.random_init,
+        "max_abs_diff_b_vs_c": diff, "precision": args.precision,
+        "forward": forward_precision(dev, args.precision), "precision_effect_vs_fp32": effect, "model": args.model, "arch": lm.arch, "random_init": args.random_init,
         "batch": args.batch, "batches": args.batches, "rounds": args.rounds, "device": str(dev),
         "micro_batch": capture_micro_batch(dev), "images": spec, "n_images": n_img,
         "n_distinct_images": n_distinct, "machine": C.machine(),

@@ -41,6 +41,18 @@ def test_bench_analysis_tiny(tmp_path):
     # (b) and (c) compute the same metrics; focus has no ties, so it agrees to float32 rounding
     assert rep["max_abs_diff_b_vs_c"]["focus"] < 1e-4
     assert "vs last run (earlier): analysis_over_plain 0.5 ->" in text     # compared with the last run
+    assert rep["forward"] == "fp32" and rep["precision_effect_vs_fp32"] is None
+
+
+def test_bench_analysis_tiny_bf16_reports_what_bf16_changes(tmp_path):
+    out = tmp_path / "analysis.json"
+    text = run("bench_analysis.py", "--tiny", "--precision", "bf16", "--no-memory", "--out", str(out),
+               tmp_path=tmp_path)
+    rep = json.loads(out.read_text())
+    assert rep["forward"] == "bf16-autocast" and "bf16-autocast vs fp32 forward" in text
+    eff = rep["precision_effect_vs_fp32"]
+    assert set(eff) == {"theta_kk", "theta_nk", "focus"}
+    assert 0 < eff["focus"]["mean_abs"] <= eff["focus"]["max_abs"] < 1
 
 
 def test_bench_keypoints_tiny(tmp_path):
