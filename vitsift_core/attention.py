@@ -73,8 +73,9 @@ def capture_attention(model: nn.Module, num_prefix_tokens: int, callback: Callba
 
     ``micro_workers`` > 1 (CPU only; the caller's CPU autocast is carried into the threads): the
     slices of a layer run concurrently in that many threads, one torch thread each, instead of
-    one slice at a time with torch's intra-op threads. Small ops split over cores wait at a barrier for the slowest core, which
-    costs a scheduler time slice per op on a shared machine; whole slices per core do not.
+    one slice at a time with torch's intra-op threads. Small ops split over cores wait at a
+    barrier for the slowest core, which costs a scheduler time slice per op on a shared machine;
+    whole slices per core do not.
     The callback must then be thread-safe (:class:`MetricCollector` is).
 
     ``stop_early``: end the forward pass after the deepest captured layer's attention module
@@ -137,6 +138,7 @@ _MISSING = object()
 
 class _StopForward(Exception):
     """Raised after the deepest captured map (``capture_attention(stop_early=True)``); caught there."""
+
 
 _slice = threading.local()
 _pools: dict[int, ThreadPoolExecutor] = {}
