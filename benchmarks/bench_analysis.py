@@ -35,7 +35,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import _common as C  # noqa: E402 - also puts the checkout on sys.path
 

@@ -21,7 +21,6 @@ import os
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import _common as C  # noqa: E402 - also puts the checkout on sys.path
 
