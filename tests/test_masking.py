@@ -10,7 +10,8 @@ from vitsift_core import masking as MK
 from vitsift_core import metrics as M
 from vitsift_core.attention import attention_maps, capture_attention
 from vitsift_core.maskeval import (MaskEvalParams, _ScoreCollector, bootstrap_means, bootstrap_weights, mask_shape,
-                                  order_contrasts, ordering_check, paired_ordering, summarize)
+                                  order_contrasts, ordering_check, paired_ordering, summarize,
+                                  content_vs_shape, CONTENT_SHAPE_PAIRS)
 from vitsift_core.probe import fit_linear
 
 
@@ -367,6 +368,29 @@ def test_order_contrasts_match_a_loop_reference():
     assert len(po) == 4 and set(po["mode"]) == {"fill", "drop"}
     want = (c[(c.a == "top")].ci_high.to_numpy() < 0) & (c[(c.a == "random")].ci_high.to_numpy() < 0)
     assert po.holds.tolist() == want.tolist()
+
+
+def test_content_vs_shape_hand_computed_and_adds_up():
+    """4 images at fill 20 %: Top right on 1 image, top_other on 3, Random on 4.
+    Top - Random = -75 = content (Top - top_other, -50) + shape (top_other - Random, -25)."""
+    df = _pred_frame({("top", "fill", 20.0): [1, 0, 0, 0], ("top_other", "fill", 20.0): [1, 1, 1, 0],
+                      ("random", "fill", 20.0): [1, 1, 1, 1], ("top", "fill", 0.0): [1, 1, 1, 1]}, 4)
+    c = order_contrasts(df, pairs=CONTENT_SHAPE_PAIRS, n_boot=300, seed=0)
+    r = content_vs_shape(c).iloc[0]
+    assert (r["mode"], r.ratio) == ("fill", 20.0)
+    assert r.top_minus_random == pytest.approx(-75.0)
+    assert r.content == pytest.approx(-50.0) and r.shape_place == pytest.approx(-25.0)
+    assert r.content_share == pytest.approx(50 / 75)
+    assert r.content_ci.startswith("[") and r.shape_place_ci.endswith("]")
+    # without top_other the split is not defined: no rows
+    assert content_vs_shape(order_contrasts(df, n_boot=100, seed=0)).empty
+    # on random predictions the two parts add up to Top - Random in every cell
+    rng = np.random.default_rng(1)
+    conds = {(o, m, r): rng.random(50) < q for o, q in (("top", 0.3), ("top_other", 0.6), ("random", 0.7))
+             for m in ("fill", "drop") for r in (10.0, 40.0)}
+    split = content_vs_shape(order_contrasts(_pred_frame(conds, 50), pairs=CONTENT_SHAPE_PAIRS, n_boot=100, seed=0))
+    assert len(split) == 4
+    np.testing.assert_allclose(split.content + split.shape_place, split.top_minus_random, atol=1e-9)
 
 
 def test_mask_adjacency_hand_computed():
