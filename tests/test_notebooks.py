@@ -75,3 +75,7 @@ def test_notebook_runs_with_smoke_profile(nb, smoke_env):
     figs = list((smoke_env / "reports" / "figures").glob(f"{nb.stem[:2]}_*.png"))
     assert figs, f"{nb.name} saved no figure"
     assert (smoke_env / "reports" / "index.md").exists()
+    if nb.stem == "06_spurious_masking":
+        # the content / shape split of Top's damage is computed (top_other is a default order)
+        split = (smoke_env / "reports" / "tables" / "06_content_vs_shape.csv").read_text().splitlines()
+        assert split[0].startswith("mode,ratio,top_minus_random,content") and len(split) >= 3
