@@ -299,9 +299,10 @@ def content_vs_shape(contrasts: pd.DataFrame) -> pd.DataFrame:
     Top − Random = (Top − top_other) + (top_other − Random), image by image (accuracy differences
     are linear), so from :func:`order_contrasts` with :data:`CONTENT_SHAPE_PAIRS`: ``content`` is
     Top − top_other (this image's own high-score patches against the same mask shape and place
-    taken from another image), ``shape_place`` is top_other − Random (a Top-shaped, Top-placed mask that
-    knows nothing of the image, against scattered patches). Differences in percentage points with
-    their paired 95 % CIs; ``content_share`` = content / (Top − Random), NaN when Top − Random is 0.
+    taken from another image), ``shape_place`` is top_other − Random (a Top-shaped, Top-placed
+    mask that knows nothing of the image, against scattered patches). Differences in percentage
+    points with their paired 95 % CIs; ``content_share`` = content / (Top − Random), NaN when
+    Top − Random is 0.
     Columns: mode, ratio, top_minus_random, content, content_ci, shape_place, shape_place_ci,
     content_share.
     """
