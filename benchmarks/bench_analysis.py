@@ -297,7 +297,8 @@ def parse(argv):
                         "autocast on CUDA, fp32 on CPU")
     p.add_argument("--skip", default="", help="variants not to time, e.g. 'c'")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--out", default=None, help="default: <reports>/bench/analysis.json (VITSIFT_REPORTS, else ./reports)")
+    p.add_argument("--out", default=None, help="default: <reports>/bench/analysis.json, analysis-<precision>.json "
+                   "with --precision fp32|bf16 (VITSIFT_REPORTS, else ./reports)")
     p.add_argument("--tiny", action="store_true",
                    help="test_vit (random init), batch 4, 1 batch, 1 round: checks that it runs")
     p.add_argument("--memory-child", choices=list(VARIANTS), help=argparse.SUPPRESS)
@@ -415,7 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         "micro_batch": capture_micro_batch(dev), "images": spec, "n_images": n_img,
         "n_distinct_images": n_distinct, "machine": C.machine(),
     }
-    C.write_report(C.report_path(args.out, 'analysis.json'), report, ("analysis_over_plain", "analysis_over_attention_extract",
+    # one file per forward precision, so each run is compared with the last of its kind
+    name = "analysis.json" if args.precision == "auto" else f"analysis-{args.precision}.json"
+    C.write_report(C.report_path(args.out, name), report, ("analysis_over_plain", "analysis_over_attention_extract",
                                             "memory_analysis_over_plain"))
     return 0
 

@@ -45,10 +45,10 @@ def test_bench_analysis_tiny(tmp_path):
 
 
 def test_bench_analysis_tiny_bf16_reports_what_bf16_changes(tmp_path):
-    out = tmp_path / "analysis.json"
-    text = run("bench_analysis.py", "--tiny", "--precision", "bf16", "--no-memory", "--out", str(out),
-               tmp_path=tmp_path)
-    rep = json.loads(out.read_text())
+    text = run("bench_analysis.py", "--tiny", "--precision", "bf16", "--no-memory", tmp_path=tmp_path)
+    out = tmp_path / "reports" / "bench"                 # VITSIFT_REPORTS: one file per precision
+    assert sorted(f.name for f in out.iterdir()) == ["analysis-bf16.json"]
+    rep = json.loads((out / "analysis-bf16.json").read_text())
     assert rep["forward"] == "bf16-autocast" and "bf16-autocast vs fp32 forward" in text
     eff = rep["precision_effect_vs_fp32"]
     assert set(eff) == {"theta_kk", "theta_nk", "focus"}
