@@ -292,7 +292,9 @@ def parse(argv):
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--gamma", type=float, default=1.0)
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+    from vitsift_core.runs import PRECISIONS
+
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="forward pass of all three variants (vitsift analyze --precision): auto = bf16 "
                         "autocast on CUDA, fp32 on CPU")
     p.add_argument("--skip", default="", help="variants not to time, e.g. 'c'")
@@ -391,10 +393,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(b) and (c) give the same metrics: max |difference| theta {diff['theta']:.2g}, "
               f"focus {diff['focus']:.2g}")
     from vitsift_core.runs import forward_precision
+    forward = forward_precision(dev, args.precision)
     effect = None
-    if forward_precision(dev, args.precision) != "fp32":
+    if forward != "fp32":
         effect = precision_effect(bench, batches)
-        print(f"{forward_precision(dev, args.precision)} vs fp32 forward, (b) on the same "
+        print(f"{forward} vs fp32 forward, (b) on the same "
               f"{n_img} images: " + "; ".join(
                   f"{k} |diff| mean {e['mean_abs']:.2g}, max {e['max_abs']:.2g}, layer means max "
                   f"{e['layer_mean_max_abs']:.2g}" + (f", {e['nan_mismatch']} NaN mismatches" if e['nan_mismatch'] else "")
@@ -411,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                           "RSS in a fresh process per variant: working = VmHWM - VmRSS around one batch; "
                           "peak = working + bytes of weights and input batch"),
         "max_abs_diff_b_vs_c": diff, "precision": args.precision,
-        "forward": forward_precision(dev, args.precision), "precision_effect_vs_fp32": effect, "model": args.model, "arch": lm.arch, "random_init": args.random_init,
+        "forward": forward, "precision_effect_vs_fp32": effect, "model": args.model, "arch": lm.arch, "random_init": args.random_init,
         "batch": args.batch, "batches": args.batches, "rounds": args.rounds, "device": str(dev),
         "micro_batch": capture_micro_batch(dev), "images": spec, "n_images": n_img,
         "n_distinct_images": n_distinct, "machine": C.machine(),

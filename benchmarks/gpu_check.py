@@ -103,11 +103,8 @@ def check_model(name: str, args, dev) -> dict:
         out_dtype = lm.model.forward_features(batches[0][0][:2]).dtype
     # metrics of a bf16 forward vs an fp32 forward, same batch (run on CPU too, in make test's tiny
     # check, so this path is exercised without a GPU)
-    x0, c0, ids0 = batches[0]
-    m16 = BA.Bench(lm, precision="bf16").analyze(x0, c0, ids0)
-    m32 = BA.Bench(lm, precision="fp32").analyze(x0, c0, ids0)
-    dfocus = float((m16["focus"] - m32["focus"]).abs().nanmean())
-    dtheta = float((m16["theta_kk"] - m32["theta_kk"]).abs().nanmean())
+    effect = BA.precision_effect(BA.Bench(lm, precision="bf16"), batches[:1])
+    dfocus, dtheta = effect["focus"]["mean_abs"], effect["theta_kk"]["mean_abs"]
 
     variants = {"a": ("a", None), "b": ("b", None), "b16": ("b", "16")}
     if dev.type != "cuda":

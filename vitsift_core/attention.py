@@ -176,7 +176,7 @@ def _sliced_forward(forward, step: int, workers: int = 1):
         try:
             # grad, inference and autocast modes are per thread: carry the caller's into pool threads
             with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
-                    torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+                    (torch.autocast("cpu", dtype=amp) if amp is not None else contextlib.nullcontext()):
                 return forward(x, *args, **kwargs)
         finally:
             _slice.start = prev
@@ -186,7 +186,7 @@ def _sliced_forward(forward, step: int, workers: int = 1):
         grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
         # a mask may carry a batch dimension: rare for ViTs; keep the whole batch then
         if n <= step or args or kwargs.get("attn_mask") is not None:
-            return run(0, x, args, kwargs, grad, inference, _cpu_autocast_dtype())
+            return run(0, x, args, kwargs, grad, inference)
         starts = range(0, n, step)
         if workers > 1 and x.device.type == "cpu":
             amp = _cpu_autocast_dtype()
@@ -197,8 +197,7 @@ def _sliced_forward(forward, step: int, workers: int = 1):
             wait(futs)
             outs = [f.result() for f in futs]
         else:
-            outs = [run(i, x[i:i + step], args, kwargs, grad, inference, _cpu_autocast_dtype())
-                    for i in starts]
+            outs = [run(i, x[i:i + step], args, kwargs, grad, inference) for i in starts]
         return torch.cat(outs)
     return sliced
 

@@ -613,15 +613,14 @@ def _score_pass(c: _Call, mine: list[int], siblings: list[MaskEvalRun], captured
             "score_images": c.n_images(todo)}
 
 
-def _mask_chunk(c: _Call, k: int, need: list[tuple], frames: list[pd.DataFrame], sc: dict,
+def _mask_chunk(c: _Call, k: int, need: list[tuple], frames: list[pd.DataFrame], sc: dict, row_of: dict,
                 scores: np.ndarray, donors: np.ndarray | None, cond_index: dict, bar) -> pd.DataFrame:
     """Pass 2 on chunk k: the conditions in ``need`` (mode, order, ratio) computed, added to
     ``frames`` (rows copied from a sibling), in one row order: condition, then image.
 
-    scores: (n, N) of every scored image, rows as ``sc["ids"]``; donors: (n, N) the donor map of
-    each row, or None without a *_other order."""
+    scores: (n, N) of every scored image, rows as ``sc["ids"]`` (``row_of``: id -> row); donors:
+    (n, N) the donor map of each row, or None without a *_other order."""
     p, lm, model = c.p, c.lm, c.clf.lm.model
-    row_of = {i: n for n, i in enumerate(sc["ids"])}
     frames = list(frames)
     for batch, _sk in (c.batches(k) if need else ()):
         if batch is None:
@@ -664,8 +663,9 @@ def _mask_pass(c: _Call, mine: list[int], siblings: list[MaskEvalRun], sc: dict,
     t0 = time.perf_counter()
     bar = tqdm(total=n_fwd, unit="fwd", desc=f"mask-eval {'+'.join(p.modes)} [{c.clf.spec}]",
                disable=not c.progress or not n_fwd, dynamic_ncols=True)
+    row_of = {i: n for n, i in enumerate(sc["ids"])}
     for k in todo:
-        df = _mask_chunk(c, k, need[k], reuse[k][0], sc, scores, donors, cond_index, bar)
+        df = _mask_chunk(c, k, need[k], reuse[k][0], sc, row_of, scores, donors, cond_index, bar)
         _atomic_write(run.mask_file(k), lambda f: df.to_parquet(f, index=False))
     bar.close()
     return {"mask_seconds": round(time.perf_counter() - t0, 2), "mask_forwards": n_fwd,
