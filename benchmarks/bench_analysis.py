@@ -5,9 +5,13 @@ Three ways through the same images, batch size and device, timed in one process,
   (a) plain    the encoder's plain forward pass (``forward_features``), fused attention on
                (timm's default, PyTorch SDPA): the floor.
   (b) analyze  what ``vitsift analyze`` does per batch (``runs.batch_metrics`` + ``runs.head_rows``):
-               fused attention off, every layer's map captured by the ``attn_drop`` hook and
+               fused attention off, the batch split over the CPU cores (one thread each), every
+               layer's map captured by the ``attn_drop`` hook and
                reduced at once to all per-head metrics (theta_KK/KN/NK/NN, chance, focus), every
                layer and head, then the per-(image, layer, head) rows.
+  (p) plain    (a) with the batch split over the CPU cores, one thread each, as (b) runs it
+      on cores (``attention.forward_on_cores``; CPU only): b/p is the analysis' own cost at
+               equal threading, p/a what the split alone gains.
   (c) extract  a baseline one might write first: timm's ``timm.utils.AttentionExtract`` keeps
                every layer's full (B, H, T, T) map, then plain NumPy computes the same metrics from
                the stored maps, and the same rows.
@@ -43,8 +47,10 @@ import torch
 
 TARGETS = {"analysis_over_plain": (">=", 0.85), "analysis_over_attention_extract": (">=", 1.5),
            "memory_analysis_over_plain": ("<=", 1.2)}
-VARIANTS = {"a": "plain forward (fused attention)", "b": "vitsift analyze path",
-            "c": "AttentionExtract + NumPy"}
+VARIANTS = {"a": "plain forward (fused attention)", "p": "(a) split over cores like (b)",
+            "b": "vitsift analyze path", "c": "AttentionExtract + NumPy"}
+# (p) only where (b) splits the batch over cores (CPU); elsewhere it would be (a) again
+CPU_ONLY = ("p",)
 VARIANT = ("none", False)
 
 
@@ -119,6 +125,13 @@ class Bench:
         with torch.inference_mode(), forward_autocast(self.dev, self.precision), self._fused(self.model, True):
             return self.model.forward_features(x)
 
+    def plain_on_cores(self, x, counts, ids):
+        from vitsift_core.attention import forward_on_cores
+        from vitsift_core.runs import forward_autocast
+
+        with torch.inference_mode(), forward_autocast(self.dev, self.precision), self._fused(self.model, True):
+            return forward_on_cores(self.model.forward_features, x, torch.get_num_threads())
+
     def analyze(self, x, counts, ids):
         from vitsift_core.runs import batch_metrics, head_rows
 
@@ -141,7 +154,7 @@ class Bench:
         return out
 
     def run(self, name: str, batches) -> None:
-        f = {"a": self.plain, "b": self.analyze, "c": self.extract}[name]
+        f = {"a": self.plain, "p": self.plain_on_cores, "b": self.analyze, "c": self.extract}[name]
         for x, counts, ids in batches:
             f(x, counts, ids)
         if self.dev.type == "cuda":
@@ -266,7 +279,7 @@ def cpu_memory(args, argv: list[str]) -> dict:
 
 def cuda_memory(bench: Bench, batches) -> dict:
     res = {}
-    for v in VARIANTS:
+    for v in [v for v in VARIANTS if v not in CPU_ONLY]:
         gc.collect()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -330,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     batches, spec, n_distinct = make_batches(args, lm)
     bench = Bench(lm, args.gamma, args.precision)
     dev = bench.dev
-    timed = [v for v in VARIANTS if v not in args.skip]
+    timed = [v for v in VARIANTS if v not in args.skip and (dev.type == "cpu" or v not in CPU_ONLY)]
     from vitsift_core.runs import capture_micro_batch
 
     n_heads = lm.model.blocks[0].attn.num_heads
@@ -371,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             mem = cpu_memory(args, [a for a in argv if a != "--no-memory"])
     mib = 2 ** 20
     rows = []
-    for v in VARIANTS:
+    for v in [v for v in VARIANTS if v in times or v in mem]:
         m = mem.get(v, {})
         rows.append([f"({v}) {VARIANTS[v]}", ips.get(v), cpu_per_img.get(v),
                      m.get("peak_bytes", float("nan")) / mib, m.get("working_bytes", float("nan")) / mib])
@@ -381,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
     b_a, b_c = ratio("b", "a"), ratio("b", "c")
     print(f"b/a throughput: {target_line('analysis_over_plain', b_a)}")
     print(f"b/c throughput: {target_line('analysis_over_attention_extract', b_c)}")
+    b_p, p_a = ratio("b", "p"), ratio("p", "a")
+    if b_p is not None:
+        print(f"b/p throughput: {b_p:.3f} (the analysis at equal threading); p/a: {p_a:.3f} (what splitting "
+              f"the batch over {torch.get_num_threads()} cores gains a plain forward)")
     print(f"b/a peak memory: {target_line('memory_analysis_over_plain', mem_ratio)}"
           + (f"; working memory b/a {work_ratio:.2f}" if work_ratio else ""))
     if dev.type == "cpu" and "a" in cpu:
@@ -406,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         "analysis_over_plain": b_a, "analysis_over_attention_extract": b_c,
         "memory_analysis_over_plain": mem_ratio, "working_memory_analysis_over_plain": work_ratio,
         "targets": {k: f"{op} {thr}" for k, (op, thr) in TARGETS.items()},
+        "analysis_over_plain_on_cores": b_p, "plain_on_cores_over_plain": p_a,
         "cpu_analysis_over_plain": ratio("b", "a", cpu), "cpu_analysis_over_attention_extract": ratio("b", "c", cpu),
         "images_per_s": ips, "cpu_seconds_per_image": cpu_per_img, "seconds_per_round": times,
         "cpu_seconds_per_round": cpu, "load_avg_1m": {"before": load0, "after": C.machine().get("load_avg_1m")},

@@ -1,4 +1,5 @@
 """Attention capture on tiny timm ViTs (test tier): exact maps, fused == unfused, reduction."""
+import threading
 import time
 
 import pytest
@@ -6,7 +7,8 @@ import torch
 
 from vitsift_core import metrics as M
 from vitsift_core.attention import (MetricCollector, attention_blocks, attention_maps,
-                                    capture_attention, current_slice_start, fused_attention)
+                                    capture_attention, current_slice_start, forward_on_cores,
+                                    fused_attention)
 
 
 from conftest import sharp_test_vit as tiny
@@ -187,3 +189,90 @@ def test_threaded_slices_keep_the_callers_cpu_autocast():
     threaded, sequential, fp32 = maps(2, True), maps(1, True), maps(2, False)
     torch.testing.assert_close(threaded, sequential, atol=2e-3, rtol=0)
     assert (threaded - fp32).abs().max() > 10 * (threaded - sequential).abs().max() + 1e-4
+
+
+def _collected(model, x, counts, cores, micro_batch=None, micro_workers=1, stop=True, layers=None, amp=False):
+    """Metrics of every captured layer: the whole batch in one forward call (cores=1) or split
+    over ``cores`` threads by forward_on_cores. Returns (metrics, the forward's output or 'stopped')."""
+    layers = list(range(len(model.blocks))) if layers is None else layers
+    col = MetricCollector(len(layers))
+    col.start_batch({"real": (counts, False)})
+    result = "stopped"
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp), \
+            capture_attention(model, model.num_prefix_tokens, lambda l, a: col(layers.index(l), a),
+                              layers=layers, micro_batch=micro_batch, micro_workers=micro_workers,
+                              stop_early=stop):
+        result = forward_on_cores(model.forward_features, x, cores)
+    return col.finish_batch()["real"], result
+
+
+@pytest.mark.parametrize("cores,micro_batch", [(2, None), (3, 1), (2, 2), (8, None)],
+                         ids=["2cores", "3cores-slices", "2cores-slices", "more-cores-than-images"])
+def test_forward_on_cores_gives_the_whole_batch_metrics(cores, micro_batch):
+    model = tiny(4)
+    torch.manual_seed(7)
+    x = torch.randn(5, 3, *model.default_cfg["input_size"][1:])
+    counts = torch.randint(0, 3, (5, model.patch_embed.num_patches))
+    whole, _ = _collected(model, x, counts, 1)
+    split, result = _collected(model, x, counts, cores, micro_batch=micro_batch)
+    assert result == "stopped"                  # stop_early abandoned the forward in every thread
+    for k in whole:                             # finish_batch raises unless every image came once
+        torch.testing.assert_close(split[k], whole[k], atol=1e-6, rtol=0, equal_nan=True)
+    # without the stop: the outputs come back whole and in order
+    _, out = _collected(model, x, counts, cores, micro_batch=micro_batch, stop=False)
+    with torch.inference_mode():
+        ref = model.forward_features(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_forward_on_cores_stops_every_thread_after_the_deepest_layer():
+    model = tiny(0)
+    x = torch.randn(4, 3, *model.default_cfg["input_size"][1:])
+    counts = torch.randint(0, 3, (4, model.patch_embed.num_patches))
+    ran, hooks = _run_log(model)
+    _collected(model, x, counts, 2, layers=[0, 2])
+    for h in hooks:
+        h.remove()
+    assert ran.count(("attn", 2)) == 2           # both threads reached block 2's attention ...
+    assert not any(i > 2 or i < 0 or (kind, i) == ("mlp", 2) for kind, i in ran)   # ... and no further
+
+
+def test_forward_on_cores_keeps_the_callers_autocast_and_nests_without_deadlock():
+    """The core threads are pool threads: attention slices inside them must not wait on the pool
+    (two busy workers, nested submits: a deadlock), and autocast must reach them."""
+    model = tiny(0)
+    torch.manual_seed(5)
+    x = torch.randn(6, 3, *model.default_cfg["input_size"][1:])
+    counts = torch.randint(0, 3, (6, model.patch_embed.num_patches))
+    got = {}
+
+    def run():
+        got["cores"] = _collected(model, x, counts, 2, micro_batch=1, micro_workers=2, amp=True)[0]
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(120)
+    assert not t.is_alive(), "forward_on_cores with threaded attention slices inside did not finish"
+    one_bf16 = _collected(model, x, counts, 1, amp=True)[0]
+    fp32 = _collected(model, x, counts, 1)[0]
+    d_bf16 = (got["cores"]["focus"] - one_bf16["focus"]).abs().max()
+    d_fp32 = (got["cores"]["focus"] - fp32["focus"]).abs().max()
+    assert d_fp32 > 10 * d_bf16 + 1e-4
+
+
+def test_forward_on_cores_errors_leave_after_every_thread():
+    model = tiny(0)
+    x = torch.randn(2, 3, *model.default_cfg["input_size"][1:])
+    done = []
+
+    def fail(layer, attn):
+        if current_slice_start() == 0:
+            raise RuntimeError(f"callback failed at layer {layer}")
+        time.sleep(0.3)
+        done.append(layer)
+
+    with pytest.raises(RuntimeError, match="callback failed at layer 1"):
+        with torch.inference_mode(), capture_attention(model, model.num_prefix_tokens, fail, layers=[1],
+                                                       stop_early=True):
+            forward_on_cores(model.forward_features, x, 2)
+    assert done == [1]

@@ -35,7 +35,9 @@ def test_bench_analysis_tiny(tmp_path):
     assert "b/a throughput" in text and "b/c throughput" in text and "b/a peak memory" in text
     rep = json.loads(out.read_text())
     assert rep["analysis_over_plain"] > 0 and rep["analysis_over_attention_extract"] > 0
-    assert set(rep["images_per_s"]) == {"a", "b", "c"} and rep["model"] == "test_vit"
+    assert set(rep["images_per_s"]) == {"a", "p", "b", "c"} and rep["model"] == "test_vit"   # CPU: (p) too
+    assert "(p) (a) split over cores" in text and "b/p throughput" in text
+    assert rep["analysis_over_plain_on_cores"] > 0 and rep["plain_on_cores_over_plain"] > 0
     if sys.platform.startswith("linux"):
         assert rep["memory"]["b"]["peak_bytes"] > 0 and rep["memory_analysis_over_plain"] > 0
     # (b) and (c) compute the same metrics; focus has no ties, so it agrees to float32 rounding

@@ -75,7 +75,8 @@ def capture_attention(model: nn.Module, num_prefix_tokens: int, callback: Callba
     slices of a layer run concurrently in that many threads, one torch thread each, instead of
     one slice at a time with torch's intra-op threads. Small ops split over cores wait at a
     barrier for the slowest core, which costs a scheduler time slice per op on a shared machine;
-    whole slices per core do not.
+    whole slices per core do not. :func:`forward_on_cores` goes further and splits the whole
+    forward pass; inside it, a layer's slices run one after another in each core's thread.
     The callback must then be thread-safe (:class:`MetricCollector` is).
 
     ``stop_early``: end the forward pass after the deepest captured layer's attention module
@@ -153,6 +154,7 @@ def current_slice_start() -> int | None:
 
 def _one_torch_thread() -> None:
     torch.set_num_threads(1)   # per thread: the caller's own thread count is not touched
+    _slice.pooled = True       # work running here never waits on the pool (no nested submits)
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
@@ -168,38 +170,96 @@ def _cpu_autocast_dtype() -> torch.dtype | None:
     return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
 
 
+def _can_thread(workers: int, x: torch.Tensor) -> bool:
+    return workers > 1 and x.device.type == "cpu" and not getattr(_slice, "pooled", False)
+
+
+def _run_slice(forward, start: int, x, args=(), kwargs=None, modes=None):
+    """``forward(x, *args, **kwargs)`` with ``current_slice_start() == start``; ``modes`` (from
+    :func:`_caller_modes`) re-enters the caller's grad, inference and CPU autocast modes, which are
+    per thread and so must be carried into a pool thread."""
+    prev = getattr(_slice, "start", None)
+    _slice.start = start
+    try:
+        if modes is None:
+            return forward(x, *args, **(kwargs or {}))
+        grad, inference, amp = modes
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
+                (torch.autocast("cpu", dtype=amp) if amp is not None else contextlib.nullcontext()):
+            return forward(x, *args, **(kwargs or {}))
+    finally:
+        _slice.start = prev
+
+
+def _caller_modes():
+    return torch.is_grad_enabled(), torch.is_inference_mode_enabled(), _cpu_autocast_dtype()
+
+
+def _run_pooled(workers: int, jobs: list) -> list:
+    """Run ``jobs`` [(fn, args)] in the pool; every job finishes (its callbacks included) before
+    any exception leaves: a stop_early stop, or an error, must not leave slices writing behind
+    the caller. Returns the results in order, or raises the first job's error."""
+    futs = [_pool(workers).submit(fn, *a) for fn, a in jobs]
+    wait(futs)
+    return [f.result() for f in futs]
+
+
 def _sliced_forward(forward, step: int, workers: int = 1):
     """``forward(x, ...)`` run on ``x[i:i + step]`` slices, outputs concatenated along the batch."""
-    def run(start: int, x, args, kwargs, grad: bool, inference: bool, amp: torch.dtype | None = None):
-        prev = getattr(_slice, "start", None)
-        _slice.start = start
-        try:
-            # grad, inference and autocast modes are per thread: carry the caller's into pool threads
-            with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
-                    (torch.autocast("cpu", dtype=amp) if amp is not None else contextlib.nullcontext()):
-                return forward(x, *args, **kwargs)
-        finally:
-            _slice.start = prev
-
     def sliced(x, *args, **kwargs):
         n = x.shape[0]
-        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        base = current_slice_start() or 0       # inside a forward already run on a slice of the batch
         # a mask may carry a batch dimension: rare for ViTs; keep the whole batch then
         if n <= step or args or kwargs.get("attn_mask") is not None:
-            return run(0, x, args, kwargs, grad, inference)
+            return _run_slice(forward, base, x, args, kwargs)
         starts = range(0, n, step)
-        if workers > 1 and x.device.type == "cpu":
-            amp = _cpu_autocast_dtype()
-            futs = [_pool(workers).submit(run, i, x[i:i + step], args, kwargs, grad, inference, amp)
-                    for i in starts]
-            # every slice finishes (its callback included) before any exception leaves: a
-            # stop_early stop, or an error, must not leave slices writing behind the caller
-            wait(futs)
-            outs = [f.result() for f in futs]
+        if _can_thread(workers, x):
+            modes = _caller_modes()
+            outs = _run_pooled(workers, [(_run_slice, (forward, base + i, x[i:i + step], args, kwargs, modes))
+                                         for i in starts])
         else:
-            outs = [run(i, x[i:i + step], args, kwargs, grad, inference) for i in starts]
+            outs = [_run_slice(forward, base + i, x[i:i + step], args, kwargs) for i in starts]
         return torch.cat(outs)
     return sliced
+
+
+_STOPPED = object()
+
+
+def _stoppable(forward, start, x, modes):
+    try:
+        return _run_slice(forward, start, x, (), None, modes)
+    except _StopForward:
+        return _STOPPED
+
+
+def forward_on_cores(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                     workers: int) -> torch.Tensor | None:
+    """``forward(x)`` with the batch split into up to ``workers`` contiguous slices that run at
+    once, one thread and one torch thread each (CPU; elsewhere, or with ``workers`` <= 1, one call).
+
+    x: (B, ...) -> ``forward``'s outputs concatenated along the batch. On a CPU, one slice per
+    core is faster than torch's intra-op threads splitting every op over the cores (the small
+    ops between the matrix products wait at a barrier for the slowest core; see
+    benchmarks/README.md). Inside :func:`capture_attention` the callback sees each slice's maps,
+    :func:`current_slice_start` saying where they start in the batch; attention slices
+    (``micro_batch``) then run one after another within each core's slice. With
+    ``stop_early`` every slice stops after the deepest captured layer and the forward
+    statement is abandoned as in a single call. The caller's grad, inference and CPU autocast
+    modes are carried into the threads.
+    """
+    n = x.shape[0]
+    k = min(workers, n)
+    if k <= 1 or not _can_thread(workers, x):
+        return forward(x)
+    step = -(-n // k)
+    base = current_slice_start() or 0
+    modes = _caller_modes()
+    outs = _run_pooled(workers, [(_stoppable, (forward, base + i, x[i:i + step], modes))
+                                 for i in range(0, n, step)])
+    if any(o is _STOPPED for o in outs):
+        raise _StopForward
+    return torch.cat(outs)
 
 
 class MetricCollector:

@@ -38,7 +38,7 @@ import torch
 
 from . import __version__
 from . import metrics as M
-from .attention import MetricCollector, capture_attention
+from .attention import MetricCollector, capture_attention, forward_on_cores
 from .keypoints import KeypointCache, SiftParams
 
 CONTROLS = ("none", "shuffle-keypoints", "random-init", "mean-attention")
@@ -50,9 +50,9 @@ METRIC_COLS = HEAD_COLS[3:10]
 
 
 _TEST_DELAY = float(os.environ.get("VITSIFT_TEST_CHUNK_DELAY", "0"))
-# Attention maps are reduced in slices of this many images on CPU, the slices of a layer spread over
-# torch's CPU threads (cache-sized maps, no per-op barriers, memory that does not grow with the
-# batch: benchmarks/bench_analysis.py); the whole batch on CUDA. VITSIFT_MICRO_BATCH overrides for
+# Attention maps are reduced in slices of this many images on CPU, within each core's share of the
+# batch (attention.forward_on_cores; cache-sized maps, memory that does not grow with the batch:
+# benchmarks/bench_analysis.py); the whole batch on CUDA. VITSIFT_MICRO_BATCH overrides for
 # every device (0 = whole batch). How to run, not part of a run's identity.
 CPU_MICRO_BATCH = 4
 
@@ -101,12 +101,12 @@ def batch_metrics(lm, collector: MetricCollector, x: torch.Tensor,
     """
     dev = next(lm.model.parameters()).device
     collector.start_batch(variants)
+    # CPU: the batch split over the cores, one thread each (forward_on_cores); on a GPU, one call
     workers = torch.get_num_threads() if dev.type == "cpu" else 1
     with torch.inference_mode(), forward_autocast(dev, precision), \
             capture_attention(lm.model, lm.num_prefix_tokens, collector,
-                              micro_batch=capture_micro_batch(dev), micro_workers=workers,
-                              stop_early=True):
-        lm.model.forward_features(x.to(dev, non_blocking=True))
+                              micro_batch=capture_micro_batch(dev), stop_early=True):
+        forward_on_cores(lm.model.forward_features, x.to(dev, non_blocking=True), workers)
     return collector.finish_batch()
 
 
