@@ -276,3 +276,27 @@ def test_forward_on_cores_errors_leave_after_every_thread():
                                                        stop_early=True):
             forward_on_cores(model.forward_features, x, 2)
     assert done == [1]
+
+
+@pytest.mark.parametrize("mode", ["fill", "drop"])
+def test_forward_on_cores_slices_per_image_arguments_like_the_batch(mode):
+    """mask-eval's masked forward: each image's own masked patches travel with its slice."""
+    import numpy as np
+
+    from vitsift_core.masking import masked_features
+
+    model = tiny(0)
+    torch.manual_seed(9)
+    x = torch.randn(5, 3, *model.default_cfg["input_size"][1:])
+    n, grid, ps = model.patch_embed.num_patches, model.patch_embed.grid_size, model.patch_embed.patch_size[0]
+    idx = np.stack([np.random.default_rng(i).choice(n, 30, replace=False) for i in range(5)])   # (B, M)
+
+    def f(xs, idx_s):
+        return masked_features(model, xs, mode, idx_s, grid, ps)
+
+    with torch.inference_mode():
+        one = f(x, idx)
+        split = forward_on_cores(f, x, 3, idx)
+        shifted = f(x, np.roll(idx, 1, axis=0))       # the wrong image's mask changes the output
+    torch.testing.assert_close(split, one, atol=1e-5, rtol=0)
+    assert (shifted - one).abs().max() > 1e-3

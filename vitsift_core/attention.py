@@ -226,19 +226,22 @@ def _sliced_forward(forward, step: int, workers: int = 1):
 _STOPPED = object()
 
 
-def _stoppable(forward, start, x, modes):
+def _stoppable(forward, start, x, args, modes):
     try:
-        return _run_slice(forward, start, x, (), None, modes)
+        return _run_slice(forward, start, x, args, None, modes)
     except _StopForward:
         return _STOPPED
 
 
-def forward_on_cores(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                     workers: int) -> torch.Tensor | None:
-    """``forward(x)`` with the batch split into up to ``workers`` contiguous slices that run at
-    once, one thread and one torch thread each (CPU; elsewhere, or with ``workers`` <= 1, one call).
+def forward_on_cores(forward: Callable[..., torch.Tensor], x: torch.Tensor, workers: int,
+                     *per_image) -> torch.Tensor | None:
+    """``forward(x, *per_image)`` with the batch split into up to ``workers`` contiguous slices
+    that run at once, one thread and one torch thread each (CPU; elsewhere, or with ``workers``
+    <= 1, one call).
 
-    x: (B, ...) -> ``forward``'s outputs concatenated along the batch. On a CPU, one slice per
+    x: (B, ...) -> ``forward``'s outputs concatenated along the batch. ``per_image``: further
+    arguments with the batch as their first dimension (tensors or arrays, e.g. a (B, M) array of
+    patches to mask), sliced like ``x``. On a CPU, one slice per
     core is faster than torch's intra-op threads splitting every op over the cores (the small
     ops between the matrix products wait at a barrier for the slowest core; see
     benchmarks/README.md). Inside :func:`capture_attention` the callback sees each slice's maps,
@@ -251,11 +254,12 @@ def forward_on_cores(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.T
     n = x.shape[0]
     k = min(workers, n)
     if k <= 1 or not _can_thread(workers, x):
-        return forward(x)
+        return forward(x, *per_image)
     step = -(-n // k)
     base = current_slice_start() or 0
     modes = _caller_modes()
-    outs = _run_pooled(workers, [(_stoppable, (forward, base + i, x[i:i + step], modes))
+    outs = _run_pooled(workers, [(_stoppable, (forward, base + i, x[i:i + step],
+                                               tuple(a[i:i + step] for a in per_image), modes))
                                  for i in range(0, n, step)])
     if any(o is _STOPPED for o in outs):
         raise _StopForward

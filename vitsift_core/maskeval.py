@@ -49,6 +49,7 @@ import torch
 
 from . import masking as MK
 from . import metrics as M
+from .attention import forward_on_cores
 from .keypoints import SiftParams
 from .runs import _atomic_write, _write_json, check_identity, versions
 
@@ -621,6 +622,7 @@ def _mask_chunk(c: _Call, k: int, need: list[tuple], frames: list[pd.DataFrame],
     scores: (n, N) of every scored image, rows as ``sc["ids"]`` (``row_of``: id -> row); donors:
     (n, N) the donor map of each row, or None without a *_other order."""
     p, lm, model = c.p, c.lm, c.clf.lm.model
+    workers = torch.get_num_threads() if c.dev.type == "cpu" else 1
     frames = list(frames)
     for batch, _sk in (c.batches(k) if need else ()):
         if batch is None:
@@ -632,9 +634,14 @@ def _mask_chunk(c: _Call, k: int, need: list[tuple], frames: list[pd.DataFrame],
                                      seed=p.seed, tiebreak=p.tiebreak, other_scores=other)
                   for o in dict.fromkeys(o for _, o, _ in need)}
         for mode, order, ratio in need:
-            idx = MK.mask_indices(ranked[order], ratio)
+            idx = MK.mask_indices(ranked[order], ratio)                     # (B, M)
+
+            def logits(xs, idx_s, mode=mode):
+                return c.clf.logits(MK.masked_features(model, xs, mode, idx_s, lm.grid, lm.patch_size))
+
             with torch.inference_mode():
-                pred = c.clf.logits(MK.masked_features(model, x, mode, idx, lm.grid, lm.patch_size)).argmax(-1)
+                # CPU: the batch split over the cores, like the analysis (attention.forward_on_cores)
+                pred = forward_on_cores(logits, x, workers, idx).argmax(-1)
             frames.append(pd.DataFrame({"image": batch.ids, "order": order, "mode": mode,
                                         "ratio": float(ratio), "n_masked": idx.shape[1],
                                         "pred": pred.cpu().numpy().astype(np.int64)}))
