@@ -300,3 +300,23 @@ def test_forward_on_cores_slices_per_image_arguments_like_the_batch(mode):
         shifted = f(x, np.roll(idx, 1, axis=0))       # the wrong image's mask changes the output
     torch.testing.assert_close(split, one, atol=1e-5, rtol=0)
     assert (shifted - one).abs().max() > 1e-3
+
+
+def test_forward_on_cores_gives_spare_cores_to_the_slices_and_takes_them_back():
+    seen = []
+
+    def f(xs):
+        seen.append((current_slice_start(), torch.get_num_threads(), xs.shape[0]))
+        return xs * 2
+
+    x = torch.arange(6.0).reshape(6, 1)
+    mine = torch.get_num_threads()
+    torch.testing.assert_close(forward_on_cores(f, x[:2], 6), x[:2] * 2)    # 2 images, 6 cores
+    assert torch.get_num_threads() == mine                                  # the caller's count untouched
+    assert sorted(seen) == [(0, 3, 1), (1, 3, 1)]
+    seen.clear()
+    torch.testing.assert_close(forward_on_cores(f, x, 6), x * 2)            # 6 images: one thread each
+    assert sorted(seen) == [(i, 1, 1) for i in range(6)]
+    seen.clear()
+    torch.testing.assert_close(forward_on_cores(f, x, 4), x * 2)            # 4 cores: slices of 2, 2, 1, 1
+    assert sorted(seen) == [(0, 1, 2), (2, 1, 2), (4, 1, 1), (5, 1, 1)]

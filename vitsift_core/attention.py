@@ -226,11 +226,16 @@ def _sliced_forward(forward, step: int, workers: int = 1):
 _STOPPED = object()
 
 
-def _stoppable(forward, start, x, args, modes):
+def _stoppable(forward, start, x, args, modes, threads: int = 1):
+    if threads > 1:                         # fewer slices than cores: the spare cores help each slice
+        torch.set_num_threads(threads)
     try:
         return _run_slice(forward, start, x, args, None, modes)
     except _StopForward:
         return _STOPPED
+    finally:
+        if threads > 1:
+            torch.set_num_threads(1)
 
 
 def forward_on_cores(forward: Callable[..., torch.Tensor], x: torch.Tensor, workers: int,
@@ -241,7 +246,8 @@ def forward_on_cores(forward: Callable[..., torch.Tensor], x: torch.Tensor, work
 
     x: (B, ...) -> ``forward``'s outputs concatenated along the batch. ``per_image``: further
     arguments with the batch as their first dimension (tensors or arrays, e.g. a (B, M) array of
-    patches to mask), sliced like ``x``. On a CPU, one slice per
+    patches to mask), sliced like ``x``. With fewer images than ``workers``, each image gets
+    ``workers // B`` torch threads. On a CPU, one slice per
     core is faster than torch's intra-op threads splitting every op over the cores (the small
     ops between the matrix products wait at a barrier for the slowest core; see
     benchmarks/README.md). Inside :func:`capture_attention` the callback sees each slice's maps,
@@ -255,12 +261,13 @@ def forward_on_cores(forward: Callable[..., torch.Tensor], x: torch.Tensor, work
     k = min(workers, n)
     if k <= 1 or not _can_thread(workers, x):
         return forward(x, *per_image)
-    step = -(-n // k)
+    q, r = divmod(n, k)                              # k slices, sizes differing by at most 1
+    bounds = [i * q + min(i, r) for i in range(k + 1)]
     base = current_slice_start() or 0
     modes = _caller_modes()
-    outs = _run_pooled(workers, [(_stoppable, (forward, base + i, x[i:i + step],
-                                               tuple(a[i:i + step] for a in per_image), modes))
-                                 for i in range(0, n, step)])
+    outs = _run_pooled(workers, [(_stoppable, (forward, base + s, x[s:e], tuple(a[s:e] for a in per_image),
+                                               modes, workers // k))
+                                 for s, e in zip(bounds, bounds[1:])])
     if any(o is _STOPPED for o in outs):
         raise _StopForward
     return torch.cat(outs)
