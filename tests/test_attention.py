@@ -142,19 +142,23 @@ def test_stop_early_skips_what_follows_the_deepest_layer_and_keeps_its_maps(micr
     assert all(not blk.attn._forward_hooks and not blk.attn.attn_drop._forward_hooks for blk in model.blocks)
 
 
-def test_capture_errors_are_not_swallowed_and_bad_layers_are_refused():
-    model = tiny(0)
-    x = torch.randn(2, 3, *model.default_cfg["input_size"][1:])
-
+def _failing_on_image_0():
+    """A callback whose image-0 slice fails at once while image 1's, in the other thread, is still
+    working; ``done`` lists the layers image 1 finished."""
     done = []
 
     def fail(layer, attn):
-        # image 0's slice fails at once; image 1's, in the other thread, is still working then
         if current_slice_start() == 0:
             raise RuntimeError(f"callback failed at layer {layer}")
         time.sleep(0.3)
         done.append(layer)
+    return fail, done
 
+
+def test_capture_errors_are_not_swallowed_and_bad_layers_are_refused():
+    model = tiny(0)
+    x = torch.randn(2, 3, *model.default_cfg["input_size"][1:])
+    fail, done = _failing_on_image_0()
     with pytest.raises(RuntimeError, match="callback failed at layer 1"):
         with torch.inference_mode(), capture_attention(model, model.num_prefix_tokens, fail, layers=[1, 3],
                                                        micro_batch=1, micro_workers=2, stop_early=True):
@@ -263,14 +267,7 @@ def test_forward_on_cores_keeps_the_callers_autocast_and_nests_without_deadlock(
 def test_forward_on_cores_errors_leave_after_every_thread():
     model = tiny(0)
     x = torch.randn(2, 3, *model.default_cfg["input_size"][1:])
-    done = []
-
-    def fail(layer, attn):
-        if current_slice_start() == 0:
-            raise RuntimeError(f"callback failed at layer {layer}")
-        time.sleep(0.3)
-        done.append(layer)
-
+    fail, done = _failing_on_image_0()
     with pytest.raises(RuntimeError, match="callback failed at layer 1"):
         with torch.inference_mode(), capture_attention(model, model.num_prefix_tokens, fail, layers=[1],
                                                        stop_early=True):
