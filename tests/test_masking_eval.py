@@ -225,3 +225,28 @@ def test_adding_orders_reuses_what_a_run_beside_it_computed(tmp_path, backbone, 
     d = run_mask_eval(base.replace(gamma=2.0), tmp_path / "runs" / "d", progress=False)
     info_d = json.loads((d.path / "run.json").read_text())
     assert info_d["score_chunks_reused"] == 0 and info_d["mask_conditions_reused"] == 0
+
+
+def test_score_collector_gives_the_whole_batch_scores_when_the_batch_is_split_over_cores():
+    """The score pass splits its forward over the CPU cores: per-slice scores must land in their
+    images' rows (each slice uses its own images' keypoints), stage metrics included."""
+    from conftest import sharp_test_vit
+
+    from vitsift_core.attention import MetricCollector, capture_attention, forward_on_cores
+    from vitsift_core.maskeval import _ScoreCollector
+
+    model = sharp_test_vit(1)
+    torch.manual_seed(4)
+    x = torch.randn(5, 3, *model.default_cfg["input_size"][1:])
+    counts = torch.randint(0, 3, (5, model.patch_embed.num_patches))
+    captured0 = [1, 3]
+    got = {}
+    for cores in (1, 3):
+        col = _ScoreCollector(captured0, 1.0, True, False, MetricCollector(len(model.blocks)))
+        col.start_batch(counts)
+        with torch.inference_mode(), capture_attention(model, model.num_prefix_tokens, col):
+            forward_on_cores(model.forward_features, x, cores)
+        got[cores] = col.finish_batch()
+    torch.testing.assert_close(got[3][0], got[1][0], atol=1e-6, rtol=0, equal_nan=True)   # (B, Lc, N)
+    for k in got[1][1]:
+        torch.testing.assert_close(got[3][1][k], got[1][1][k], atol=1e-6, rtol=0, equal_nan=True)

@@ -39,6 +39,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,7 @@ import torch
 
 from . import masking as MK
 from . import metrics as M
-from .attention import forward_on_cores
+from .attention import current_slice_start, forward_on_cores
 from .keypoints import SiftParams
 from .runs import _atomic_write, _write_json, check_identity, versions
 
@@ -345,25 +346,38 @@ def mask_shape(scores: dict, params: MaskEvalParams, grid: tuple[int, int]) -> p
 
 # ----------------------------------------------------------------------------------- the run
 class _ScoreCollector:
-    """Attention callback: head-mean theta_i per captured layer, plus the stage-fit metrics."""
+    """Attention callback: head-mean theta_i per captured layer, plus the stage-fit metrics.
+
+    Thread-safe, and a layer may arrive in slices of the batch (``attention.forward_on_cores``,
+    ``current_slice_start``), as for :class:`MetricCollector`."""
 
     def __init__(self, captured0: list[int], gamma: float, weighted: bool, exclude_self: bool, metrics=None):
         self.captured0, self.gamma, self.weighted, self.exclude_self = captured0, gamma, weighted, exclude_self
         self.metrics = metrics
+        self._lock = threading.Lock()
 
     def start_batch(self, counts: torch.Tensor) -> None:
-        self.counts, self.scores = counts, {}
+        self.counts, self.scores = counts, {}          # scores: layer -> {slice start: (b, N)}
         if self.metrics is not None:
             self.metrics.start_batch({"real": (counts, self.exclude_self)})
 
     def __call__(self, layer: int, attn: torch.Tensor) -> None:
         if self.metrics is not None:
             self.metrics(layer, attn)
-        self.scores[layer] = M.patch_scores(attn, self.counts.to(attn.device), self.gamma, self.weighted,
-                                            self.exclude_self).float().cpu()
+        s, b = current_slice_start() or 0, attn.shape[0]
+        sc = M.patch_scores(attn, self.counts[s:s + b].to(attn.device), self.gamma, self.weighted,
+                            self.exclude_self).float().cpu()
+        with self._lock:
+            self.scores.setdefault(layer, {})[s] = sc
 
     def finish_batch(self):
-        sc = torch.stack([self.scores[l] for l in self.captured0], dim=1)    # (B, Lc, N)
+        def layer(l):
+            parts = self.scores[l]
+            out = torch.cat([parts[s] for s in sorted(parts)])
+            if out.shape[0] != self.counts.shape[0]:
+                raise RuntimeError(f"layer {l}: scores for {out.shape[0]} of {self.counts.shape[0]} images")
+            return out
+        sc = torch.stack([layer(l) for l in self.captured0], dim=1)    # (B, Lc, N)
         met = self.metrics.finish_batch()["real"] if self.metrics is not None else None
         return sc, met
 
@@ -540,6 +554,7 @@ def _score_chunk(c: _Call, k: int, col: _ScoreCollector, captured: list[int], ba
     from .attention import capture_attention
 
     lm, n_p = c.lm, c.lm.num_patches
+    workers = torch.get_num_threads() if c.dev.type == "cpu" else 1
     acc = {"ids": [], "labels": [], "targets": [], "counts": [], "layer_scores": [], "clean_pred": []}
     met_acc: dict[str, list] = {}
     skipped = []
@@ -549,10 +564,11 @@ def _score_chunk(c: _Call, k: int, col: _ScoreCollector, captured: list[int], ba
             x = batch.tensors.to(c.dev)
             col.start_batch(batch.counts)
             with torch.inference_mode():
+                # CPU: the batch split over the cores (attention.forward_on_cores), as in the mask pass
                 with capture_attention(lm.model, lm.num_prefix_tokens, col, layers=[l - 1 for l in captured]):
-                    tokens = lm.model.forward_features(x)
+                    tokens = forward_on_cores(lm.model.forward_features, x, workers)
                 if c.clf.lm is not lm:
-                    tokens = c.clf.lm.model.forward_features(x)
+                    tokens = forward_on_cores(c.clf.lm.model.forward_features, x, workers)
                 pred = c.clf.logits(tokens).argmax(-1).cpu().numpy()
             sc, met = col.finish_batch()
             acc["ids"] += batch.ids
