@@ -179,3 +179,29 @@ def test_initial_accuracy_is_the_untrained_start(synth, tmp_path):
     cfg = tiny_cfg(synth, epochs=1, probe=False)
     a = P.initial_accuracy(cfg)
     assert a == P.initial_accuracy(cfg) and 0 <= a["knn_acc"] <= 1 and 0 <= a["probe_acc"] <= 1
+
+
+def test_theta_scores_split_over_cores_match_a_whole_batch_reference():
+    """Guided MAE's per-patch scores: the encoder's layer maps, each image's own keypoints,
+    whether the batch runs as one call or split over cores (and over several batches)."""
+    import torch
+
+    from vitsift_core.attention import attention_maps
+    from vitsift_core.metrics import patch_scores
+
+    cfg = tiny_cfg(Path("."), depth=3)
+    model = P.build_model(cfg).eval()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
+    counts = rng.integers(0, 3, (7, model.num_patches)).astype(np.int32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)                        # 3 "cores": slices of 2-3 images
+        got = P.theta_scores(model, images, counts, 1, "cpu", batch_size=5)
+    finally:
+        torch.set_num_threads(before)
+    x = P.to_input(images)
+    ref = patch_scores(attention_maps(model.encoder, model.num_prefix_tokens, x, [1])[1],
+                       torch.from_numpy(counts)).numpy()
+    assert got.shape == (7, model.num_patches)
+    np.testing.assert_allclose(got, ref, atol=1e-6, equal_nan=True)

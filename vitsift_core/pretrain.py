@@ -409,20 +409,25 @@ def theta_scores(model, images: np.ndarray, counts: np.ndarray, layer: int, devi
                  batch_size: int = 256) -> np.ndarray:
     """Per-patch theta score s_i (heads of ``layer`` averaged; metrics.patch_scores) for all
     images with the current encoder, (n, N) float32."""
-    from .attention import capture_attention
+    from .attention import capture_attention, current_slice_start, forward_on_cores
     from .metrics import patch_scores
     was = model.training
     model.eval()
     out = []
+    # CPU: the batch split over the cores; each slice scored with its own images' keypoints
+    workers = torch.get_num_threads() if torch.device(device).type == "cpu" else 1
     for s in range(0, len(images), batch_size):
         x = to_input(images[s:s + batch_size], device)
         c = torch.from_numpy(np.asarray(counts[s:s + batch_size])).to(device)
-        got = {}
-        with capture_attention(model.encoder, model.num_prefix_tokens,
-                               lambda l, a: got.__setitem__(l, patch_scores(a.float(), c)), [layer],
-                               stop_early=True):
-            model.forward_encoder(x, None)
-        out.append(got[layer].float().cpu().numpy())
+        got: dict[int, torch.Tensor] = {}
+
+        def keep(_layer, a):
+            i = current_slice_start() or 0
+            got[i] = patch_scores(a.float(), c[i:i + a.shape[0]])     # one slice per thread: no lock
+
+        with capture_attention(model.encoder, model.num_prefix_tokens, keep, [layer], stop_early=True):
+            forward_on_cores(lambda xs: model.forward_encoder(xs, None), x, workers)
+        out.append(torch.cat([got[i] for i in sorted(got)]).float().cpu().numpy())
     model.train(was)
     return np.concatenate(out)
 
