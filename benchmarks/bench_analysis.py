@@ -1,22 +1,23 @@
 """Analysis throughput: is the study's cost the model's forward pass and not much else?
 
-Three ways through the same images, batch size and device, timed in one process, interleaved:
+Three ways (four on CPU) through the same images, batch size and device, timed in one process,
+interleaved:
 
   (a) plain    the encoder's plain forward pass (``forward_features``), fused attention on
-               (timm's default, PyTorch SDPA): the floor.
+               (timm's default, PyTorch SDPA), torch's own threading: the reference.
   (b) analyze  what ``vitsift analyze`` does per batch (``runs.batch_metrics`` + ``runs.head_rows``):
                fused attention off, the batch split over the CPU cores (one thread each), every
                layer's map captured by the ``attn_drop`` hook and
                reduced at once to all per-head metrics (theta_KK/KN/NK/NN, chance, focus), every
                layer and head, then the per-(image, layer, head) rows.
-  (p) plain    (a) with the batch split over the CPU cores, one thread each, as (b) runs it
-      on cores (``attention.forward_on_cores``; CPU only): b/p is the analysis' own cost at
+  (p) split    (a) with the batch split over the CPU cores, one thread each, as (b) runs it
+               (``attention.forward_on_cores``; CPU only): b/p is the analysis' own cost at
                equal threading, p/a what the split alone gains.
   (c) extract  a baseline one might write first: timm's ``timm.utils.AttentionExtract`` keeps
                every layer's full (B, H, T, T) map, then plain NumPy computes the same metrics from
                the stored maps, and the same rows.
 
-Images/s: median over rounds (each round runs a, b and c over all batches, in rotating order);
+Images/s: median over rounds (each round runs every variant over all batches, in rotating order);
 b/a and b/c are medians of the per-round ratios. Before timing, (b) and (c) are checked to give
 the same metrics. Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` around one batch; on
 CPU a fresh subprocess per variant measures RSS (see ``_common``): "working" is the peak RSS

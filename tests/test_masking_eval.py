@@ -1,6 +1,5 @@
 """`vitsift mask-eval` end to end on tiny models: probe tier, ImageNet-classifier tier, resume."""
 import json
-import math
 
 import numpy as np
 import pandas as pd
