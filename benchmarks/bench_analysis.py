@@ -127,11 +127,11 @@ class Bench:
             return self.model.forward_features(x)
 
     def plain_on_cores(self, x, counts, ids):
-        from vitsift_core.attention import forward_on_cores
+        from vitsift_core.attention import core_workers, forward_on_cores
         from vitsift_core.runs import forward_autocast
 
         with torch.inference_mode(), forward_autocast(self.dev, self.precision), self._fused(self.model, True):
-            return forward_on_cores(self.model.forward_features, x, torch.get_num_threads())
+            return forward_on_cores(self.model.forward_features, x, core_workers(self.dev))
 
     def analyze(self, x, counts, ids):
         from vitsift_core.runs import batch_metrics, head_rows

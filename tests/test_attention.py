@@ -317,3 +317,43 @@ def test_forward_on_cores_gives_spare_cores_to_the_slices_and_takes_them_back():
     seen.clear()
     torch.testing.assert_close(forward_on_cores(f, x, 4), x * 2)            # 4 cores: slices of 2, 2, 1, 1
     assert sorted(seen) == [(0, 1, 2), (2, 1, 2), (4, 1, 1), (5, 1, 1)]
+
+
+def test_core_workers_and_the_switch_that_turns_the_split_off(monkeypatch):
+    from types import SimpleNamespace
+
+    from vitsift_core.attention import core_workers
+    from vitsift_core.runs import batch_metrics
+
+    monkeypatch.delenv("VITSIFT_CORE_SPLIT", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert core_workers("cpu") == 2 and core_workers(torch.device("cuda")) == 1
+        model = tiny(0)
+        lm = SimpleNamespace(model=model, num_prefix_tokens=model.num_prefix_tokens)
+        x = torch.randn(4, 3, *model.default_cfg["input_size"][1:])
+        counts = torch.randint(0, 3, (4, model.patch_embed.num_patches))
+
+        class Where(MetricCollector):
+            def __call__(self, layer, attn):
+                self.threads.add(threading.current_thread().name)
+                super().__call__(layer, attn)
+
+        out = {}
+        for split in ("1", "0"):
+            monkeypatch.setenv("VITSIFT_CORE_SPLIT", split)
+            col = Where(len(model.blocks))
+            col.threads = set()
+            out[split] = batch_metrics(lm, col, x, {"real": (counts, False)})["real"]
+            if split == "1":
+                assert core_workers("cpu") == 2 and all(t.startswith("vitsift-slice") for t in col.threads)
+            else:
+                assert core_workers("cpu") == 1 and col.threads == {threading.current_thread().name}
+        for k in out["1"]:
+            torch.testing.assert_close(out["1"][k], out["0"][k], atol=1e-6, rtol=0, equal_nan=True)
+        monkeypatch.setenv("VITSIFT_CORE_SPLIT", "maybe")
+        with pytest.raises(ValueError, match="VITSIFT_CORE_SPLIT"):
+            core_workers("cpu")
+    finally:
+        torch.set_num_threads(before)

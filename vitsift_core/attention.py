@@ -9,6 +9,7 @@ a callback that reduces it at once, so nothing of size depth x batch x N^2 is ev
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Iterator
@@ -236,6 +237,21 @@ def _stoppable(forward, start, x, args, modes, threads: int = 1):
     finally:
         if threads > 1:
             torch.set_num_threads(1)
+
+
+def core_workers(device: torch.device | str) -> int:
+    """How many slices :func:`forward_on_cores` makes on ``device``: torch's CPU thread count on a
+    CPU, 1 (one call) elsewhere. ``VITSIFT_CORE_SPLIT=0`` turns the split off on CPU too (torch's
+    intra-op threads then split every op, as in a plain forward): how to run, never part of a
+    run's identity."""
+    if torch.device(device).type != "cpu":
+        return 1
+    env = os.environ.get("VITSIFT_CORE_SPLIT", "").strip().lower()
+    if env in ("0", "false", "no", "off"):
+        return 1
+    if env not in ("", "1", "true", "yes", "on"):
+        raise ValueError(f"VITSIFT_CORE_SPLIT must be 0 or 1, got {env!r}")
+    return torch.get_num_threads()
 
 
 def forward_on_cores(forward: Callable[..., torch.Tensor], x: torch.Tensor, workers: int,

@@ -50,7 +50,7 @@ import torch
 
 from . import masking as MK
 from . import metrics as M
-from .attention import current_slice_start, forward_on_cores
+from .attention import core_workers, current_slice_start, forward_on_cores
 from .keypoints import SiftParams
 from .runs import _atomic_write, _write_json, check_identity, versions
 
@@ -554,7 +554,7 @@ def _score_chunk(c: _Call, k: int, col: _ScoreCollector, captured: list[int], ba
     from .attention import capture_attention
 
     lm, n_p = c.lm, c.lm.num_patches
-    workers = torch.get_num_threads() if c.dev.type == "cpu" else 1
+    workers = core_workers(c.dev)
     acc = {"ids": [], "labels": [], "targets": [], "counts": [], "layer_scores": [], "clean_pred": []}
     met_acc: dict[str, list] = {}
     skipped = []
@@ -638,7 +638,7 @@ def _mask_chunk(c: _Call, k: int, need: list[tuple], frames: list[pd.DataFrame],
     scores: (n, N) of every scored image, rows as ``sc["ids"]`` (``row_of``: id -> row); donors:
     (n, N) the donor map of each row, or None without a *_other order."""
     p, lm, model = c.p, c.lm, c.clf.lm.model
-    workers = torch.get_num_threads() if c.dev.type == "cpu" else 1
+    workers = core_workers(c.dev)
     frames = list(frames)
     for batch, _sk in (c.batches(k) if need else ()):
         if batch is None:

@@ -409,13 +409,13 @@ def theta_scores(model, images: np.ndarray, counts: np.ndarray, layer: int, devi
                  batch_size: int = 256) -> np.ndarray:
     """Per-patch theta score s_i (heads of ``layer`` averaged; metrics.patch_scores) for all
     images with the current encoder, (n, N) float32."""
-    from .attention import capture_attention, current_slice_start, forward_on_cores
+    from .attention import capture_attention, core_workers, current_slice_start, forward_on_cores
     from .metrics import patch_scores
     was = model.training
     model.eval()
     out = []
     # CPU: the batch split over the cores; each slice scored with its own images' keypoints
-    workers = torch.get_num_threads() if torch.device(device).type == "cpu" else 1
+    workers = core_workers(device)
     for s in range(0, len(images), batch_size):
         x = to_input(images[s:s + batch_size], device)
         c = torch.from_numpy(np.asarray(counts[s:s + batch_size])).to(device)

@@ -38,7 +38,7 @@ import torch
 
 from . import __version__
 from . import metrics as M
-from .attention import MetricCollector, capture_attention, forward_on_cores
+from .attention import MetricCollector, capture_attention, core_workers, forward_on_cores
 from .keypoints import KeypointCache, SiftParams
 
 CONTROLS = ("none", "shuffle-keypoints", "random-init", "mean-attention")
@@ -102,7 +102,7 @@ def batch_metrics(lm, collector: MetricCollector, x: torch.Tensor,
     dev = next(lm.model.parameters()).device
     collector.start_batch(variants)
     # CPU: the batch split over the cores, one thread each (forward_on_cores); on a GPU, one call
-    workers = torch.get_num_threads() if dev.type == "cpu" else 1
+    workers = core_workers(dev)
     with torch.inference_mode(), forward_autocast(dev, precision), \
             capture_attention(lm.model, lm.num_prefix_tokens, collector,
                               micro_batch=capture_micro_batch(dev), stop_early=True):
