@@ -120,18 +120,17 @@ class Bench:
                 self._extract = self._AttentionExtract(self.model)      # method='fx', '*attn.softmax'
         return self._extract
 
-    def plain(self, x, counts, ids):
+    def plain(self, x, counts, ids, workers: int = 1):
+        from vitsift_core.attention import forward_on_cores
         from vitsift_core.runs import forward_autocast
 
         with torch.inference_mode(), forward_autocast(self.dev, self.precision), self._fused(self.model, True):
-            return self.model.forward_features(x)
+            return forward_on_cores(self.model.forward_features, x, workers)     # workers 1: one call
 
     def plain_on_cores(self, x, counts, ids):
-        from vitsift_core.attention import core_workers, forward_on_cores
-        from vitsift_core.runs import forward_autocast
+        from vitsift_core.attention import core_workers
 
-        with torch.inference_mode(), forward_autocast(self.dev, self.precision), self._fused(self.model, True):
-            return forward_on_cores(self.model.forward_features, x, core_workers(self.dev))
+        return self.plain(x, counts, ids, core_workers(self.dev))
 
     def analyze(self, x, counts, ids):
         from vitsift_core.runs import batch_metrics, head_rows

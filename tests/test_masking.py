@@ -8,8 +8,8 @@ import torch
 
 from vitsift_core import masking as MK
 from vitsift_core import metrics as M
-from vitsift_core.attention import attention_maps, capture_attention
-from vitsift_core.maskeval import (MaskEvalParams, _ScoreCollector, bootstrap_means, bootstrap_weights, mask_shape,
+from vitsift_core.attention import PatchScoreCollector, attention_maps, capture_attention
+from vitsift_core.maskeval import (MaskEvalParams, bootstrap_means, bootstrap_weights, mask_shape,
                                   order_contrasts, ordering_check, paired_ordering, summarize,
                                   content_vs_shape, CONTENT_SHAPE_PAIRS)
 from vitsift_core.probe import fit_linear
@@ -214,7 +214,7 @@ def test_score_collector_equals_patch_scores_of_captured_maps():
     x = torch.randn(2, 3, 160, 160)
     counts = torch.from_numpy(np.random.default_rng(0).integers(0, 3, (2, N)))
     maps = attention_maps(m, 1, x, layers=[1, 4])
-    col = _ScoreCollector([1, 4], 1.0, True, False)
+    col = PatchScoreCollector([1, 4], 1.0, True, False)
     col.start_batch(counts)
     with torch.inference_mode(), capture_attention(m, 1, col, layers=[1, 4]):
         m.forward_features(x)

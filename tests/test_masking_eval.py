@@ -231,8 +231,7 @@ def test_score_collector_gives_the_whole_batch_scores_when_the_batch_is_split_ov
     images' rows (each slice uses its own images' keypoints), stage metrics included."""
     from conftest import sharp_test_vit
 
-    from vitsift_core.attention import MetricCollector, capture_attention, forward_on_cores
-    from vitsift_core.maskeval import _ScoreCollector
+    from vitsift_core.attention import MetricCollector, PatchScoreCollector, capture_attention, forward_on_cores
 
     model = sharp_test_vit(1)
     torch.manual_seed(4)
@@ -241,7 +240,7 @@ def test_score_collector_gives_the_whole_batch_scores_when_the_batch_is_split_ov
     captured0 = [1, 3]
     got = {}
     for cores in (1, 3):
-        col = _ScoreCollector(captured0, 1.0, True, False, MetricCollector(len(model.blocks)))
+        col = PatchScoreCollector(captured0, 1.0, True, False, MetricCollector(len(model.blocks)))
         col.start_batch(counts)
         with torch.inference_mode(), capture_attention(model, model.num_prefix_tokens, col):
             forward_on_cores(model.forward_features, x, cores)

@@ -424,6 +424,47 @@ class MetricCollector:
         return res
 
 
+class PatchScoreCollector:
+    """Attention callback: the per-patch score s_i (``metrics.patch_scores``: theta_i averaged
+    over heads) per captured layer, for masking (mask-eval) and guided MAE; optionally feeds the
+    same maps to a :class:`MetricCollector` (the stage-fit metrics).
+
+    Thread-safe, and a layer may arrive in slices of the batch (:func:`forward_on_cores`,
+    :func:`current_slice_start`), as for :class:`MetricCollector`. ``captured0``: the 0-based
+    layers, in the order :meth:`finish_batch` stacks them."""
+
+    def __init__(self, captured0: list[int], gamma: float, weighted: bool, exclude_self: bool, metrics=None):
+        self.captured0, self.gamma, self.weighted, self.exclude_self = captured0, gamma, weighted, exclude_self
+        self.metrics = metrics
+        self._lock = threading.Lock()
+
+    def start_batch(self, counts: torch.Tensor) -> None:
+        self.counts, self.scores = counts, {}          # scores: layer -> {slice start: (b, N)}
+        if self.metrics is not None:
+            self.metrics.start_batch({"real": (counts, self.exclude_self)})
+
+    def __call__(self, layer: int, attn: torch.Tensor) -> None:
+        if self.metrics is not None:
+            self.metrics(layer, attn)
+        s, b = current_slice_start() or 0, attn.shape[0]
+        sc = M.patch_scores(attn, self.counts[s:s + b].to(attn.device), self.gamma, self.weighted,
+                            self.exclude_self).float().cpu()
+        with self._lock:
+            self.scores.setdefault(layer, {})[s] = sc
+
+    def finish_batch(self):
+        """-> (scores (B, Lc, N) float32 on CPU, the MetricCollector's "real" metrics or None)."""
+        def layer(l):
+            parts = self.scores[l]
+            out = torch.cat([parts[s] for s in sorted(parts)])
+            if out.shape[0] != self.counts.shape[0]:
+                raise RuntimeError(f"layer {l}: scores for {out.shape[0]} of {self.counts.shape[0]} images")
+            return out
+        sc = torch.stack([layer(l) for l in self.captured0], dim=1)    # (B, Lc, N)
+        met = self.metrics.finish_batch()["real"] if self.metrics is not None else None
+        return sc, met
+
+
 def attention_maps(model: nn.Module, num_prefix_tokens: int, x: torch.Tensor,
                    layers: list[int] | None = None) -> dict[int, torch.Tensor]:
     """Full patch-block maps for a few images (figures, explorers, tests).

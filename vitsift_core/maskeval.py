@@ -39,7 +39,6 @@ import dataclasses
 import hashlib
 import json
 import shutil
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,8 +48,7 @@ import pandas as pd
 import torch
 
 from . import masking as MK
-from . import metrics as M
-from .attention import core_workers, current_slice_start, forward_on_cores
+from .attention import PatchScoreCollector, core_workers, forward_on_cores
 from .keypoints import SiftParams
 from .runs import _atomic_write, _write_json, check_identity, versions
 
@@ -345,43 +343,6 @@ def mask_shape(scores: dict, params: MaskEvalParams, grid: tuple[int, int]) -> p
 
 
 # ----------------------------------------------------------------------------------- the run
-class _ScoreCollector:
-    """Attention callback: head-mean theta_i per captured layer, plus the stage-fit metrics.
-
-    Thread-safe, and a layer may arrive in slices of the batch (``attention.forward_on_cores``,
-    ``current_slice_start``), as for :class:`MetricCollector`."""
-
-    def __init__(self, captured0: list[int], gamma: float, weighted: bool, exclude_self: bool, metrics=None):
-        self.captured0, self.gamma, self.weighted, self.exclude_self = captured0, gamma, weighted, exclude_self
-        self.metrics = metrics
-        self._lock = threading.Lock()
-
-    def start_batch(self, counts: torch.Tensor) -> None:
-        self.counts, self.scores = counts, {}          # scores: layer -> {slice start: (b, N)}
-        if self.metrics is not None:
-            self.metrics.start_batch({"real": (counts, self.exclude_self)})
-
-    def __call__(self, layer: int, attn: torch.Tensor) -> None:
-        if self.metrics is not None:
-            self.metrics(layer, attn)
-        s, b = current_slice_start() or 0, attn.shape[0]
-        sc = M.patch_scores(attn, self.counts[s:s + b].to(attn.device), self.gamma, self.weighted,
-                            self.exclude_self).float().cpu()
-        with self._lock:
-            self.scores.setdefault(layer, {})[s] = sc
-
-    def finish_batch(self):
-        def layer(l):
-            parts = self.scores[l]
-            out = torch.cat([parts[s] for s in sorted(parts)])
-            if out.shape[0] != self.counts.shape[0]:
-                raise RuntimeError(f"layer {l}: scores for {out.shape[0]} of {self.counts.shape[0]} images")
-            return out
-        sc = torch.stack([layer(l) for l in self.captured0], dim=1)    # (B, Lc, N)
-        met = self.metrics.finish_batch()["real"] if self.metrics is not None else None
-        return sc, met
-
-
 class MaskEvalRun:
     """A mask-eval output directory (see module doc)."""
 
@@ -547,7 +508,7 @@ class _Call:
                             cache=self.cache, progress=False)
 
 
-def _score_chunk(c: _Call, k: int, col: _ScoreCollector, captured: list[int], bar) -> dict:
+def _score_chunk(c: _Call, k: int, col: PatchScoreCollector, captured: list[int], bar) -> dict:
     """Pass 1 on chunk k: the arrays of its score part (ids, labels, targets, counts (n, N),
     layer_scores (n, L_captured, N), clean_pred (n,), skipped (s, 2), and m_<metric> (n, L, H)
     when the stage fit needs them)."""
@@ -620,7 +581,7 @@ def _score_pass(c: _Call, mine: list[int], siblings: list[MaskEvalRun], captured
     bar = tqdm(total=c.n_images(todo), unit="img", desc=f"mask-eval scores [{c.lm.spec}]",
                disable=not c.progress or not todo, dynamic_ncols=True)
     metrics = MetricCollector(len(c.lm.model.blocks), p.gamma, p.weighted, "minmax") if stage_metrics else None
-    col = _ScoreCollector([l - 1 for l in captured], p.gamma, p.weighted, p.exclude_self, metrics)
+    col = PatchScoreCollector([l - 1 for l in captured], p.gamma, p.weighted, p.exclude_self, metrics)
     for k in todo:
         arrays = _score_chunk(c, k, col, captured, bar)
         # written last and whole: its presence marks the chunk finished

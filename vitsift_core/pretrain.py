@@ -409,25 +409,19 @@ def theta_scores(model, images: np.ndarray, counts: np.ndarray, layer: int, devi
                  batch_size: int = 256) -> np.ndarray:
     """Per-patch theta score s_i (heads of ``layer`` averaged; metrics.patch_scores) for all
     images with the current encoder, (n, N) float32."""
-    from .attention import capture_attention, core_workers, current_slice_start, forward_on_cores
-    from .metrics import patch_scores
+    from .attention import PatchScoreCollector, capture_attention, core_workers, forward_on_cores
     was = model.training
     model.eval()
     out = []
-    # CPU: the batch split over the cores; each slice scored with its own images' keypoints
+    col = PatchScoreCollector([layer], gamma=1.0, weighted=True, exclude_self=False)
+    # CPU: the batch split over the cores; the collector scores each slice with its own images' keypoints
     workers = core_workers(device)
     for s in range(0, len(images), batch_size):
         x = to_input(images[s:s + batch_size], device)
-        c = torch.from_numpy(np.asarray(counts[s:s + batch_size])).to(device)
-        got: dict[int, torch.Tensor] = {}
-
-        def keep(_layer, a):
-            i = current_slice_start() or 0
-            got[i] = patch_scores(a.float(), c[i:i + a.shape[0]])     # one slice per thread: no lock
-
-        with capture_attention(model.encoder, model.num_prefix_tokens, keep, [layer], stop_early=True):
+        col.start_batch(torch.from_numpy(np.asarray(counts[s:s + batch_size])).to(device))
+        with capture_attention(model.encoder, model.num_prefix_tokens, col, [layer], stop_early=True):
             forward_on_cores(lambda xs: model.forward_encoder(xs, None), x, workers)
-        out.append(torch.cat([got[i] for i in sorted(got)]).float().cpu().numpy())
+        out.append(col.finish_batch()[0][:, 0].numpy())
     model.train(was)
     return np.concatenate(out)
 
