@@ -30,12 +30,12 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131
 def pick_images(spec: str, n: int):
     """(spec actually used, n ImageRecords). 'auto': Imagenette val when present, else the
     scikit-image samples. Fewer records than n are cycled (the same image several times)."""
-    from vitsift_core.data import resolve_images
+    from vitsift_core.data.sources import resolve_images
 
     if spec == "auto":
         spec = "samples"
         try:
-            from vitsift_core.data import imagenette_root
+            from vitsift_core.data.sources import imagenette_root
 
             if (Path(imagenette_root()) / "val").is_dir():
                 spec = "imagenette:val"

@@ -100,7 +100,7 @@ class Bench:
     def __init__(self, lm, gamma: float = 1.0, precision: str = "auto"):
         from timm.utils import AttentionExtract
 
-        from vitsift_core.attention import MetricCollector, fused_attention
+        from vitsift_core.model.capture import MetricCollector, fused_attention
 
         self.lm = lm
         self.model = lm.model
@@ -121,26 +121,26 @@ class Bench:
         return self._extract
 
     def plain(self, x, counts, ids, workers: int = 1):
-        from vitsift_core.attention import forward_on_cores
-        from vitsift_core.runs import forward_autocast
+        from vitsift_core.model.capture import forward_on_cores
+        from vitsift_core.experiments.analysis import forward_autocast
 
         with torch.inference_mode(), forward_autocast(self.dev, self.precision), self._fused(self.model, True):
             return forward_on_cores(self.model.forward_features, x, workers)     # workers 1: one call
 
     def plain_on_cores(self, x, counts, ids):
-        from vitsift_core.attention import core_workers
+        from vitsift_core.model.capture import core_workers
 
         return self.plain(x, counts, ids, core_workers(self.dev))
 
     def analyze(self, x, counts, ids):
-        from vitsift_core.runs import batch_metrics, head_rows
+        from vitsift_core.experiments.analysis import batch_metrics, head_rows
 
         out = batch_metrics(self.lm, self.collector, x, {VARIANT: (counts, False)}, self.precision)[VARIANT]
         head_rows(ids, out, counts.numpy())
         return out
 
     def extract(self, x, counts, ids):
-        from vitsift_core.runs import forward_autocast, head_rows
+        from vitsift_core.experiments.analysis import forward_autocast, head_rows
 
         ex = self.extractor()
         p = self.lm.num_prefix_tokens
@@ -163,7 +163,7 @@ class Bench:
 
 # ------------------------------------------------------------------------------ setup
 def load(args):
-    from vitsift_core.models import load_model
+    from vitsift_core.model.registry import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -174,9 +174,9 @@ def load(args):
 
 def make_batches(args, lm, n_batches: int | None = None):
     """[(x (B, 3, S, S) on the device, counts (B, N) int64 on CPU, ids)] and the image spec used."""
-    from vitsift_core.data import read_record
-    from vitsift_core.images import model_input
-    from vitsift_core.keypoints import KeypointCache, keypoint_counts
+    from vitsift_core.data.sources import read_record
+    from vitsift_core.data.images import model_input
+    from vitsift_core.data.keypoints import KeypointCache, keypoint_counts
 
     n_batches = n_batches or args.batches
     spec, recs, n_distinct = C.pick_images(args.images, args.batch * n_batches)
@@ -295,7 +295,7 @@ def cuda_memory(bench: Bench, batches) -> dict:
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="embedded", help="model spec (vitsift_core.models.load_model)")
+    p.add_argument("--model", default="embedded", help="model spec (vitsift_core.model.registry.load_model)")
     p.add_argument("--random-init", action="store_true", help="random weights (timing only; no weights file)")
     p.add_argument("--images", default="auto", help="'auto' (Imagenette val if present, else samples), "
                    "'samples', 'imagenette:val' or a folder")
@@ -305,7 +305,7 @@ def parse(argv):
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--gamma", type=float, default=1.0)
-    from vitsift_core.runs import PRECISIONS
+    from vitsift_core.experiments.analysis import PRECISIONS
 
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="forward pass of all three variants (vitsift analyze --precision): auto = bf16 "
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(lm, args.gamma, args.precision)
     dev = bench.dev
     timed = [v for v in VARIANTS if v not in args.skip and (dev.type == "cpu" or v not in CPU_ONLY)]
-    from vitsift_core.runs import capture_micro_batch
+    from vitsift_core.experiments.analysis import capture_micro_batch
 
     n_heads = lm.model.blocks[0].attn.num_heads
     print(f"analysis throughput: model {args.model}{' (random init)' if args.random_init else ''} "
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     if diff is not None:
         print(f"(b) and (c) give the same metrics: max |difference| theta {diff['theta']:.2g}, "
               f"focus {diff['focus']:.2g}")
-    from vitsift_core.runs import forward_precision
+    from vitsift_core.experiments.analysis import forward_precision
     forward = forward_precision(dev, args.precision)
     effect = None
     if forward != "fp32":

@@ -56,8 +56,8 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from vitsift_core.models import load_model
-    from vitsift_core.study import choose_images
+    from vitsift_core.model.registry import load_model
+    from vitsift_core.experiments.study import choose_images
     from vitsift_core.widgets import core as C
     from vitsift_core.widgets.masking_ui import MaskingExplorer, probe_classifier
     from vitsift_core.widgets.ui import AttentionExplorer, StageExplorer

@@ -1,7 +1,7 @@
 """Keypoints: SIFT images/s in one process vs the pipeline's worker processes, cold vs cached,
 and whether keypoint extraction stalls the model.
 
-Rows (same images; the pipeline is ``vitsift_core.pipeline.iter_batches``, as ``vitsift analyze``
+Rows (same images; the pipeline is ``vitsift_core.data.batches.iter_batches``, as ``vitsift analyze``
 uses it: decode, model input, SIFT, per-patch counts, in DataLoader worker processes):
 
   SIFT only          ``detect_keypoints`` on crops decoded beforehand, one process
@@ -70,11 +70,11 @@ def timed(f, rounds: int = 1) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vitsift_core.data import read_record
-    from vitsift_core.images import model_input
-    from vitsift_core.keypoints import KeypointCache, SiftParams, detect_keypoints
-    from vitsift_core.models import load_model
-    from vitsift_core.pipeline import iter_batches
+    from vitsift_core.data.sources import read_record
+    from vitsift_core.data.images import model_input
+    from vitsift_core.data.keypoints import KeypointCache, SiftParams, detect_keypoints
+    from vitsift_core.model.registry import load_model
+    from vitsift_core.data.batches import iter_batches
 
     args = parse(sys.argv[1:] if argv is None else argv)
     lm = load_model(args.model, control="random-init" if args.random_init else "none", device=args.device)
@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     t["pipe_0_warm"] = timed(pipeline(0, warm_cache), args.rounds)
 
     if not args.no_analysis:
-        from vitsift_core.attention import MetricCollector
-        from vitsift_core.runs import batch_metrics, head_rows
+        from vitsift_core.model.capture import MetricCollector
+        from vitsift_core.experiments.analysis import batch_metrics, head_rows
 
         collector = MetricCollector(len(lm.model.blocks))
         v = ("none", False)

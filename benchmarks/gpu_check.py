@@ -6,7 +6,7 @@ For random-init ViT-B/16 and ViT-L/16 (no weights needed), at batch 64 on one GP
     (``VITSIFT_MICRO_BATCH=16``), to choose the CUDA default;
   * that the forward runs under bf16 autocast while the metrics see float32 maps, and how far
     the metrics of a bf16 forward are from those of an fp32 forward;
-  * MAE pre-training steps/s (``vitsift_core.mae``, ViT-B/16 encoder, mask ratio 0.75, AdamW,
+  * MAE pre-training steps/s (``vitsift_core.model.mae``, ViT-B/16 encoder, mask ratio 0.75, AdamW,
     bf16 autocast), skipped with a message when that module is not there.
 Inputs are random tensors and random keypoint counts: this times the machine, not the study.
 
@@ -81,9 +81,9 @@ def peak_memory(bench, v, batches, dev) -> float:
 
 
 def check_model(name: str, args, dev) -> dict:
-    from vitsift_core.attention import capture_attention
-    from vitsift_core.models import load_model
-    from vitsift_core.runs import forward_autocast
+    from vitsift_core.model.capture import capture_attention
+    from vitsift_core.model.registry import load_model
+    from vitsift_core.experiments.analysis import forward_autocast
 
     t0 = time.perf_counter()
     lm = load_model(name, control="random-init", device=str(dev))
@@ -149,10 +149,10 @@ def check_model(name: str, args, dev) -> dict:
 
 def mae_steps(args, dev) -> dict:
     try:
-        from vitsift_core.mae import build_mae
+        from vitsift_core.model.mae import build_mae
     except ImportError as e:
-        return {"skipped": f"vitsift_core.mae not available ({e}): MAE pre-training steps/s not measured"}
-    from vitsift_core.runs import forward_autocast
+        return {"skipped": f"vitsift_core.model.mae not available ({e}): MAE pre-training steps/s not measured"}
+    from vitsift_core.experiments.analysis import forward_autocast
 
     kw = {"decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2} if args.cpu_tiny else {}
     if dev.type == "cuda":
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
         return 2
     dev = torch.device(args.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
-    from vitsift_core.runs import capture_micro_batch
+    from vitsift_core.experiments.analysis import capture_micro_batch
 
     print(f"gpu_check on {name}: torch {torch.__version__}, batch {args.batch}, {args.iters} batches x "
           f"{args.rounds} rounds per variant; attention slices by default: "

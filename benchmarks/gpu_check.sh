@@ -2,7 +2,7 @@
 # One prepared check for a CUDA machine; finishes within 5 minutes, needs no weights and no data.
 # Prints, for random-init ViT-B/16 and ViT-L/16 at batch 64: the analysis path's throughput over
 # the plain forward (b/a, bf16 autocast forward, float32 metrics), peak memory, and MAE
-# pre-training steps/s (when vitsift_core.mae exists). Writes reports/bench/gpu_check.json.
+# pre-training steps/s (when vitsift_core.model.mae exists). Writes reports/bench/gpu_check.json.
 #
 #   bash benchmarks/gpu_check.sh                  # on the GPU box, from anywhere
 #   bash benchmarks/gpu_check.sh --cpu-tiny       # the same code on CPU with a tiny model (seconds)

@@ -5,8 +5,8 @@ import time
 import pytest
 import torch
 
-from vitsift_core import metrics as M
-from vitsift_core.attention import (MetricCollector, attention_blocks, attention_maps,
+from vitsift_core.method import metrics as M
+from vitsift_core.model.capture import (MetricCollector, attention_blocks, attention_maps,
                                     capture_attention, current_slice_start, forward_on_cores,
                                     fused_attention)
 
@@ -280,7 +280,7 @@ def test_forward_on_cores_slices_per_image_arguments_like_the_batch(mode):
     """mask-eval's masked forward: each image's own masked patches travel with its slice."""
     import numpy as np
 
-    from vitsift_core.masking import masked_features
+    from vitsift_core.method.masking import masked_features
 
     model = tiny(0)
     torch.manual_seed(9)
@@ -322,8 +322,8 @@ def test_forward_on_cores_gives_spare_cores_to_the_slices_and_takes_them_back():
 def test_core_workers_and_the_switch_that_turns_the_split_off(monkeypatch):
     from types import SimpleNamespace
 
-    from vitsift_core.attention import core_workers
-    from vitsift_core.runs import batch_metrics
+    from vitsift_core.model.capture import core_workers
+    from vitsift_core.experiments.analysis import batch_metrics
 
     monkeypatch.delenv("VITSIFT_CORE_SPLIT", raising=False)
     before = torch.get_num_threads()

@@ -90,7 +90,7 @@ def test_numpy_baseline_matches_core_metrics():
         from bench_analysis import numpy_head_metrics
     finally:
         sys.path.remove(str(BENCH))
-    from vitsift_core import metrics as M
+    from vitsift_core.method import metrics as M
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 2, 16, 16, generator=g, dtype=torch.float64) * 3
@@ -106,7 +106,7 @@ def test_numpy_baseline_matches_core_metrics():
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sliced_capture_equals_whole_batch(workers):
     """The analysis path's attention slices (threads included) give the whole-batch metrics."""
-    from vitsift_core.attention import MetricCollector, capture_attention
+    from vitsift_core.model.capture import MetricCollector, capture_attention
 
     m = sharp_test_vit(seed=0)
     x = torch.randn(7, 3, 160, 160)

@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from vitsift_core import runs
-from vitsift_core.attention import attention_maps
+from vitsift_core.experiments import analysis as runs
+from vitsift_core.model.capture import attention_maps
 from vitsift_core.cli import main
-from vitsift_core.data import read_record, resolve_images
-from vitsift_core.images import model_input
-from vitsift_core.keypoints import keypoint_counts
-from vitsift_core import metrics as M
-from vitsift_core.models import load_model
+from vitsift_core.data.sources import read_record, resolve_images
+from vitsift_core.data.images import model_input
+from vitsift_core.data.keypoints import keypoint_counts
+from vitsift_core.method import metrics as M
+from vitsift_core.model.registry import load_model
 
 from conftest import DECODABLE, UNDECODABLE
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import vitsift_core.data as data
+import vitsift_core.data.sources as data
 from conftest import DECODABLE, UNDECODABLE
-from vitsift_core.data import (
+from vitsift_core.data.sources import (
     IMAGENETTE_CLASSES,
     ImageRecord,
     download_imagenette,
@@ -19,7 +19,7 @@ from vitsift_core.data import (
     read_record,
     resolve_images,
 )
-from vitsift_core.images import ImageDecodeError
+from vitsift_core.data.images import ImageDecodeError
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from vitsift_core import masking as MK
+from vitsift_core.method import masking as MK
 
 
 @pytest.fixture(scope="module")

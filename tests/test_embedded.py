@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from vitsift_core import embedded
-from vitsift_core.models import ModelWeightsUnavailable, load_model
+from vitsift_core.model import embedded as embedded
+from vitsift_core.model.registry import ModelWeightsUnavailable, load_model
 
 
 @pytest.fixture(scope="session")

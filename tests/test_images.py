@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import DECODABLE, UNDECODABLE
-from vitsift_core.images import ImageDecodeError, as_rgb_uint8, eval_transforms, load_rgb, model_input
+from vitsift_core.data.images import ImageDecodeError, as_rgb_uint8, eval_transforms, load_rgb, model_input
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-import vitsift_core.keypoints as kp
-from vitsift_core.keypoints import KeypointCache, SiftParams, detect_keypoints, keypoint_counts, patch_counts
+import vitsift_core.data.keypoints as kp
+from vitsift_core.data.keypoints import KeypointCache, SiftParams, detect_keypoints, keypoint_counts, patch_counts
 
 P = 8
 GRID = (4, 4)  # a 32 x 32 crop

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from vitsift_core import mae_masks as MM
-from vitsift_core.knn import knn_accuracy, knn_predict, linear_probe
-from vitsift_core.mae import MAE, build_mae, load_official_mae, masked_to_ids, sincos_pos_embed_2d
+from vitsift_core.method import guided as MM
+from vitsift_core.method.linear import knn_accuracy, knn_predict, linear_probe
+from vitsift_core.model.mae import MAE, build_mae, load_official_mae, masked_to_ids, sincos_pos_embed_2d
 
 
 def tiny(**kw):

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from vitsift_core import reproduce as R
-from vitsift_core.pretrain import config_from_params
-from vitsift_core.recovery import notebook_parameters
+from vitsift_core.experiments.pretrain import config_from_params
+from vitsift_core.experiments.recovery import notebook_parameters
 
 MINE = ("01_image_recovery", "07_guided_mae")
 

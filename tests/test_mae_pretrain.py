@@ -1,7 +1,7 @@
 """MAE pre-training runs: resume after SIGKILL, DDP (gloo, 2 processes) vs 1 process, schedule.
 
 Tiny encoder (timm ``test_vit`` at 32 px, 8 px patches, 2 blocks) on a synthetic 3-class folder;
-each run is a few seconds of CPU. Subprocesses run ``python -m vitsift_core.pretrain`` so that a
+each run is a few seconds of CPU. Subprocesses run ``python -m vitsift_core.experiments.pretrain`` so that a
 real kill (SIGKILL, no clean-up) and a real ``torchrun`` are tested.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitsift_core import pretrain as P
+from vitsift_core.experiments import pretrain as P
 
 #: the DDP run's per-step loss may differ from the 1-process run only by float re-association
 #: (gradient all-reduce sums two half-batch means instead of one mean): this much, absolute,
@@ -71,7 +71,7 @@ def cli_args(cfg: P.PretrainConfig, out: Path) -> list[str]:
 
 def run_cli(args, env_extra=None, launcher=None, timeout=240):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env_extra or {}))
-    cmd = (launcher or [sys.executable]) + ["-m", "vitsift_core.pretrain"] + args
+    cmd = (launcher or [sys.executable]) + ["-m", "vitsift_core.experiments.pretrain"] + args
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -185,8 +185,8 @@ def test_theta_scores_split_over_cores_match_a_whole_batch_reference():
     whether the batch runs as one call or split over cores (and over several batches)."""
     import torch
 
-    from vitsift_core.attention import attention_maps
-    from vitsift_core.metrics import patch_scores
+    from vitsift_core.model.capture import attention_maps
+    from vitsift_core.method.metrics import patch_scores
 
     cfg = tiny_cfg(Path("."), depth=3)
     model = P.build_model(cfg).eval()

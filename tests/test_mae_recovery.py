@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
-from vitsift_core import convergence as C
-from vitsift_core import recovery as R
-from vitsift_core.mae import build_mae
-from vitsift_core.pretrain import ArraySet
+from vitsift_core.method import stats as C
+from vitsift_core.experiments import recovery as R
+from vitsift_core.model.mae import build_mae
+from vitsift_core.experiments.pretrain import ArraySet
 
 
 def tiny_arrays(n=12, seed=0):
@@ -60,10 +60,10 @@ def test_recovery_error_equals_manual_masked_mse(mae):
     df = R.recovery_errors(mae, arr, ks=(2,), progress=False)
     row = df[(df.condition == "keypoint-dense")].iloc[0]
     i = arr.ids.index(row.image)
-    from vitsift_core import mae_masks as MM
+    from vitsift_core.method import guided as MM
     rng = MM.sample_rng(0, 2, i, MM.STREAM_RECOVERY)
     patches = MM.top_keypoint_patches(arr.counts[i], 2, rng)
-    from vitsift_core.pretrain import to_input
+    from vitsift_core.experiments.pretrain import to_input
     x = to_input(arr.images[i:i + 1])
     m = torch.from_numpy(MM.patch_set_mask(patches, 16))[None]
     with torch.no_grad():

@@ -6,13 +6,13 @@ import pandas as pd
 import pytest
 import torch
 
-from vitsift_core import masking as MK
-from vitsift_core import metrics as M
-from vitsift_core.attention import PatchScoreCollector, attention_maps, capture_attention
-from vitsift_core.maskeval import (MaskEvalParams, bootstrap_means, bootstrap_weights, mask_shape,
+from vitsift_core.method import masking as MK
+from vitsift_core.method import metrics as M
+from vitsift_core.model.capture import PatchScoreCollector, attention_maps, capture_attention
+from vitsift_core.experiments.maskeval import (MaskEvalParams, bootstrap_means, bootstrap_weights, mask_shape,
                                   order_contrasts, ordering_check, paired_ordering, summarize,
                                   content_vs_shape, CONTENT_SHAPE_PAIRS)
-from vitsift_core.probe import fit_linear
+from vitsift_core.experiments.probe import fit_linear
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

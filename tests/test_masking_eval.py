@@ -9,15 +9,15 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from vitsift_core import masking as MK
-from vitsift_core import runs
-from vitsift_core.classify import imagenet_classes, load_classifier
+from vitsift_core.method import masking as MK
+from vitsift_core.experiments import analysis as runs
+from vitsift_core.model.classify import imagenet_classes, load_classifier
 from vitsift_core.cli import main
-from vitsift_core.data import read_record, resolve_images
-from vitsift_core.images import model_input
-from vitsift_core.maskeval import ACC_COLS, PAIRED_COLS, PRED_COLS, MaskEvalParams, run_mask_eval
-from vitsift_core.models import load_model
-from vitsift_core.probe import ProbeSettings, train_or_load_probe
+from vitsift_core.data.sources import read_record, resolve_images
+from vitsift_core.data.images import model_input
+from vitsift_core.experiments.maskeval import ACC_COLS, PAIRED_COLS, PRED_COLS, MaskEvalParams, run_mask_eval
+from vitsift_core.model.registry import load_model
+from vitsift_core.experiments.probe import ProbeSettings, train_or_load_probe
 
 
 def _ckpt(d, num_classes):
@@ -231,7 +231,7 @@ def test_score_collector_gives_the_whole_batch_scores_when_the_batch_is_split_ov
     images' rows (each slice uses its own images' keypoints), stage metrics included."""
     from conftest import sharp_test_vit
 
-    from vitsift_core.attention import MetricCollector, PatchScoreCollector, capture_attention, forward_on_cores
+    from vitsift_core.model.capture import MetricCollector, PatchScoreCollector, capture_attention, forward_on_cores
 
     model = sharp_test_vit(1)
     torch.manual_seed(4)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from vitsift_core import metrics as M
+from vitsift_core.method import metrics as M
 
 NAN = float("nan")
 

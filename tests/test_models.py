@@ -9,7 +9,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from vitsift_core.models import LoadedModel, ModelWeightsUnavailable, load_model, resolve_device
+from vitsift_core.model.registry import LoadedModel, ModelWeightsUnavailable, load_model, resolve_device
 
 
 def _tiny(arch="test_vit", seed=123, **kw):

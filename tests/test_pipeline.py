@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-import vitsift_core.pipeline as pipeline
+import vitsift_core.data.batches as pipeline
 from conftest import DECODABLE, UNDECODABLE
-from vitsift_core.data import resolve_images
-from vitsift_core.images import load_rgb, model_input
-from vitsift_core.keypoints import KeypointCache, SiftParams, keypoint_counts
-from vitsift_core.pipeline import Batch, Skipped, iter_batches
+from vitsift_core.data.sources import resolve_images
+from vitsift_core.data.images import load_rgb, model_input
+from vitsift_core.data.keypoints import KeypointCache, SiftParams, keypoint_counts
+from vitsift_core.data.batches import Batch, Skipped, iter_batches
 
 # test_vit-like: tiny input so SIFT and resizing cost nothing
 SMALL = {"input_size": (3, 32, 32), "interpolation": "bicubic", "crop_pct": 0.9, "crop_mode": "center",
@@ -66,7 +66,7 @@ def test_fixture_every_file_accounted_for(bad_images_dir, cfg, grid, p):
 def test_workers_match_in_process_and_keep_order(bad_images_dir):
     # Regression guard: OpenCV used in the parent *before* the workers fork (here via the
     # num_workers=0 run first) once made forked workers deadlock in cv2.setNumThreads.
-    from vitsift_core.keypoints import detect_keypoints
+    from vitsift_core.data.keypoints import detect_keypoints
 
     detect_keypoints(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     records = resolve_images(str(bad_images_dir))
@@ -111,7 +111,7 @@ def test_unexpected_error_becomes_skipped(bad_images_dir, monkeypatch):
 
 @pytest.mark.timeout(120)
 def test_cache_is_used(bad_images_dir, tmp_path, monkeypatch):
-    import vitsift_core.keypoints as kp
+    import vitsift_core.data.keypoints as kp
 
     records = resolve_images(str(bad_images_dir))
     cache = KeypointCache(tmp_path / "kp")

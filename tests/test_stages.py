@@ -3,7 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
-from vitsift_core.stages import fit_stages, zscore
+from vitsift_core.method.stages import fit_stages, zscore
 
 
 def piecewise(n, b1, b2, slopes, intercepts):

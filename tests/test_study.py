@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from vitsift_core import study
-from vitsift_core.runs import AnalysisParams
+from vitsift_core.experiments import study as study
+from vitsift_core.experiments.analysis import AnalysisParams
 
 
 def test_bootstrap_ci_basic():
@@ -69,7 +69,7 @@ def test_claims_table(tiny_runs):
 
 def test_suite_reads_back_without_recomputing(tiny_runs, monkeypatch):
     base, runs, d = tiny_runs
-    import vitsift_core.study as S
+    import vitsift_core.experiments.study as S
     monkeypatch.setattr(S, "run_suite", lambda *a, **k: pytest.fail("recomputed a finished run"))
     again = study.suite(base, root=d / "results", progress=False)
     assert {v: r.path for v, r in again.items()} == {v: r.path for v, r in runs.items()}

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from vitsift_core import metrics as M
-from vitsift_core import study
-from vitsift_core.data import resolve_images
-from vitsift_core.models import load_model
+from vitsift_core.method import metrics as M
+from vitsift_core.experiments import study as study
+from vitsift_core.data.sources import resolve_images
+from vitsift_core.model.registry import load_model
 from vitsift_core.widgets import core as C
 
 
@@ -31,7 +31,7 @@ def records():
 
 
 def _rgb(rec):
-    from vitsift_core.data import read_record
+    from vitsift_core.data.sources import read_record
     return read_record(rec)
 
 
@@ -119,7 +119,7 @@ def test_threshold_changes_keypoints(img):
 
 
 def test_stage_view_follows_the_claims_recipe(lm, records):
-    from vitsift_core.stages import fit_stages
+    from vitsift_core.method.stages import fit_stages
 
     imgs = [C.analyse(lm, _rgb(r), r.id) for r in records]
     sv = C.stage_view(imgs, 1.0, 0.04)
@@ -155,7 +155,7 @@ def test_patch_scores_equal_metrics(img):
 
 
 def test_masking_view_orders_and_ratios(img):
-    from vitsift_core import masking as MK
+    from vitsift_core.method import masking as MK
 
     counts, _ = img.keypoints()
     prev = set()
@@ -328,7 +328,7 @@ def test_masking_explorer(library, lm):
 def test_probe_files_match_the_probe_cache(lm, tmp_path, kp_cache_dir):
     from PIL import Image
 
-    from vitsift_core.probe import ProbeSettings, train_or_load_probe
+    from vitsift_core.experiments.probe import ProbeSettings, train_or_load_probe
     from vitsift_core.widgets.masking_ui import probe_files
 
     for cls in ("a", "b"):

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .runs import CONTROLS, PRECISIONS, AnalysisParams, RunMismatch, analyze
+from vitsift_core.experiments.analysis import CONTROLS, PRECISIONS, AnalysisParams, RunMismatch, analyze
 
 
 def _add_analyze(sub) -> None:
@@ -47,7 +47,7 @@ def _add_suite(sub) -> None:
 
 
 def _params(a, **kw) -> AnalysisParams:
-    from .keypoints import SiftParams
+    from vitsift_core.data.keypoints import SiftParams
     sift = dataclasses.asdict(SiftParams(contrast_threshold=a.contrast_threshold))
     return AnalysisParams(model=a.model, images=a.images, limit=a.limit, gamma=a.gamma,
                           weighted=not a.unweighted, focus_kind=a.focus, seed=a.seed,
@@ -56,7 +56,7 @@ def _params(a, **kw) -> AnalysisParams:
 
 
 def cmd_suite(a) -> int:
-    from .runs import run_suite, variant_dir
+    from vitsift_core.experiments.analysis import run_suite, variant_dir
     base = _params(a)
     variants = {(c, x): variant_dir(a.out, base.replace(control=c, exclude_self=x))
                 for c in CONTROLS for x in (False, True)}
@@ -127,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_analyze(sub)
     _add_suite(sub)
-    from .maskeval import add_cli as _add_mask_eval, cli_main as cmd_mask_eval
+    from vitsift_core.experiments.maskeval import add_cli as _add_mask_eval, cli_main as cmd_mask_eval
     _add_mask_eval(sub)
-    from .pretrain import add_cli as _add_pretrain, cmd_pretrain
+    from vitsift_core.experiments.pretrain import add_cli as _add_pretrain, cmd_pretrain
     _add_pretrain(sub)
     a = parser.parse_args(argv)
     try:
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vitsift {a.cmd}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - named errors from the model registry
-        from .models import ModelWeightsUnavailable
+        from vitsift_core.model.registry import ModelWeightsUnavailable
         if isinstance(e, ModelWeightsUnavailable):
             print(f"vitsift {a.cmd}: error: {e}", file=sys.stderr)
             return 2

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from .paths import ROOT, reports_dir
+from vitsift_core.paths import ROOT, reports_dir
 
 NOTEBOOKS = ROOT / "notebooks"
 PARAMS = ROOT / "params"

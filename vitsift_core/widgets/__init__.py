@@ -11,7 +11,7 @@ The model runs once per image; every slider or click after that redraws from the
 """
 from __future__ import annotations
 
-from .core import (AttentionState, AttentionView, ImageData, ImageLibrary, MaskingState, StageView, analyse,
+from vitsift_core.widgets.core import (AttentionState, AttentionView, ImageData, ImageLibrary, MaskingState, StageView, analyse,
                    attention_view, from_example, masking_view, patch_at, stage_view)
 
 __all__ = ["AttentionState", "AttentionView", "ImageData", "ImageLibrary", "MaskingState", "StageView", "analyse",
@@ -22,9 +22,9 @@ __all__ = ["AttentionState", "AttentionView", "ImageData", "ImageLibrary", "Mask
 def __getattr__(name):
     # the widget classes import ipywidgets / ipyevents only when asked for
     if name in ("AttentionExplorer", "StageExplorer", "library"):
-        from . import ui
+        from vitsift_core.widgets import ui
         return getattr(ui, name)
     if name in ("MaskingExplorer", "probe_classifier"):
-        from . import masking_ui
+        from vitsift_core.widgets import masking_ui
         return getattr(masking_ui, name)
     raise AttributeError(name)

@@ -6,9 +6,9 @@ click after that is answered from the cached attention maps in numpy (:class:`Im
 - attended sets for a gamma are computed once for all layers and heads and kept until gamma
   changes; SIFT keypoints are computed once per contrast threshold;
 - theta_i for every query, layer and head is one matmul of those sets with the keypoint weights
-  (counts are integers, so the sums are exact in float32), as in :mod:`vitsift_core.metrics`.
+  (counts are integers, so the sums are exact in float32), as in :mod:`vitsift_core.method.metrics`.
 
-The numbers equal :func:`vitsift_core.study.query_view` and :func:`vitsift_core.metrics.head_metrics`
+The numbers equal :func:`vitsift_core.experiments.study.query_view` and :func:`vitsift_core.method.metrics.head_metrics`
 (tests/test_widgets.py checks it); only the order of the float32 sum behind the detection line
 may differ, which could move a key exactly on the line to the other side (not seen on real maps).
 """
@@ -37,7 +37,7 @@ class ImageData:
                  patch_size: int, label: str | None = None):
         import torch
 
-        from .. import metrics as M
+        from vitsift_core.method import metrics as M
 
         self.id = image_id
         self.crop = crop
@@ -62,7 +62,7 @@ class ImageData:
     # -- keypoints
     def keypoints(self, threshold: float = SIFT_DEFAULT) -> tuple[np.ndarray, np.ndarray]:
         """(counts (N,) int64, keypoints (K, 4)) for a SIFT contrast threshold; cached."""
-        from ..keypoints import SiftParams, keypoint_counts
+        from vitsift_core.data.keypoints import SiftParams, keypoint_counts
 
         th = round(float(threshold), 6)
         if th not in self._kp:
@@ -112,8 +112,8 @@ def analyse_many(lm, rgbs: Sequence[np.ndarray], ids: Sequence[str], labels: Seq
     """:func:`analyse` for several images, in batches (one forward pass per batch)."""
     import torch
 
-    from ..attention import attention_maps
-    from ..images import model_input
+    from vitsift_core.model.capture import attention_maps
+    from vitsift_core.data.images import model_input
 
     labels = list(labels) if labels is not None else [None] * len(ids)
     dev = next(lm.model.parameters()).device
@@ -199,8 +199,8 @@ class Source:
     label: str | None = None
 
     def rgb(self) -> np.ndarray:
-        from ..data import read_record
-        from ..images import load_rgb
+        from vitsift_core.data.sources import read_record
+        from vitsift_core.data.images import load_rgb
 
         return load_rgb(self.data) if self.data is not None else read_record(self.record)
 
@@ -223,7 +223,7 @@ class ImageLibrary:
 
     @classmethod
     def from_spec(cls, lm, images: str, limit: int | None, keep: int = 12) -> "ImageLibrary":
-        from ..data import resolve_images
+        from vitsift_core.data.sources import resolve_images
 
         return cls(lm, resolve_images(images, limit), keep=keep)
 
@@ -237,7 +237,7 @@ class ImageLibrary:
 
     def add_upload(self, name: str, data: bytes) -> str:
         """Register an uploaded file (decoded on first use); returns its id ``upload/<name>``."""
-        from ..images import load_rgb
+        from vitsift_core.data.images import load_rgb
 
         load_rgb(bytes(data))               # fail now, with the decoder's message, not later
         image_id = f"upload/{name}"
@@ -411,7 +411,7 @@ def _parallel(fn, items: Sequence) -> list:
 def stage_view(images: Sequence[ImageData], gamma: float = 1.0, threshold: float = SIFT_DEFAULT,
                exclude_self: bool = False) -> StageView:
     """Refit the stages (study.claims' recipe) for a gamma and SIFT threshold, from cached maps."""
-    from ..stages import fit_stages
+    from vitsift_core.method.stages import fit_stages
 
     kk, nk, ch, fo = [], [], [], []
     n_layers = images[0].n_layers if images else 0
@@ -481,7 +481,7 @@ def patch_scores(img: ImageData, layer: int, gamma: float = 1.0, threshold: floa
 def masking_view(img: ImageData, st: MaskingState, fill_rgb=(0, 0, 0)) -> MaskingView:
     """State -> masked patches and the picture of them, from cached attention and keypoints.
     ``fill_rgb``: colour painted on masked patches (0-255; the normalisation mean for ``fill``)."""
-    from .. import masking as MK
+    from vitsift_core.method import masking as MK
 
     if st.order not in MK.SINGLE_IMAGE_ORDERS:
         # top_other / bottom_other need another image's score map: they live in mask-eval runs
@@ -518,7 +518,7 @@ class Predictor:
     def probs(self, img: ImageData, mode: str = "fill", masked=()) -> np.ndarray:
         import torch
 
-        from .. import masking as MK
+        from vitsift_core.method import masking as MK
 
         m = np.asarray(masked, dtype=np.int64).reshape(1, -1)
         key = self._key(img, mode, masked)

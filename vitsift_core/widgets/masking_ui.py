@@ -1,9 +1,9 @@
 """Masking explorer: order (top / bottom / random / keypoints), ratio and mode (fill / drop) ->
-the masked image and how the classifier's top-5 changes (Sec 5.1, :mod:`vitsift_core.masking`).
+the masked image and how the classifier's top-5 changes (Sec 5.1, :mod:`vitsift_core.method.masking`).
 
 Scores and masks come from the cached attention (:func:`core.masking_view`); the classifier runs
 once per distinct masked input (:class:`core.Predictor` caches it). The embedded tier's classifier
-is the linear probe of :mod:`vitsift_core.probe`: it is used when already cached (e.g. by
+is the linear probe of :mod:`vitsift_core.experiments.probe`: it is used when already cached (e.g. by
 ``vitsift mask-eval``), and trained only when asked (the button, or ``train=True``).
 """
 from __future__ import annotations
@@ -16,18 +16,18 @@ from typing import Callable
 import ipywidgets as W
 import numpy as np
 
-from . import core as C
-from . import render as R
-from .ui import _CSS, _Explorer
+from vitsift_core.widgets import core as C
+from vitsift_core.widgets import render as R
+from vitsift_core.widgets.ui import _CSS, _Explorer
 
 
 # ----------------------------------------------------------------------------------- the classifier
 def probe_files(lm, settings=None):
     """(weights, json) paths where :func:`probe.train_or_load_probe` keeps the probe for backbone
     ``lm`` and ``settings`` (the same keys; tests/test_widgets.py checks they agree)."""
-    from ..paths import cache_dir
-    from ..probe import FEATURE_FORMAT, ProbeSettings, _key, model_identity
-    from ..runs import CHUNK
+    from vitsift_core.paths import cache_dir
+    from vitsift_core.experiments.probe import FEATURE_FORMAT, ProbeSettings, _key, model_identity
+    from vitsift_core.experiments.analysis import CHUNK
 
     settings = settings or ProbeSettings()
     feat_key = _key({"format": FEATURE_FORMAT, "model": model_identity(lm), "images": settings.train_images,
@@ -40,8 +40,8 @@ def probe_files(lm, settings=None):
 def probe_classifier(lm, per_class: int | None = 100, train: bool = False, progress: bool = False):
     """The ``embedded-probe`` classifier on backbone ``lm`` when its probe is cached (or when
     ``train``: then it is trained on Imagenette train, minutes on a CPU); else None."""
-    from ..classify import load_classifier
-    from ..probe import ProbeSettings
+    from vitsift_core.model.classify import load_classifier
+    from vitsift_core.experiments.probe import ProbeSettings
 
     settings = ProbeSettings(per_class=per_class)
     w, j = probe_files(lm, settings)
@@ -59,7 +59,7 @@ class MaskingExplorer(_Explorer):
                  load_classifier: Callable[[], object] | None = None, order: str = "top", ratio: float = 10,
                  mode: str = "fill", layer: int | None = None, gamma: float = 1.0,
                  threshold: float = C.SIFT_DEFAULT, scale: int = 2, load_hint: str = ""):
-        from .. import masking as MK
+        from vitsift_core.method import masking as MK
 
         self.lib = library
         ids = library.ids()
@@ -195,7 +195,7 @@ class MaskingExplorer(_Explorer):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        from .. import plots
+        from vitsift_core.report import figures as plots
 
         img = self.lib.get(self.state.image)
         v = self.view or C.masking_view(img, self.state, self.fill_rgb)

@@ -2,7 +2,7 @@
 
 The interactive path draws the overlay with numpy and PIL (a few ms) and keeps one matplotlib
 figure per plot whose artists are updated in place, so a redraw is one Agg render. Colours follow
-:mod:`vitsift_core.plots` (KK / NK / chance / stage colours).
+:mod:`vitsift_core.report.figures` (KK / NK / chance / stage colours).
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
-from .. import plots
-from .core import AttentionView, StageView
+from vitsift_core.report import figures as plots
+from vitsift_core.widgets.core import AttentionView, StageView
 
 _LUT: np.ndarray | None = None
 
@@ -239,7 +239,7 @@ class StagePlot(_BlitPlot):
         self._limits = None
 
     def update(self, sv: StageView) -> None:
-        from ..stages import STAGE_NAMES, zscore
+        from vitsift_core.method.stages import STAGE_NAMES, zscore
 
         a0, a1 = self.axes
         self._clear_dynamic()

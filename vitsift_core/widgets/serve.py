@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ..paths import ROOT
+from vitsift_core.paths import ROOT
 
 NOTEBOOK = ROOT / "notebooks" / "08_explorers.ipynb"
 

@@ -16,8 +16,8 @@ from typing import Sequence
 import ipywidgets as W
 import numpy as np
 
-from . import core as C
-from . import render as R
+from vitsift_core.widgets import core as C
+from vitsift_core.widgets import render as R
 
 _CSS = """<style>
 .vitsift-overlay img, img.vitsift-overlay { cursor: crosshair; }
@@ -298,7 +298,7 @@ class StageExplorer(_Explorer):
 def library(lm, images: str = "samples", limit: int | None = 8, keep: int = 12) -> C.ImageLibrary:
     """An image library over a data set spec (``images`` falls back to the bundled photos when
     Imagenette is absent: see study.choose_images)."""
-    from ..study import choose_images
+    from vitsift_core.experiments.study import choose_images
 
     spec, _ = choose_images(images)
     return C.ImageLibrary.from_spec(lm, spec, limit, keep=keep)

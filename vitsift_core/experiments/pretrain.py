@@ -11,12 +11,12 @@ One run = one :class:`PretrainConfig` (mask kind, seed, recipe) in one folder::
 Re-running the same config in the same folder resumes from ``checkpoint.pt`` (a run killed in the
 middle of an epoch redoes that epoch) and ends with byte-identical ``metrics.csv`` / ``steps.csv``:
 the data order, flips and masks are functions of ``(seed, epoch, image index)``
-(:func:`vitsift_core.mae_masks.sample_rng`), not of any RNG state that a kill would lose.
+(:func:`vitsift_core.method.guided.sample_rng`), not of any RNG state that a kill would lose.
 
 Data: each split is decoded once to the model's eval crop (resize + centre crop to ``img_size``,
 timm's eval transform) and stored as a uint8 array beside its SIFT keypoint counts
 (:func:`prepare_arrays`; cached under ``cache_dir()/mae_arrays``, keypoints through
-:class:`~vitsift_core.keypoints.KeypointCache`). Augmentation is a horizontal flip only, applied to
+:class:`~vitsift_core.data.keypoints.KeypointCache`). Augmentation is a horizontal flip only, applied to
 the image and to its count grid alike, because the counts are computed once per image (MAE's
 RandomResizedCrop would need SIFT on every crop).
 
@@ -31,8 +31,8 @@ Distributed: under ``torchrun`` each of the ``W`` processes takes a contiguous `
 every global batch of ``B`` images; DDP averages the gradients, so the optimiser sees the gradient of
 the global-batch loss. Evaluation and files are rank 0's job.
 
-Command line: ``vitsift pretrain --help`` or ``python -m vitsift_core.pretrain --help``
-(``torchrun --nproc_per_node 2 -m vitsift_core.pretrain ...`` for DDP).
+Command line: ``vitsift pretrain --help`` or ``python -m vitsift_core.experiments.pretrain --help``
+(``torchrun --nproc_per_node 2 -m vitsift_core.experiments.pretrain ...`` for DDP).
 """
 from __future__ import annotations
 
@@ -50,8 +50,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import mae_masks as MM
-from .keypoints import SiftParams
+from vitsift_core.method import guided as MM
+from vitsift_core.data.keypoints import SiftParams
 
 __all__ = ["PretrainConfig", "ArraySet", "prepare_arrays", "run_pretrain", "run_experiment", "initial_accuracy",
            "run_dir", "experiment_dir", "load_metrics", "load_steps", "load_pretrained_mae",
@@ -217,9 +217,9 @@ class _CropDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, i):
-        from .data import read_record
-        from .images import model_input
-        from .keypoints import keypoint_counts
+        from vitsift_core.data.sources import read_record
+        from vitsift_core.data.images import model_input
+        from vitsift_core.data.keypoints import keypoint_counts
         rec = self.records[i]
         try:
             crop, _ = model_input(read_record(rec), self.cfg)
@@ -244,9 +244,9 @@ def prepare_arrays(images: str, limit: int | None, img_size: int, patch_size: in
     """
     from tqdm.auto import tqdm
 
-    from .data import resolve_images
-    from .keypoints import KeypointCache
-    from .paths import cache_dir, data_dir
+    from vitsift_core.data.sources import resolve_images
+    from vitsift_core.data.keypoints import KeypointCache
+    from vitsift_core.paths import cache_dir, data_dir
 
     sift = sift if isinstance(sift, SiftParams) else SiftParams(**sift)
     if img_size % patch_size:
@@ -323,7 +323,7 @@ def to_input(images_uint8: np.ndarray, device=None) -> torch.Tensor:
 
 # ---------------------------------------------------------------------- helpers
 def build_model(cfg: PretrainConfig):
-    from .mae import build_mae
+    from vitsift_core.model.mae import build_mae
     return build_mae(cfg.encoder, img_size=cfg.img_size, patch_size=cfg.patch_size, depth=cfg.depth,
                      embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, decoder_embed_dim=cfg.decoder_dim,
                      decoder_depth=cfg.decoder_depth, decoder_num_heads=cfg.decoder_heads,
@@ -409,7 +409,7 @@ def theta_scores(model, images: np.ndarray, counts: np.ndarray, layer: int, devi
                  batch_size: int = 256) -> np.ndarray:
     """Per-patch theta score s_i (heads of ``layer`` averaged; metrics.patch_scores) for all
     images with the current encoder, (n, N) float32."""
-    from .attention import PatchScoreCollector, capture_attention, core_workers, forward_on_cores
+    from vitsift_core.model.capture import PatchScoreCollector, capture_attention, core_workers, forward_on_cores
     was = model.training
     model.eval()
     out = []
@@ -460,7 +460,7 @@ def run_pretrain(cfg: PretrainConfig, out: str | Path, *, progress: bool = True,
     """Train (or resume, or return at once if complete) the run ``cfg`` in folder ``out``."""
     from tqdm.auto import tqdm
 
-    from .knn import knn_accuracy, linear_probe
+    from vitsift_core.method.linear import knn_accuracy, linear_probe
 
     out = Path(out)
     dist, rank, world = _dist()
@@ -652,7 +652,7 @@ def _train(cfg, out, rank, world, dist, local_b, progress, desc, tqdm, knn_accur
 def initial_accuracy(cfg: PretrainConfig, progress: bool = False) -> dict:
     """Epoch 0: k-NN and linear-probe accuracy of the *untrained* encoder of ``cfg``'s seed (the
     weights every run with that seed starts from), on the same memory and queries as the runs."""
-    from .knn import knn_accuracy, linear_probe
+    from vitsift_core.method.linear import knn_accuracy, linear_probe
 
     threads_before = torch.get_num_threads()
     if cfg.threads:
@@ -688,7 +688,7 @@ def _tmp(p: Path) -> Path:
 # ---------------------------------------------------------------------- experiments and results
 def experiment_dir(cfg: PretrainConfig, root: str | Path | None = None) -> Path:
     """``results/mae/<recipe key>/``: all mask kinds and seeds of one recipe."""
-    from .paths import results_dir
+    from vitsift_core.paths import results_dir
     return Path(root if root is not None else results_dir() / "mae") / cfg.recipe_key()
 
 
@@ -784,7 +784,7 @@ def cmd_pretrain(a) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    ap = argparse.ArgumentParser(prog="python -m vitsift_core.pretrain",
+    ap = argparse.ArgumentParser(prog="python -m vitsift_core.experiments.pretrain",
                                  description="MAE pre-training with random or keypoint-guided masks")
     add_arguments(ap)
     return cmd_pretrain(ap.parse_args(argv))

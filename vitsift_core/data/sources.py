@@ -6,10 +6,10 @@ decodes one to ``(H, W, 3) uint8`` RGB. Specs:
 - ``samples``: natural photos shipped inside the scikit-image wheel (no download needed).
 - ``imagenette:val`` / ``imagenette:train``: Imagenette v2 (160 px) under
   ``data_dir()/imagenette2-160`` (``VITSIFT_DATA``), downloadable with
-  ``python -m vitsift_core.data download-imagenette``.
+  ``python -m vitsift_core.data.sources download-imagenette``.
 - a folder path: every file with an image extension below it, recursively.
 
-Run as a script for the download: ``python -m vitsift_core.data download-imagenette [--dest DIR]``.
+Run as a script for the download: ``python -m vitsift_core.data.sources download-imagenette [--dest DIR]``.
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .images import as_rgb_uint8, load_rgb
-from .paths import data_dir
+from vitsift_core.data.images import as_rgb_uint8, load_rgb
+from vitsift_core.paths import data_dir
 
 __all__ = [
     "ImageRecord",
@@ -61,7 +61,7 @@ IMAGENETTE_URL = "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz
 IMAGENETTE_MD5 = "e793b78cc4c9e9a4ccc0c1155377a412"
 #: Expected number of JPEGs per split of Imagenette v2 (13,394 in all).
 IMAGENETTE_COUNTS = {"train": 9469, "val": 3925}
-DOWNLOAD_COMMAND = "python -m vitsift_core.data download-imagenette"
+DOWNLOAD_COMMAND = "python -m vitsift_core.data.sources download-imagenette"
 
 #: Extensions treated as images in folders (compared lower-case).
 IMAGE_EXTENSIONS = frozenset(
@@ -330,7 +330,7 @@ def download_imagenette(dest: str | Path | None = None, *, progress: bool = True
 def _main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m vitsift_core.data")
+    ap = argparse.ArgumentParser(prog="python -m vitsift_core.data.sources")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("download-imagenette", help=f"download {IMAGENETTE_URL}")
     d.add_argument("--dest", type=Path, default=None, help="parent folder (default: VITSIFT_DATA)")

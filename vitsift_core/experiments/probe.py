@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .paths import cache_dir
+from vitsift_core.paths import cache_dir
 
 FEATURE_FORMAT = "cls-v1"
 
@@ -78,7 +78,7 @@ def model_identity(lm) -> dict:
              "mean": list(lm.data_config["mean"]), "std": list(lm.data_config["std"]),
              "crop_pct": lm.data_config.get("crop_pct"), "interpolation": lm.data_config.get("interpolation")}
     if lm.source == "embedded":
-        from .embedded import embedded_weights
+        from vitsift_core.model.embedded import embedded_weights
         ident["weights"] = embedded_weights().name       # carries the ONNX hash + conversion version
     elif lm.source.startswith("checkpoint:"):
         st = Path(lm.source.split(":", 1)[1]).stat()
@@ -91,7 +91,7 @@ def _key(obj) -> str:
 
 
 def _records(settings: ProbeSettings):
-    from .data import resolve_images
+    from vitsift_core.data.sources import resolve_images
 
     recs = resolve_images(settings.train_images)
     classes = sorted({r.label for r in recs if r.label is not None})
@@ -120,9 +120,9 @@ def extract_features(lm, records, folder: Path, *, batch_size: int = 32, num_wor
     """
     from tqdm.auto import tqdm
 
-    from .keypoints import KeypointCache
-    from .pipeline import iter_batches
-    from .runs import CHUNK
+    from vitsift_core.data.keypoints import KeypointCache
+    from vitsift_core.data.batches import iter_batches
+    from vitsift_core.experiments.analysis import CHUNK
 
     chunk = chunk or CHUNK
     parts = Path(folder) / "parts"
@@ -212,7 +212,7 @@ def train_or_load_probe(lm, settings: ProbeSettings = ProbeSettings(), *, batch_
     progress bar over feature extraction, the expensive part) and cached."""
     from safetensors.torch import load_file, save_file
 
-    from .runs import CHUNK
+    from vitsift_core.experiments.analysis import CHUNK
 
     records, classes = _records(settings)
     feat_key = _key({"format": FEATURE_FORMAT, "model": model_identity(lm), "images": settings.train_images,

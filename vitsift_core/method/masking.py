@@ -333,7 +333,7 @@ def attended_fraction(attn: torch.Tensor, i: int, gamma: float = 1.0, exclude_se
     """For query patch ``i``: the fraction of heads whose attended set S_i contains each key patch.
 
     attn: (H, N, N) patch-block attention of one image and layer -> (N,) in [0, 1]."""
-    from .metrics import attended_mask
+    from vitsift_core.method.metrics import attended_mask
 
     m = attended_mask(attn[:, i:i + 1, :].float(), gamma, exclude_self=False)[:, 0, :]
     if exclude_self:

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from .paths import reports_dir
+from vitsift_core.paths import reports_dir
 
 PALETTE = sns.color_palette("colorblind")
 #: one colour per series name, stable across notebooks

@@ -149,7 +149,7 @@ class KeypointCache:
 
     def __init__(self, root: str | Path | None = None):
         if root is None:
-            from .paths import cache_dir
+            from vitsift_core.paths import cache_dir
 
             root = cache_dir() / "keypoints"
         self.root = Path(root)

@@ -47,10 +47,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import masking as MK
-from .attention import PatchScoreCollector, core_workers, forward_on_cores
-from .keypoints import SiftParams
-from .runs import _atomic_write, _write_json, check_identity, versions
+from vitsift_core.method import masking as MK
+from vitsift_core.model.capture import PatchScoreCollector, core_workers, forward_on_cores
+from vitsift_core.data.keypoints import SiftParams
+from vitsift_core.experiments.analysis import _atomic_write, _write_json, check_identity, versions
 
 PRED_COLS = ["image", "label", "target", "order", "mode", "ratio", "n_masked", "pred", "correct"]
 ACC_COLS = ["order", "mode", "ratio", "n", "top1", "ci_low", "ci_high", "n_masked"]
@@ -58,7 +58,7 @@ PAIRED_COLS = ["order", "mode", "ratio", "n", "diff", "ci_low", "ci_high", "n_ga
 
 
 def _chunk() -> int:
-    from . import runs
+    from vitsift_core.experiments import analysis as runs
     return runs.CHUNK
 
 
@@ -92,7 +92,7 @@ class MaskEvalParams:
     RUNTIME_KEYS = ("batch_size", "device", "num_workers", "n_boot")
 
     def __post_init__(self):
-        from .classify import PROBE_SPECS
+        from vitsift_core.model.classify import PROBE_SPECS
         if self.model is None:
             self.model = "embedded" if self.classifier in PROBE_SPECS else self.classifier
         if self.classifier == "probe":
@@ -118,7 +118,7 @@ class MaskEvalParams:
         self.sift = dataclasses.asdict(SiftParams(**self.sift))
 
     def identity(self) -> dict:
-        from .classify import PROBE_SPECS
+        from vitsift_core.model.classify import PROBE_SPECS
         d = dataclasses.asdict(self)
         for k in self.RUNTIME_KEYS:
             d.pop(k)
@@ -457,7 +457,7 @@ def _load_scores(run: MaskEvalRun, n_chunks: int) -> dict:
 
 
 def _choose_layers(params: MaskEvalParams, captured: list[int], sc: dict, n_layers: int) -> dict:
-    from .runs import head_rows, layer_table, stage_fit_json
+    from vitsift_core.experiments.analysis import head_rows, layer_table, stage_fit_json
 
     spec = MK.parse_layers(params.layer, n_layers)
     if spec != "auto":
@@ -502,7 +502,7 @@ class _Call:
 
     def batches(self, k: int):
         """(Batch or None, [Skipped]) of chunk k: decoded, model input, per-patch keypoint counts."""
-        from .pipeline import iter_batches
+        from vitsift_core.data.batches import iter_batches
         return iter_batches(self.chunk_records(k), self.lm.data_config, self.lm.grid, self.lm.patch_size,
                             batch_size=self.p.batch_size, sift=self.sift, num_workers=self.p.num_workers,
                             cache=self.cache, progress=False)
@@ -512,7 +512,7 @@ def _score_chunk(c: _Call, k: int, col: PatchScoreCollector, captured: list[int]
     """Pass 1 on chunk k: the arrays of its score part (ids, labels, targets, counts (n, N),
     layer_scores (n, L_captured, N), clean_pred (n,), skipped (s, 2), and m_<metric> (n, L, H)
     when the stage fit needs them)."""
-    from .attention import capture_attention
+    from vitsift_core.model.capture import capture_attention
 
     lm, n_p = c.lm, c.lm.num_patches
     workers = core_workers(c.dev)
@@ -564,7 +564,7 @@ def _score_pass(c: _Call, mine: list[int], siblings: list[MaskEvalRun], captured
     computes the rest. Returns its timings."""
     from tqdm.auto import tqdm
 
-    from .attention import MetricCollector
+    from vitsift_core.model.capture import MetricCollector
 
     p, run = c.p, c.run
     todo, reused = [], 0
@@ -695,9 +695,9 @@ def _finalize(c: _Call, sc: dict, choice: dict, skipped_label: list, stats: dict
 def _load_models(p: MaskEvalParams, progress: bool, rank0_first):
     """(scoring model, classifier). The probe's backbone is the scoring model; a timm classifier
     must share its input so that a patch means the same pixels in both."""
-    from .classify import load_classifier
-    from .models import load_model
-    from .probe import ProbeSettings
+    from vitsift_core.model.classify import load_classifier
+    from vitsift_core.model.registry import load_model
+    from vitsift_core.experiments.probe import ProbeSettings
 
     score_lm = load_model(p.model, device=p.device)
     probe = ProbeSettings(train_images=p.probe_train, per_class=p.probe_per_class,
@@ -743,10 +743,10 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
         if missing:
             raise RuntimeError(f"{run.path}: {what} chunks {missing} unfinished after the {what} pass")
 
-    from .data import resolve_images
-    from .keypoints import KeypointCache
-    from .pipeline import Skipped
-    from .probe import model_identity
+    from vitsift_core.data.sources import resolve_images
+    from vitsift_core.data.keypoints import KeypointCache
+    from vitsift_core.data.batches import Skipped
+    from vitsift_core.experiments.probe import model_identity
 
     t_start = time.perf_counter()
     p = params
@@ -855,7 +855,7 @@ def cli_main(a) -> int:
         gamma=a.gamma, weighted=not a.unweighted, exclude_self=a.exclude_self, tiebreak=a.tiebreak, seed=a.seed,
         probe_train=a.probe_train, probe_per_class=per_class, probe_weight_decay=a.probe_weight_decay,
         n_boot=a.n_boot, batch_size=a.batch_size, num_workers=a.num_workers, device=a.device)
-    from .cli import _distributed, _rank_device
+    from vitsift_core.cli import _distributed, _rank_device
     rank, world, barrier = _distributed()
     params = _rank_device(params, world)
     run = run_mask_eval(params, a.out, progress=not a.quiet and rank == 0, rank=rank, world=world, barrier=barrier)

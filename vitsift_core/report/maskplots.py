@@ -1,6 +1,6 @@
 """Figures and small helpers for notebook 06 (spurious-correlation discovery, "mask as prompt").
 
-The numbers come from :mod:`vitsift_core.maskeval` runs; this module only lays them out.
+The numbers come from :mod:`vitsift_core.experiments.maskeval` runs; this module only lays them out.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from . import masking as MK
-from .plots import COLORS, _patch_rect, draw_patch_grid
+from vitsift_core.method import masking as MK
+from vitsift_core.report.figures import COLORS, _patch_rect, draw_patch_grid
 
 ORDER_LABELS = {"top": "Top (highest s_i)", "bottom": "Bottom (lowest s_i)", "random": "Random",
                 "keypoints": "most keypoints (t_j)", "top_other": "Top of another image's map",
@@ -27,14 +27,14 @@ def choose_labelled_images(images: str, probe_train: str, folder: Path) -> tuple
     fallback when Imagenette is absent -- has no labels, so it becomes a folder of scikit-image's
     bundled photos with one class per photo (written once to ``folder``), used for both training
     and evaluation: the notebook then runs end to end and says that its numbers mean nothing."""
-    from .study import choose_images
+    from vitsift_core.experiments.study import choose_images
 
     used, note = choose_images(images)
     if used != "samples":
         return used, probe_train, note
     from PIL import Image
 
-    from .data import SAMPLE_NAMES, read_record, resolve_images
+    from vitsift_core.data.sources import SAMPLE_NAMES, read_record, resolve_images
 
     folder = Path(folder)
     if not folder.exists():
@@ -52,7 +52,7 @@ def choose_labelled_images(images: str, probe_train: str, folder: Path) -> tuple
 
 def class_names(classes: list[str]) -> dict[str, str]:
     """wnid -> short readable name (Imagenette names, else timm's ImageNet descriptions)."""
-    from .data import IMAGENETTE_CLASSES
+    from vitsift_core.data.sources import IMAGENETTE_CLASSES
 
     out = {}
     info = None
@@ -199,7 +199,7 @@ def score_distribution(scores: np.ndarray, counts: np.ndarray) -> pd.DataFrame:
     """Per image: mean s_i over keypoint and over keypoint-free patches, theta_chance (the s_i of a
     head attending to every patch), and the share of keypoint patches whose weighted theta is below
     0.5 (attention mostly on keypoint-free patches) and below chance."""
-    from .metrics import theta_chance
+    from vitsift_core.method.metrics import theta_chance
     import torch
 
     chance = theta_chance(torch.from_numpy(np.asarray(counts))).numpy()

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .models import ModelWeightsUnavailable
-from .paths import cache_dir
+from vitsift_core.model.registry import ModelWeightsUnavailable
+from vitsift_core.paths import cache_dir
 
 ARCH = "vit_small_patch14_dinov2"
 IMG_SIZE = 224

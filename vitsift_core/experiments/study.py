@@ -1,7 +1,7 @@
 """What the section notebooks (02-05) compute, in one tested place.
 
 Notebooks call these functions and only plot what they return. Results live under
-``results/analysis/<control>[-xself]-<key>/`` (see :mod:`vitsift_core.runs`), keyed by every
+``results/analysis/<control>[-xself]-<key>/`` (see :mod:`vitsift_core.experiments.analysis`), keyed by every
 parameter that changes a number, so a notebook re-run after a plotting change reads them back
 and a changed parameter recomputes only the runs it affects.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .paths import results_dir
-from .runs import CONTROLS, AnalysisParams, RunDir, run_suite, variant_dir
+from vitsift_core.paths import results_dir
+from vitsift_core.experiments.analysis import CONTROLS, AnalysisParams, RunDir, run_suite, variant_dir
 
 Variant = tuple[str, bool]   # (control, exclude_self)
 
@@ -30,7 +30,7 @@ def choose_images(images: str, fallback: str = "samples") -> tuple[str, str]:
     data set is absent, and the sentence says so: the notebook prints it, nothing is silent.
     """
     if images.startswith("imagenette"):
-        from .data import imagenette_root
+        from vitsift_core.data.sources import imagenette_root
         try:
             root = imagenette_root()
         except (FileNotFoundError, ValueError, RuntimeError) as e:
@@ -146,7 +146,7 @@ def claims(runs: dict[Variant, RunDir], n_boot: int = 1000, seed: int = 0) -> tu
     """The table of Sec 4.1-4.3 claims: what was measured, its bootstrap 95% CI over images,
     and whether the claim holds (the CI excludes the null). Also returns the stage fit and its
     bootstrap stability."""
-    from .stages import fit_stages
+    from vitsift_core.method.stages import fit_stages
 
     real = heads(runs[("none", False)])
     kk = per_image_layer(real, "theta_kk")
@@ -248,10 +248,10 @@ def example(lm, record, sift=None, with_attention: bool = True) -> Example:
     """Everything the figures of one image need, computed once."""
     import torch
 
-    from .attention import attention_maps
-    from .data import read_record
-    from .images import model_input
-    from .keypoints import SiftParams, keypoint_counts
+    from vitsift_core.model.capture import attention_maps
+    from vitsift_core.data.sources import read_record
+    from vitsift_core.data.images import model_input
+    from vitsift_core.data.keypoints import SiftParams, keypoint_counts
 
     crop, x = model_input(read_record(record), lm.data_config)
     t, kp = keypoint_counts(crop, lm.grid, lm.patch_size, sift or SiftParams())
@@ -277,7 +277,7 @@ def query_view(ex: Example, layer: int, head: int | None, query: int, gamma: flo
     """
     import torch
 
-    from . import metrics as M
+    from vitsift_core.method import metrics as M
 
     a = ex.maps[layer - 1]
     a = a.mean(0) if head is None else a[head - 1]
@@ -304,9 +304,9 @@ def threshold_effect(lm, records, thresholds, progress: bool = True) -> pd.DataF
     """
     from tqdm.auto import tqdm
 
-    from .data import read_record
-    from .images import ImageDecodeError, model_input
-    from .keypoints import SiftParams, keypoint_counts
+    from vitsift_core.data.sources import read_record
+    from vitsift_core.data.images import ImageDecodeError, model_input
+    from vitsift_core.data.keypoints import SiftParams, keypoint_counts
 
     crops = []
     for r in records:

@@ -7,7 +7,7 @@ A run directory (one model, one image set, one control, one ``exclude_self``) ho
     heads.parquet     image, layer, head, theta_kk, theta_kn, theta_nk, theta_nn,
                       theta_chance, focus, focus_norm, n_key, n_non   (layer, head 1-based)
     layers.parquet    per layer: means over images and heads, and images counted
-    stages.json       the 3-segment stage fit (vitsift_core.stages)
+    stages.json       the 3-segment stage fit (vitsift_core.method.stages)
     keypoints.npz     ids (n,), counts (n, N): what the notebooks plot without recomputing
     skipped.csv       path, reason for every unreadable image
     run.json          complete flag, images/s, wall time
@@ -36,10 +36,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import __version__
-from . import metrics as M
-from .attention import MetricCollector, capture_attention, core_workers, forward_on_cores
-from .keypoints import KeypointCache, SiftParams
+from vitsift_core import __version__
+from vitsift_core.method import metrics as M
+from vitsift_core.model.capture import MetricCollector, capture_attention, core_workers, forward_on_cores
+from vitsift_core.data.keypoints import KeypointCache, SiftParams
 
 CONTROLS = ("none", "shuffle-keypoints", "random-init", "mean-attention")
 # images per resumable chunk; VITSIFT_CHUNK overrides (tests use tiny chunks). Part of a run's identity.
@@ -226,7 +226,7 @@ def layer_table(heads: pd.DataFrame) -> pd.DataFrame:
 
 
 def stage_fit_json(layers: pd.DataFrame) -> dict:
-    from .stages import fit_stages
+    from vitsift_core.method.stages import fit_stages
     th = layers["kk_minus_chance"].to_numpy()
     fo = layers["focus"].to_numpy()
     if len(th) < 6:
@@ -410,8 +410,8 @@ def run_suite(base: AnalysisParams, variants: dict[tuple[str, bool], Path], *,
     """
     from tqdm.auto import tqdm
 
-    from .data import resolve_images
-    from .models import load_model
+    from vitsift_core.data.sources import resolve_images
+    from vitsift_core.model.registry import load_model
 
     records = resolve_images(base.images, base.limit)
     if not records:
@@ -454,7 +454,7 @@ def run_suite(base: AnalysisParams, variants: dict[tuple[str, bool], Path], *,
         t0, done = time.perf_counter(), 0
         bar = tqdm(total=n_img, unit="img", desc=f"analyze {base.model} [{weights}]", disable=not progress,
                    dynamic_ncols=True)
-        from .pipeline import iter_batches
+        from vitsift_core.data.batches import iter_batches
         for k in todo:
             chunk = records[k * CHUNK:(k + 1) * CHUNK]
             ids, counts, skipped, results = [], [], [], {v: [] for v in theta_vs}

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data import ImageRecord, read_record
-from .images import ImageDecodeError, model_input
-from .keypoints import KeypointCache, SiftParams, keypoint_counts
+from vitsift_core.data.sources import ImageRecord, read_record
+from vitsift_core.data.images import ImageDecodeError, model_input
+from vitsift_core.data.keypoints import KeypointCache, SiftParams, keypoint_counts
 
 __all__ = ["Batch", "Skipped", "iter_batches", "ImageDataset"]
 

@@ -1,0 +1,1 @@
+"""Data: decoding, image sources, SIFT keypoints per patch, batches."""

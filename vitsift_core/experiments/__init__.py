@@ -1,0 +1,1 @@
+"""Experiments: the analysis suite, mask-eval, pre-training, probe, recovery."""

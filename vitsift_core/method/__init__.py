@@ -1,0 +1,1 @@
+"""The paper's maths: pure torch/NumPy, no I/O, no threads."""

@@ -1,0 +1,1 @@
+"""Models: registry, embedded conversion, MAE, attention capture and collectors."""

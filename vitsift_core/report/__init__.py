@@ -1,0 +1,1 @@
+"""Report: claims, verdict rules and figures."""
