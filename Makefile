@@ -13,7 +13,7 @@ ifeq ($(origin VITSIFT_DATA), undefined)
   endif
 endif
 
-.PHONY: help setup test test-slow reproduce bench explore clean-results
+.PHONY: help setup test test-slow reproduce bench fingerprint explore clean-results
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -39,6 +39,9 @@ bench: $(STAMP) ## time analysis (plain forward / analyze / AttentionExtract+Num
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_analysis.py --model embedded --batch 32
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_analysis.py --model embedded --batch 32 --precision bf16
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_keypoints.py --model embedded --batch 32
+
+fingerprint: $(STAMP) ## hash every output table of a fixed run set (needs Imagenette; ~15 min): proves a refactor changed no number; FP_WORK=folder
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/fingerprint.py --work $(or $(FP_WORK),reports/fingerprint)
 
 reproduce: $(STAMP) ## run every notebook headless with params/$(PROFILE).yaml into reports/
 	$(BIN)/python -m vitsift_core.reproduce --profile $(PROFILE)
