@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from vitsift_core import __version__
+from vitsift_core.paths import atomic_write, tmp_path  # noqa: F401 (the store's writers; tmp_path for callers)
 
 DEFAULT_CHUNK = 64      # images per resumable chunk; part of a run's identity ("chunk")
 
@@ -30,25 +31,6 @@ class RunMismatch(RuntimeError):
 
 
 # ------------------------------------------------------------------------------ atomic writes
-def tmp_path(path: Path) -> Path:
-    """The temporary name ``path`` is written under before :func:`atomic_write` moves it in place."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, then move it in place (``os.replace``):
-    a reader sees the old file or the whole new one, never a half-written one."""
-    path = Path(path)
-    tmp = tmp_path(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists() and tmp.is_file():
-            tmp.unlink()
-
-
 def write_json(path: str | Path, obj) -> None:
     """``obj`` as indented JSON (``default=str``), atomically."""
     atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=str)))
