@@ -61,7 +61,7 @@ def key_of(obj) -> str:
 @dataclasses.dataclass
 class Params:
     """Base of the dataclasses that decide a run's numbers (``identity``) plus how to run it
-    (``RUNTIME_KEYS``, left out of the identity). A ``chunk`` field goes last in the identity."""
+    (``RUNTIME_KEYS``, left out of the identity). Keys name result folders: never change them."""
 
     RUNTIME_KEYS: ClassVar[tuple] = ()
 
@@ -73,10 +73,7 @@ class Params:
         d = dataclasses.asdict(self)
         for k in self.RUNTIME_KEYS:
             d.pop(k)
-        d = self._identity(d)
-        if "chunk" in d:
-            d["chunk"] = d.pop("chunk")
-        return d
+        return self._identity(d)
 
     def key(self) -> str:
         return key_of(self.identity())
