@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from vitsift_core.experiments import analysis as runs
+from vitsift_core.store import RunMismatch
 from vitsift_core.model.capture import attention_maps
 from vitsift_core.cli import main
 from vitsift_core.data.sources import read_record, resolve_images
@@ -190,7 +191,7 @@ def test_precision_choice_is_applied_recorded_and_never_mixed(tmp_path, tiny_ckp
     assert 0 < diff.max() < 0.05
     # finishing the bf16 folder in fp32 is refused before anything runs
     (tmp_path / "bf16" / "run.json").unlink()
-    with pytest.raises(runs.RunMismatch, match="bf16-autocast forward pass.*fp32"):
+    with pytest.raises(RunMismatch, match="bf16-autocast forward pass.*fp32"):
         runs.run_suite(runs.AnalysisParams(model=tiny_ckpt, images=str(imgs), device="cpu", num_workers=0,
                                            batch_size=4, precision="fp32"),
                        {("none", False): tmp_path / "bf16"}, progress=False)

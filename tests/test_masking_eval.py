@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from vitsift_core.method import masking as MK
-from vitsift_core.experiments import analysis as runs
+from vitsift_core.store import RunMismatch
 from vitsift_core.model.classify import imagenet_classes, load_classifier
 from vitsift_core.cli import main
 from vitsift_core.data.sources import read_record, resolve_images
@@ -174,7 +174,7 @@ def test_resume_recomputes_only_missing_chunks(tmp_path, backbone):
     pd.testing.assert_frame_equal(b.predictions(), c.predictions())
     pd.testing.assert_frame_equal(b.accuracy(), c.accuracy())
     # other parameters on the same folder: a clear error
-    with pytest.raises(runs.RunMismatch, match="ratios"):
+    with pytest.raises(RunMismatch, match="ratios"):
         run_mask_eval(p.replace(ratios=[0, 20]), tmp_path / "a", progress=False)
 
 

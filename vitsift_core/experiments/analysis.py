@@ -24,8 +24,8 @@ from vitsift_core.model.registry import load_model
 from vitsift_core.data.batches import iter_batches
 from vitsift_core.data.keypoints import KeypointCache, SiftParams
 from vitsift_core.data.sources import resolve_images
-from vitsift_core.store import (DEFAULT_CHUNK, Params, RunFolder, RunMismatch, atomic_write, n_chunks,
-                                read_json, savez, write_json)
+from vitsift_core.store import DEFAULT_CHUNK, Params, n_chunks
+from vitsift_core.experiments.analysis_run import RunDir
 
 CONTROLS = ("none", "shuffle-keypoints", "random-init", "mean-attention")
 HEAD_COLS = ["image", "layer", "head", "theta_kk", "theta_kn", "theta_nk", "theta_nn",
@@ -133,6 +133,7 @@ class AnalysisParams(Params):
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         self.sift = dataclasses.asdict(SiftParams(**self.sift))   # validates the keys
 
+
 # ------------------------------------------------------------------------------- helpers
 def shuffled_counts(counts: np.ndarray, ids: list[str], seed: int) -> np.ndarray:
     """Permute each image's counts across patches; the permutation depends only on (seed, id).
@@ -184,110 +185,6 @@ def stage_fit_json(layers: pd.DataFrame) -> dict:
     fit = fit_stages(th, fo)
     return {"fitted": True, "curves": {"theta": "theta_kk - theta_chance (head mean)", "focus": "focus (head mean)"},
             "summary": fit.summary(), **fit.to_dict()}
-
-
-# ------------------------------------------------------------------------------- run dirs
-class RunDir(RunFolder):
-    """One variant's output folder: its finished chunks and, for mean-attention, the running sums."""
-
-    def __init__(self, path: Path, params: AnalysisParams, rank: int = 0):
-        super().__init__(path, params)
-        self.rank = rank      # under torchrun: which process; each keeps its own mean-attention sum
-
-    def set_model_info(self, info: dict) -> None:
-        """Record the loaded model (and ``info["forward"]``, its forward precision). Refuses,
-        before anything is computed, to add chunks in another precision than the finished ones:
-        a run begun on a GPU (bf16 autocast) and resumed on a CPU (fp32), or resumed with another
-        ``precision``, would mix the two."""
-        before = (read_json(self.params_json).get("model") or {}).get("forward")
-        if before and info.get("forward") and before != info["forward"] and any(self.parts.glob("*.npz")):
-            raise RunMismatch(f"{self.path} holds chunks computed with a {before} forward pass; this "
-                              f"process runs it as {info['forward']} (another kind of device or another "
-                              "--precision). Finish it as it was begun, or use another output folder")
-        self.set_info(model=info)
-
-    def chunk_done(self, k: int) -> bool:
-        if self.params.control == "mean-attention":
-            return self.part(k).exists() and k in self._mean_chunks()
-        return self.part(k).exists()
-
-    # mean-attention bookkeeping: the running sum lists the chunks it includes. Each torchrun rank
-    # keeps its own file (rank 0: mean_attention_sum.npz, rank r: mean_attention_sum.rank<r>.npz),
-    # so ranks never read-modify-write the same file; a chunk is in exactly one of them.
-    def _mean_file(self) -> Path:
-        return self.path / ("mean_attention_sum.npz" if self.rank == 0 else f"mean_attention_sum.rank{self.rank}.npz")
-
-    def _mean_files(self) -> list[Path]:
-        return sorted(self.path.glob("mean_attention_sum*.npz"))
-
-    def _mean_chunks(self) -> set[int]:
-        out: set[int] = set()
-        for f in self._mean_files():
-            with np.load(f) as z:
-                out |= set(int(c) for c in z["chunks"])
-        return out
-
-    def mean_sum(self) -> tuple[np.ndarray, int]:
-        """(sum of attention over every image so far (L, H, N, N), number of images)."""
-        total, count = None, 0
-        for f in self._mean_files():
-            with np.load(f) as z:
-                total = z["sum"] if total is None else total + z["sum"]
-                count += int(z["n"])
-        if total is None:
-            raise FileNotFoundError(f"no mean_attention_sum*.npz in {self.path}")
-        return total, count
-
-    def add_mean(self, k: int, attn_sum: np.ndarray, n: int) -> None:
-        f = self._mean_file()
-        if f.exists():
-            with np.load(f) as z:
-                total, count, chunks = z["sum"], int(z["n"]), list(z["chunks"])
-            total = total + attn_sum
-        else:
-            total, count, chunks = attn_sum, 0, []
-        savez(f, sum=total, n=count + n, chunks=np.asarray(chunks + [k], dtype=np.int64))
-
-    def write_chunk(self, k: int, ids, counts, skipped, rows: pd.DataFrame | None) -> None:
-        if rows is not None:
-            atomic_write(self.part(k, ext="parquet"), lambda p: rows.to_parquet(p, index=False))
-        sk = np.asarray([(s.path, s.reason) for s in skipped], dtype=object).reshape(-1, 2)
-        # the .npz is written last: its presence marks the chunk finished
-        savez(self.part(k), ids=np.asarray(ids, dtype=str), counts=counts.astype(np.int32), skipped=sk.astype(str))
-
-    def _read_chunks(self, n_chunks: int) -> tuple[list, np.ndarray, list, list[pd.DataFrame]]:
-        """(ids, counts (n, N), skipped, head-row frames) of chunks 0..n_chunks-1."""
-        ids, counts, skipped, frames = [], [], [], []
-        for k in range(n_chunks):
-            with np.load(self.part(k)) as z:
-                ids += list(z["ids"])
-                counts.append(z["counts"])
-                skipped += [tuple(r) for r in z["skipped"]]
-            pq = self.part(k, ext="parquet")
-            if pq.exists():
-                df = pd.read_parquet(pq)
-                if len(df):   # a chunk of unreadable files only has no rows (and untyped columns)
-                    frames.append(df)
-        n_patches = counts[0].shape[1] if counts and counts[0].ndim == 2 else 0
-        counts = np.concatenate(counts) if counts else np.zeros((0, n_patches), np.int32)
-        return ids, counts, skipped, frames
-
-    def finalize(self, n_chunks: int, mean_fn=None, stats: dict | None = None) -> None:
-        ids, counts, skipped, frames = self._read_chunks(n_chunks)
-        if mean_fn is not None:
-            heads = mean_fn(ids, counts)
-        else:
-            heads = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=HEAD_COLS)
-        heads = heads[HEAD_COLS]
-        atomic_write(self.path / "heads.parquet", lambda p: heads.to_parquet(p, index=False))
-        layers = layer_table(heads) if len(heads) else pd.DataFrame()
-        atomic_write(self.path / "layers.parquet", lambda p: layers.to_parquet(p, index=False))
-        write_json(self.path / "stages.json", stage_fit_json(layers) if len(layers) else
-                   {"fitted": False, "reason": "no images analysed"})
-        savez(self.path / "keypoints.npz", ids=np.asarray(ids, dtype=str), counts=counts)
-        atomic_write(self.path / "skipped.csv", lambda p: pd.DataFrame(
-            skipped, columns=["path", "reason"]).to_csv(p, index=False))
-        self.mark_complete(n_images=len(ids), n_skipped=len(skipped), **(stats or {}))
 
 
 def mean_attention_heads(run: RunDir, ids, counts, n_layers: int) -> pd.DataFrame:
@@ -390,6 +287,22 @@ def _run_group(base: AnalysisParams, lm, runs: dict, records: list, todo: list[i
     return {"images": done, "seconds": round(dt, 2), "images_per_s": round(done / dt, 3) if dt else None}
 
 
+def _finalize(r: RunDir, n: int, n_layers: int, stats: dict | None) -> None:
+    """Rank 0, every chunk done: the variant's tables from its parts (mean-attention: from the mean map)."""
+    missing = [k for k in range(n) if not r.chunk_done(k)]
+    if missing:
+        raise RuntimeError(f"{r.path}: chunks {missing} unfinished after the run")
+    ids, counts, skipped, frames = r.read_chunks(n)
+    if r.params.control == "mean-attention":
+        heads = mean_attention_heads(r, ids, counts, n_layers)
+    else:
+        heads = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=HEAD_COLS)
+    heads = heads[HEAD_COLS]
+    layers = layer_table(heads) if len(heads) else pd.DataFrame()
+    stages = stage_fit_json(layers) if len(layers) else {"fitted": False, "reason": "no images analysed"}
+    r.write_results(heads, layers, stages, ids, counts, skipped, stats)
+
+
 def run_suite(base: AnalysisParams, variants: dict[tuple[str, bool], Path], *,
               progress: bool = True, rank: int = 0, world: int = 1,
               barrier=None, on_chunk=None) -> dict[tuple[str, bool], RunDir]:
@@ -426,13 +339,7 @@ def run_suite(base: AnalysisParams, variants: dict[tuple[str, bool], Path], *,
         barrier()
     if rank == 0:
         for v, r in runs.items():
-            missing = [k for k in range(n) if not r.chunk_done(k)]
-            if missing:
-                raise RuntimeError(f"{r.path}: chunks {missing} unfinished after the run")
-            mean_fn = None
-            if v[0] == "mean-attention":
-                mean_fn = lambda ids, c, r=r, L=n_layers_of[_weights(v)]: mean_attention_heads(r, ids, c, L)
-            r.finalize(n, mean_fn, {"throughput": stats.get(_weights(v))})
+            _finalize(r, n, n_layers_of[_weights(v)], {"throughput": stats.get(_weights(v))})
     return runs
 
 
