@@ -85,6 +85,13 @@ class Params:
         return dataclasses.replace(self, **kw)
 
 
+def at_least_one(**values) -> None:
+    """ValueError naming every value below 1 (None is allowed: no limit)."""
+    bad = [f"{k} must be >= 1, got {v}" for k, v in values.items() if v is not None and v < 1]
+    if bad:
+        raise ValueError("; ".join(bad))
+
+
 def check_identity(params_json: Path, ident: dict, what: str = "run") -> bool:
     """True when ``params_json`` exists and records ``ident``; RunMismatch naming every differing
     key when it records another; False when there is none yet (a new run)."""

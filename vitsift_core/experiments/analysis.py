@@ -24,7 +24,7 @@ from vitsift_core.model.registry import load_model
 from vitsift_core.data.batches import iter_batches
 from vitsift_core.data.keypoints import KeypointCache, SiftParams
 from vitsift_core.data.sources import resolve_images
-from vitsift_core.store import DEFAULT_CHUNK, Params, n_chunks
+from vitsift_core.store import DEFAULT_CHUNK, Params, at_least_one, n_chunks
 from vitsift_core.experiments.analysis_run import RunDir
 
 CONTROLS = ("none", "shuffle-keypoints", "random-init", "mean-attention")
@@ -125,10 +125,7 @@ class AnalysisParams(Params):
             raise ValueError(f"focus_kind must be one of {M.FOCUS_KINDS}, got {self.focus_kind!r}")
         if not self.gamma > 0:
             raise ValueError(f"gamma must be > 0, got {self.gamma}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1, got {self.limit}")
-        if self.batch_size < 1 or self.chunk < 1:
-            raise ValueError(f"batch_size and chunk must be >= 1, got {self.batch_size}, {self.chunk}")
+        at_least_one(limit=self.limit, batch_size=self.batch_size, chunk=self.chunk)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         self.sift = dataclasses.asdict(SiftParams(**self.sift))   # validates the keys

@@ -13,7 +13,7 @@ import pandas as pd
 from vitsift_core.method import masking as MK
 from vitsift_core.model.classify import PROBE_SPECS
 from vitsift_core.data.keypoints import SiftParams
-from vitsift_core.store import DEFAULT_CHUNK, Params, RunFolder, read_json
+from vitsift_core.store import DEFAULT_CHUNK, Params, RunFolder, at_least_one, read_json
 
 
 @dataclass
@@ -64,10 +64,7 @@ class MaskEvalParams(Params):
             raise ValueError(f"tiebreak must be one of {MK.TIEBREAKS}, got {self.tiebreak!r}")
         if not self.gamma > 0:
             raise ValueError(f"gamma must be > 0, got {self.gamma}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1, got {self.limit}")
-        if self.batch_size < 1 or self.n_boot < 1 or self.chunk < 1:
-            raise ValueError("batch_size, n_boot and chunk must be >= 1")
+        at_least_one(limit=self.limit, batch_size=self.batch_size, n_boot=self.n_boot, chunk=self.chunk)
         self.layer = str(self.layer)
         self.sift = dataclasses.asdict(SiftParams(**self.sift))
 
