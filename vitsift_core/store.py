@@ -189,6 +189,13 @@ class Dist:
         if self.barrier is not None:
             self.barrier()
 
+    def rank0_first(self, fn: Callable):
+        """fn() on rank 0, then (after a barrier) on the other ranks: rank 0 writes, they read."""
+        if self.rank == 0:
+            out = fn()
+        self.sync()
+        return out if self.rank == 0 else fn()
+
     def __iter__(self):
         """``rank, world, barrier = distributed()``"""
         return iter((self.rank, self.world, self.barrier))

@@ -22,7 +22,7 @@ from vitsift_core.model.registry import load_model
 from vitsift_core.data.batches import Skipped
 from vitsift_core.data.keypoints import KeypointCache, SiftParams
 from vitsift_core.data.sources import resolve_images
-from vitsift_core.store import atomic_write, savez, write_json
+from vitsift_core.store import Dist, atomic_write, savez, write_json
 from vitsift_core.experiments.analysis import head_rows, layer_table, stage_fit_json
 from vitsift_core.experiments.probe import ProbeSettings, model_identity
 from vitsift_core.experiments.maskeval_run import (MASK_PART_DTYPES, MaskEvalParams, MaskEvalRun, load_scores,
@@ -486,6 +486,29 @@ def _records(p: MaskEvalParams) -> list:
     return records
 
 
+def _require(run: MaskEvalRun, part_file, n_chunks: int, what: str) -> None:
+    missing = [k for k in range(n_chunks) if not part_file(k).exists()]
+    if missing:
+        raise RuntimeError(f"{run.path}: {what} chunks {missing} unfinished after the {what} pass")
+
+
+def _open(p: MaskEvalParams, out: str | Path, dist: Dist, progress: bool) -> tuple[_Call, list]:
+    """The run folder (rank 0 creates it, the others check it), the models, the images the
+    classifier can score (the others are returned as skipped)."""
+    records = _records(p)
+    run = MaskEvalRun(out, p)
+    dist.rank0_first(lambda: run.prepare(len(records)))   # the other ranks only check the identity
+    lm, clf = _load_models(p, progress and dist.rank == 0, dist.rank0_first)
+    if dist.rank == 0:
+        run.set_info(model=model_identity(lm), classifier={**clf.identity(), "info": clf.info,
+                                                           "n_classes": len(clf.classes)})
+    skipped_label = [Skipped(r.id, str(r.path or ""), f"label {r.label!r} is not a class of {clf.spec}")
+                     for r in records if clf.target(r.label) is None]
+    records = [r for r in records if clf.target(r.label) is not None]
+    c = _Call(p, run, records, p.chunk, lm, clf, SiftParams(**p.sift), KeypointCache(), progress)
+    return c, skipped_label
+
+
 def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = True,
                   rank: int = 0, world: int = 1, barrier=None) -> MaskEvalRun:
     """Run (or resume) mask-eval into ``out``; returns the :class:`MaskEvalRun`.
@@ -496,36 +519,10 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
     all score parts and chooses the same layer (a deterministic function of them), and after pass
     2 rank 0 alone merges the parts into the tables -- the same files a single process writes.
     """
-    def sync():
-        if barrier is not None:
-            barrier()
-
-    def rank0_first(fn):
-        """fn() on rank 0, then (after a barrier) on the others: rank 0 writes, they read."""
-        if rank == 0:
-            out = fn()
-        sync()
-        return out if rank == 0 else fn()
-
-    def require(part_file, what: str) -> None:
-        missing = [k for k in range(c.n_chunks) if not part_file(k).exists()]
-        if missing:
-            raise RuntimeError(f"{run.path}: {what} chunks {missing} unfinished after the {what} pass")
-
     t_start = time.perf_counter()
-    p = params
-    records = _records(p)
-    run = MaskEvalRun(out, p)
-    rank0_first(lambda: run.prepare(len(records)))   # the other ranks only check the identity
-    lm, clf = _load_models(p, progress and rank == 0, rank0_first)
-    if rank == 0:
-        run.set_info(model=model_identity(lm), classifier={**clf.identity(), "info": clf.info,
-                                                           "n_classes": len(clf.classes)})
-    # labels the classifier cannot score are left out up front
-    skipped_label = [Skipped(r.id, str(r.path or ""), f"label {r.label!r} is not a class of {clf.spec}")
-                     for r in records if clf.target(r.label) is None]
-    records = [r for r in records if clf.target(r.label) is not None]
-    c = _Call(p, run, records, p.chunk, lm, clf, SiftParams(**p.sift), KeypointCache(), progress)
+    p, dist = params, Dist(rank, world, barrier)
+    c, skipped_label = _open(p, out, dist, progress)
+    run, lm = c.run, c.lm
     mine = [k for k in range(c.n_chunks) if k % world == rank]
     n_layers = len(lm.model.blocks)
     spec = MK.parse_layers(p.layer, n_layers)
@@ -538,8 +535,8 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
 
     # ---- pass 1: scores, stage metrics, clean predictions; then the score layer
     stats = _score_pass(c, mine, siblings, captured, stage_metrics=spec == "auto")
-    sync()
-    require(run.score_file, "score")
+    dist.sync()
+    _require(run, run.score_file, c.n_chunks, "score")
     sc = load_scores(run, c.n_chunks)
     choice = _choose_layers(p, captured, sc, n_layers)
     scores = MK.combine_layer_scores(sc["layer_scores"], choice["layers"], captured)
@@ -556,9 +553,9 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
     stats.update(_mask_pass(c, mine, siblings, sc, scores, donors))
     if world > 1:
         stats["world"] = world   # the timings above are rank 0's share
-    sync()
+    dist.sync()
     if rank != 0:
         return run
-    require(run.mask_file, "mask")
+    _require(run, run.mask_file, c.n_chunks, "mask")
     _finalize(c, sc, choice, skipped_label, {"seconds_this_call": round(time.perf_counter() - t_start, 2), **stats})
     return run
