@@ -89,7 +89,8 @@ def test_run_folder_parts_info_complete_and_siblings(tmp_path):
     assert json.loads(run.params_json.read_text())["model"] == {"spec": "m"}
     assert not run.is_complete()
     run.mark_complete(n_images=1)
-    assert run.is_complete() and json.loads((run.path / "run.json").read_text()) == {"complete": True, "n_images": 1}
+    assert run.is_complete()
+    assert json.loads((run.path / "run.json").read_text()) == {"complete": True, "n_images": 1}
     store.RunFolder(tmp_path / "same-but-c", _P(c=0.7)).prepare(1)
     store.RunFolder(tmp_path / "other-a", _P(a=5)).prepare(1)
     (tmp_path / "junk").mkdir()

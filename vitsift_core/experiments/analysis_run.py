@@ -38,7 +38,8 @@ class RunDir(RunFolder):
     # keeps its own file (rank 0: mean_attention_sum.npz, rank r: mean_attention_sum.rank<r>.npz),
     # so ranks never read-modify-write the same file; a chunk is in exactly one of them.
     def _mean_file(self) -> Path:
-        return self.path / ("mean_attention_sum.npz" if self.rank == 0 else f"mean_attention_sum.rank{self.rank}.npz")
+        return self.path / ("mean_attention_sum.npz" if self.rank == 0 else
+                            f"mean_attention_sum.rank{self.rank}.npz")
 
     def _mean_files(self) -> list[Path]:
         return sorted(self.path.glob("mean_attention_sum*.npz"))

@@ -25,8 +25,8 @@ from vitsift_core.data.sources import resolve_images
 from vitsift_core.store import Dist, atomic_write, savez, write_json
 from vitsift_core.experiments.analysis import head_rows, layer_table, stage_fit_json
 from vitsift_core.experiments.probe import ProbeSettings, model_identity
-from vitsift_core.experiments.maskeval_run import (MASK_PART_DTYPES, MaskEvalParams, MaskEvalRun, load_scores,
-                                                   mask_eval_dir, sibling_mask_rows)  # noqa: F401 (mask_eval_dir: for callers)
+from vitsift_core.experiments.maskeval_run import (  # noqa: F401 (mask_eval_dir: for callers)
+    MASK_PART_DTYPES, MaskEvalParams, MaskEvalRun, load_scores, mask_eval_dir, sibling_mask_rows)
 
 PRED_COLS = ["image", "label", "target", "order", "mode", "ratio", "n_masked", "pred", "correct"]
 ACC_COLS = ["order", "mode", "ratio", "n", "top1", "ci_low", "ci_high", "n_masked"]
@@ -449,7 +449,8 @@ def _finalize(c: _Call, sc: dict, choice: dict, skipped_label: list, stats: dict
     atomic_write(run.path / "accuracy.parquet", lambda f: acc.to_parquet(f, index=False))
     atomic_write(run.path / "paired.parquet", lambda f: paired.to_parquet(f, index=False))
     skipped = [(s.path or s.id, s.reason) for s in skipped_label] + sc["skipped"]
-    atomic_write(run.path / "skipped.csv", lambda f: pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(f, index=False))
+    atomic_write(run.path / "skipped.csv",
+                 lambda f: pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(f, index=False))
     clean_top1 = float((sc["clean_pred"] == sc["targets"]).mean() * 100) if len(sc["ids"]) else float("nan")
     run.mark_complete(n_images=int(len(sc["ids"])), n_skipped=len(skipped), clean_top1=clean_top1,
                       layers=choice["layers"], **stats)
