@@ -114,6 +114,18 @@ def test_all_controls(tmp_path, tiny_ckpt):
                                            atol=1e-5)
 
 
+def test_chunk_size_is_a_parameter_and_on_chunk_sees_each_chunk(tmp_path, tiny_ckpt):
+    imgs = photos(tmp_path / "imgs", 5)
+    seen = []
+    p = runs.AnalysisParams(model=tiny_ckpt, images=str(imgs), device="cpu", num_workers=0, batch_size=2, chunk=2)
+    run = runs.analyze(p, tmp_path / "o", progress=False, on_chunk=seen.append)
+    assert seen == [0, 1, 2]                                             # 5 images in chunks of 2
+    assert sorted(f.name for f in (run.path / "parts").glob("*.npz")) == ["00000.npz", "00001.npz", "00002.npz"]
+    assert json.loads((run.path / "params.json").read_text())["identity"]["chunk"] == 2
+    runs.analyze(p, tmp_path / "o", progress=False, on_chunk=seen.append)   # resumed: nothing left to do
+    assert seen == [0, 1, 2]
+
+
 # the run to kill: analyze with a pause after each chunk (run_suite's on_chunk), so it dies between chunks
 SLOW_ANALYZE = """
 import sys, time
