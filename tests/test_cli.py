@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from vitsift_core.experiments import analysis as runs
+from vitsift_core.store import RunMismatch
 from vitsift_core.model.capture import attention_maps
 from vitsift_core.cli import main
 from vitsift_core.data.sources import read_record, resolve_images
@@ -113,13 +114,35 @@ def test_all_controls(tmp_path, tiny_ckpt):
                                            atol=1e-5)
 
 
+def test_chunk_size_is_a_parameter_and_on_chunk_sees_each_chunk(tmp_path, tiny_ckpt):
+    imgs = photos(tmp_path / "imgs", 5)
+    seen = []
+    p = runs.AnalysisParams(model=tiny_ckpt, images=str(imgs), device="cpu", num_workers=0, batch_size=2, chunk=2)
+    run = runs.analyze(p, tmp_path / "o", progress=False, on_chunk=seen.append)
+    assert seen == [0, 1, 2]                                             # 5 images in chunks of 2
+    assert sorted(f.name for f in (run.path / "parts").glob("*.npz")) == ["00000.npz", "00001.npz", "00002.npz"]
+    assert json.loads((run.path / "params.json").read_text())["identity"]["chunk"] == 2
+    runs.analyze(p, tmp_path / "o", progress=False, on_chunk=seen.append)   # resumed: nothing left to do
+    assert seen == [0, 1, 2]
+
+
+# the run to kill: analyze with a pause after each chunk (run_suite's on_chunk), so it dies between chunks
+SLOW_ANALYZE = """
+import sys, time
+from vitsift_core.experiments.analysis import AnalysisParams, analyze
+model, images, out = sys.argv[1:4]
+params = AnalysisParams(model=model, images=images, device="cpu", num_workers=0, batch_size=2, chunk=4)
+analyze(params, out, progress=False, on_chunk=lambda k: time.sleep(0.4))
+"""
+
+
 def test_resume_after_kill(tmp_path, tiny_ckpt):
     imgs = photos(tmp_path / "imgs", 24)
-    env = {**os.environ, "VITSIFT_CHUNK": "4", "VITSIFT_TEST_CHUNK_DELAY": "0.4"}
+    env = dict(os.environ)
     args = [sys.executable, "-m", "vitsift_core.cli", "analyze", "--quiet", "--num-workers", "0",
-            "--batch-size", "2", "--device", "cpu", "--model", tiny_ckpt, "--images", str(imgs)]
+            "--batch-size", "2", "--device", "cpu", "--chunk", "4", "--model", tiny_ckpt, "--images", str(imgs)]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(args + ["--out", str(killed)], env=env)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_ANALYZE, tiny_ckpt, str(imgs), str(killed)], env=env)
     deadline = time.time() + 120
     while not (killed / "parts" / "00001.npz").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -129,7 +152,6 @@ def test_resume_after_kill(tmp_path, tiny_ckpt):
     assert 2 <= len(done_before) < 6, done_before       # really killed mid-run
     assert not (killed / "heads.parquet").exists()
     mtimes = {n: (killed / "parts" / n).stat().st_mtime_ns for n in done_before}
-    env["VITSIFT_TEST_CHUNK_DELAY"] = "0"
     assert subprocess.run(args + ["--out", str(killed)], env=env).returncode == 0
     assert subprocess.run(args + ["--out", str(tmp_path / "clean")], env=env).returncode == 0
     for n, t in mtimes.items():                          # finished chunks not recomputed
@@ -181,7 +203,7 @@ def test_precision_choice_is_applied_recorded_and_never_mixed(tmp_path, tiny_ckp
     assert 0 < diff.max() < 0.05
     # finishing the bf16 folder in fp32 is refused before anything runs
     (tmp_path / "bf16" / "run.json").unlink()
-    with pytest.raises(runs.RunMismatch, match="bf16-autocast forward pass.*fp32"):
+    with pytest.raises(RunMismatch, match="bf16-autocast forward pass.*fp32"):
         runs.run_suite(runs.AnalysisParams(model=tiny_ckpt, images=str(imgs), device="cpu", num_workers=0,
                                            batch_size=4, precision="fp32"),
                        {("none", False): tmp_path / "bf16"}, progress=False)
