@@ -100,7 +100,8 @@ class Bench:
     def __init__(self, lm, gamma: float = 1.0, precision: str = "auto"):
         from timm.utils import AttentionExtract
 
-        from vitsift_core.model.capture import MetricCollector, fused_attention
+        from vitsift_core.model.capture import fused_attention
+        from vitsift_core.model.collectors import MetricCollector
 
         self.lm = lm
         self.model = lm.model
@@ -121,14 +122,14 @@ class Bench:
         return self._extract
 
     def plain(self, x, counts, ids, workers: int = 1):
-        from vitsift_core.model.capture import forward_on_cores
+        from vitsift_core.model.cores import forward_on_cores
         from vitsift_core.experiments.analysis import forward_autocast
 
         with torch.inference_mode(), forward_autocast(self.dev, self.precision), self._fused(self.model, True):
             return forward_on_cores(self.model.forward_features, x, workers)     # workers 1: one call
 
     def plain_on_cores(self, x, counts, ids):
-        from vitsift_core.model.capture import core_workers
+        from vitsift_core.model.cores import core_workers
 
         return self.plain(x, counts, ids, core_workers(self.dev))
 

@@ -231,7 +231,9 @@ def test_score_collector_gives_the_whole_batch_scores_when_the_batch_is_split_ov
     images' rows (each slice uses its own images' keypoints), stage metrics included."""
     from conftest import sharp_test_vit
 
-    from vitsift_core.model.capture import MetricCollector, PatchScoreCollector, capture_attention, forward_on_cores
+    from vitsift_core.model.capture import capture_attention
+    from vitsift_core.model.collectors import MetricCollector, PatchScoreCollector
+    from vitsift_core.model.cores import forward_on_cores
 
     model = sharp_test_vit(1)
     torch.manual_seed(4)

@@ -38,7 +38,9 @@ import torch
 
 from vitsift_core import __version__
 from vitsift_core.method import metrics as M
-from vitsift_core.model.capture import MetricCollector, capture_attention, core_workers, forward_on_cores
+from vitsift_core.model.capture import capture_attention
+from vitsift_core.model.collectors import MetricCollector
+from vitsift_core.model.cores import core_workers, forward_on_cores
 from vitsift_core.data.keypoints import KeypointCache, SiftParams
 
 CONTROLS = ("none", "shuffle-keypoints", "random-init", "mean-attention")

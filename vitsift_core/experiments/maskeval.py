@@ -48,7 +48,8 @@ import pandas as pd
 import torch
 
 from vitsift_core.method import masking as MK
-from vitsift_core.model.capture import PatchScoreCollector, core_workers, forward_on_cores
+from vitsift_core.model.collectors import PatchScoreCollector
+from vitsift_core.model.cores import core_workers, forward_on_cores
 from vitsift_core.data.keypoints import SiftParams
 from vitsift_core.experiments.analysis import _atomic_write, _write_json, check_identity, versions
 
@@ -564,7 +565,7 @@ def _score_pass(c: _Call, mine: list[int], siblings: list[MaskEvalRun], captured
     computes the rest. Returns its timings."""
     from tqdm.auto import tqdm
 
-    from vitsift_core.model.capture import MetricCollector
+    from vitsift_core.model.collectors import MetricCollector
 
     p, run = c.p, c.run
     todo, reused = [], 0

@@ -409,7 +409,9 @@ def theta_scores(model, images: np.ndarray, counts: np.ndarray, layer: int, devi
                  batch_size: int = 256) -> np.ndarray:
     """Per-patch theta score s_i (heads of ``layer`` averaged; metrics.patch_scores) for all
     images with the current encoder, (n, N) float32."""
-    from vitsift_core.model.capture import PatchScoreCollector, capture_attention, core_workers, forward_on_cores
+    from vitsift_core.model.capture import capture_attention
+    from vitsift_core.model.collectors import PatchScoreCollector
+    from vitsift_core.model.cores import core_workers, forward_on_cores
     was = model.training
     model.eval()
     out = []
