@@ -49,9 +49,9 @@ import torch
 
 from vitsift_core.method import masking as MK
 from vitsift_core.model.collectors import PatchScoreCollector
-from vitsift_core.model.cores import core_workers, forward_on_cores
+from vitsift_core.model.infer import PRECISION_HELP, PRECISIONS, forward_precision, infer
 from vitsift_core.data.keypoints import SiftParams
-from vitsift_core.experiments.analysis import _atomic_write, _write_json, check_identity, versions
+from vitsift_core.experiments.analysis import RunMismatch, _atomic_write, _write_json, check_identity, versions
 
 PRED_COLS = ["image", "label", "target", "order", "mode", "ratio", "n_masked", "pred", "correct"]
 ACC_COLS = ["order", "mode", "ratio", "n", "top1", "ci_low", "ci_high", "n_masked"]
@@ -89,8 +89,9 @@ class MaskEvalParams:
     device: str = "auto"
     num_workers: int = 1
     n_boot: int = 2000
+    precision: str = "auto"             # infer.PRECISIONS; recorded as model.forward, never mixed in a run
 
-    RUNTIME_KEYS = ("batch_size", "device", "num_workers", "n_boot")
+    RUNTIME_KEYS = ("batch_size", "device", "num_workers", "n_boot", "precision")
 
     def __post_init__(self):
         from vitsift_core.model.classify import PROBE_SPECS
@@ -115,6 +116,7 @@ class MaskEvalParams:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
         if self.batch_size < 1 or self.n_boot < 1:
             raise ValueError("batch_size and n_boot must be >= 1")
+        forward_precision("cpu", self.precision)    # validates
         self.layer = str(self.layer)
         self.sift = dataclasses.asdict(SiftParams(**self.sift))
 
@@ -513,25 +515,20 @@ def _score_chunk(c: _Call, k: int, col: PatchScoreCollector, captured: list[int]
     """Pass 1 on chunk k: the arrays of its score part (ids, labels, targets, counts (n, N),
     layer_scores (n, L_captured, N), clean_pred (n,), skipped (s, 2), and m_<metric> (n, L, H)
     when the stage fit needs them)."""
-    from vitsift_core.model.capture import capture_attention
-
     lm, n_p = c.lm, c.lm.num_patches
-    workers = core_workers(c.dev)
     acc = {"ids": [], "labels": [], "targets": [], "counts": [], "layer_scores": [], "clean_pred": []}
     met_acc: dict[str, list] = {}
     skipped = []
     for batch, sk in c.batches(k):
         skipped += sk
         if batch is not None:
-            x = batch.tensors.to(c.dev)
             col.start_batch(batch.counts)
-            with torch.inference_mode():
-                # CPU: the batch split over the cores (attention.forward_on_cores), as in the mask pass
-                with capture_attention(lm.model, lm.num_prefix_tokens, col, layers=[l - 1 for l in captured]):
-                    tokens = forward_on_cores(lm.model.forward_features, x, workers)
-                if c.clf.lm is not lm:
-                    tokens = forward_on_cores(c.clf.lm.model.forward_features, x, workers)
-                pred = c.clf.logits(tokens).argmax(-1).cpu().numpy()
+            same = c.clf.lm is lm                 # the classifier's logits from the scoring forward
+            logits = infer(lm, batch.tensors, collector=col, layers=[l - 1 for l in captured],
+                           precision=c.p.precision, head=c.clf.logits if same else None)
+            if not same:
+                logits = infer(c.clf.lm, batch.tensors, precision=c.p.precision, head=c.clf.logits)
+            pred = logits.argmax(-1).cpu().numpy()
             sc, met = col.finish_batch()
             acc["ids"] += batch.ids
             acc["labels"] += [str(l) for l in batch.labels]
@@ -600,7 +597,6 @@ def _mask_chunk(c: _Call, k: int, need: list[tuple], frames: list[pd.DataFrame],
     scores: (n, N) of every scored image, rows as ``sc["ids"]`` (``row_of``: id -> row); donors:
     (n, N) the donor map of each row, or None without a *_other order."""
     p, lm, model = c.p, c.lm, c.clf.lm.model
-    workers = core_workers(c.dev)
     frames = list(frames)
     for batch, _sk in (c.batches(k) if need else ()):
         if batch is None:
@@ -617,9 +613,7 @@ def _mask_chunk(c: _Call, k: int, need: list[tuple], frames: list[pd.DataFrame],
             def logits(xs, idx_s, mode=mode):
                 return c.clf.logits(MK.masked_features(model, xs, mode, idx_s, lm.grid, lm.patch_size))
 
-            with torch.inference_mode():
-                # CPU: the batch split over the cores, like the analysis (attention.forward_on_cores)
-                pred = forward_on_cores(logits, x, workers, idx).argmax(-1)
+            pred = infer(c.clf.lm, x, forward=logits, per_image=(idx,), precision=p.precision).argmax(-1)
             frames.append(pd.DataFrame({"image": batch.ids, "order": order, "mode": mode,
                                         "ratio": float(ratio), "n_masked": idx.shape[1],
                                         "pred": pred.cpu().numpy().astype(np.int64)}))
@@ -718,6 +712,12 @@ def _load_models(p: MaskEvalParams, progress: bool, rank0_first):
     return score_lm, clf
 
 
+def _recorded_forward(run: MaskEvalRun) -> str:
+    """The forward precision a run's parts were computed in ('fp32' before runs recorded it)."""
+    pj = run.path / "params.json"
+    return (json.loads(pj.read_text()).get("model") or {}).get("forward", "fp32") if pj.exists() else "fp32"
+
+
 def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = True,
                   rank: int = 0, world: int = 1, barrier=None) -> MaskEvalRun:
     """Run (or resume) mask-eval into ``out``; returns the :class:`MaskEvalRun`.
@@ -760,9 +760,14 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
     run = MaskEvalRun(out, p)
     rank0_first(lambda: run.prepare(len(records)))   # the other ranks only check the identity
     lm, clf = _load_models(p, progress and rank == 0, rank0_first)
+    forward = forward_precision(next(lm.model.parameters()).device, p.precision)
+    before = _recorded_forward(run)
+    if before != forward and any(run.parts.iterdir()):
+        raise RunMismatch(f"{run.path} holds chunks computed with a {before} forward pass; this process "
+                          f"runs it as {forward}. Finish it as it was begun, or use another output folder")
     if rank == 0:
-        run.set_info(model=model_identity(lm), classifier={**clf.identity(), "info": clf.info,
-                                                           "n_classes": len(clf.classes)})
+        run.set_info(model={**model_identity(lm), "forward": forward},
+                     classifier={**clf.identity(), "info": clf.info, "n_classes": len(clf.classes)})
     # labels the classifier cannot score are left out up front
     skipped_label = [Skipped(r.id, str(r.path or ""), f"label {r.label!r} is not a class of {clf.spec}")
                      for r in records if clf.target(r.label) is None]
@@ -777,6 +782,7 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
     # and masked conditions are copied (looked up once, only when something is left to do)
     siblings = run.score_siblings() if any(not f(k).exists() for k in mine
                                            for f in (run.score_file, run.mask_file)) else []
+    siblings = [s for s in siblings if _recorded_forward(s) == forward]
 
     # ---- pass 1: scores, stage metrics, clean predictions; then the score layer
     stats = _score_pass(c, mine, siblings, captured, stage_metrics=spec == "auto")
@@ -840,6 +846,7 @@ def add_cli(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=1, help="decoding/SIFT worker processes")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help="output folder (re-running resumes)")
 
@@ -855,7 +862,8 @@ def cli_main(a) -> int:
         ratios=[float(r) for r in _csv(a.ratios)], orders=_csv(a.orders), modes=_csv(a.mode), layer=a.layer,
         gamma=a.gamma, weighted=not a.unweighted, exclude_self=a.exclude_self, tiebreak=a.tiebreak, seed=a.seed,
         probe_train=a.probe_train, probe_per_class=per_class, probe_weight_decay=a.probe_weight_decay,
-        n_boot=a.n_boot, batch_size=a.batch_size, num_workers=a.num_workers, device=a.device)
+        n_boot=a.n_boot, batch_size=a.batch_size, num_workers=a.num_workers, device=a.device,
+        precision=a.precision)
     from vitsift_core.cli import _distributed, _rank_device
     rank, world, barrier = _distributed()
     params = _rank_device(params, world)
