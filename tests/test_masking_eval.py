@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from vitsift_core.method import masking as MK
 from vitsift_core.experiments import analysis as runs
-from vitsift_core.model.classify import imagenet_classes, load_classifier
+from vitsift_core.experiments.classify import imagenet_classes, load_classifier
 from vitsift_core.cli import main
 from vitsift_core.data.sources import read_record, resolve_images
 from vitsift_core.data.images import model_input

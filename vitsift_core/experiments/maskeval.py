@@ -94,7 +94,7 @@ class MaskEvalParams:
     RUNTIME_KEYS = ("batch_size", "device", "num_workers", "n_boot", "precision")
 
     def __post_init__(self):
-        from vitsift_core.model.classify import PROBE_SPECS
+        from vitsift_core.experiments.classify import PROBE_SPECS
         if self.model is None:
             self.model = "embedded" if self.classifier in PROBE_SPECS else self.classifier
         if self.classifier == "probe":
@@ -121,7 +121,7 @@ class MaskEvalParams:
         self.sift = dataclasses.asdict(SiftParams(**self.sift))
 
     def identity(self) -> dict:
-        from vitsift_core.model.classify import PROBE_SPECS
+        from vitsift_core.experiments.classify import PROBE_SPECS
         d = dataclasses.asdict(self)
         for k in self.RUNTIME_KEYS:
             d.pop(k)
@@ -690,7 +690,7 @@ def _finalize(c: _Call, sc: dict, choice: dict, skipped_label: list, stats: dict
 def _load_models(p: MaskEvalParams, progress: bool, rank0_first):
     """(scoring model, classifier). The probe's backbone is the scoring model; a timm classifier
     must share its input so that a patch means the same pixels in both."""
-    from vitsift_core.model.classify import load_classifier
+    from vitsift_core.experiments.classify import load_classifier
     from vitsift_core.model.registry import load_model
     from vitsift_core.experiments.probe import ProbeSettings
 

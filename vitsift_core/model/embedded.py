@@ -41,7 +41,6 @@ import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from vitsift_core.model.registry import ModelWeightsUnavailable
 from vitsift_core.paths import cache_dir
 
 ARCH = "vit_small_patch14_dinov2"
@@ -88,6 +87,10 @@ _PER_BLOCK = {  # HF name suffix -> timm name suffix, copied as is
 }
 
 _hash_memo: dict[tuple, str] = {}
+
+
+class ModelWeightsUnavailable(RuntimeError):
+    """The weights for a requested model cannot be found here (offline, not cached, no file)."""
 
 
 def onnx_path() -> Path:

@@ -23,12 +23,13 @@ from pathlib import Path
 
 import torch
 
+from vitsift_core.model import embedded
+from vitsift_core.model.embedded import ModelWeightsUnavailable
+
+__all__ = ["CONTROLS", "LoadedModel", "ModelWeightsUnavailable", "load_model", "resolve_device"]
+
 CONTROLS = ("none", "random-init")
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
-
-
-class ModelWeightsUnavailable(RuntimeError):
-    """The weights for a requested model cannot be found here (offline, not cached, no file)."""
 
 
 @dataclass
@@ -110,8 +111,6 @@ def load_model(
 
 
 def _load_embedded(spec, random_init, seed, img_size, kwargs) -> LoadedModel:
-    from vitsift_core.model import embedded as embedded
-
     if img_size is not None and img_size != embedded.IMG_SIZE:
         raise ValueError(f"the embedded model is converted at {embedded.IMG_SIZE} px only; "
                          f"got img_size={img_size}")
