@@ -17,9 +17,6 @@ from torch import nn
 
 from vitsift_core.model.registry import read_state_dict
 
-__all__ = ["MAE", "build_mae", "sincos_pos_embed_2d", "load_official_mae", "official_to_vitsift",
-           "masked_to_ids", "OFFICIAL_ENCODER_KEYS", "OFFICIAL_DECODER_KEYS"]
-
 #: top-level names of the official checkpoint's encoder and decoder parameters
 OFFICIAL_ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed", "blocks", "norm")
 OFFICIAL_DECODER_KEYS = ("mask_token", "decoder_embed", "decoder_pos_embed", "decoder_blocks",
@@ -69,19 +66,10 @@ def masked_to_ids(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 class MAE(nn.Module):
-    """A timm ViT encoder plus the official MAE decoder.
-
-    Args:
-        encoder: timm ``VisionTransformer`` (needs ``patch_embed`` with a square patch,
-            ``pos_embed``, ``blocks``, ``norm``); prefix tokens (CLS, registers) are kept.
-        decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio: decoder size (official:
-            512, 8, 16, 4).
-        norm_pix_loss: regress per-patch normalised pixels (official option; default off).
-        fixed_pos_embed: replace the encoder's position embedding by the frozen sin-cos one, as the
-            official MAE does (on for training from scratch; a loaded checkpoint overwrites it).
-        init: ``'mae'`` re-initialises like the official code (xavier-uniform linears, LayerNorm
-            1/0, patch embedding as a linear, CLS and mask token N(0, 0.02)); ``'none'`` keeps the
-            encoder's own init (decoder still MAE-initialised).
+    """A timm ViT encoder (square patches, absolute ``pos_embed``; prefix tokens kept) plus the
+    official MAE decoder (official size 512, 8 blocks, 16 heads). ``fixed_pos_embed``: the frozen
+    sin-cos encoder position embedding; ``init='mae'`` re-initialises like the official code,
+    ``'none'`` keeps the encoder's own init (the decoder is MAE-initialised either way).
     """
 
     def __init__(self, encoder: nn.Module, decoder_embed_dim: int = 512, decoder_depth: int = 8,

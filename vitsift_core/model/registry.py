@@ -22,8 +22,6 @@ from timm.data import resolve_data_config
 from vitsift_core.model import embedded
 from vitsift_core.model.embedded import ModelWeightsUnavailable
 
-__all__ = ["CONTROLS", "LoadedModel", "ModelWeightsUnavailable", "load_model", "resolve_device"]
-
 CONTROLS = ("none", "random-init")
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
