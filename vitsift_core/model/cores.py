@@ -68,16 +68,21 @@ def _run_slice(forward, start: int, x, args=(), kwargs=None, modes=None):
         _slice.start = prev
 
 
-def _run_pooled(workers: int, jobs: list) -> list:
-    """Run ``jobs`` [(fn, args)] in the pool; every job finishes (its callbacks included) before
-    any exception leaves. Returns the results in order, or raises the first job's error. Restores
-    the caller's torch thread count (and with it torch's default for new threads)."""
-    threads = torch.get_num_threads()
+def _pooled_job(threads: int, fn, *args):
+    torch.set_num_threads(threads)      # per job: the count is shared by threads outside OpenMP regions
+    return fn(*args)
+
+
+def _run_pooled(workers: int, jobs: list, threads: int = 1) -> list:
+    """Run ``jobs`` [(fn, args)] in the pool, ``threads`` torch threads each; every job finishes (its
+    callbacks included) before any exception leaves. Returns the results in order, or raises the
+    first job's error. Restores the caller's torch thread count (torch's default for new threads)."""
+    mine = torch.get_num_threads()
     try:
-        futs = [_pool(workers).submit(fn, *a) for fn, a in jobs]
+        futs = [_pool(workers).submit(_pooled_job, threads, fn, *a) for fn, a in jobs]
         wait(futs)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(mine)
     return [f.result() for f in futs]
 
 
@@ -101,16 +106,11 @@ def sliced_forward(forward, step: int, workers: int = 1):
     return sliced
 
 
-def _stoppable(forward, start, x, args, modes, threads: int = 1):
-    if threads > 1:                         # fewer slices than cores: the spare cores help each slice
-        torch.set_num_threads(threads)
+def _stoppable(forward, start, x, args, modes):
     try:
         return _run_slice(forward, start, x, args, None, modes)
     except StopForward:
         return _STOPPED
-    finally:
-        if threads > 1:
-            torch.set_num_threads(1)
 
 
 def core_workers(device: torch.device | str) -> int:
@@ -144,9 +144,9 @@ def forward_on_cores(forward: Callable[..., torch.Tensor], x: torch.Tensor, work
     bounds = [i * q + min(i, r) for i in range(k + 1)]
     base = current_slice_start() or 0
     modes = _caller_modes()
-    outs = _run_pooled(workers, [(_stoppable, (forward, base + s, x[s:e], tuple(a[s:e] for a in per_image),
-                                               modes, workers // k))
-                                 for s, e in zip(bounds, bounds[1:])])
+    jobs = [(_stoppable, (forward, base + s, x[s:e], tuple(a[s:e] for a in per_image), modes))
+            for s, e in zip(bounds, bounds[1:])]
+    outs = _run_pooled(workers, jobs, threads=workers // k)     # fewer slices than cores: spare cores help
     if any(o is _STOPPED for o in outs):
         raise StopForward
     return torch.cat(outs)
