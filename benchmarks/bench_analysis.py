@@ -11,7 +11,7 @@ interleaved:
                reduced at once to all per-head metrics (theta_KK/KN/NK/NN, chance, focus), every
                layer and head, then the per-(image, layer, head) rows.
   (p) split    (a) with the batch split over the CPU cores, one thread each, as (b) runs it
-               (``attention.forward_on_cores``; CPU only): b/p is the analysis' own cost at
+               (``cores.forward_on_cores``; CPU only): b/p is the analysis' own cost at
                equal threading, p/a what the split alone gains.
   (c) extract  a baseline one might write first: timm's ``timm.utils.AttentionExtract`` keeps
                every layer's full (B, H, T, T) map, then plain NumPy computes the same metrics from
@@ -94,13 +94,14 @@ def numpy_head_metrics(a: np.ndarray, counts: np.ndarray, gamma: float = 1.0) ->
 
 # ------------------------------------------------------------------------------ the three variants
 class Bench:
-    """The three variants on one model; ``precision`` (runs.PRECISIONS) is the forward pass's, the
+    """The three variants on one model; ``precision`` (infer.PRECISIONS) is the forward pass's, the
     same for all three (the metrics are float32 in each)."""
 
     def __init__(self, lm, gamma: float = 1.0, precision: str = "auto"):
         from timm.utils import AttentionExtract
 
-        from vitsift_core.model.capture import MetricCollector, fused_attention
+        from vitsift_core.model.capture import fused_attention
+        from vitsift_core.model.collectors import MetricCollector
 
         self.lm = lm
         self.model = lm.model
@@ -120,17 +121,14 @@ class Bench:
                 self._extract = self._AttentionExtract(self.model)      # method='fx', '*attn.softmax'
         return self._extract
 
-    def plain(self, x, counts, ids, workers: int = 1):
-        from vitsift_core.model.capture import forward_on_cores
-        from vitsift_core.experiments.analysis import forward_autocast
+    def plain(self, x, counts, ids, split: bool = False):
+        from vitsift_core.model.infer import infer
 
-        with torch.inference_mode(), forward_autocast(self.dev, self.precision), self._fused(self.model, True):
-            return forward_on_cores(self.model.forward_features, x, workers)     # workers 1: one call
+        with self._fused(self.model, True):
+            return infer(self.model, x, precision=self.precision, split=split)     # split off: one call
 
     def plain_on_cores(self, x, counts, ids):
-        from vitsift_core.model.capture import core_workers
-
-        return self.plain(x, counts, ids, core_workers(self.dev))
+        return self.plain(x, counts, ids, split=True)
 
     def analyze(self, x, counts, ids):
         from vitsift_core.experiments.analysis import batch_metrics, head_rows
@@ -140,7 +138,8 @@ class Bench:
         return out
 
     def extract(self, x, counts, ids):
-        from vitsift_core.experiments.analysis import forward_autocast, head_rows
+        from vitsift_core.experiments.analysis import head_rows
+        from vitsift_core.model.infer import forward_autocast
 
         ex = self.extractor()
         p = self.lm.num_prefix_tokens
@@ -305,7 +304,7 @@ def parse(argv):
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--gamma", type=float, default=1.0)
-    from vitsift_core.experiments.analysis import PRECISIONS
+    from vitsift_core.model.infer import PRECISIONS
 
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="forward pass of all three variants (vitsift analyze --precision): auto = bf16 "
@@ -344,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(lm, args.gamma, args.precision)
     dev = bench.dev
     timed = [v for v in VARIANTS if v not in args.skip and (dev.type == "cpu" or v not in CPU_ONLY)]
-    from vitsift_core.experiments.analysis import capture_micro_batch
+    from vitsift_core.model.infer import capture_micro_batch
 
     n_heads = lm.model.blocks[0].attn.num_heads
     print(f"analysis throughput: model {args.model}{' (random init)' if args.random_init else ''} "
@@ -409,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     if diff is not None:
         print(f"(b) and (c) give the same metrics: max |difference| theta {diff['theta']:.2g}, "
               f"focus {diff['focus']:.2g}")
-    from vitsift_core.experiments.analysis import forward_precision
+    from vitsift_core.model.infer import forward_precision
     forward = forward_precision(dev, args.precision)
     effect = None
     if forward != "fp32":

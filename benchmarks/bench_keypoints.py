@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     t["pipe_0_warm"] = timed(pipeline(0, warm_cache), args.rounds)
 
     if not args.no_analysis:
-        from vitsift_core.model.capture import MetricCollector
+        from vitsift_core.model.collectors import MetricCollector
         from vitsift_core.experiments.analysis import batch_metrics, head_rows
 
         collector = MetricCollector(len(lm.model.blocks))

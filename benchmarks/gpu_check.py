@@ -81,9 +81,8 @@ def peak_memory(bench, v, batches, dev) -> float:
 
 
 def check_model(name: str, args, dev) -> dict:
-    from vitsift_core.model.capture import capture_attention
+    from vitsift_core.model.infer import infer
     from vitsift_core.model.registry import load_model
-    from vitsift_core.experiments.analysis import forward_autocast
 
     t0 = time.perf_counter()
     lm = load_model(name, control="random-init", device=str(dev))
@@ -98,9 +97,7 @@ def check_model(name: str, args, dev) -> dict:
 
     # forward dtype vs metric dtype
     seen = {}
-    with torch.inference_mode(), forward_autocast(dev), \
-            capture_attention(lm.model, lm.num_prefix_tokens, lambda l, a: seen.setdefault(l, a.dtype)):
-        out_dtype = lm.model.forward_features(batches[0][0][:2]).dtype
+    out_dtype = infer(lm, batches[0][0][:2], collector=lambda l, a: seen.setdefault(l, a.dtype), split=False).dtype
     # metrics of a bf16 forward vs an fp32 forward, same batch (run on CPU too, in make test's tiny
     # check, so this path is exercised without a GPU)
     effect = BA.precision_effect(BA.Bench(lm, precision="bf16"), batches[:1])
@@ -152,7 +149,7 @@ def mae_steps(args, dev) -> dict:
         from vitsift_core.model.mae import build_mae
     except ImportError as e:
         return {"skipped": f"vitsift_core.model.mae not available ({e}): MAE pre-training steps/s not measured"}
-    from vitsift_core.experiments.analysis import forward_autocast
+    from vitsift_core.model.infer import forward_autocast
 
     kw = {"decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2} if args.cpu_tiny else {}
     if dev.type == "cuda":
@@ -199,7 +196,7 @@ def main(argv=None) -> int:
         return 2
     dev = torch.device(args.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
-    from vitsift_core.experiments.analysis import capture_micro_batch
+    from vitsift_core.model.infer import capture_micro_batch
 
     print(f"gpu_check on {name}: torch {torch.__version__}, batch {args.batch}, {args.iters} batches x "
           f"{args.rounds} rounds per variant; attention slices by default: "

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from vitsift_core.method import metrics as M
-from vitsift_core.model.capture import (MetricCollector, attention_blocks, attention_maps,
-                                    capture_attention, current_slice_start, forward_on_cores,
-                                    fused_attention)
+from vitsift_core.model.capture import attention_blocks, attention_maps, capture_attention, fused_attention
+from vitsift_core.model.collectors import MetricCollector
+from vitsift_core.model.cores import current_slice_start, forward_on_cores
 
 
 from conftest import sharp_test_vit as tiny
@@ -322,7 +322,7 @@ def test_forward_on_cores_gives_spare_cores_to_the_slices_and_takes_them_back():
 def test_core_workers_and_the_switch_that_turns_the_split_off(monkeypatch):
     from types import SimpleNamespace
 
-    from vitsift_core.model.capture import core_workers
+    from vitsift_core.model.cores import core_workers
     from vitsift_core.experiments.analysis import batch_metrics
 
     monkeypatch.delenv("VITSIFT_CORE_SPLIT", raising=False)
@@ -357,3 +357,30 @@ def test_core_workers_and_the_switch_that_turns_the_split_off(monkeypatch):
             core_workers("cpu")
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_core_split_restores_torchs_thread_settings():
+    """Pool threads set one torch thread each, which also moves torch's default for threads started
+    later: after a split forward the caller's count and a fresh thread's are what they were."""
+    def fresh_thread_count():
+        got = []
+        t = threading.Thread(target=lambda: got.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        return got[0]
+
+    mine = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        before = (torch.get_num_threads(), fresh_thread_count())
+        model = tiny(0)
+        x = torch.randn(3, 3, *model.default_cfg["input_size"][1:])
+        with torch.inference_mode():
+            forward_on_cores(model.forward_features, x, 2)
+            forward_on_cores(model.forward_features, x[:2], 4)       # spare cores: 2 threads per slice
+            with capture_attention(model, model.num_prefix_tokens, lambda l, a: None, micro_batch=1,
+                                   micro_workers=2):
+                model.forward_features(x)
+        assert (torch.get_num_threads(), fresh_thread_count()) == before == (2, 2)
+    finally:
+        torch.set_num_threads(mine)

@@ -106,7 +106,8 @@ def test_numpy_baseline_matches_core_metrics():
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sliced_capture_equals_whole_batch(workers):
     """The analysis path's attention slices (threads included) give the whole-batch metrics."""
-    from vitsift_core.model.capture import MetricCollector, capture_attention
+    from vitsift_core.model.capture import capture_attention
+    from vitsift_core.model.collectors import MetricCollector
 
     m = sharp_test_vit(seed=0)
     x = torch.randn(7, 3, 160, 160)

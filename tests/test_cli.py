@@ -15,6 +15,7 @@ from PIL import Image
 from vitsift_core.experiments import analysis as runs
 from vitsift_core.store import RunMismatch
 from vitsift_core.model.capture import attention_maps
+from vitsift_core.model.infer import forward_precision
 from vitsift_core.cli import main
 from vitsift_core.data.sources import read_record, resolve_images
 from vitsift_core.data.images import model_input
@@ -184,7 +185,7 @@ def test_missing_weights_is_a_clear_error(tmp_path, capsys, monkeypatch):
 
 
 def test_precision_choice_is_applied_recorded_and_never_mixed(tmp_path, tiny_ckpt):
-    assert [runs.forward_precision(d, p) for d, p in
+    assert [forward_precision(d, p) for d, p in
             [("cpu", "auto"), ("cuda", "auto"), ("cpu", "bf16"), ("cuda:1", "fp32")]] == \
         ["fp32", "bf16-autocast", "bf16-autocast", "fp32"]
     with pytest.raises(ValueError, match="precision"):
@@ -196,7 +197,7 @@ def test_precision_choice_is_applied_recorded_and_never_mixed(tmp_path, tiny_ckp
                        "--precision", prec) == 0
         out[prec] = pd.read_parquet(tmp_path / prec / "heads.parquet")
         params = json.loads((tmp_path / prec / "params.json").read_text())
-        assert params["model"]["forward"] == runs.forward_precision("cpu", prec)
+        assert params["model"]["forward"] == forward_precision("cpu", prec)
         assert params["runtime"]["precision"] == prec and "precision" not in params["identity"]
     # bf16 moved the numbers a little, not much (focus is an entropy in nats, up to log 100)
     diff = (out["bf16"].focus - out["fp32"].focus).abs()

@@ -8,7 +8,8 @@ import torch
 
 from vitsift_core.method import masking as MK
 from vitsift_core.method import metrics as M
-from vitsift_core.model.capture import PatchScoreCollector, attention_maps, capture_attention
+from vitsift_core.model.capture import attention_maps, capture_attention
+from vitsift_core.model.collectors import PatchScoreCollector
 from vitsift_core.experiments.maskeval import (MaskEvalParams, bootstrap_means, bootstrap_weights, mask_shape,
                                   order_contrasts, ordering_check, paired_ordering, summarize,
                                   content_vs_shape, CONTENT_SHAPE_PAIRS)

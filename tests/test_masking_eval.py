@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from vitsift_core.method import masking as MK
 from vitsift_core.store import RunMismatch
-from vitsift_core.model.classify import imagenet_classes, load_classifier
+from vitsift_core.experiments.classify import imagenet_classes, load_classifier
 from vitsift_core.cli import main
 from vitsift_core.data.sources import read_record, resolve_images
 from vitsift_core.data.images import model_input
@@ -229,7 +229,9 @@ def test_score_collector_gives_the_whole_batch_scores_when_the_batch_is_split_ov
     images' rows (each slice uses its own images' keypoints), stage metrics included."""
     from conftest import sharp_test_vit
 
-    from vitsift_core.model.capture import MetricCollector, PatchScoreCollector, capture_attention, forward_on_cores
+    from vitsift_core.model.capture import capture_attention
+    from vitsift_core.model.collectors import MetricCollector, PatchScoreCollector
+    from vitsift_core.model.cores import forward_on_cores
 
     model = sharp_test_vit(1)
     torch.manual_seed(4)
@@ -246,3 +248,27 @@ def test_score_collector_gives_the_whole_batch_scores_when_the_batch_is_split_ov
     torch.testing.assert_close(got[3][0], got[1][0], atol=1e-6, rtol=0, equal_nan=True)   # (B, Lc, N)
     for k in got[1][1]:
         torch.testing.assert_close(got[3][1][k], got[1][1][k], atol=1e-6, rtol=0, equal_nan=True)
+
+
+def test_precision_is_recorded_not_part_of_the_key_and_never_mixed(tmp_path, backbone, monkeypatch):
+    monkeypatch.setattr(runs, "CHUNK", 3)
+    train = labelled(tmp_path / "train", ["a", "b"], 2)
+    val = labelled(tmp_path / "val", ["a", "b"], 2, seed=2)
+    p = MaskEvalParams(classifier="embedded-probe", model=backbone, images=str(val), probe_train=str(train),
+                       probe_per_class=2, ratios=[0, 30], orders=["top"], modes=["fill"],
+                       batch_size=2, num_workers=0, device="cpu", n_boot=50)
+    bf16 = p.replace(precision="bf16")
+    assert bf16.key() == p.key() and "precision" not in p.identity()
+    with pytest.raises(ValueError, match="precision"):
+        p.replace(precision="fp16")
+    a = run_mask_eval(p, tmp_path / "runs" / "a", progress=False)
+    info = json.loads((a.path / "params.json").read_text())
+    assert info["model"]["forward"] == "fp32" and info["runtime"]["precision"] == "auto"
+    with pytest.raises(RunMismatch, match="fp32 forward pass.*bf16-autocast"):
+        run_mask_eval(bf16, a.path, progress=False)                 # a resumed run never mixes the two
+    out = tmp_path / "runs" / "b"                                   # beside a: its fp32 parts are not reused
+    assert cli("--model", backbone, "--images", str(val), "--probe-train", str(train), "--probe-per-class", "2",
+               "--ratios", "0,30", "--orders", "top", "--precision", "bf16", "--out", str(out)) == 0
+    info = {**json.loads((out / "params.json").read_text()), **json.loads((out / "run.json").read_text())}
+    assert info["model"]["forward"] == "bf16-autocast" and info["runtime"]["precision"] == "bf16"
+    assert info["key"] == a.params.key() and info["score_chunks_reused"] == 0

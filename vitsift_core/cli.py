@@ -7,8 +7,8 @@ import sys
 
 from vitsift_core.data.keypoints import SiftParams
 from vitsift_core.store import DEFAULT_CHUNK, RunMismatch, distributed, end_distributed, rank_device, read_json
-from vitsift_core.experiments.analysis import (CONTROLS, PRECISIONS, AnalysisParams, analyze, run_suite,
-                                               variant_dir)
+from vitsift_core.model.infer import PRECISION_HELP, PRECISIONS
+from vitsift_core.experiments.analysis import CONTROLS, AnalysisParams, analyze, run_suite, variant_dir
 from vitsift_core.experiments.maskeval_cli import add_cli as _add_mask_eval, cli_main as cmd_mask_eval
 from vitsift_core.experiments.pretrain import add_cli as _add_pretrain, cmd_pretrain
 from vitsift_core.model.registry import ModelWeightsUnavailable
@@ -35,9 +35,7 @@ def _add_analyze(sub) -> None:
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
                    help="images per resumable chunk (part of the identity)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="forward pass: auto = bf16 autocast on CUDA, fp32 on CPU; bf16 on a CPU with "
-                        "AVX512-BF16/AMX is about 2x faster (metrics stay float32; a folder keeps one)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="output folder (re-running resumes)")
 

@@ -6,7 +6,6 @@ keypoints.npz, skipped.csv, run.json.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -19,7 +18,8 @@ from tqdm.auto import tqdm
 
 from vitsift_core.method import metrics as M
 from vitsift_core.method.stages import fit_stages
-from vitsift_core.model.capture import MetricCollector, capture_attention, core_workers, forward_on_cores
+from vitsift_core.model.collectors import MetricCollector
+from vitsift_core.model.infer import PRECISIONS, forward_precision, infer
 from vitsift_core.model.registry import load_model
 from vitsift_core.data.batches import iter_batches
 from vitsift_core.data.keypoints import KeypointCache, SiftParams
@@ -33,46 +33,6 @@ HEAD_COLS = ["image", "layer", "head", "theta_kk", "theta_kn", "theta_nk", "thet
 METRIC_COLS = HEAD_COLS[3:10]
 
 
-# Attention maps are reduced in slices of this many images on CPU, within each core's share of the
-# batch (attention.forward_on_cores; cache-sized maps, memory that does not grow with the batch:
-# benchmarks/bench_analysis.py); the whole batch on CUDA. VITSIFT_MICRO_BATCH overrides for
-# every device (0 = whole batch). How to run, not part of a run's identity.
-CPU_MICRO_BATCH = 4
-
-
-def capture_micro_batch(device: torch.device | str) -> int | None:
-    """Images per attention slice for :func:`capture_attention` on ``device`` (None: whole batch)."""
-    env = os.environ.get("VITSIFT_MICRO_BATCH")
-    if env is not None and env.strip():
-        return int(env) or None
-    return CPU_MICRO_BATCH if torch.device(device).type == "cpu" else None
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def forward_precision(device: torch.device | str, precision: str = "auto") -> str:
-    """How the analysis forward pass runs: ``"bf16-autocast"`` or ``"fp32"``.
-
-    ``precision``: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32", or "bf16" (autocast on
-    any device; on a CPU with AVX512-BF16 or AMX it is about twice as fast, see
-    benchmarks/README.md). The metrics are computed in float32 either way. Recorded in a run's
-    params.json: a run's chunks must not mix the two.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
-    return "bf16-autocast" if precision == "bf16" else "fp32"
-
-
-def forward_autocast(device: torch.device | str, precision: str = "auto"):
-    """The context the analysis forward runs in: bf16 autocast or none (:func:`forward_precision`)."""
-    if forward_precision(device, precision) == "bf16-autocast":
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-    return _null()
-
-
 def batch_metrics(lm, collector: MetricCollector, x: torch.Tensor,
                   variants: dict, precision: str = "auto") -> dict:
     """One batch of the analysis: the forward pass with capture, every layer and head reduced to
@@ -82,14 +42,8 @@ def batch_metrics(lm, collector: MetricCollector, x: torch.Tensor,
     This is the whole per-batch cost of ``vitsift analyze`` besides writing rows; the
     benchmarks time exactly this function.
     """
-    dev = next(lm.model.parameters()).device
     collector.start_batch(variants)
-    # CPU: the batch split over the cores, one thread each (forward_on_cores); on a GPU, one call
-    workers = core_workers(dev)
-    with torch.inference_mode(), forward_autocast(dev, precision), \
-            capture_attention(lm.model, lm.num_prefix_tokens, collector,
-                              micro_batch=capture_micro_batch(dev), stop_early=True):
-        forward_on_cores(lm.model.forward_features, x.to(dev, non_blocking=True), workers)
+    infer(lm, x, collector=collector, precision=precision, micro_batch="auto", stop_early=True)
     return collector.finish_batch()
 
 
@@ -338,14 +292,6 @@ def run_suite(base: AnalysisParams, variants: dict[tuple[str, bool], Path], *,
         for v, r in runs.items():
             _finalize(r, n, n_layers_of[_weights(v)], {"throughput": stats.get(_weights(v))})
     return runs
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def analyze(params: AnalysisParams, out: str | Path, progress: bool = True, **kw) -> RunDir:

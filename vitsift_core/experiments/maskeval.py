@@ -16,13 +16,14 @@ import pandas as pd
 import torch
 
 from vitsift_core.method import masking as MK
-from vitsift_core.model.capture import PatchScoreCollector, core_workers, forward_on_cores
-from vitsift_core.model.classify import load_classifier
+from vitsift_core.model.collectors import MetricCollector, PatchScoreCollector
+from vitsift_core.model.infer import forward_precision, infer
+from vitsift_core.experiments.classify import load_classifier
 from vitsift_core.model.registry import load_model
 from vitsift_core.data.batches import Skipped
 from vitsift_core.data.keypoints import KeypointCache, SiftParams
 from vitsift_core.data.sources import resolve_images
-from vitsift_core.store import Dist, atomic_write, savez, write_json
+from vitsift_core.store import Dist, RunMismatch, atomic_write, read_json, savez, write_json
 from vitsift_core.experiments.analysis import head_rows, layer_table, stage_fit_json
 from vitsift_core.experiments.probe import ProbeSettings, model_identity
 from vitsift_core.experiments.maskeval_run import (  # noqa: F401 (mask_eval_dir: for callers)
@@ -275,25 +276,20 @@ def _score_chunk(c: _Call, k: int, col: PatchScoreCollector, captured: list[int]
     """Pass 1 on chunk k: the arrays of its score part (ids, labels, targets, counts (n, N),
     layer_scores (n, L_captured, N), clean_pred (n,), skipped (s, 2), and m_<metric> (n, L, H)
     when the stage fit needs them)."""
-    from vitsift_core.model.capture import capture_attention
-
     lm, n_p = c.lm, c.lm.num_patches
-    workers = core_workers(c.dev)
     acc = {"ids": [], "labels": [], "targets": [], "counts": [], "layer_scores": [], "clean_pred": []}
     met_acc: dict[str, list] = {}
     skipped = []
     for batch, sk in c.batches(k):
         skipped += sk
         if batch is not None:
-            x = batch.tensors.to(c.dev)
             col.start_batch(batch.counts)
-            with torch.inference_mode():
-                # CPU: the batch split over the cores (attention.forward_on_cores), as in the mask pass
-                with capture_attention(lm.model, lm.num_prefix_tokens, col, layers=[l - 1 for l in captured]):
-                    tokens = forward_on_cores(lm.model.forward_features, x, workers)
-                if c.clf.lm is not lm:
-                    tokens = forward_on_cores(c.clf.lm.model.forward_features, x, workers)
-                pred = c.clf.logits(tokens).argmax(-1).cpu().numpy()
+            same = c.clf.lm is lm                 # the classifier's logits from the scoring forward
+            logits = infer(lm, batch.tensors, collector=col, layers=[l - 1 for l in captured],
+                           precision=c.p.precision, head=c.clf.logits if same else None)
+            if not same:
+                logits = infer(c.clf.lm, batch.tensors, precision=c.p.precision, head=c.clf.logits)
+            pred = logits.argmax(-1).cpu().numpy()
             sc, met = col.finish_batch()
             acc["ids"] += batch.ids
             acc["labels"] += [str(l) for l in batch.labels]
@@ -326,8 +322,6 @@ def _score_pass(c: _Call, mine: list[int], siblings: list[MaskEvalRun], captured
     """Pass 1 over this rank's unfinished chunks: copies a sibling's part where one exists,
     computes the rest. Returns its timings."""
     from tqdm.auto import tqdm
-
-    from vitsift_core.model.capture import MetricCollector
 
     p, run = c.p, c.run
     todo, reused = [], 0
@@ -362,7 +356,6 @@ def _mask_chunk(c: _Call, k: int, need: list[tuple], frames: list[pd.DataFrame],
     scores: (n, N) of every scored image, rows as ``sc["ids"]`` (``row_of``: id -> row); donors:
     (n, N) the donor map of each row, or None without a *_other order."""
     p, lm, model = c.p, c.lm, c.clf.lm.model
-    workers = core_workers(c.dev)
     frames = list(frames)
     for batch, _sk in (c.batches(k) if need else ()):
         if batch is None:
@@ -379,9 +372,7 @@ def _mask_chunk(c: _Call, k: int, need: list[tuple], frames: list[pd.DataFrame],
             def logits(xs, idx_s, mode=mode):
                 return c.clf.logits(MK.masked_features(model, xs, mode, idx_s, lm.grid, lm.patch_size))
 
-            with torch.inference_mode():
-                # CPU: the batch split over the cores, like the analysis (attention.forward_on_cores)
-                pred = forward_on_cores(logits, x, workers, idx).argmax(-1)
+            pred = infer(c.clf.lm, x, forward=logits, per_image=(idx,), precision=p.precision).argmax(-1)
             frames.append(pd.DataFrame({"image": batch.ids, "order": order, "mode": mode,
                                         "ratio": float(ratio), "n_masked": idx.shape[1],
                                         "pred": pred.cpu().numpy().astype(np.int64)}))
@@ -493,21 +484,32 @@ def _require(run: MaskEvalRun, part_file, n_chunks: int, what: str) -> None:
         raise RuntimeError(f"{run.path}: {what} chunks {missing} unfinished after the {what} pass")
 
 
-def _open(p: MaskEvalParams, out: str | Path, dist: Dist, progress: bool) -> tuple[_Call, list]:
+def _open(p: MaskEvalParams, out: str | Path, dist: Dist, progress: bool) -> tuple[_Call, list, str]:
     """The run folder (rank 0 creates it, the others check it), the models, the images the
-    classifier can score (the others are returned as skipped)."""
+    classifier can score (the others are returned as skipped), the forward precision."""
     records = _records(p)
     run = MaskEvalRun(out, p)
     dist.rank0_first(lambda: run.prepare(len(records)))   # the other ranks only check the identity
     lm, clf = _load_models(p, progress and dist.rank == 0, dist.rank0_first)
+    forward = forward_precision(next(lm.model.parameters()).device, p.precision)
+    before = recorded_forward(run)
+    if before != forward and any(run.parts.iterdir()):
+        raise RunMismatch(f"{run.path} holds chunks computed with a {before} forward pass; this process "
+                          f"runs it as {forward}. Finish it as it was begun, or use another output folder")
     if dist.rank == 0:
-        run.set_info(model=model_identity(lm), classifier={**clf.identity(), "info": clf.info,
-                                                           "n_classes": len(clf.classes)})
+        run.set_info(model={**model_identity(lm), "forward": forward},
+                     classifier={**clf.identity(), "info": clf.info, "n_classes": len(clf.classes)})
     skipped_label = [Skipped(r.id, str(r.path or ""), f"label {r.label!r} is not a class of {clf.spec}")
                      for r in records if clf.target(r.label) is None]
     records = [r for r in records if clf.target(r.label) is not None]
     c = _Call(p, run, records, p.chunk, lm, clf, SiftParams(**p.sift), KeypointCache(), progress)
-    return c, skipped_label
+    return c, skipped_label, forward
+
+
+def recorded_forward(run: MaskEvalRun) -> str:
+    """The forward precision a run's parts were computed in ('fp32' before runs recorded it)."""
+    pj = run.path / "params.json"
+    return (read_json(pj).get("model") or {}).get("forward", "fp32") if pj.exists() else "fp32"
 
 
 def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = True,
@@ -522,7 +524,7 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
     """
     t_start = time.perf_counter()
     p, dist = params, Dist(rank, world, barrier)
-    c, skipped_label = _open(p, out, dist, progress)
+    c, skipped_label, forward = _open(p, out, dist, progress)
     run, lm = c.run, c.lm
     mine = [k for k in range(c.n_chunks) if k % world == rank]
     n_layers = len(lm.model.blocks)
@@ -533,6 +535,7 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
     # and masked conditions are copied (looked up once, only when something is left to do)
     siblings = run.score_siblings() if any(not f(k).exists() for k in mine
                                            for f in (run.score_file, run.mask_file)) else []
+    siblings = [s for s in siblings if recorded_forward(s) == forward]
 
     # ---- pass 1: scores, stage metrics, clean predictions; then the score layer
     stats = _score_pass(c, mine, siblings, captured, stage_metrics=spec == "auto")

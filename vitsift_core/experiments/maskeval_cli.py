@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from vitsift_core.method import masking as MK
+from vitsift_core.model.infer import PRECISION_HELP, PRECISIONS
 from vitsift_core.store import DEFAULT_CHUNK, distributed, rank_device, read_json
 from vitsift_core.experiments.maskeval import MaskEvalParams, run_mask_eval
 
@@ -40,6 +41,7 @@ def add_cli(sub) -> None:
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
                    help="images per resumable chunk (part of the identity)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help="output folder (re-running resumes)")
 
@@ -55,7 +57,8 @@ def cli_main(a) -> int:
         ratios=[float(r) for r in _csv(a.ratios)], orders=_csv(a.orders), modes=_csv(a.mode), layer=a.layer,
         gamma=a.gamma, weighted=not a.unweighted, exclude_self=a.exclude_self, tiebreak=a.tiebreak, seed=a.seed,
         probe_train=a.probe_train, probe_per_class=per_class, probe_weight_decay=a.probe_weight_decay,
-        n_boot=a.n_boot, batch_size=a.batch_size, num_workers=a.num_workers, device=a.device, chunk=a.chunk)
+        n_boot=a.n_boot, batch_size=a.batch_size, num_workers=a.num_workers, device=a.device, chunk=a.chunk,
+        precision=a.precision)
     rank, world, barrier = distributed()
     params = params.replace(device=rank_device(params.device, world))
     run = run_mask_eval(params, a.out, progress=not a.quiet and rank == 0, rank=rank, world=world, barrier=barrier)

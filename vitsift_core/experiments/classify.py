@@ -1,16 +1,7 @@
-"""Classifiers for the masking experiment (Sec 5.1): one interface, two tiers.
-
-- ``embedded-probe`` (embedded tier): a linear probe (:mod:`vitsift_core.experiments.probe`) on the CLS token
-  of the frozen backbone named by ``model`` (default the embedded DINOv2-S), trained once on
-  Imagenette train and cached. Its classes are the training labels (the 10 Imagenette wnids).
-- a timm ImageNet-1k classifier name or ``ARCH@PATH`` checkpoint (paper tier, default
-  ``vit_base_patch16_224.augreg2_in21k_ft_in1k``): the model's own head over the 1000 classes.
-  Image labels that are ImageNet wnids (Imagenette's folders, or an ImageNet val folder with one
-  subfolder per wnid) are mapped to the 1000-class indices with timm's ImageNet info; top-1 is
-  over all 1000 classes.
-
-Every classifier maps ``forward_features`` tokens (B, T, D) -- clean, ``fill``-masked or
-``drop``-masked -- to logits, so the masking code never needs to know which tier it runs.
+"""Classifiers for the masking experiment (Sec 5.1): a backbone plus a head mapping its tokens
+(B, T, D) -- clean or masked -- to logits. ``embedded-probe``: a trained linear probe on the CLS token
+(experiments.probe; classes: the training labels); a timm ImageNet-1k classifier (paper tier): its own
+head over the 1000 classes, ImageNet wnid labels mapped with timm's ImageNet info.
 """
 from __future__ import annotations
 
@@ -18,6 +9,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from vitsift_core.experiments.probe import ProbeSettings, cls_features, model_identity, train_or_load_probe
+from vitsift_core.model.registry import load_model
 
 PROBE_SPECS = ("embedded-probe", "probe")
 PAPER_CLASSIFIER = "vit_base_patch16_224.augreg2_in21k_ft_in1k"
@@ -46,7 +40,6 @@ class Classifier:
         return self.head(tokens)
 
     def identity(self) -> dict:
-        from vitsift_core.experiments.probe import model_identity
         d = {"spec": self.spec, "kind": self.kind, "model": model_identity(self.lm)}
         if self.kind == "probe":
             d["probe"] = self.info.get("key")
@@ -69,12 +62,8 @@ def load_classifier(spec: str, model: str | None = None, *, device: str = "cpu",
     ``probe``: :class:`vitsift_core.experiments.probe.ProbeSettings` (default settings when None).
     ``backbone``: an already loaded ``LoadedModel`` for the probe (saves loading it twice).
     """
-    from vitsift_core.model.registry import load_model
-
     spec = str(spec).strip()
     if spec in PROBE_SPECS:
-        from vitsift_core.experiments.probe import ProbeSettings, cls_features, train_or_load_probe
-
         lm = backbone if backbone is not None else load_model(model or "embedded", device=device)
         if getattr(lm.model, "cls_token", None) is None:
             raise ValueError(f"{lm.spec}: the probe reads the CLS token, and this model has none")

@@ -1,0 +1,187 @@
+"""Attention callbacks that reduce each captured map as the forward pass goes: per-head metrics
+(Eq. 2-5) and the per-patch score s_i. Thread-safe; a layer may arrive in slices of the batch.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from vitsift_core.method import metrics as M
+from vitsift_core.model.cores import current_slice_start
+
+
+class MetricCollector:
+    """Reduces each layer's attention to per-head metrics as the forward pass goes.
+
+    For every *variant* (a name -> (counts (B, N), exclude_self)) it keeps (B, L, H) arrays
+    of theta_kk/kn/nk/nn and theta_chance; focus (which does not depend on keypoints) once.
+    Optionally accumulates the sum of attention over images, (L, H, N, N) float64, for
+    the content-free control.
+
+    A layer may arrive in slices (``capture_attention(..., micro_batch=)``), from several
+    threads: each call covers ``attn.shape[0]`` images from :func:`current_slice_start` (or,
+    outside a sliced forward, the images after the previous call's). Results stay on the maps'
+    device until :meth:`finish_batch`, so a GPU forward is not stalled by copies per layer.
+    """
+
+    THETA_KEYS = ("theta_kk", "theta_kn", "theta_nk", "theta_nn", "theta_chance")
+
+    def __init__(self, n_layers: int, gamma: float = 1.0, weighted: bool = True,
+                 focus_kind: str = "minmax", accumulate_mean: bool = False):
+        self.n_layers = n_layers
+        self.gamma, self.weighted, self.focus_kind = gamma, weighted, focus_kind
+        self.accumulate_mean = accumulate_mean
+        self.attn_sum: torch.Tensor | None = None
+        self.n_summed = 0
+        self._variants: dict[str, tuple[torch.Tensor, bool]] = {}
+        self._batch = 0
+        self._offset: list[int] = []
+        self._parts: list[list[tuple[int, int, dict]]] = []   # per layer: (start, size, metrics)
+        self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def start_batch(self, variants: dict[str, tuple[torch.Tensor, bool]]) -> None:
+        """variants: name -> (counts (B, N) int, exclude_self)."""
+        self._variants = variants
+        sizes = {int(c.shape[0]) for c, _ in variants.values()}
+        if len(sizes) > 1:
+            raise ValueError(f"variants disagree on the batch size: {sorted(sizes)}")
+        self._batch = sizes.pop() if sizes else -1
+        self._offset = [0] * self.n_layers
+        self._parts = [[] for _ in range(self.n_layers)]
+        self._on_device = {}
+
+    def _workspace(self, a: torch.Tensor) -> list[torch.Tensor]:
+        """Two scratch tensors shaped like ``a``, per thread, kept between calls: a fresh
+        map-sized tensor per operation costs page faults on CPU."""
+        ws = getattr(self._local, "work", None)
+        if ws is None or ws[0].shape != a.shape or ws[0].dtype != a.dtype or ws[0].device != a.device:
+            ws = [torch.empty(a.shape, dtype=a.dtype, device=a.device) for _ in range(2)]
+            self._local.work = ws
+        return ws
+
+    def _counts(self, name: str, device: torch.device) -> torch.Tensor:
+        key = (name, device)
+        if key not in self._on_device:
+            self._on_device[key] = self._variants[name][0].to(device)
+        return self._on_device[key]
+
+    def __call__(self, layer: int, attn: torch.Tensor) -> None:
+        a = attn.float()
+        b, h = a.shape[:2]
+        off = current_slice_start()
+        with self._lock:
+            if off is None:                 # whole-batch calls, or slices in order
+                off = self._offset[layer]
+            self._offset[layer] = max(self._offset[layer], off + b)
+            if self._batch >= 0 and off + b > self._batch:
+                raise RuntimeError(f"layer {layer}: attention for images {off}..{off + b - 1}, "
+                                   f"batch has {self._batch}")
+        if self.accumulate_mean:
+            s = a.sum(dim=0, dtype=torch.float64)
+            with self._lock:
+                if self.attn_sum is None:
+                    self.attn_sum = torch.zeros((self.n_layers,) + tuple(s.shape), dtype=torch.float64,
+                                                device=s.device)
+                self.attn_sum[layer] += s
+                if layer == 0:
+                    self.n_summed += b
+        # per slice only the (b, H, N) row values; means over rows, layers and images are taken
+        # once per batch in finish_batch (fewer small ops per slice)
+        work = self._workspace(a)
+        part = {"entropy": M.row_entropy(a, self.focus_kind, work=(work[0], work[1]))}
+        masks: dict[bool, torch.Tensor] = {}
+        for name, (_, excl) in self._variants.items():
+            c = self._counts(name, a.device)[off:off + b].reshape(b, 1, -1)
+            if excl not in masks:
+                # 0/1 floats straight from the comparison: the same sets as the bool mask
+                masks[excl] = M.attended_mask(a, self.gamma, excl, dtype=a.dtype,
+                                              out=work[0] if not masks else None)
+            part[("theta", name)] = M.theta_from_mask(masks[excl], c, self.weighted)
+        with self._lock:
+            self._parts[layer].append((off, b, part))
+
+    def finish_batch(self) -> dict[str, dict[str, torch.Tensor]]:
+        """-> variant -> metric -> (B, L, H) float32 on CPU (focus/focus_norm included in each)."""
+        missing = [i for i, parts in enumerate(self._parts) if not parts]
+        if missing:
+            raise RuntimeError(f"no attention captured for layers {missing}: capture not active?")
+        for layer, parts in enumerate(self._parts):
+            parts.sort(key=lambda t: t[0])
+            pos = 0
+            for off, b, _ in parts:
+                if off != pos:
+                    raise RuntimeError(f"layer {layer}: attention for images from {off}, expected {pos}")
+                pos += b
+            if self._batch >= 0 and pos != self._batch:
+                raise RuntimeError(f"layer {layer}: attention for {pos} of {self._batch} images")
+
+        def layer_cat(layer: int, k) -> torch.Tensor:
+            parts = self._parts[layer]
+            return parts[0][2][k] if len(parts) == 1 else torch.cat([p[2][k] for p in parts])
+
+        def rows(k) -> torch.Tensor:                       # (B, L, H, N)
+            return torch.stack([layer_cat(l, k) for l in range(self.n_layers)], dim=1)
+
+        focus, focus_norm = M.focus_from_rows(rows("entropy"))
+        out = {"focus": focus, "focus_norm": focus_norm}
+        for name, (_, _excl) in self._variants.items():
+            theta = rows(("theta", name))
+            b, n_l, h = theta.shape[:3]
+            c = self._counts(name, theta.device).reshape(b, 1, 1, -1)
+            agg = M.aggregate_theta(theta, c)
+            agg["theta_chance"] = M.theta_chance(c.reshape(b, -1), self.weighted)[:, None, None].expand(b, n_l, h)
+            for k in self.THETA_KEYS:
+                out[(name, k)] = agg[k].float()
+        # one (K, B, L, H) tensor, one device -> host copy
+        keys = list(out)
+        got = dict(zip(keys, torch.stack([out[k] for k in keys]).cpu().unbind(0)))
+        foc = {k: got[k] for k in ("focus", "focus_norm")}
+        res = {}
+        for name in self._variants:
+            res[name] = {k: got[(name, k)] for k in self.THETA_KEYS}
+            res[name].update(foc)
+        return res
+
+
+class PatchScoreCollector:
+    """Attention callback: the per-patch score s_i (``metrics.patch_scores``: theta_i averaged
+    over heads) per captured layer, for masking (mask-eval) and guided MAE; optionally feeds the
+    same maps to a :class:`MetricCollector` (the stage-fit metrics).
+
+    Thread-safe, and a layer may arrive in slices of the batch (:func:`forward_on_cores`,
+    :func:`current_slice_start`), as for :class:`MetricCollector`. ``captured0``: the 0-based
+    layers, in the order :meth:`finish_batch` stacks them."""
+
+    def __init__(self, captured0: list[int], gamma: float, weighted: bool, exclude_self: bool, metrics=None):
+        self.captured0, self.gamma, self.weighted, self.exclude_self = captured0, gamma, weighted, exclude_self
+        self.metrics = metrics
+        self._lock = threading.Lock()
+
+    def start_batch(self, counts: torch.Tensor) -> None:
+        self.counts, self.scores = counts, {}          # scores: layer -> {slice start: (b, N)}
+        if self.metrics is not None:
+            self.metrics.start_batch({"real": (counts, self.exclude_self)})
+
+    def __call__(self, layer: int, attn: torch.Tensor) -> None:
+        if self.metrics is not None:
+            self.metrics(layer, attn)
+        s, b = current_slice_start() or 0, attn.shape[0]
+        sc = M.patch_scores(attn, self.counts[s:s + b].to(attn.device), self.gamma, self.weighted,
+                            self.exclude_self).float().cpu()
+        with self._lock:
+            self.scores.setdefault(layer, {})[s] = sc
+
+    def finish_batch(self):
+        """-> (scores (B, Lc, N) float32 on CPU, the MetricCollector's "real" metrics or None)."""
+        def layer(l):
+            parts = self.scores[l]
+            out = torch.cat([parts[s] for s in sorted(parts)])
+            if out.shape[0] != self.counts.shape[0]:
+                raise RuntimeError(f"layer {l}: scores for {out.shape[0]} of {self.counts.shape[0]} images")
+            return out
+        sc = torch.stack([layer(l) for l in self.captured0], dim=1)    # (B, Lc, N)
+        met = self.metrics.finish_batch()["real"] if self.metrics is not None else None
+        return sc, met

@@ -1,0 +1,85 @@
+"""The one inference entry: inference mode, the precision policy's autocast, attention capture and
+the CPU core split, for every forward of the study (analysis, mask-eval, guided MAE scoring).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable
+
+import torch
+from torch import nn
+
+from vitsift_core.model.capture import capture_attention
+from vitsift_core.model.cores import core_workers, forward_on_cores
+
+PRECISIONS = ("auto", "fp32", "bf16")
+PRECISION_HELP = ("forward pass: auto = bf16 autocast on CUDA, fp32 on CPU; bf16 on a CPU with "
+                  "AVX512-BF16/AMX is about 2x faster (metrics stay float32; a folder keeps one)")
+# Attention maps are reduced in slices of this many images on CPU (cache-sized maps, memory that
+# does not grow with the batch: benchmarks/README.md); VITSIFT_MICRO_BATCH overrides (0 = whole batch).
+CPU_MICRO_BATCH = 4
+
+
+def capture_micro_batch(device: torch.device | str) -> int | None:
+    """Images per attention slice on ``device`` (None: the whole batch); how to run, not identity."""
+    env = os.environ.get("VITSIFT_MICRO_BATCH")
+    if env is not None and env.strip():
+        return int(env) or None
+    return CPU_MICRO_BATCH if torch.device(device).type == "cpu" else None
+
+
+def forward_precision(device: torch.device | str, precision: str = "auto") -> str:
+    """How a forward pass runs on ``device``: ``"bf16-autocast"`` or ``"fp32"``.
+
+    ``precision``: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32", or "bf16" (autocast on
+    any device). Metrics are float32 either way. Runs record it: their chunks must not mix the two.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return "bf16-autocast" if precision == "bf16" else "fp32"
+
+
+def amp_precision(amp: bool) -> str:
+    """The precision of a config's ``amp`` flag (bf16 autocast on CUDA when on): 'auto' or 'fp32'."""
+    return "auto" if amp else "fp32"
+
+
+def forward_autocast(device: torch.device | str, precision: str = "auto"):
+    """The context a forward runs in: bf16 autocast or none (:func:`forward_precision`)."""
+    if forward_precision(device, precision) == "bf16-autocast":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def infer(net, x: torch.Tensor, *, forward: Callable | None = None, head: Callable | None = None,
+          collector: Callable | None = None, layers: list[int] | None = None, precision: str = "auto",
+          micro_batch: int | str | None = None, stop_early: bool = False, per_image: tuple = (),
+          split: bool = True) -> torch.Tensor | None:
+    """``head(forward(x, *per_image))`` under inference mode and the precision policy's autocast.
+
+    net: a timm ViT (``nn.Module``) or a loaded model (``.model``, ``.num_prefix_tokens``): where
+    attention is captured and whose device ``x`` (B, 3, H, W) moves to. ``forward``: default the
+    ViT's ``forward_features``; ``head``: applied to the whole batch's output (default none).
+    ``collector``: ``callback(layer, attn (b, H, N, N))`` for the 0-based ``layers`` (all when
+    None); ``micro_batch``: attention slices ("auto": :func:`capture_micro_batch`); ``stop_early``:
+    end after the deepest captured layer (returns None). ``split``: the CPU core split
+    (``cores.forward_on_cores``), ``per_image`` sliced with the batch.
+    """
+    model, npt = (net, getattr(net, "num_prefix_tokens", 1)) if isinstance(net, nn.Module) else \
+        (net.model, net.num_prefix_tokens)
+    dev = next(model.parameters()).device
+    x = x.to(dev, non_blocking=True)
+    if micro_batch == "auto":
+        micro_batch = capture_micro_batch(dev)
+    capture = contextlib.nullcontext() if collector is None else \
+        capture_attention(model, npt, collector, layers, micro_batch=micro_batch, stop_early=stop_early)
+    out = None
+    with torch.inference_mode(), forward_autocast(dev, precision), capture:
+        out = forward_on_cores(forward or model.forward_features, x, core_workers(dev) if split else 1,
+                               *per_image)
+        if head is not None:
+            out = head(out)
+    return out
