@@ -250,13 +250,12 @@ def test_score_collector_gives_the_whole_batch_scores_when_the_batch_is_split_ov
         torch.testing.assert_close(got[3][1][k], got[1][1][k], atol=1e-6, rtol=0, equal_nan=True)
 
 
-def test_precision_is_recorded_not_part_of_the_key_and_never_mixed(tmp_path, backbone, monkeypatch):
-    monkeypatch.setattr(runs, "CHUNK", 3)
+def test_precision_is_recorded_not_part_of_the_key_and_never_mixed(tmp_path, backbone):
     train = labelled(tmp_path / "train", ["a", "b"], 2)
     val = labelled(tmp_path / "val", ["a", "b"], 2, seed=2)
     p = MaskEvalParams(classifier="embedded-probe", model=backbone, images=str(val), probe_train=str(train),
                        probe_per_class=2, ratios=[0, 30], orders=["top"], modes=["fill"],
-                       batch_size=2, num_workers=0, device="cpu", n_boot=50)
+                       batch_size=2, num_workers=0, device="cpu", n_boot=50, chunk=3)
     bf16 = p.replace(precision="bf16")
     assert bf16.key() == p.key() and "precision" not in p.identity()
     with pytest.raises(ValueError, match="precision"):
@@ -268,7 +267,7 @@ def test_precision_is_recorded_not_part_of_the_key_and_never_mixed(tmp_path, bac
         run_mask_eval(bf16, a.path, progress=False)                 # a resumed run never mixes the two
     out = tmp_path / "runs" / "b"                                   # beside a: its fp32 parts are not reused
     assert cli("--model", backbone, "--images", str(val), "--probe-train", str(train), "--probe-per-class", "2",
-               "--ratios", "0,30", "--orders", "top", "--precision", "bf16", "--out", str(out)) == 0
+               "--ratios", "0,30", "--orders", "top", "--precision", "bf16", "--chunk", "3", "--out", str(out)) == 0
     info = {**json.loads((out / "params.json").read_text()), **json.loads((out / "run.json").read_text())}
     assert info["model"]["forward"] == "bf16-autocast" and info["runtime"]["precision"] == "bf16"
     assert info["key"] == a.params.key() and info["score_chunks_reused"] == 0
