@@ -111,6 +111,36 @@ def test_layer_curves_equal_head_metrics(img, gamma, threshold, xself):
     np.testing.assert_allclose(v2.curves["focus"], hc["focus"][:, 1])
 
 
+@pytest.mark.parametrize("gamma,xself", [(1.0, False), (1.5, True)])
+def test_explorer_numbers_are_the_core_metrics(lm, img, gamma, xself):
+    """The explorer's mask, head curves and patch scores are metrics' own, bit for bit, and equal
+    what the study's MetricCollector records on the same model and image."""
+    from vitsift_core.model.capture import MetricCollector, capture_attention
+
+    counts, _ = img.keypoints()
+    c, maps = torch.from_numpy(counts), torch.from_numpy(img.maps)
+    ref_mask = M.attended_mask(maps, gamma, xself)
+    np.testing.assert_array_equal(img.mask(gamma, xself).numpy(), ref_mask.numpy())
+    theta = M.theta_from_mask(ref_mask, c)
+    agg = M.aggregate_theta(theta, c)
+    hc = img.head_curves(gamma, C.SIFT_DEFAULT, xself)
+    np.testing.assert_array_equal(hc["theta_kk"], agg["theta_kk"].numpy())
+    np.testing.assert_array_equal(hc["theta_nk"], agg["theta_nk"].numpy())
+    assert hc["theta_chance"] == float(M.theta_chance(c))
+    for layer in (1, 6, 12):
+        ref = M.patch_scores(maps[layer - 1][None], c[None], gamma)[0]
+        np.testing.assert_array_equal(C.patch_scores(img, layer, gamma), ref.numpy())
+    col = MetricCollector(img.n_layers, gamma=gamma)
+    col.start_batch({"real": (c[None], xself)})
+    with torch.inference_mode(), capture_attention(lm.model, lm.num_prefix_tokens, col):
+        lm.model.forward_features(img.x[None])
+    out = col.finish_batch()["real"]
+    for k in ("theta_kk", "theta_nk"):
+        np.testing.assert_allclose(hc[k], out[k][0].numpy(), rtol=1e-6, atol=1e-7, equal_nan=True)
+    np.testing.assert_allclose(hc["focus"], out["focus"][0].numpy(), rtol=1e-5)
+    assert hc["theta_chance"] == pytest.approx(float(out["theta_chance"][0, 0, 0]), rel=1e-7)
+
+
 def test_threshold_changes_keypoints(img):
     lo, _ = img.keypoints(0.01)
     hi, _ = img.keypoints(0.15)

@@ -1,26 +1,29 @@
 """What the explorers compute, without any widget: explorer state -> figure data.
 
 The model runs once per image (:func:`analyse`, kept by :class:`ImageLibrary`); every slider or
-click after that is answered from the cached attention maps in numpy (:class:`ImageData`):
-
-- attended sets for a gamma are computed once for all layers and heads and kept until gamma
-  changes; SIFT keypoints are computed once per contrast threshold;
-- theta_i for every query, layer and head is one matmul of those sets with the keypoint weights
-  (counts are integers, so the sums are exact in float32), as in :mod:`vitsift_core.method.metrics`.
-
-The numbers equal :func:`vitsift_core.experiments.study.query_view` and :func:`vitsift_core.method.metrics.head_metrics`
-(tests/test_widgets.py checks it); only the order of the float32 sum behind the detection line
-may differ, which could move a key exactly on the line to the other side (not seen on real maps).
+click after that is answered from the cached attention maps (:class:`ImageData`) through
+:mod:`vitsift_core.method.metrics`, the study's own implementation (tests/test_widgets.py checks it).
 """
 from __future__ import annotations
 
 import math
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
+import torch
+
+from vitsift_core.data.images import load_rgb, model_input
+from vitsift_core.data.keypoints import SiftParams, keypoint_counts
+from vitsift_core.data.sources import read_record, resolve_images
+from vitsift_core.method import masking as MK
+from vitsift_core.method import metrics as M
+from vitsift_core.method.stages import fit_stages
+from vitsift_core.model.capture import attention_maps
 
 SIFT_DEFAULT = 0.04          # OpenCV's contrast threshold (keypoints.SiftParams default)
 
@@ -35,10 +38,6 @@ class ImageData:
 
     def __init__(self, image_id: str, crop: np.ndarray, x, maps: np.ndarray, grid: tuple[int, int],
                  patch_size: int, label: str | None = None):
-        import torch
-
-        from vitsift_core.method import metrics as M
-
         self.id = image_id
         self.crop = crop
         self.x = x
@@ -47,13 +46,11 @@ class ImageData:
         self.patch_size = int(patch_size)
         self.label = label
         self.n_layers, self.n_heads, self.n = self.maps.shape[:3]
-        t = torch.from_numpy(self.maps)
+        self.t = torch.from_numpy(self.maps)                                  # shares the memory
         # head mean per layer, the same torch reduction as study.query_view (a.mean(0))
-        self.head_mean = np.stack([t[l].mean(0).numpy() for l in range(self.n_layers)])
+        self.head_mean = np.stack([self.t[l].mean(0).numpy() for l in range(self.n_layers)])
         # focus index (Eq. 5) per (layer, head): independent of gamma and keypoints
-        self.focus = M.focus_index(t)[0].numpy().astype(np.float64)
-        # sum_j alpha_ij / N of every row: the detection line is gamma times this
-        self.row_mean = self.maps.sum(axis=-1, keepdims=True, dtype=np.float32) / np.float32(self.n)
+        self.focus = M.focus_index(self.t)[0].numpy().astype(np.float64)
         self._kp: dict[float, tuple[np.ndarray, np.ndarray]] = {}
         self._mask_key = None
         self._mask = None
@@ -62,8 +59,6 @@ class ImageData:
     # -- keypoints
     def keypoints(self, threshold: float = SIFT_DEFAULT) -> tuple[np.ndarray, np.ndarray]:
         """(counts (N,) int64, keypoints (K, 4)) for a SIFT contrast threshold; cached."""
-        from vitsift_core.data.keypoints import SiftParams, keypoint_counts
-
         th = round(float(threshold), 6)
         if th not in self._kp:
             self._kp[th] = keypoint_counts(self.crop, self.grid, self.patch_size,
@@ -71,15 +66,12 @@ class ImageData:
         return self._kp[th]
 
     # -- attended sets
-    def mask(self, gamma: float = 1.0, exclude_self: bool = False) -> np.ndarray:
-        """(L, H, N, N) bool attended sets S_i (Eq. 2) of every layer and head; the last
-        (gamma, exclude_self) asked for is kept."""
+    def mask(self, gamma: float = 1.0, exclude_self: bool = False):
+        """(L, H, N, N) float32 0/1 attended sets S_i (metrics.attended_mask) of every layer and
+        head; the last (gamma, exclude_self) asked for is kept."""
         key = (round(float(gamma), 9), bool(exclude_self))
         if self._mask_key != key:
-            self._mask = self.maps >= np.float32(gamma) * self.row_mean      # attended(), line precomputed
-            if exclude_self:
-                idx = np.arange(self.n)
-                self._mask[..., idx, idx] = False
+            self._mask = M.attended_mask(self.t, gamma, exclude_self, dtype=self.t.dtype)
             self._mask_key = key
         return self._mask
 
@@ -87,15 +79,16 @@ class ImageData:
                     exclude_self: bool = False) -> dict:
         """Per (layer, head): theta_kk, theta_nk (L, H); theta_chance (scalar); focus (L, H).
 
-        The same numbers as metrics.head_metrics on this image's maps (weighted theta)."""
+        metrics.theta_from_mask / aggregate_theta / theta_chance on this image's maps (weighted)."""
         key = (round(float(gamma), 9), round(float(threshold), 6), bool(exclude_self))
         if key in self._curves:
             self._curves.move_to_end(key)
             return self._curves[key]
-        counts, _ = self.keypoints(threshold)
-        theta = theta_from_mask(self.mask(gamma, exclude_self), counts)      # (L, H, N)
-        kk, nk = aggregate(theta, counts)
-        out = {"theta_kk": kk, "theta_nk": nk, "theta_chance": chance(counts), "focus": self.focus}
+        counts = torch.from_numpy(self.keypoints(threshold)[0])
+        theta = M.theta_from_mask(self.mask(gamma, exclude_self), counts)    # (L, H, N)
+        agg = M.aggregate_theta(theta, counts)
+        out = {"theta_kk": agg["theta_kk"].numpy(), "theta_nk": agg["theta_nk"].numpy(),
+               "theta_chance": float(M.theta_chance(counts)), "focus": self.focus}
         self._curves[key] = out
         while len(self._curves) > 16:
             self._curves.popitem(last=False)
@@ -110,11 +103,6 @@ def analyse(lm, rgb: np.ndarray, image_id: str, label: str | None = None) -> Ima
 def analyse_many(lm, rgbs: Sequence[np.ndarray], ids: Sequence[str], labels: Sequence | None = None,
                  batch_size: int = 8) -> list[ImageData]:
     """:func:`analyse` for several images, in batches (one forward pass per batch)."""
-    import torch
-
-    from vitsift_core.model.capture import attention_maps
-    from vitsift_core.data.images import model_input
-
     labels = list(labels) if labels is not None else [None] * len(ids)
     dev = next(lm.model.parameters()).device
     out = []
@@ -137,52 +125,8 @@ def from_example(ex) -> ImageData:
     return ImageData(ex.id, ex.crop, ex.x, maps, ex.grid, ex.patch_size)
 
 
-# ----------------------------------------------------------------------------------- metrics in numpy
-def attended(attn: np.ndarray, gamma: float = 1.0, exclude_self: bool = False) -> np.ndarray:
-    """Eq. 2 on (..., N, N) float32: ``alpha_ij >= gamma * sum_j alpha_ij / N`` -> bool."""
-    n = attn.shape[-1]
-    line = np.float32(gamma) * (attn.sum(axis=-1, keepdims=True, dtype=np.float32) / np.float32(n))
-    m = attn >= line
-    if exclude_self:
-        idx = np.arange(n)
-        m[..., idx, idx] = False
-    return m
-
-
-def _weights(counts: np.ndarray) -> np.ndarray:
-    """(N, 2) float32: numerator weight t_j, denominator weight t_j (key) or 1 (non-key)."""
-    t = np.asarray(counts, dtype=np.float32)
-    return np.stack([t, np.where(t > 0, t, np.float32(1))], axis=-1)
-
-
-def theta_from_mask(mask: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Weighted theta_i (Eq. 3) from attended sets (..., N, N) (bool or 0/1) -> (..., N); NaN for
-    an empty S_i. Counts are integers, so the float32 sums are exact."""
-    nd = np.asarray(mask, dtype=np.float32) @ _weights(counts)
-    num, den = nd[..., 0], nd[..., 1]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan).astype(np.float64)
-
-
-def aggregate(theta: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eq. 4: theta_KK / theta_NK as NaN-skipping means over key / non-key query rows."""
-    key = np.asarray(counts) > 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)       # all-NaN / empty -> NaN
-        kk = np.nanmean(theta[..., key], axis=-1) if key.any() else np.full(theta.shape[:-1], np.nan)
-        nk = np.nanmean(theta[..., ~key], axis=-1) if (~key).any() else np.full(theta.shape[:-1], np.nan)
-    return kk, nk
-
-
-def chance(counts: np.ndarray) -> float:
-    """Weighted theta with S_i = every patch (metrics.theta_chance)."""
-    t = np.asarray(counts, dtype=np.float64)
-    num = t.sum()
-    den = num + (t == 0).sum()
-    return float(num / den) if den > 0 else float("nan")
-
-
 def nanmean(a: np.ndarray, axis) -> np.ndarray:
+    """np.nanmean without the all-NaN warning (head means of per-head curves)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(a, axis=axis)
@@ -199,9 +143,6 @@ class Source:
     label: str | None = None
 
     def rgb(self) -> np.ndarray:
-        from vitsift_core.data.sources import read_record
-        from vitsift_core.data.images import load_rgb
-
         return load_rgb(self.data) if self.data is not None else read_record(self.record)
 
 
@@ -223,8 +164,6 @@ class ImageLibrary:
 
     @classmethod
     def from_spec(cls, lm, images: str, limit: int | None, keep: int = 12) -> "ImageLibrary":
-        from vitsift_core.data.sources import resolve_images
-
         return cls(lm, resolve_images(images, limit), keep=keep)
 
     def add_records(self, records: Sequence) -> None:
@@ -237,8 +176,6 @@ class ImageLibrary:
 
     def add_upload(self, name: str, data: bytes) -> str:
         """Register an uploaded file (decoded on first use); returns its id ``upload/<name>``."""
-        from vitsift_core.data.images import load_rgb
-
         load_rgb(bytes(data))               # fail now, with the decoder's message, not later
         image_id = f"upload/{name}"
         self.sources[image_id] = Source(image_id, data=bytes(data))
@@ -332,7 +269,7 @@ def densest_patch(counts: np.ndarray) -> int:
 
 
 def attention_view(img: ImageData, st: AttentionState) -> AttentionView:
-    """State -> figure data, from the cached maps only."""
+    """State -> figure data, from the cached maps only (as study.query_view)."""
     if not 1 <= st.layer <= img.n_layers:
         raise ValueError(f"layer must be in 1..{img.n_layers}, got {st.layer}")
     if st.head is not None and not 1 <= st.head <= img.n_heads:
@@ -343,12 +280,11 @@ def attention_view(img: ImageData, st: AttentionState) -> AttentionView:
         raise ValueError(f"query patch must be in 0..{img.n - 1}, got {q}")
     a = img.head_mean[st.layer - 1] if st.head is None else img.maps[st.layer - 1, st.head - 1]
     row = a[q]
-    att = attended(row[None], st.gamma)[0]
-    if st.exclude_self:
-        att[q] = False
-    w = _weights(counts)
-    num, den = att.astype(np.float32) @ w
-    theta = float(num / den) if den > 0 else float("nan")
+    t = torch.from_numpy(counts)
+    mask = M.attended_mask(torch.from_numpy(a), st.gamma, st.exclude_self)             # (N, N)
+    att = mask[q].numpy()
+    theta = float(M.theta_from_mask(mask[q:q + 1], t)[0])
+    line = torch.from_numpy(row)
     hc = img.head_curves(st.gamma, st.threshold, st.exclude_self)
     if st.head is None:
         kk, nk, fo = (nanmean(hc[k], axis=1) for k in ("theta_kk", "theta_nk", "focus"))
@@ -356,8 +292,8 @@ def attention_view(img: ImageData, st: AttentionState) -> AttentionView:
         kk, nk, fo = (hc[k][:, st.head - 1] for k in ("theta_kk", "theta_nk", "focus"))
     curves = {"layer": np.arange(1, img.n_layers + 1), "theta_kk": kk, "theta_nk": nk, "focus": fo,
               "theta_chance": hc["theta_chance"]}
-    return AttentionView(st, q, row, att, float(st.gamma * (row.sum(dtype=np.float32) / row.size)), theta,
-                         chance(counts), counts, kps, curves)
+    return AttentionView(st, q, row, att, float(st.gamma * line.sum() / line.numel()), theta,
+                         float(M.theta_chance(t)), counts, kps, curves)
 
 
 def patch_at(x: float, y: float, width: float, height: float, grid: tuple[int, int]) -> int:
@@ -402,8 +338,6 @@ def _parallel(fn, items: Sequence) -> list:
     if len(items) < 2:
         return [fn(x) for x in items]
     if _POOL is None:
-        import os
-        from concurrent.futures import ThreadPoolExecutor
         _POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="vitsift-explorer")
     return list(_POOL.map(fn, items))
 
@@ -411,8 +345,6 @@ def _parallel(fn, items: Sequence) -> list:
 def stage_view(images: Sequence[ImageData], gamma: float = 1.0, threshold: float = SIFT_DEFAULT,
                exclude_self: bool = False) -> StageView:
     """Refit the stages (study.claims' recipe) for a gamma and SIFT threshold, from cached maps."""
-    from vitsift_core.method.stages import fit_stages
-
     kk, nk, ch, fo = [], [], [], []
     n_layers = images[0].n_layers if images else 0
     # SIFT and the attended sets of several images in threads (OpenCV and numpy release the GIL)
@@ -472,17 +404,14 @@ class MaskingView:
 
 
 def patch_scores(img: ImageData, layer: int, gamma: float = 1.0, threshold: float = SIFT_DEFAULT) -> np.ndarray:
-    """s_i (Sec 5.1): theta_i of ``layer`` averaged over heads, NaN-skipping (metrics.patch_scores)."""
-    counts, _ = img.keypoints(threshold)
-    theta = theta_from_mask(img.mask(gamma, False)[layer - 1], counts)        # (H, N)
-    return nanmean(theta, axis=0)
+    """s_i (Sec 5.1) of ``layer``: metrics.patch_scores on the cached map. -> (N,) float32."""
+    counts = torch.from_numpy(img.keypoints(threshold)[0])
+    return M.patch_scores(img.t[layer - 1][None], counts[None], gamma)[0].numpy()
 
 
 def masking_view(img: ImageData, st: MaskingState, fill_rgb=(0, 0, 0)) -> MaskingView:
     """State -> masked patches and the picture of them, from cached attention and keypoints.
     ``fill_rgb``: colour painted on masked patches (0-255; the normalisation mean for ``fill``)."""
-    from vitsift_core.method import masking as MK
-
     if st.order not in MK.SINGLE_IMAGE_ORDERS:
         # top_other / bottom_other need another image's score map: they live in mask-eval runs
         raise ValueError(f"order must be one of {MK.SINGLE_IMAGE_ORDERS}, got {st.order!r}")
@@ -516,10 +445,6 @@ class Predictor:
         return self._key(img, mode, masked) in self._cache
 
     def probs(self, img: ImageData, mode: str = "fill", masked=()) -> np.ndarray:
-        import torch
-
-        from vitsift_core.method import masking as MK
-
         m = np.asarray(masked, dtype=np.int64).reshape(1, -1)
         key = self._key(img, mode, masked)
         if key in self._cache:
