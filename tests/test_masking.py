@@ -9,9 +9,10 @@ import torch
 from vitsift_core.method import masking as MK
 from vitsift_core.method import metrics as M
 from vitsift_core.model.capture import PatchScoreCollector, attention_maps, capture_attention
-from vitsift_core.experiments.maskeval import (MaskEvalParams, bootstrap_means, bootstrap_weights, mask_shape,
-                                  order_contrasts, ordering_check, paired_ordering, summarize,
-                                  content_vs_shape, CONTENT_SHAPE_PAIRS)
+from vitsift_core.experiments.maskeval import MaskEvalParams, summarize
+from vitsift_core.method.stats import bootstrap_means, bootstrap_weights
+from vitsift_core.report.maskstats import (CONTENT_SHAPE_PAIRS, content_vs_shape, mask_shape, order_contrasts,
+                                           ordering_check, paired_ordering)
 from vitsift_core.experiments.probe import fit_linear
 
 

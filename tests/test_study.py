@@ -8,20 +8,21 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from vitsift_core.experiments import study as study
+from vitsift_core.method import stats as S
 from vitsift_core.experiments.analysis import AnalysisParams
 
 
 def test_bootstrap_ci_basic():
-    v, lo, hi = study.bootstrap_ci(np.full(50, 3.0))
+    v, lo, hi = S.bootstrap_ci(np.full(50, 3.0))
     assert v == lo == hi == 3.0
     rng = np.random.default_rng(0)
     x = rng.normal(1.0, 1.0, size=400)
-    v, lo, hi = study.bootstrap_ci(x, n_boot=2000)
+    v, lo, hi = S.bootstrap_ci(x, n_boot=2000)
     assert v == pytest.approx(x.mean())
     assert lo < v < hi
     # a normal 95% interval of the mean has half-width ~1.96 * sd / sqrt(n)
     assert (hi - lo) / 2 == pytest.approx(1.96 * x.std() / np.sqrt(len(x)), rel=0.15)
-    assert np.isnan(study.bootstrap_ci(np.full(5, np.nan))[0])
+    assert np.isnan(S.bootstrap_ci(np.full(5, np.nan))[0])
 
 
 def test_trend():

@@ -38,6 +38,7 @@ import torch
 
 from vitsift_core import __version__
 from vitsift_core.method import metrics as M
+from vitsift_core.method.stages import recipe_json
 from vitsift_core.model.capture import MetricCollector, capture_attention, core_workers, forward_on_cores
 from vitsift_core.data.keypoints import KeypointCache, SiftParams
 
@@ -226,16 +227,7 @@ def layer_table(heads: pd.DataFrame) -> pd.DataFrame:
 
 
 def stage_fit_json(layers: pd.DataFrame) -> dict:
-    from vitsift_core.method.stages import fit_stages
-    th = layers["kk_minus_chance"].to_numpy()
-    fo = layers["focus"].to_numpy()
-    if len(th) < 6:
-        return {"fitted": False, "reason": f"{len(th)} layers: a 3-stage fit needs at least 6"}
-    if np.isnan(th).any() or np.isnan(fo).any():
-        return {"fitted": False, "reason": "undefined (NaN) layer means: no image with keypoints?"}
-    fit = fit_stages(th, fo)
-    return {"fitted": True, "curves": {"theta": "theta_kk - theta_chance (head mean)", "focus": "focus (head mean)"},
-            "summary": fit.summary(), **fit.to_dict()}
+    return recipe_json(layers["kk_minus_chance"].to_numpy(), layers["focus"].to_numpy())
 
 
 # ------------------------------------------------------------------------------- run dirs

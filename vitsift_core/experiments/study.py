@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from vitsift_core.method import stats as S
+from vitsift_core.method.stages import fit_recipe, fit_stages, stage_curves
 from vitsift_core.paths import results_dir
 from vitsift_core.experiments.analysis import CONTROLS, AnalysisParams, RunDir, run_suite, variant_dir
 
@@ -65,24 +67,6 @@ def per_image_layer(run_or_heads, metric: str) -> pd.DataFrame:
     """Head means per (image, layer): DataFrame indexed by image, one column per layer."""
     h = heads(run_or_heads) if isinstance(run_or_heads, RunDir) else run_or_heads
     return h.groupby(["image", "layer"])[metric].mean().unstack("layer")
-
-
-def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0, stat=np.nanmean,
-                 level: float = 0.95) -> tuple[float, float, float]:
-    """(statistic, low, high) with a percentile bootstrap over the first axis (images).
-
-    values: (n,) or (n, ...) -- rows are resampled together, ``stat`` reduces axis 0.
-    """
-    v = np.asarray(values, dtype=np.float64)
-    keep = ~np.isnan(v).reshape(len(v), -1).all(axis=1)
-    v = v[keep]
-    if len(v) == 0:
-        return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(v), size=(n_boot, len(v)))
-    boots = np.array([stat(v[i], axis=0) for i in idx])
-    a = (1 - level) / 2
-    return float(stat(v, axis=0)), float(np.nanquantile(boots, a)), float(np.nanquantile(boots, 1 - a))
 
 
 def layer_curves(runs: dict[Variant, RunDir], exclude_self: bool = False) -> pd.DataFrame:
@@ -146,20 +130,16 @@ def claims(runs: dict[Variant, RunDir], n_boot: int = 1000, seed: int = 0) -> tu
     """The table of Sec 4.1-4.3 claims: what was measured, its bootstrap 95% CI over images,
     and whether the claim holds (the CI excludes the null). Also returns the stage fit and its
     bootstrap stability."""
-    from vitsift_core.method.stages import fit_stages
-
     real = heads(runs[("none", False)])
-    kk = per_image_layer(real, "theta_kk")
-    nk = per_image_layer(real, "theta_nk")
-    ch = per_image_layer(real, "theta_chance")
-    fo = per_image_layer(real, "focus")
-    # images with both a keypoint and a non-keypoint patch: KK and NK are both defined
-    both = kk.index[kk.notna().all(axis=1) & nk.notna().all(axis=1)]
+    kk, nk, ch, fo = (per_image_layer(real, m) for m in ("theta_kk", "theta_nk", "theta_chance", "focus"))
+    # the stage recipe's images (KK and NK both defined) and curves serve every claim
+    keep, curve_th, curve_fo = stage_curves(kk.to_numpy(), nk.to_numpy(), ch.to_numpy(), fo.to_numpy())
+    both = kk.index[keep]
     kk, nk, ch, fo = kk.loc[both], nk.loc[both], ch.loc[both], fo.loc[both]
     rows: list[Claim] = []
 
     def add(section, claim, measured, values, stat=np.nanmean, null=0.0, greater=True):
-        v, lo, hi = bootstrap_ci(values, n_boot=n_boot, seed=seed, stat=stat)
+        v, lo, hi = S.bootstrap_ci(values, n_boot=n_boot, seed=seed, stat=stat)
         holds = lo > null if greater else hi < null
         rows.append(Claim(section, claim, measured, v, lo, hi, bool(holds)))
 
@@ -203,18 +183,13 @@ def claims(runs: dict[Variant, RunDir], n_boot: int = 1000, seed: int = 0) -> tu
     add("4.2", "Focus index falls (attention narrows) and later rises again",
         "min(first, last layer) - min over layers of the focus curve (> 0: a dip)", f, stat=dip)
 
-    curve_th = np.nanmean((kk - ch).to_numpy(), axis=0)
-    curve_fo = np.nanmean(f, axis=0)
-    stage = None
+    stage, _ = fit_recipe(curve_th, curve_fo)
     stage_info: dict = {}
-    if len(curve_th) >= 6:
-        stage = fit_stages(curve_th, curve_fo)
-        rng = np.random.default_rng(seed)
+    if stage is not None:
         th_m, fo_m = (kk - ch).to_numpy(), f
         same, holds = 0, 0
         nb = min(n_boot, 300)
-        for _ in range(nb):
-            i = rng.integers(0, len(th_m), len(th_m))
+        for i in S.resamples(len(th_m), nb, seed):
             b = fit_stages(np.nanmean(th_m[i], axis=0), np.nanmean(fo_m[i], axis=0))
             same += b.boundaries == stage.boundaries
             holds += b.holds

@@ -127,3 +127,40 @@ def fit_stages(theta_curve, focus_curve, min_len: int = 2, flat_tol: float = 0.0
     tests = {k: bool(v) for k, v in tests.items()}
     names = list(STAGE_NAMES) if all(tests.values()) else None
     return StageFit((b1, b2), segs, slopes, means, float(sse), tests, names, flat_tol)
+
+
+# ----------------------------------------------------------------------------- the one recipe
+MIN_LAYERS = 6                  # three segments of >= 2 layers
+CURVES = {"theta": "theta_kk - theta_chance (head mean)", "focus": "focus (head mean)"}
+
+
+def stage_curves(kk, nk, chance, focus) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The recipe's images and curves from per-image head means, each (I, L).
+
+    Images count when theta_KK and theta_NK are defined in every layer (a keypoint and a
+    keypoint-free patch). -> (keep (I,) bool, theta curve (L,) = mean over the kept images of
+    theta_KK - theta_chance, focus curve (L,)), NaN-skipping means in the arrays' dtype.
+    """
+    kk, nk, chance, focus = (np.asarray(a) for a in (kk, nk, chance, focus))
+    keep = ~np.isnan(kk).any(axis=1) & ~np.isnan(nk).any(axis=1)
+    if not keep.any():
+        return keep, np.full(kk.shape[1], np.nan), np.full(kk.shape[1], np.nan)
+    return keep, np.nanmean(kk[keep] - chance[keep], axis=0), np.nanmean(focus[keep], axis=0)
+
+
+def fit_recipe(theta_curve, focus_curve) -> tuple[StageFit | None, str]:
+    """The guards, then :func:`fit_stages`: (fit, "") or (None, why there is no fit)."""
+    th, fo = np.asarray(theta_curve), np.asarray(focus_curve)
+    if len(th) < MIN_LAYERS:
+        return None, f"{len(th)} layers: a 3-stage fit needs at least {MIN_LAYERS}"
+    if np.isnan(th).any() or np.isnan(fo).any():
+        return None, "undefined (NaN) layer means: no image with keypoints?"
+    return fit_stages(th, fo), ""
+
+
+def recipe_json(theta_curve, focus_curve) -> dict:
+    """:func:`fit_recipe` as the ``stages.json`` dict (``fitted``, and the fit or the reason)."""
+    fit, why = fit_recipe(theta_curve, focus_curve)
+    if fit is None:
+        return {"fitted": False, "reason": why}
+    return {"fitted": True, "curves": dict(CURVES), "summary": fit.summary(), **fit.to_dict()}

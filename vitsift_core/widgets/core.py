@@ -22,7 +22,7 @@ from vitsift_core.data.keypoints import SiftParams, keypoint_counts
 from vitsift_core.data.sources import read_record, resolve_images
 from vitsift_core.method import masking as MK
 from vitsift_core.method import metrics as M
-from vitsift_core.method.stages import fit_stages
+from vitsift_core.method.stages import fit_recipe, stage_curves
 from vitsift_core.model.capture import attention_maps
 
 SIFT_DEFAULT = 0.04          # OpenCV's contrast threshold (keypoints.SiftParams default)
@@ -344,34 +344,22 @@ def _parallel(fn, items: Sequence) -> list:
 
 def stage_view(images: Sequence[ImageData], gamma: float = 1.0, threshold: float = SIFT_DEFAULT,
                exclude_self: bool = False) -> StageView:
-    """Refit the stages (study.claims' recipe) for a gamma and SIFT threshold, from cached maps."""
-    kk, nk, ch, fo = [], [], [], []
+    """Refit the stages (stages.stage_curves + fit_recipe, as study's claims) from cached maps."""
     n_layers = images[0].n_layers if images else 0
-    # SIFT and the attended sets of several images in threads (OpenCV and numpy release the GIL)
-    curves = _parallel(lambda im: im.head_curves(gamma, threshold, exclude_self), images)
-    for img, hc in zip(images, curves):
-        k, n = nanmean(hc["theta_kk"], axis=1), nanmean(hc["theta_nk"], axis=1)
-        if not (np.isfinite(k).all() and np.isfinite(n).all()):
-            continue          # no keypoint (or no keypoint-free) patch at this threshold
-        kk.append(k)
-        nk.append(n)
-        ch.append(np.full(n_layers, hc["theta_chance"]))
-        fo.append(nanmean(hc["focus"], axis=1))
     layer = np.arange(1, n_layers + 1)
-    if not kk:
+    # SIFT and the attended sets of several images in threads (OpenCV and torch release the GIL)
+    curves = _parallel(lambda im: im.head_curves(gamma, threshold, exclude_self), images)
+    kk, nk, fo = (np.array([nanmean(hc[k], axis=1) for hc in curves]).reshape(len(curves), n_layers)
+                  for k in ("theta_kk", "theta_nk", "focus"))
+    ch = np.array([np.full(n_layers, hc["theta_chance"]) for hc in curves]).reshape(len(curves), n_layers)
+    keep, th_curve, fo_curve = stage_curves(kk, nk, ch, fo)
+    if not keep.any():
         nan = np.full(n_layers, np.nan)
         return StageView(gamma, threshold, 0, layer, nan, nan, nan, nan, nan, None,
                          "no image has both keypoint and keypoint-free patches at this threshold")
-    kk, nk, ch, fo = (np.stack(v) for v in (kk, nk, ch, fo))
-    th_curve = (kk - ch).mean(axis=0)
-    fo_curve = fo.mean(axis=0)
-    fit, note = None, ""
-    if n_layers >= 6 and np.isfinite(th_curve).all() and np.isfinite(fo_curve).all():
-        fit = fit_stages(th_curve, fo_curve)
-    else:
-        note = f"no stage fit: {n_layers} layers (need >= 6) or undefined curves"
-    return StageView(gamma, threshold, len(kk), layer, kk.mean(0), nk.mean(0), ch.mean(0), fo_curve,
-                     th_curve, fit, note)
+    fit, note = fit_recipe(th_curve, fo_curve)
+    return StageView(gamma, threshold, int(keep.sum()), layer, kk[keep].mean(0), nk[keep].mean(0),
+                     ch[keep].mean(0), fo_curve, th_curve, fit, note and f"no stage fit: {note}")
 
 
 # ----------------------------------------------------------------------------------- masking explorer
