@@ -31,15 +31,15 @@ N = 100
                                      (5, 196, 10), (10, 196, 20), (30, 196, 59), (7, 100, 7), (100, 100, 100),
                                      (0.5, 256, 2), (12.5, 16, 2)])
 def test_n_masked_is_ceil_exactly(pct, n, m):
-    assert MK.n_masked(pct, n) == m
+    assert MK.n_masked_pct(pct, n) == m
     assert m == math.ceil(round(pct * n / 100, 9))
 
 
 def test_n_masked_range():
     with pytest.raises(ValueError):
-        MK.n_masked(-1, 10)
+        MK.n_masked_pct(-1, 10)
     with pytest.raises(ValueError):
-        MK.n_masked(101, 10)
+        MK.n_masked_pct(101, 10)
 
 
 # ------------------------------------------------------------------------------------------ rankings
@@ -48,7 +48,7 @@ def test_top_bottom_pick_exactly_the_extremes():
     s = rng.random((5, N))                           # distinct scores
     ids = [f"im{i}" for i in range(5)]
     for pct in (5, 10, 20, 33, 40):
-        m = MK.n_masked(pct, N)
+        m = MK.n_masked_pct(pct, N)
         top = MK.mask_indices(MK.rank_patches("top", scores=s, ids=ids), pct)
         bot = MK.mask_indices(MK.rank_patches("bottom", scores=s, ids=ids), pct)
         assert top.shape == bot.shape == (5, m)
@@ -176,7 +176,7 @@ def test_drop_feeds_exactly_n_minus_m_patch_tokens(reg):
             idx = MK.mask_indices(r, pct)
             with torch.inference_mode():
                 out = MK.masked_features(m, x, "drop", idx, GRID, P)
-            k = N - MK.n_masked(pct, N)
+            k = N - MK.n_masked_pct(pct, N)
             assert seen[-1] == (2, m.num_prefix_tokens + k, m.embed_dim)
             assert out.shape == (2, m.num_prefix_tokens + k, m.embed_dim)
     finally:

@@ -88,7 +88,7 @@ def test_probe_tier_end_to_end(tmp_path, backbone):
     assert len(pred) == n * k * 2 * 3 and len(acc) == k * 2 * 3 and len(paired) == k * 2 * 2
     assert (acc.n == n).all()
     assert (acc.ci_low <= acc.top1 + 1e-9).all() and (acc.top1 <= acc.ci_high + 1e-9).all()
-    assert set(pred.n_masked) == {0, MK.n_masked(10, 100), MK.n_masked(50, 100)}
+    assert set(pred.n_masked) == {0, MK.n_masked_pct(10, 100), MK.n_masked_pct(50, 100)}
     # ratio 0 is the clean prediction for every order and mode
     z = pred[pred.ratio == 0].groupby("image").pred.nunique()
     assert (z == 1).all()

@@ -191,7 +191,7 @@ def test_masking_view_orders_and_ratios(img):
     prev = set()
     for ratio in (0, 10, 30, 60):
         v = C.masking_view(img, C.MaskingState(img.id, "keypoints", ratio), fill_rgb=(1, 2, 3))
-        assert len(v.masked) == MK.n_masked(ratio, img.n)
+        assert len(v.masked) == MK.n_masked_pct(ratio, img.n)
         assert prev <= set(v.masked.tolist())                      # nested across ratios
         prev = set(v.masked.tolist())
         for j in v.masked:

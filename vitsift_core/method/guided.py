@@ -34,8 +34,8 @@ MASK_KINDS = ("random", "guided")
 STREAM_MASK, STREAM_FLIP, STREAM_RECOVERY = 1, 2, 3
 
 
-def n_masked(n_patches: int, ratio: float) -> int:
-    """``M = round(r N)`` (Python's round-half-even; 0 <= r <= 1)."""
+def mae_mask_count(n_patches: int, ratio: float) -> int:
+    """MAE's mask size ``M = round(r N)``, r a fraction in [0, 1] (Python's round-half-even)."""
     if not 0.0 <= float(ratio) <= 1.0:
         raise ValueError(f"mask ratio must be in [0, 1], got {ratio}")
     return int(round(float(ratio) * int(n_patches)))
@@ -49,7 +49,7 @@ def sample_rng(seed: int, epoch: int, index: int, stream: int = STREAM_MASK) -> 
 def random_mask(n_patches: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
     """MAE's uniform random mask: exactly ``round(r N)`` patches, uniformly without replacement."""
     m = np.zeros(int(n_patches), dtype=bool)
-    m[rng.permutation(int(n_patches))[:n_masked(n_patches, ratio)]] = True
+    m[rng.permutation(int(n_patches))[:mae_mask_count(n_patches, ratio)]] = True
     return m
 
 
@@ -59,7 +59,7 @@ def guided_quota(n_key: int, n_patches: int, ratio: float, beta: float) -> tuple
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     n_key, n_patches = int(n_key), int(n_patches)
     n_non = n_patches - n_key
-    m = n_masked(n_patches, ratio)
+    m = mae_mask_count(n_patches, ratio)
     m_k = int(round(float(beta) * m))
     k = min(max(m_k, m - n_non), n_key)
     return m, k, m - k

@@ -47,10 +47,10 @@ TIEBREAKS = ("random", "index")
 
 
 # ----------------------------------------------------------------------------------- counting
-def n_masked(ratio_pct: float, n_patches: int) -> int:
-    """``ceil(r N)`` with r = ``ratio_pct`` / 100, computed exactly (no 0.07 * 100 = 7.000001 -> 8).
+def n_masked_pct(ratio_pct: float, n_patches: int) -> int:
+    """Mask-eval's mask size ``ceil(r N)``, r = ``ratio_pct`` / 100, exact (no 7.000001 -> 8).
 
-    >>> n_masked(5, 256), n_masked(10, 196), n_masked(0, 256), n_masked(100, 256)
+    >>> n_masked_pct(5, 256), n_masked_pct(10, 196), n_masked_pct(0, 256), n_masked_pct(100, 256)
     (13, 20, 0, 256)
     """
     r = Fraction(str(ratio_pct))
@@ -160,7 +160,7 @@ def rank_patches(order: str, *, scores: torch.Tensor | np.ndarray | None = None,
 
 def mask_indices(ranking: np.ndarray, ratio_pct: float) -> np.ndarray:
     """The first ``ceil(r N)`` patches of a ranking: (B, N) -> (B, M), sorted by patch index."""
-    m = n_masked(ratio_pct, ranking.shape[1])
+    m = n_masked_pct(ratio_pct, ranking.shape[1])
     return np.sort(ranking[:, :m], axis=1)
 
 
