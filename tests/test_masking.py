@@ -8,6 +8,7 @@ import torch
 
 from vitsift_core.method import masking as MK
 from vitsift_core.method import metrics as M
+from vitsift_core.model import masked as MD
 from vitsift_core.model.capture import PatchScoreCollector, attention_maps, capture_attention
 from vitsift_core.experiments.maskeval import MaskEvalParams, summarize
 from vitsift_core.method.stats import bootstrap_means, bootstrap_weights
@@ -120,16 +121,16 @@ def test_keypoint_order_and_random_order():
 
 def test_keep_indices_complement():
     masked = np.array([[0, 5, 9], [1, 2, 3]])
-    keep = MK.keep_indices(masked, 10)
+    keep = MD.keep_indices(masked, 10)
     assert keep.tolist() == [[1, 2, 3, 4, 6, 7, 8], [0, 4, 5, 6, 7, 8, 9]]
-    assert MK.keep_indices(np.zeros((2, 0), int), 4).tolist() == [[0, 1, 2, 3]] * 2
+    assert MD.keep_indices(np.zeros((2, 0), int), 4).tolist() == [[0, 1, 2, 3]] * 2
 
 
 # ------------------------------------------------------------------------------------------ fill
 def test_fill_changes_only_masked_pixels():
     x = torch.randn(2, 3, 160, 160) + 5.0             # no pixel is 0 by chance
     masked = np.array([[0, 11, 99], [42, 43, 57]])
-    y = MK.fill_patches(x, masked, GRID, P)
+    y = MD.fill_patches(x, masked, GRID, P)
     changed = (y != x).any(dim=1)                      # (B, H, W)
     for b in range(2):
         expect = torch.zeros(160, 160, dtype=torch.bool)
@@ -139,7 +140,7 @@ def test_fill_changes_only_masked_pixels():
         assert torch.equal(changed[b], expect)
         assert (y[b][:, expect] == 0).all()
     assert torch.equal(x, x.clone())                   # input untouched (copy)
-    assert torch.equal(MK.fill_patches(x, np.zeros((2, 0), int), GRID, P), x)
+    assert torch.equal(MD.fill_patches(x, np.zeros((2, 0), int), GRID, P), x)
 
 
 def test_masked_crop_paints_patches():
@@ -156,10 +157,10 @@ def test_drop_with_nothing_dropped_equals_plain_forward(reg):
     x = torch.randn(3, 3, 160, 160)
     with torch.inference_mode():
         ref = m(x)
-        got = m.forward_head(MK.forward_drop(m, x, None))
-        got_all = m.forward_head(MK.forward_drop(m, x, np.tile(np.arange(N), (3, 1))))
-        got_fill = m.forward_head(MK.masked_features(m, x, "fill", np.zeros((3, 0), int), GRID, P))
-        got_drop = m.forward_head(MK.masked_features(m, x, "drop", np.zeros((3, 0), int), GRID, P))
+        got = m.forward_head(MD.forward_drop(m, x, None))
+        got_all = m.forward_head(MD.forward_drop(m, x, np.tile(np.arange(N), (3, 1))))
+        got_fill = m.forward_head(MD.masked_features(m, x, "fill", np.zeros((3, 0), int), GRID, P))
+        got_drop = m.forward_head(MD.masked_features(m, x, "drop", np.zeros((3, 0), int), GRID, P))
     for g in (got, got_all, got_fill, got_drop):
         torch.testing.assert_close(g, ref, rtol=0, atol=1e-5)
 
@@ -175,7 +176,7 @@ def test_drop_feeds_exactly_n_minus_m_patch_tokens(reg):
             r = MK.rank_patches("random", counts=np.zeros((2, N)), ids=["a", "b"])
             idx = MK.mask_indices(r, pct)
             with torch.inference_mode():
-                out = MK.masked_features(m, x, "drop", idx, GRID, P)
+                out = MD.masked_features(m, x, "drop", idx, GRID, P)
             k = N - MK.n_masked_pct(pct, N)
             assert seen[-1] == (2, m.num_prefix_tokens + k, m.embed_dim)
             assert out.shape == (2, m.num_prefix_tokens + k, m.embed_dim)
@@ -190,8 +191,8 @@ def test_drop_keeps_each_tokens_own_position():
     x = torch.randn(1, 3, 160, 160)
     keep = np.array([[3, 17, 40, 41, 77, 90]])
     with torch.inference_mode():
-        a = MK.forward_drop(m, x, keep)[:, 0]
-        b = MK.forward_drop(m, x, keep[:, ::-1].copy())[:, 0]
+        a = MD.forward_drop(m, x, keep)[:, 0]
+        b = MD.forward_drop(m, x, keep[:, ::-1].copy())[:, 0]
         # manual reference: embed, add positions, gather, run the blocks
         t = m._pos_embed(m.patch_embed(x))
         ref_tok = torch.cat([t[:, :1], t[:, 1:][:, keep[0]]], 1)
@@ -205,8 +206,8 @@ def test_drop_changes_logits_when_masking():
     x = torch.randn(1, 3, 160, 160)
     idx = MK.mask_indices(MK.rank_patches("random", counts=np.zeros((1, N)), ids=["a"]), 40)
     with torch.inference_mode():
-        assert not torch.allclose(m.forward_head(MK.masked_features(m, x, "drop", idx, GRID, P)), m(x))
-        assert not torch.allclose(m.forward_head(MK.masked_features(m, x, "fill", idx, GRID, P)), m(x))
+        assert not torch.allclose(m.forward_head(MD.masked_features(m, x, "drop", idx, GRID, P)), m(x))
+        assert not torch.allclose(m.forward_head(MD.masked_features(m, x, "fill", idx, GRID, P)), m(x))
 
 
 # ------------------------------------------------------------------------------------------ scores

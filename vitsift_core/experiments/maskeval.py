@@ -49,6 +49,7 @@ import torch
 
 from vitsift_core.method import masking as MK
 from vitsift_core.method import stats as S
+from vitsift_core.model.masked import masked_features
 from vitsift_core.model.capture import PatchScoreCollector, core_workers, forward_on_cores
 from vitsift_core.data.keypoints import SiftParams
 from vitsift_core.experiments.analysis import _atomic_write, _write_json, check_identity, versions
@@ -459,7 +460,7 @@ def _mask_chunk(c: _Call, k: int, need: list[tuple], frames: list[pd.DataFrame],
             idx = MK.mask_indices(ranked[order], ratio)                     # (B, M)
 
             def logits(xs, idx_s, mode=mode):
-                return c.clf.logits(MK.masked_features(model, xs, mode, idx_s, lm.grid, lm.patch_size))
+                return c.clf.logits(masked_features(model, xs, mode, idx_s, lm.grid, lm.patch_size))
 
             with torch.inference_mode():
                 # CPU: the batch split over the cores, like the analysis (attention.forward_on_cores)

@@ -24,6 +24,7 @@ from vitsift_core.method import masking as MK
 from vitsift_core.method import metrics as M
 from vitsift_core.method.stages import fit_recipe, stage_curves
 from vitsift_core.model.capture import attention_maps
+from vitsift_core.model.masked import masked_features
 
 SIFT_DEFAULT = 0.04          # OpenCV's contrast threshold (keypoints.SiftParams default)
 
@@ -441,7 +442,7 @@ class Predictor:
         lm = self.clf.lm
         dev = next(lm.model.parameters()).device
         with torch.inference_mode():
-            tokens = MK.masked_features(lm.model, img.x[None].to(dev), mode, m, img.grid, img.patch_size)
+            tokens = masked_features(lm.model, img.x[None].to(dev), mode, m, img.grid, img.patch_size)
             p = torch.softmax(self.clf.logits(tokens).float(), dim=-1)[0].cpu().numpy()
         self.n_forward += 1
         self._cache[key] = p
