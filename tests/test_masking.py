@@ -518,3 +518,47 @@ def test_mask_shape_of_top_other_matches_top():
 def test_widget_orders_exclude_donor_orders():
     assert "top_other" in MK.ORDERS and "top_other" not in MK.SINGLE_IMAGE_ORDERS
     assert set(MK.DEFAULT_ORDERS) <= set(MK.ORDERS)
+
+
+# ----------------------------------------------------------------------------------- notebook 06's verdicts
+def test_change_verdict_and_paired_verdicts():
+    from vitsift_core.report.maskstats import change_verdict, paired_verdicts
+
+    assert change_verdict(0.1, 2.0) == "a gain whose CI excludes 0"
+    assert change_verdict(-3.0, -0.5) == "a loss whose CI excludes 0"
+    assert change_verdict(0.0, 1.0).startswith("indistinguishable")
+    paired = pd.DataFrame({"order": ["bottom", "bottom", "bottom", "top"], "mode": ["fill", "drop", "fill", "fill"],
+                           "ratio": [5.0, 10.0, 20.0, 5.0], "n": 40, "diff": [2.5, -1.0, 3.0, -9.0],
+                           "ci_low": [0.5, -3.0, 1.0, -12.0], "ci_high": [4.5, 1.0, 5.0, -6.0],
+                           "n_gain": [3, 1, 4, 0], "n_loss": [1, 2, 0, 5], "p_mcnemar": [0.625, 1.0, 0.125, 0.0625]})
+    key, lines = paired_verdicts(paired, "bottom", (5, 10))
+    assert list(key.index) == [0, 1] and len(lines) == 2
+    assert lines[0] == ("- fill, r = 5 %: +2.50 points (95 % CI +0.50 to +4.50), 3 images gained / 1 lost, "
+                        "McNemar p = 0.625: a gain whose CI excludes 0.")
+    assert lines[1].endswith("indistinguishable from no change (CI includes 0).")
+
+
+def test_ordering_and_shape_summaries():
+    from vitsift_core.report.maskstats import content_summary, ordering_summary, top_vs_top_other
+
+    chk = pd.DataFrame({"mode": ["fill", "fill"], "ratio": [5.0, 10.0], "holds": [True, False],
+                        "separated": [True, False]})
+    po = pd.DataFrame({"holds": [True, False], "top_below_random": [True, True], "random_below_bottom": [True, False]})
+    s = ordering_summary(chk, po)
+    assert "holds (point estimates) at 1 of 2 (mode, ratio) cells; with non-overlapping CIs at 1." in s
+    assert "both below 0) at 1; Top < Random alone at 2, Random < Bottom alone at 1." in s
+    assert "both below 0) at 0; Top < Random alone at 0" in ordering_summary(chk, pd.DataFrame())
+    assert ordering_summary(chk.iloc[:0], po) == ""
+    con = pd.DataFrame({"mode": "fill", "ratio": [5.0, 10.0, 5.0], "a": ["top", "top", "top"],
+                        "b": ["top_other", "top_other", "random"], "diff": [-4.0, -1.0, -6.0],
+                        "ci_low": [-6.0, -3.0, -8.0], "ci_high": [-2.0, 0.5, -4.0]})
+    t, note = top_vs_top_other(con)
+    assert len(t) == 2 and note == ("Top − top_other has a 95 % CI below 0 at 1 of 2 (mode, ratio) cells "
+                                    "(largest gap -4.0 points).")
+    split = pd.DataFrame({"mode": ["fill", "fill"], "ratio": [5.0, 40.0], "top_minus_random": [-2.0, -10.0],
+                          "content": [-1.0, -4.0], "content_ci": ["[-2.0, 0.0]", "[-6.0, -2.0]"],
+                          "shape_place": [-1.0, -6.0], "shape_place_ci": ["[-2.0, 0.0]", "[-8.0, -4.0]"],
+                          "content_share": [0.5, 0.4]})
+    assert content_summary(split) == ("At the largest ratio, content is 40% of Top − Random in fill (-4.0 of -10.0 "
+                                      "points; shape and place -6.0 [-8.0, -4.0]).")
+    assert content_summary(split.iloc[:0]) == "" and top_vs_top_other(con.iloc[2:])[1] == ""

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from vitsift_core.experiments import study as study
 from vitsift_core.method import stats as S
+from vitsift_core.report import claims as RC
 from vitsift_core.experiments.analysis import AnalysisParams
 
 
@@ -25,9 +26,13 @@ def test_bootstrap_ci_basic():
     assert np.isnan(S.bootstrap_ci(np.full(5, np.nan))[0])
 
 
-def test_trend():
-    s, c = study.trend(np.array([1.0, 3.0, 5.0, np.nan]))
-    assert s == pytest.approx(2.0) and c == pytest.approx(-1.0)
+def test_trend_rules():
+    """The slope and dip rules of the claims table (the unused study.trend copy of the slope was
+    deleted): hand-made (images, layers) tables -> expected statistics."""
+    assert RC._slope_rows(np.array([[1.0, 3.0, 5.0], [2.0, 2.0, 2.0]])).tolist() == pytest.approx([2.0, 0.0])
+    assert RC.kk_rise(np.array([[1.0, 3.0, 5.0], [1.0, np.nan, 5.0]])) == pytest.approx(2.0)
+    assert RC.focus_dip(np.array([[3.0, 1.0, 2.0], [3.0, 1.0, 4.0]])) == pytest.approx(2.0)   # curve 3, 1, 3
+    assert RC.focus_dip(np.array([[1.0, 2.0, 3.0]])) == 0.0                                     # no dip
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +62,7 @@ def tiny_runs(tmp_path_factory):
 
 def test_claims_table(tiny_runs):
     base, runs, d = tiny_runs
-    table, info = study.claims(runs, n_boot=100)
+    table, info = RC.claims(runs, n_boot=100)
     assert {"section", "claim", "measured", "value", "ci95", "holds"} <= set(table.columns)
     assert len(table) >= 9
     # first claim's value is the mean over images of the layer-mean KK - NK gap

@@ -13,8 +13,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vitsift_core.method import stats as S
-from vitsift_core.method.stages import fit_recipe, fit_stages, stage_curves
 from vitsift_core.paths import results_dir
 from vitsift_core.experiments.analysis import CONTROLS, AnalysisParams, RunDir, run_suite, variant_dir
 
@@ -88,119 +86,6 @@ def layer_curves(runs: dict[Variant, RunDir], exclude_self: bool = False) -> pd.
         out["semantic"] = out.kk - out["kk_mean-attention"]
         out["semantic_nk"] = out.nk - out["nk_mean-attention"]
     return out
-
-
-def trend(y: np.ndarray) -> tuple[float, float]:
-    """(slope, intercept) of a least-squares line over layers 1..L (NaN-skipping)."""
-    y = np.asarray(y, dtype=np.float64)
-    x = np.arange(1, len(y) + 1, dtype=np.float64)
-    ok = ~np.isnan(y)
-    if ok.sum() < 2:
-        return float("nan"), float("nan")
-    s, c = np.polyfit(x[ok], y[ok], 1)
-    return float(s), float(c)
-
-
-# --------------------------------------------------------------------------- claims (Sec 4.1-4.3)
-@dataclass
-class Claim:
-    section: str
-    claim: str
-    measured: str
-    value: float
-    low: float
-    high: float
-    holds: bool
-
-    def row(self) -> dict:
-        ci = "n/a" if np.isnan(self.low) else f"[{self.low:.4f}, {self.high:.4f}]"
-        return {"section": self.section, "claim": self.claim, "measured": self.measured,
-                "value": round(self.value, 4), "ci95": ci,
-                "holds": "yes" if self.holds else "no"}
-
-
-def _slope_rows(m: np.ndarray) -> np.ndarray:
-    """Trend slope of each bootstrap-mean curve. m: (n_images, L) -> callable stat."""
-    x = np.arange(1, m.shape[1] + 1, dtype=np.float64)
-    xc = x - x.mean()
-    return (m - m.mean(axis=-1, keepdims=True)) @ xc / (xc ** 2).sum()
-
-
-def claims(runs: dict[Variant, RunDir], n_boot: int = 1000, seed: int = 0) -> tuple[pd.DataFrame, dict]:
-    """The table of Sec 4.1-4.3 claims: what was measured, its bootstrap 95% CI over images,
-    and whether the claim holds (the CI excludes the null). Also returns the stage fit and its
-    bootstrap stability."""
-    real = heads(runs[("none", False)])
-    kk, nk, ch, fo = (per_image_layer(real, m) for m in ("theta_kk", "theta_nk", "theta_chance", "focus"))
-    # the stage recipe's images (KK and NK both defined) and curves serve every claim
-    keep, curve_th, curve_fo = stage_curves(kk.to_numpy(), nk.to_numpy(), ch.to_numpy(), fo.to_numpy())
-    both = kk.index[keep]
-    kk, nk, ch, fo = kk.loc[both], nk.loc[both], ch.loc[both], fo.loc[both]
-    rows: list[Claim] = []
-
-    def add(section, claim, measured, values, stat=np.nanmean, null=0.0, greater=True):
-        v, lo, hi = S.bootstrap_ci(values, n_boot=n_boot, seed=seed, stat=stat)
-        holds = lo > null if greater else hi < null
-        rows.append(Claim(section, claim, measured, v, lo, hi, bool(holds)))
-
-    gap = (kk - nk).to_numpy()
-    add("4.1", "Keypoint queries attend to keypoint patches more than non-keypoint queries do (KK > NK)",
-        "mean over layers of theta_KK - theta_NK", gap.mean(axis=1))
-    add("4.1", "KK is above what attending to everything gives",
-        "mean over layers of theta_KK - theta_chance", (kk - ch).to_numpy().mean(axis=1))
-    if ("none", True) in runs:
-        rx = heads(runs[("none", True)])
-        kx, nx = per_image_layer(rx, "theta_kk"), per_image_layer(rx, "theta_nk")
-        idx = both.intersection(kx.index)
-        add("4.1", "The KK > NK gap survives excluding each query's own patch (exclude_self)",
-            "mean over layers of theta_KK - theta_NK, j != i", (kx.loc[idx] - nx.loc[idx]).to_numpy().mean(axis=1))
-    if ("mean-attention", False) in runs:
-        mk = per_image_layer(heads(runs[("mean-attention", False)]), "theta_kk").reindex(both)
-        add("4.1", "The KK bias is semantic, not positional: real KK exceeds content-free (mean) attention's KK",
-            "mean over layers of theta_KK(real) - theta_KK(mean attention)", (kk - mk).to_numpy().mean(axis=1))
-        mn = per_image_layer(heads(runs[("mean-attention", False)]), "theta_nk").reindex(both)
-        add("4.1", "The KK-NK gap is larger than content-free attention's gap",
-            "mean over layers of (KK-NK)(real) - (KK-NK)(mean attention)",
-            ((kk - nk) - (mk - mn)).to_numpy().mean(axis=1))
-    if ("shuffle-keypoints", False) in runs:
-        sk = per_image_layer(heads(runs[("shuffle-keypoints", False)]), "theta_kk").reindex(both)
-        sn = per_image_layer(heads(runs[("shuffle-keypoints", False)]), "theta_nk").reindex(both)
-        add("4.1", "The KK-NK gap needs the real keypoint positions (shuffled keypoints remove it)",
-            "mean over layers of (KK-NK)(real) - (KK-NK)(shuffled)", ((kk - nk) - (sk - sn)).to_numpy().mean(axis=1))
-    if ("random-init", False) in runs:
-        rk = per_image_layer(heads(runs[("random-init", False)]), "theta_kk").reindex(both)
-        rn = per_image_layer(heads(runs[("random-init", False)]), "theta_nk").reindex(both)
-        add("4.1", "The gap is learned: a random-init model of the same architecture shows less of it",
-            "mean over layers of (KK-NK)(trained) - (KK-NK)(random init)", ((kk - nk) - (rk - rn)).to_numpy().mean(axis=1))
-    add("4.1", "KK rises with depth", "trend slope of theta_KK - theta_chance per layer",
-        (kk - ch).to_numpy(), stat=lambda m, axis=0: _slope_rows(np.nanmean(m, axis=0)[None])[0])
-    f = fo.to_numpy()
-
-    def dip(m, axis=0):
-        c = np.nanmean(m, axis=0)
-        return min(c[0], c[-1]) - c.min()
-
-    add("4.2", "Focus index falls (attention narrows) and later rises again",
-        "min(first, last layer) - min over layers of the focus curve (> 0: a dip)", f, stat=dip)
-
-    stage, _ = fit_recipe(curve_th, curve_fo)
-    stage_info: dict = {}
-    if stage is not None:
-        th_m, fo_m = (kk - ch).to_numpy(), f
-        same, holds = 0, 0
-        nb = min(n_boot, 300)
-        for i in S.resamples(len(th_m), nb, seed):
-            b = fit_stages(np.nanmean(th_m[i], axis=0), np.nanmean(fo_m[i], axis=0))
-            same += b.boundaries == stage.boundaries
-            holds += b.holds
-        stage_info = {"fit": stage.to_dict(), "summary": stage.summary(),
-                      "bootstrap_same_boundaries": same / nb, "bootstrap_shape_tests_pass": holds / nb,
-                      "n_boot": nb}
-        rows.append(Claim("4.3", "Three stages: Retrieval, Capture (KK up, focus down), Coach (KK flat/down, focus up)",
-                          f"3-segment fit: {stage.summary()}; share of bootstraps passing all shape tests",
-                          holds / nb, float("nan"), float("nan"), stage.holds))
-    table = pd.DataFrame([r.row() for r in rows])
-    return table, {"n_images": int(len(both)), "stage": stage_info}
 
 
 # --------------------------------------------------------------------------- single images

@@ -133,3 +133,55 @@ def mask_shape(scores: dict, params, grid: tuple[int, int]) -> pd.DataFrame:
                              "adjacency": float(np.nanmean(MK.mask_adjacency(idx, grid))),
                              "keypoint_share": float(np.take_along_axis(has_kp, idx, 1).mean())})
     return pd.DataFrame(rows, columns=["order", "ratio", "n_masked", "adjacency", "keypoint_share"])
+
+
+# ----------------------------------------------------------------------------------- verdicts (notebook 06)
+def change_verdict(ci_low: float, ci_high: float) -> str:
+    """A paired difference's verdict from its 95 % CI."""
+    if ci_low > 0:
+        return "a gain whose CI excludes 0"
+    if ci_high < 0:
+        return "a loss whose CI excludes 0"
+    return "indistinguishable from no change (CI includes 0)"
+
+
+def paired_verdicts(paired: pd.DataFrame, order: str = "bottom", ratios=(5, 10)) -> tuple[pd.DataFrame, list[str]]:
+    """The rows of ``paired.parquet`` (masked minus clean) for ``order`` at ``ratios``, and one line
+    per row: difference, CI, images gained / lost, McNemar p and :func:`change_verdict`."""
+    key = paired[(paired.order == order) & paired.ratio.isin(list(ratios))]
+    lines = [f"- {r['mode']}, r = {r.ratio:g} %: {r['diff']:+.2f} points (95 % CI {r.ci_low:+.2f} to "
+             f"{r.ci_high:+.2f}), {r.n_gain} images gained / {r.n_loss} lost, McNemar p = {r.p_mcnemar:.3g}: "
+             f"{change_verdict(r.ci_low, r.ci_high)}." for _, r in key.iterrows()]
+    return key, lines
+
+
+def ordering_summary(check: pd.DataFrame, paired: pd.DataFrame) -> str:
+    """In how many (mode, ratio) cells Top < Random < Bottom holds: point estimates and separated
+    CIs (:func:`ordering_check`), and per image (:func:`paired_ordering`). "" without cells."""
+    if not len(check):
+        return ""
+    count = (lambda col: int(paired[col].sum())) if len(paired) else (lambda col: 0)
+    return (f"Top < Random < Bottom holds (point estimates) at {int(check.holds.sum())} of {len(check)} (mode, ratio) "
+            f"cells; with non-overlapping CIs at {int(check.separated.sum())}. Paired per image (95 % CI of "
+            f"Top - Random and Random - Bottom both below 0) at {count('holds')}; Top < Random alone at "
+            f"{count('top_below_random')}, Random < Bottom alone at {count('random_below_bottom')}.")
+
+
+def top_vs_top_other(contrasts: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The Top - top_other rows of :func:`order_contrasts` and a sentence: in how many cells its CI
+    lies below 0 (this image's own high-score patches hurt more than the same mask shape)."""
+    t = contrasts[(contrasts.a == "top") & (contrasts.b == "top_other")].reset_index(drop=True)
+    if not len(t):
+        return t, ""
+    return t, (f"Top − top_other has a 95 % CI below 0 at {int((t.ci_high < 0).sum())} of {len(t)} (mode, ratio) "
+               f"cells (largest gap {t['diff'].min():+.1f} points).")
+
+
+def content_summary(split: pd.DataFrame) -> str:
+    """:func:`content_vs_shape` at the largest ratio in a sentence ("" when empty)."""
+    if not len(split):
+        return ""
+    far = split[split.ratio == split.ratio.max()]
+    return "At the largest ratio, content is " + ", ".join(
+        f"{r.content_share:.0%} of Top − Random in {r.mode} ({r.content:+.1f} of {r.top_minus_random:+.1f} points; "
+        f"shape and place {r.shape_place:+.1f} {r.shape_place_ci})" for r in far.itertuples()) + "."
