@@ -9,6 +9,7 @@ import torch
 from vitsift_core.method import masking as MK
 from vitsift_core.method import metrics as M
 from vitsift_core.model import masked as MD
+from vitsift_core.report.maskplots import masked_crop
 from vitsift_core.model.capture import PatchScoreCollector, attention_maps, capture_attention
 from vitsift_core.experiments.maskeval import MaskEvalParams, summarize
 from vitsift_core.method.stats import bootstrap_means, bootstrap_weights
@@ -145,7 +146,7 @@ def test_fill_changes_only_masked_pixels():
 
 def test_masked_crop_paints_patches():
     crop = np.full((160, 160, 3), 7, np.uint8)
-    out = MK.masked_crop(crop, [0, 99], GRID, P, (124, 116, 104))
+    out = masked_crop(crop, [0, 99], GRID, P, (124, 116, 104))
     assert (out[:16, :16] == [124, 116, 104]).all() and (out[-16:, -16:] == [124, 116, 104]).all()
     assert (out[16:-16] == 7).all()
 

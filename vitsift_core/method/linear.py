@@ -1,22 +1,11 @@
-"""Label-free evaluation of an encoder's features: k-NN accuracy and a linear probe.
-
-DESIGN.md section 3, "Convergence": k-NN with k = 20 and cosine similarity on the encoder's CLS
-features, the train split as memory and the val split as queries, after every epoch; a linear probe
-at the end. Votes are weighted by ``exp(cos / T)`` (T = 0.07, as in DINO's k-NN evaluation;
-``temperature=None`` gives a plain majority vote, ties to the lowest class index).
-
-The linear probe is multinomial logistic regression on standardised features (train mean / std),
-fitted full-batch with L-BFGS and a small L2 penalty: deterministic and seconds on a CPU for
-the data sizes here (MAE's own probe uses BatchNorm + linear + LARS for 90 epochs; the standardised
-input plays the BatchNorm's part).
+"""Label-free evaluation of an encoder's features (DESIGN.md "Convergence"): cosine k-NN (k = 20,
+votes weighted by exp(cos / T), T = 0.07 as in DINO) and the one logistic fit, full-batch L-BFGS
+on standardised features (the linear probe, and mask-eval's classifier).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
-
-__all__ = ["knn_predict", "knn_accuracy", "fit_logistic", "linear_probe"]
-
 
 def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feats: torch.Tensor,
                 n_classes: int, k: int = 20, temperature: float | None = 0.07,

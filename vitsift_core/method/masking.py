@@ -148,13 +148,8 @@ def mask_indices(ranking: np.ndarray, ratio_pct: float) -> np.ndarray:
 
 
 def mask_adjacency(masked: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """How clumped a mask is: masked (B, M) patch indices (row-major on ``grid`` = (gh, gw)) ->
-    (B,) share of the masked patches' in-image 4-neighbours that are masked too (NaN when M = 0).
-
-    A uniformly random mask gives about (M - 1) / (N - 1); one compact blob approaches 1. ViTs
-    tolerate scattered masks far better than blobs, so a Top/Bottom vs Random comparison must be
-    read with this number beside it.
-    """
+    """How clumped a mask is: masked (B, M) patch indices on ``grid`` (gh, gw) -> (B,) share of the
+    masked patches' in-image 4-neighbours masked too (NaN when M = 0; random ~ (M-1)/(N-1), a blob ~ 1)."""
     gh, gw = grid
     b, m = masked.shape
     if m == 0:
@@ -214,9 +209,8 @@ def default_score_layer(stage_fit: dict | None, n_layers: int) -> tuple[list[int
 
 def combine_layer_scores(layer_scores: torch.Tensor | np.ndarray, pick: Sequence[int],
                          captured: Sequence[int]) -> np.ndarray:
-    """Mean over the picked layers of head-mean theta_i (NaN-skipping).
-
-    layer_scores: (B, len(captured), N) scores of the ``captured`` 1-based layers -> (B, N)."""
+    """Mean over the picked layers of head-mean theta_i (NaN-skipping): layer_scores
+    (B, len(captured), N) of the ``captured`` 1-based layers -> (B, N)."""
     arr = np.asarray(layer_scores, dtype=np.float32)
     pos = [list(captured).index(l) for l in pick]
     sel = arr[:, pos, :]
@@ -227,11 +221,8 @@ def combine_layer_scores(layer_scores: torch.Tensor | np.ndarray, pick: Sequence
 
 # ----------------------------------------------------------------------------------- spurious view
 def spurious_patches(scores: np.ndarray, counts: np.ndarray, k: int) -> np.ndarray:
-    """The ``k`` keypoint patches (t > 0) with the lowest s_i, lowest first; ties by patch index.
-
-    scores, counts: (N,) for one image -> (<= k,) patch indices (fewer when the image has fewer
-    keypoint patches with a defined score). Their attention goes mostly to keypoint-free patches.
-    """
+    """The ``k`` keypoint patches (t > 0) with the lowest defined s_i, lowest first, ties by index:
+    scores, counts (N,) -> (<= k,) patch indices. Their attention goes mostly to keypoint-free patches."""
     s = np.asarray(scores, dtype=np.float64)
     key = (np.asarray(counts) > 0) & ~np.isnan(s)
     idx = np.nonzero(key)[0]
@@ -240,22 +231,8 @@ def spurious_patches(scores: np.ndarray, counts: np.ndarray, k: int) -> np.ndarr
 
 
 def attended_fraction(attn: torch.Tensor, i: int, gamma: float = 1.0, exclude_self: bool = False) -> np.ndarray:
-    """For query patch ``i``: the fraction of heads whose attended set S_i contains each key patch.
-
-    attn: (H, N, N) patch-block attention of one image and layer -> (N,) in [0, 1]."""
+    """For query patch ``i``: the share of heads whose S_i holds each key patch. attn (H, N, N) -> (N,)."""
     m = attended_mask(attn[:, i:i + 1, :].float(), gamma, exclude_self=False)[:, 0, :]
     if exclude_self:
         m[:, i] = False
     return m.float().mean(0).numpy()
-
-
-def masked_crop(crop: np.ndarray, masked: Sequence[int], grid: tuple[int, int], patch_size: int,
-                color: Sequence[float]) -> np.ndarray:
-    """For figures: the (S, S, 3) uint8 crop with the masked patches painted ``color`` (0-255 RGB,
-    e.g. the normalisation mean x 255, which is what ``fill`` feeds the model)."""
-    out = np.array(crop, copy=True)
-    gc, p = int(grid[1]), int(patch_size)
-    for j in masked:
-        r, c = divmod(int(j), gc)
-        out[r * p:(r + 1) * p, c * p:(c + 1) * p] = np.asarray(color, dtype=np.float64).round().astype(np.uint8)
-    return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -138,7 +139,7 @@ def mask_grid_figure(examples: list[dict], ratios, orders, pred: pd.DataFrame, n
                                other_scores=None if other is None else other[None])
         for ax, r in zip(axr, ratios):
             idx = MK.mask_indices(rank, r)[0]
-            ax.imshow(MK.masked_crop(ex["crop"], idx, grid, patch_size, fill_rgb))
+            ax.imshow(masked_crop(ex["crop"], idx, grid, patch_size, fill_rgb))
             row = pred[(pred.image == ex["id"]) & (pred.order == order) & (pred["mode"] == mode) & (pred.ratio == r)]
             if len(row):
                 p = row.iloc[0]
@@ -216,3 +217,15 @@ def score_distribution(scores: np.ndarray, counts: np.ndarray) -> pd.DataFrame:
                 "key_below_half": np.nansum((s_key < 0.5), 1) / np.maximum(key.sum(1), 1),
                 "key_below_chance": np.nansum((s_key < chance[:, None]), 1) / np.maximum(key.sum(1), 1),
             })
+
+
+def masked_crop(crop: np.ndarray, masked: Sequence[int], grid: tuple[int, int], patch_size: int,
+                color: Sequence[float]) -> np.ndarray:
+    """For figures: the (S, S, 3) uint8 crop with the masked patches painted ``color`` (0-255 RGB,
+    e.g. the normalisation mean x 255, which is what ``fill`` feeds the model)."""
+    out = np.array(crop, copy=True)
+    gc, p = int(grid[1]), int(patch_size)
+    for j in masked:
+        r, c = divmod(int(j), gc)
+        out[r * p:(r + 1) * p, c * p:(c + 1) * p] = np.asarray(color, dtype=np.float64).round().astype(np.uint8)
+    return out

@@ -25,6 +25,7 @@ from vitsift_core.method import metrics as M
 from vitsift_core.method.stages import fit_recipe, stage_curves
 from vitsift_core.model.capture import attention_maps
 from vitsift_core.model.masked import masked_features
+from vitsift_core.report.maskplots import masked_crop
 
 SIFT_DEFAULT = 0.04          # OpenCV's contrast threshold (keypoints.SiftParams default)
 
@@ -410,7 +411,7 @@ def masking_view(img: ImageData, st: MaskingState, fill_rgb=(0, 0, 0)) -> Maskin
     scores = patch_scores(img, st.layer, st.gamma, st.threshold)
     rank = MK.rank_patches(st.order, scores=scores[None], counts=counts[None], ids=[img.id], seed=st.seed)
     masked = MK.mask_indices(rank, st.ratio)[0]
-    pic = MK.masked_crop(img.crop, masked, img.grid, img.patch_size, fill_rgb)
+    pic = masked_crop(img.crop, masked, img.grid, img.patch_size, fill_rgb)
     return MaskingView(st, scores, rank[0], masked, pic, counts)
 
 
