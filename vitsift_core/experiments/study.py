@@ -1,9 +1,6 @@
-"""What the section notebooks (02-05) compute, in one tested place.
-
-Notebooks call these functions and only plot what they return. Results live under
-``results/analysis/<control>[-xself]-<key>/`` (see :mod:`vitsift_core.experiments.analysis`), keyed by every
-parameter that changes a number, so a notebook re-run after a plotting change reads them back
-and a changed parameter recomputes only the runs it affects.
+"""What the section notebooks (02-05) compute: the analysis suite's runs read back (keyed by every
+parameter that changes a number, under ``results/analysis/``), per-layer curves, the sensitivity
+runs, and single images as the model sees them (query views, SIFT threshold effect).
 """
 from __future__ import annotations
 
@@ -12,7 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from tqdm.auto import tqdm
 
+from vitsift_core.data.images import ImageDecodeError, model_input
+from vitsift_core.data.keypoints import SiftParams, keypoint_counts
+from vitsift_core.data.sources import imagenette_root, read_record
+from vitsift_core.method import metrics as M
+from vitsift_core.model.capture import attention_maps
 from vitsift_core.paths import results_dir
 from vitsift_core.experiments.analysis import CONTROLS, AnalysisParams, RunDir, run_suite, variant_dir
 
@@ -30,7 +34,6 @@ def choose_images(images: str, fallback: str = "samples") -> tuple[str, str]:
     data set is absent, and the sentence says so: the notebook prints it, nothing is silent.
     """
     if images.startswith("imagenette"):
-        from vitsift_core.data.sources import imagenette_root
         try:
             root = imagenette_root()
         except (FileNotFoundError, ValueError, RuntimeError) as e:
@@ -106,13 +109,6 @@ class Example:
 
 def example(lm, record, sift=None, with_attention: bool = True) -> Example:
     """Everything the figures of one image need, computed once."""
-    import torch
-
-    from vitsift_core.model.capture import attention_maps
-    from vitsift_core.data.sources import read_record
-    from vitsift_core.data.images import model_input
-    from vitsift_core.data.keypoints import SiftParams, keypoint_counts
-
     crop, x = model_input(read_record(record), lm.data_config)
     t, kp = keypoint_counts(crop, lm.grid, lm.patch_size, sift or SiftParams())
     maps = None
@@ -130,20 +126,19 @@ def densest_keypoint_patch(counts: np.ndarray) -> int:
 
 def query_view(ex: Example, layer: int, head: int | None, query: int, gamma: float = 1.0,
                exclude_self: bool = False) -> dict:
-    """One query patch's attention row and its attended set, as the figures show it.
-
-    layer: 1-based; head: 1-based or None for the head mean. -> dict with row (N,),
-    attended (N,) bool, line (the detection line), theta (weighted theta_i), chance.
-    """
-    import torch
-
-    from vitsift_core.method import metrics as M
-
+    """One query patch's attention row and its attended set, as the figures show it: layer 1-based,
+    head 1-based or None for the head mean -> :func:`query_numbers`."""
     a = ex.maps[layer - 1]
-    a = a.mean(0) if head is None else a[head - 1]
+    return query_numbers(a.mean(0) if head is None else a[head - 1], ex.counts, query, gamma, exclude_self)
+
+
+def query_numbers(a: torch.Tensor, counts: np.ndarray, query: int, gamma: float = 1.0,
+                  exclude_self: bool = False) -> dict:
+    """One query of an (N, N) map a: row (N,), attended (N,) bool (S_i), line (the detection
+    line), theta (weighted theta_i) and chance (theta_chance of counts (N,))."""
     row = a[query]
     att = M.attended_mask(a, gamma, exclude_self)[query]
-    t = torch.from_numpy(np.asarray(ex.counts))
+    t = torch.from_numpy(np.asarray(counts))
     theta = M.theta_rows(a[None], t[None], gamma=gamma, exclude_self=exclude_self)[0, query]
     return {"row": row.numpy(), "attended": att.numpy(), "line": float(gamma * row.sum() / row.numel()),
             "theta": float(theta), "chance": float(M.theta_chance(t))}
@@ -162,12 +157,6 @@ def threshold_effect(lm, records, thresholds, progress: bool = True) -> pd.DataF
 
     -> rows (threshold, image, n_keypoints, key_share); SIFT on the exact model input crop.
     """
-    from tqdm.auto import tqdm
-
-    from vitsift_core.data.sources import read_record
-    from vitsift_core.data.images import ImageDecodeError, model_input
-    from vitsift_core.data.keypoints import SiftParams, keypoint_counts
-
     crops = []
     for r in records:
         try:

@@ -20,6 +20,7 @@ import torch
 from vitsift_core.data.images import load_rgb, model_input
 from vitsift_core.data.keypoints import SiftParams, keypoint_counts
 from vitsift_core.data.sources import read_record, resolve_images
+from vitsift_core.experiments.study import densest_keypoint_patch, query_numbers
 from vitsift_core.method import metrics as M
 from vitsift_core.method.stages import fit_recipe, stage_curves
 from vitsift_core.model.capture import attention_maps
@@ -262,11 +263,6 @@ class AttentionView:
                 "theta_kk": float(self.curves["theta_kk"][l]), "theta_nk": float(self.curves["theta_nk"][l])}
 
 
-def densest_patch(counts: np.ndarray) -> int:
-    """The patch with most keypoints (lowest index on ties), as study.densest_keypoint_patch."""
-    return int(np.argmax(counts))
-
-
 def attention_view(img: ImageData, st: AttentionState) -> AttentionView:
     """State -> figure data, from the cached maps only (as study.query_view)."""
     if not 1 <= st.layer <= img.n_layers:
@@ -274,16 +270,11 @@ def attention_view(img: ImageData, st: AttentionState) -> AttentionView:
     if st.head is not None and not 1 <= st.head <= img.n_heads:
         raise ValueError(f"head must be None or in 1..{img.n_heads}, got {st.head}")
     counts, kps = img.keypoints(st.threshold)
-    q = densest_patch(counts) if st.query is None else int(st.query)
+    q = densest_keypoint_patch(counts) if st.query is None else int(st.query)
     if not 0 <= q < img.n:
         raise ValueError(f"query patch must be in 0..{img.n - 1}, got {q}")
     a = img.head_mean[st.layer - 1] if st.head is None else img.maps[st.layer - 1, st.head - 1]
-    row = a[q]
-    t = torch.from_numpy(counts)
-    mask = M.attended_mask(torch.from_numpy(a), st.gamma, st.exclude_self)             # (N, N)
-    att = mask[q].numpy()
-    theta = float(M.theta_from_mask(mask[q:q + 1], t)[0])
-    line = torch.from_numpy(row)
+    qv = query_numbers(torch.from_numpy(a), counts, q, st.gamma, st.exclude_self)
     hc = img.head_curves(st.gamma, st.threshold, st.exclude_self)
     if st.head is None:
         kk, nk, fo = (nanmean(hc[k], axis=1) for k in ("theta_kk", "theta_nk", "focus"))
@@ -291,8 +282,7 @@ def attention_view(img: ImageData, st: AttentionState) -> AttentionView:
         kk, nk, fo = (hc[k][:, st.head - 1] for k in ("theta_kk", "theta_nk", "focus"))
     curves = {"layer": np.arange(1, img.n_layers + 1), "theta_kk": kk, "theta_nk": nk, "focus": fo,
               "theta_chance": hc["theta_chance"]}
-    return AttentionView(st, q, row, att, float(st.gamma * line.sum() / line.numel()), theta,
-                         float(M.theta_chance(t)), counts, kps, curves)
+    return AttentionView(st, q, a[q], qv["attended"], qv["line"], qv["theta"], qv["chance"], counts, kps, curves)
 
 
 def patch_at(x: float, y: float, width: float, height: float, grid: tuple[int, int]) -> int:
