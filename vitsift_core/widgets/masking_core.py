@@ -13,6 +13,7 @@ import torch
 from vitsift_core.method import masking as MK
 from vitsift_core.method import metrics as M
 from vitsift_core.model.masked import masked_features
+from vitsift_core.report import maskplots
 from vitsift_core.report.maskplots import masked_crop
 from vitsift_core.widgets.core import SIFT_DEFAULT, ImageData
 
@@ -105,19 +106,9 @@ class Predictor:
 
 
 def class_names(classes: Sequence[str]) -> list[str]:
-    """Readable names for wnid labels (timm's ImageNet descriptions); other labels as they are."""
-    try:
-        from timm.data import ImageNetInfo
-        info = ImageNetInfo("imagenet-1k")
-    except Exception:          # pragma: no cover - timm without the info files
-        return [str(c) for c in classes]
-    out = []
-    for c in classes:
-        try:
-            out.append(f"{info.label_name_to_description(str(c)).split(',')[0]} ({c})")
-        except Exception:
-            out.append(str(c))
-    return out
+    """Readable names of wnid labels, "name (wnid)" (maskplots.class_names); other labels as they are."""
+    names = maskplots.class_names([str(c) for c in classes])
+    return [str(c) if names[str(c)] == str(c) else f"{names[str(c)]} ({c})" for c in classes]
 
 
 def top_k(probs: np.ndarray, k: int = 5) -> list[tuple[int, float]]:
