@@ -280,7 +280,7 @@ def test_forward_on_cores_slices_per_image_arguments_like_the_batch(mode):
     """mask-eval's masked forward: each image's own masked patches travel with its slice."""
     import numpy as np
 
-    from vitsift_core.method.masking import masked_features
+    from vitsift_core.model.masked import masked_features
 
     model = tiny(0)
     torch.manual_seed(9)

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from vitsift_core.method import stats as C
+from vitsift_core.method import stats as S
+from vitsift_core.report import convergence as C
 from vitsift_core.experiments import recovery as R
 from vitsift_core.model.mae import build_mae
 from vitsift_core.experiments.pretrain import ArraySet
@@ -110,6 +111,6 @@ def test_epochs_to_threshold_and_table():
 
 
 def test_mean_ci():
-    m, lo, hi, n = C.mean_ci([1.0, 2.0, 3.0])
+    m, lo, hi, n = S.mean_ci([1.0, 2.0, 3.0])
     assert (m, n) == (2.0, 3) and lo == pytest.approx(2 - 4.302653 / np.sqrt(3), rel=1e-5)
-    assert np.isnan(C.mean_ci([1.0])[1])
+    assert np.isnan(S.mean_ci([1.0])[1])

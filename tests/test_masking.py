@@ -8,11 +8,14 @@ import torch
 
 from vitsift_core.method import masking as MK
 from vitsift_core.method import metrics as M
+from vitsift_core.model import masked as MD
+from vitsift_core.report.maskplots import masked_crop
 from vitsift_core.model.capture import attention_maps, capture_attention
 from vitsift_core.model.collectors import PatchScoreCollector
-from vitsift_core.experiments.maskeval import (MaskEvalParams, bootstrap_means, bootstrap_weights, mask_shape,
-                                  order_contrasts, ordering_check, paired_ordering, summarize,
-                                  content_vs_shape, CONTENT_SHAPE_PAIRS)
+from vitsift_core.experiments.maskeval import MaskEvalParams, summarize
+from vitsift_core.method.stats import bootstrap_means, bootstrap_weights
+from vitsift_core.report.maskstats import (CONTENT_SHAPE_PAIRS, content_vs_shape, mask_shape, order_contrasts,
+                                           ordering_check, paired_ordering)
 from vitsift_core.experiments.probe import fit_linear
 
 
@@ -31,15 +34,15 @@ N = 100
                                      (5, 196, 10), (10, 196, 20), (30, 196, 59), (7, 100, 7), (100, 100, 100),
                                      (0.5, 256, 2), (12.5, 16, 2)])
 def test_n_masked_is_ceil_exactly(pct, n, m):
-    assert MK.n_masked(pct, n) == m
+    assert MK.n_masked_pct(pct, n) == m
     assert m == math.ceil(round(pct * n / 100, 9))
 
 
 def test_n_masked_range():
     with pytest.raises(ValueError):
-        MK.n_masked(-1, 10)
+        MK.n_masked_pct(-1, 10)
     with pytest.raises(ValueError):
-        MK.n_masked(101, 10)
+        MK.n_masked_pct(101, 10)
 
 
 # ------------------------------------------------------------------------------------------ rankings
@@ -48,7 +51,7 @@ def test_top_bottom_pick_exactly_the_extremes():
     s = rng.random((5, N))                           # distinct scores
     ids = [f"im{i}" for i in range(5)]
     for pct in (5, 10, 20, 33, 40):
-        m = MK.n_masked(pct, N)
+        m = MK.n_masked_pct(pct, N)
         top = MK.mask_indices(MK.rank_patches("top", scores=s, ids=ids), pct)
         bot = MK.mask_indices(MK.rank_patches("bottom", scores=s, ids=ids), pct)
         assert top.shape == bot.shape == (5, m)
@@ -120,16 +123,16 @@ def test_keypoint_order_and_random_order():
 
 def test_keep_indices_complement():
     masked = np.array([[0, 5, 9], [1, 2, 3]])
-    keep = MK.keep_indices(masked, 10)
+    keep = MD.keep_indices(masked, 10)
     assert keep.tolist() == [[1, 2, 3, 4, 6, 7, 8], [0, 4, 5, 6, 7, 8, 9]]
-    assert MK.keep_indices(np.zeros((2, 0), int), 4).tolist() == [[0, 1, 2, 3]] * 2
+    assert MD.keep_indices(np.zeros((2, 0), int), 4).tolist() == [[0, 1, 2, 3]] * 2
 
 
 # ------------------------------------------------------------------------------------------ fill
 def test_fill_changes_only_masked_pixels():
     x = torch.randn(2, 3, 160, 160) + 5.0             # no pixel is 0 by chance
     masked = np.array([[0, 11, 99], [42, 43, 57]])
-    y = MK.fill_patches(x, masked, GRID, P)
+    y = MD.fill_patches(x, masked, GRID, P)
     changed = (y != x).any(dim=1)                      # (B, H, W)
     for b in range(2):
         expect = torch.zeros(160, 160, dtype=torch.bool)
@@ -139,12 +142,12 @@ def test_fill_changes_only_masked_pixels():
         assert torch.equal(changed[b], expect)
         assert (y[b][:, expect] == 0).all()
     assert torch.equal(x, x.clone())                   # input untouched (copy)
-    assert torch.equal(MK.fill_patches(x, np.zeros((2, 0), int), GRID, P), x)
+    assert torch.equal(MD.fill_patches(x, np.zeros((2, 0), int), GRID, P), x)
 
 
 def test_masked_crop_paints_patches():
     crop = np.full((160, 160, 3), 7, np.uint8)
-    out = MK.masked_crop(crop, [0, 99], GRID, P, (124, 116, 104))
+    out = masked_crop(crop, [0, 99], GRID, P, (124, 116, 104))
     assert (out[:16, :16] == [124, 116, 104]).all() and (out[-16:, -16:] == [124, 116, 104]).all()
     assert (out[16:-16] == 7).all()
 
@@ -156,10 +159,10 @@ def test_drop_with_nothing_dropped_equals_plain_forward(reg):
     x = torch.randn(3, 3, 160, 160)
     with torch.inference_mode():
         ref = m(x)
-        got = m.forward_head(MK.forward_drop(m, x, None))
-        got_all = m.forward_head(MK.forward_drop(m, x, np.tile(np.arange(N), (3, 1))))
-        got_fill = m.forward_head(MK.masked_features(m, x, "fill", np.zeros((3, 0), int), GRID, P))
-        got_drop = m.forward_head(MK.masked_features(m, x, "drop", np.zeros((3, 0), int), GRID, P))
+        got = m.forward_head(MD.forward_drop(m, x, None))
+        got_all = m.forward_head(MD.forward_drop(m, x, np.tile(np.arange(N), (3, 1))))
+        got_fill = m.forward_head(MD.masked_features(m, x, "fill", np.zeros((3, 0), int), GRID, P))
+        got_drop = m.forward_head(MD.masked_features(m, x, "drop", np.zeros((3, 0), int), GRID, P))
     for g in (got, got_all, got_fill, got_drop):
         torch.testing.assert_close(g, ref, rtol=0, atol=1e-5)
 
@@ -175,8 +178,8 @@ def test_drop_feeds_exactly_n_minus_m_patch_tokens(reg):
             r = MK.rank_patches("random", counts=np.zeros((2, N)), ids=["a", "b"])
             idx = MK.mask_indices(r, pct)
             with torch.inference_mode():
-                out = MK.masked_features(m, x, "drop", idx, GRID, P)
-            k = N - MK.n_masked(pct, N)
+                out = MD.masked_features(m, x, "drop", idx, GRID, P)
+            k = N - MK.n_masked_pct(pct, N)
             assert seen[-1] == (2, m.num_prefix_tokens + k, m.embed_dim)
             assert out.shape == (2, m.num_prefix_tokens + k, m.embed_dim)
     finally:
@@ -190,8 +193,8 @@ def test_drop_keeps_each_tokens_own_position():
     x = torch.randn(1, 3, 160, 160)
     keep = np.array([[3, 17, 40, 41, 77, 90]])
     with torch.inference_mode():
-        a = MK.forward_drop(m, x, keep)[:, 0]
-        b = MK.forward_drop(m, x, keep[:, ::-1].copy())[:, 0]
+        a = MD.forward_drop(m, x, keep)[:, 0]
+        b = MD.forward_drop(m, x, keep[:, ::-1].copy())[:, 0]
         # manual reference: embed, add positions, gather, run the blocks
         t = m._pos_embed(m.patch_embed(x))
         ref_tok = torch.cat([t[:, :1], t[:, 1:][:, keep[0]]], 1)
@@ -205,8 +208,8 @@ def test_drop_changes_logits_when_masking():
     x = torch.randn(1, 3, 160, 160)
     idx = MK.mask_indices(MK.rank_patches("random", counts=np.zeros((1, N)), ids=["a"]), 40)
     with torch.inference_mode():
-        assert not torch.allclose(m.forward_head(MK.masked_features(m, x, "drop", idx, GRID, P)), m(x))
-        assert not torch.allclose(m.forward_head(MK.masked_features(m, x, "fill", idx, GRID, P)), m(x))
+        assert not torch.allclose(m.forward_head(MD.masked_features(m, x, "drop", idx, GRID, P)), m(x))
+        assert not torch.allclose(m.forward_head(MD.masked_features(m, x, "fill", idx, GRID, P)), m(x))
 
 
 # ------------------------------------------------------------------------------------------ scores
@@ -517,3 +520,47 @@ def test_mask_shape_of_top_other_matches_top():
 def test_widget_orders_exclude_donor_orders():
     assert "top_other" in MK.ORDERS and "top_other" not in MK.SINGLE_IMAGE_ORDERS
     assert set(MK.DEFAULT_ORDERS) <= set(MK.ORDERS)
+
+
+# ----------------------------------------------------------------------------------- notebook 06's verdicts
+def test_change_verdict_and_paired_verdicts():
+    from vitsift_core.report.maskstats import change_verdict, paired_verdicts
+
+    assert change_verdict(0.1, 2.0) == "a gain whose CI excludes 0"
+    assert change_verdict(-3.0, -0.5) == "a loss whose CI excludes 0"
+    assert change_verdict(0.0, 1.0).startswith("indistinguishable")
+    paired = pd.DataFrame({"order": ["bottom", "bottom", "bottom", "top"], "mode": ["fill", "drop", "fill", "fill"],
+                           "ratio": [5.0, 10.0, 20.0, 5.0], "n": 40, "diff": [2.5, -1.0, 3.0, -9.0],
+                           "ci_low": [0.5, -3.0, 1.0, -12.0], "ci_high": [4.5, 1.0, 5.0, -6.0],
+                           "n_gain": [3, 1, 4, 0], "n_loss": [1, 2, 0, 5], "p_mcnemar": [0.625, 1.0, 0.125, 0.0625]})
+    key, lines = paired_verdicts(paired, "bottom", (5, 10))
+    assert list(key.index) == [0, 1] and len(lines) == 2
+    assert lines[0] == ("- fill, r = 5 %: +2.50 points (95 % CI +0.50 to +4.50), 3 images gained / 1 lost, "
+                        "McNemar p = 0.625: a gain whose CI excludes 0.")
+    assert lines[1].endswith("indistinguishable from no change (CI includes 0).")
+
+
+def test_ordering_and_shape_summaries():
+    from vitsift_core.report.maskstats import content_summary, ordering_summary, top_vs_top_other
+
+    chk = pd.DataFrame({"mode": ["fill", "fill"], "ratio": [5.0, 10.0], "holds": [True, False],
+                        "separated": [True, False]})
+    po = pd.DataFrame({"holds": [True, False], "top_below_random": [True, True], "random_below_bottom": [True, False]})
+    s = ordering_summary(chk, po)
+    assert "holds (point estimates) at 1 of 2 (mode, ratio) cells; with non-overlapping CIs at 1." in s
+    assert "both below 0) at 1; Top < Random alone at 2, Random < Bottom alone at 1." in s
+    assert "both below 0) at 0; Top < Random alone at 0" in ordering_summary(chk, pd.DataFrame())
+    assert ordering_summary(chk.iloc[:0], po) == ""
+    con = pd.DataFrame({"mode": "fill", "ratio": [5.0, 10.0, 5.0], "a": ["top", "top", "top"],
+                        "b": ["top_other", "top_other", "random"], "diff": [-4.0, -1.0, -6.0],
+                        "ci_low": [-6.0, -3.0, -8.0], "ci_high": [-2.0, 0.5, -4.0]})
+    t, note = top_vs_top_other(con)
+    assert len(t) == 2 and note == ("Top − top_other has a 95 % CI below 0 at 1 of 2 (mode, ratio) cells "
+                                    "(largest gap -4.0 points).")
+    split = pd.DataFrame({"mode": ["fill", "fill"], "ratio": [5.0, 40.0], "top_minus_random": [-2.0, -10.0],
+                          "content": [-1.0, -4.0], "content_ci": ["[-2.0, 0.0]", "[-6.0, -2.0]"],
+                          "shape_place": [-1.0, -6.0], "shape_place_ci": ["[-2.0, 0.0]", "[-8.0, -4.0]"],
+                          "content_share": [0.5, 0.4]})
+    assert content_summary(split) == ("At the largest ratio, content is 40% of Top − Random in fill (-4.0 of -10.0 "
+                                      "points; shape and place -6.0 [-8.0, -4.0]).")
+    assert content_summary(split.iloc[:0]) == "" and top_vs_top_other(con.iloc[2:])[1] == ""

@@ -17,6 +17,7 @@ from vitsift_core.data.sources import read_record, resolve_images
 from vitsift_core.data.images import model_input
 from vitsift_core.experiments.maskeval import ACC_COLS, PAIRED_COLS, PRED_COLS, MaskEvalParams, run_mask_eval
 from vitsift_core.model.registry import load_model
+from vitsift_core.model.masked import masked_features
 from vitsift_core.experiments.probe import ProbeSettings, train_or_load_probe
 
 
@@ -88,7 +89,7 @@ def test_probe_tier_end_to_end(tmp_path, backbone):
     assert len(pred) == n * k * 2 * 3 and len(acc) == k * 2 * 3 and len(paired) == k * 2 * 2
     assert (acc.n == n).all()
     assert (acc.ci_low <= acc.top1 + 1e-9).all() and (acc.top1 <= acc.ci_high + 1e-9).all()
-    assert set(pred.n_masked) == {0, MK.n_masked(10, 100), MK.n_masked(50, 100)}
+    assert set(pred.n_masked) == {0, MK.n_masked_pct(10, 100), MK.n_masked_pct(50, 100)}
     # ratio 0 is the clean prediction for every order and mode
     z = pred[pred.ratio == 0].groupby("image").pred.nunique()
     assert (z == 1).all()
@@ -116,7 +117,7 @@ def test_probe_tier_end_to_end(tmp_path, backbone):
                             other_scores=sc["scores"][donor:donor + 1])
         idx = MK.mask_indices(r, ratio)
         with torch.inference_mode():
-            want = int(pr.logits(MK.masked_features(lm.model, x, mode, idx, lm.grid, lm.patch_size)[:, 0]).argmax())
+            want = int(pr.logits(masked_features(lm.model, x, mode, idx, lm.grid, lm.patch_size)[:, 0]).argmax())
         got = pred[(pred.image == img) & (pred.order == order) & (pred["mode"] == mode) & (pred.ratio == ratio)]
         assert got.pred.item() == want
     # a second run is a no-op resume with identical tables

@@ -75,3 +75,22 @@ def test_bad_input():
         fit_stages(np.zeros(8), np.zeros(7))
     with pytest.raises(ValueError):
         fit_stages(np.r_[np.zeros(7), np.nan], np.zeros(8))
+
+
+def test_stage_recipe_curves_and_guards():
+    from vitsift_core.method.stages import fit_recipe, recipe_json, stage_curves
+
+    kk = np.array([[0.5, 0.6], [np.nan, 0.7], [0.3, 0.2]])
+    nk = np.array([[0.1, 0.1], [0.1, 0.1], [0.2, np.nan]])
+    ch = np.full((3, 2), 0.25)
+    fo = np.array([[1.0, 2.0], [5.0, 5.0], [3.0, 4.0]])
+    keep, th, f = stage_curves(kk, nk, ch, fo)
+    assert keep.tolist() == [True, False, False]
+    np.testing.assert_array_equal(th, [0.25, 0.35])
+    np.testing.assert_array_equal(f, [1.0, 2.0])
+    assert not stage_curves(kk[1:], nk[1:], ch[1:], fo[1:])[0].any()
+    assert fit_recipe(th, f) == (None, "2 layers: a 3-stage fit needs at least 6")
+    assert recipe_json(np.r_[np.zeros(5), np.nan], np.zeros(6))["reason"].startswith("undefined (NaN)")
+    x = np.arange(12.0)
+    d = recipe_json(x, -x)
+    assert d["fitted"] and d["segments"] == fit_recipe(x, -x)[0].segments and "summary" in d

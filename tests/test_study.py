@@ -8,25 +8,31 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from vitsift_core.experiments import study as study
+from vitsift_core.method import stats as S
+from vitsift_core.report import claims as RC
 from vitsift_core.experiments.analysis import AnalysisParams
 
 
 def test_bootstrap_ci_basic():
-    v, lo, hi = study.bootstrap_ci(np.full(50, 3.0))
+    v, lo, hi = S.bootstrap_ci(np.full(50, 3.0))
     assert v == lo == hi == 3.0
     rng = np.random.default_rng(0)
     x = rng.normal(1.0, 1.0, size=400)
-    v, lo, hi = study.bootstrap_ci(x, n_boot=2000)
+    v, lo, hi = S.bootstrap_ci(x, n_boot=2000)
     assert v == pytest.approx(x.mean())
     assert lo < v < hi
     # a normal 95% interval of the mean has half-width ~1.96 * sd / sqrt(n)
     assert (hi - lo) / 2 == pytest.approx(1.96 * x.std() / np.sqrt(len(x)), rel=0.15)
-    assert np.isnan(study.bootstrap_ci(np.full(5, np.nan))[0])
+    assert np.isnan(S.bootstrap_ci(np.full(5, np.nan))[0])
 
 
-def test_trend():
-    s, c = study.trend(np.array([1.0, 3.0, 5.0, np.nan]))
-    assert s == pytest.approx(2.0) and c == pytest.approx(-1.0)
+def test_trend_rules():
+    """The slope and dip rules of the claims table (the unused study.trend copy of the slope was
+    deleted): hand-made (images, layers) tables -> expected statistics."""
+    assert RC._slope_rows(np.array([[1.0, 3.0, 5.0], [2.0, 2.0, 2.0]])).tolist() == pytest.approx([2.0, 0.0])
+    assert RC.kk_rise(np.array([[1.0, 3.0, 5.0], [1.0, np.nan, 5.0]])) == pytest.approx(2.0)
+    assert RC.focus_dip(np.array([[3.0, 1.0, 2.0], [3.0, 1.0, 4.0]])) == pytest.approx(2.0)   # curve 3, 1, 3
+    assert RC.focus_dip(np.array([[1.0, 2.0, 3.0]])) == 0.0                                     # no dip
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +62,7 @@ def tiny_runs(tmp_path_factory):
 
 def test_claims_table(tiny_runs):
     base, runs, d = tiny_runs
-    table, info = study.claims(runs, n_boot=100)
+    table, info = RC.claims(runs, n_boot=100)
     assert {"section", "claim", "measured", "value", "ci95", "holds"} <= set(table.columns)
     assert len(table) >= 9
     # first claim's value is the mean over images of the layer-mean KK - NK gap

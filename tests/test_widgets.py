@@ -18,6 +18,7 @@ from vitsift_core.experiments import study as study
 from vitsift_core.data.sources import resolve_images
 from vitsift_core.model.registry import load_model
 from vitsift_core.widgets import core as C
+from vitsift_core.widgets import masking_core as MC
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +112,37 @@ def test_layer_curves_equal_head_metrics(img, gamma, threshold, xself):
     np.testing.assert_allclose(v2.curves["focus"], hc["focus"][:, 1])
 
 
+@pytest.mark.parametrize("gamma,xself", [(1.0, False), (1.5, True)])
+def test_explorer_numbers_are_the_core_metrics(lm, img, gamma, xself):
+    """The explorer's mask, head curves and patch scores are metrics' own, bit for bit, and equal
+    what the study's MetricCollector records on the same model and image."""
+    from vitsift_core.model.capture import capture_attention
+    from vitsift_core.model.collectors import MetricCollector
+
+    counts, _ = img.keypoints()
+    c, maps = torch.from_numpy(counts), torch.from_numpy(img.maps)
+    ref_mask = M.attended_mask(maps, gamma, xself)
+    np.testing.assert_array_equal(img.mask(gamma, xself).numpy(), ref_mask.numpy())
+    theta = M.theta_from_mask(ref_mask, c)
+    agg = M.aggregate_theta(theta, c)
+    hc = img.head_curves(gamma, C.SIFT_DEFAULT, xself)
+    np.testing.assert_array_equal(hc["theta_kk"], agg["theta_kk"].numpy())
+    np.testing.assert_array_equal(hc["theta_nk"], agg["theta_nk"].numpy())
+    assert hc["theta_chance"] == float(M.theta_chance(c))
+    for layer in (1, 6, 12):
+        ref = M.patch_scores(maps[layer - 1][None], c[None], gamma)[0]
+        np.testing.assert_array_equal(MC.patch_scores(img, layer, gamma), ref.numpy())
+    col = MetricCollector(img.n_layers, gamma=gamma)
+    col.start_batch({"real": (c[None], xself)})
+    with torch.inference_mode(), capture_attention(lm.model, lm.num_prefix_tokens, col):
+        lm.model.forward_features(img.x[None])
+    out = col.finish_batch()["real"]
+    for k in ("theta_kk", "theta_nk"):
+        np.testing.assert_allclose(hc[k], out[k][0].numpy(), rtol=1e-6, atol=1e-7, equal_nan=True)
+    np.testing.assert_allclose(hc["focus"], out["focus"][0].numpy(), rtol=1e-5)
+    assert hc["theta_chance"] == pytest.approx(float(out["theta_chance"][0, 0, 0]), rel=1e-7)
+
+
 def test_threshold_changes_keypoints(img):
     lo, _ = img.keypoints(0.01)
     hi, _ = img.keypoints(0.15)
@@ -151,7 +183,7 @@ def test_patch_scores_equal_metrics(img):
     counts, _ = img.keypoints()
     for layer in (1, 7):
         ref = M.patch_scores(torch.from_numpy(img.maps[layer - 1])[None], torch.from_numpy(counts)[None])[0]
-        np.testing.assert_allclose(C.patch_scores(img, layer), ref.numpy(), rtol=1e-5, equal_nan=True)
+        np.testing.assert_allclose(MC.patch_scores(img, layer), ref.numpy(), rtol=1e-5, equal_nan=True)
 
 
 def test_masking_view_orders_and_ratios(img):
@@ -160,26 +192,26 @@ def test_masking_view_orders_and_ratios(img):
     counts, _ = img.keypoints()
     prev = set()
     for ratio in (0, 10, 30, 60):
-        v = C.masking_view(img, C.MaskingState(img.id, "keypoints", ratio), fill_rgb=(1, 2, 3))
-        assert len(v.masked) == MK.n_masked(ratio, img.n)
+        v = MC.masking_view(img, MC.MaskingState(img.id, "keypoints", ratio), fill_rgb=(1, 2, 3))
+        assert len(v.masked) == MK.n_masked_pct(ratio, img.n)
         assert prev <= set(v.masked.tolist())                      # nested across ratios
         prev = set(v.masked.tolist())
         for j in v.masked:
             r, c = divmod(int(j), img.grid[1])
             assert (v.image[r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] == (1, 2, 3)).all()
-    v = C.masking_view(img, C.MaskingState(img.id, "keypoints", 10))
+    v = MC.masking_view(img, MC.MaskingState(img.id, "keypoints", 10))
     assert counts[v.ranking[0]] == counts.max()
-    top = C.masking_view(img, C.MaskingState(img.id, "top", 20))
+    top = MC.masking_view(img, MC.MaskingState(img.id, "top", 20))
     s = top.scores
     assert np.nanmin(s[top.masked]) >= np.nanmax(np.delete(s, top.masked)) - 1e-7
     with pytest.raises(ValueError):
-        C.masking_view(img, C.MaskingState(img.id, "sideways", 20))
+        MC.masking_view(img, MC.MaskingState(img.id, "sideways", 20))
 
 
 def test_top5_change():
     clean = np.array([0.1, 0.5, 0.2, 0.05, 0.15])
     masked = np.array([0.6, 0.1, 0.1, 0.1, 0.1])
-    rows = C.top5_change(clean, masked, k=3)
+    rows = MC.top5_change(clean, masked, k=3)
     assert [r["clean"] for r in rows] == [1, 2, 4] and rows[0]["masked"] == 0
     assert rows[0]["clean_rank_after"] == 2 and rows[0]["masked_rank_before"] == 4
     assert rows[0]["p_clean_after"] == pytest.approx(0.1)

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vitsift_core.method import metrics as M
-from vitsift_core.method.stages import fit_stages
+from vitsift_core.method.stages import recipe_json
 from vitsift_core.model.collectors import MetricCollector
 from vitsift_core.model.infer import PRECISIONS, forward_precision, infer
 from vitsift_core.model.registry import load_model
@@ -127,15 +127,7 @@ def layer_table(heads: pd.DataFrame) -> pd.DataFrame:
 
 
 def stage_fit_json(layers: pd.DataFrame) -> dict:
-    th = layers["kk_minus_chance"].to_numpy()
-    fo = layers["focus"].to_numpy()
-    if len(th) < 6:
-        return {"fitted": False, "reason": f"{len(th)} layers: a 3-stage fit needs at least 6"}
-    if np.isnan(th).any() or np.isnan(fo).any():
-        return {"fitted": False, "reason": "undefined (NaN) layer means: no image with keypoints?"}
-    fit = fit_stages(th, fo)
-    return {"fitted": True, "curves": {"theta": "theta_kk - theta_chance (head mean)", "focus": "focus (head mean)"},
-            "summary": fit.summary(), **fit.to_dict()}
+    return recipe_json(layers["kk_minus_chance"].to_numpy(), layers["focus"].to_numpy())
 
 
 def mean_attention_heads(run: RunDir, ids, counts, n_layers: int) -> pd.DataFrame:

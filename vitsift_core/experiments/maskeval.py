@@ -28,6 +28,8 @@ from vitsift_core.experiments.analysis import head_rows, layer_table, stage_fit_
 from vitsift_core.experiments.probe import ProbeSettings, model_identity
 from vitsift_core.experiments.maskeval_run import (  # noqa: F401 (mask_eval_dir: for callers)
     MASK_PART_DTYPES, MaskEvalParams, MaskEvalRun, load_scores, mask_eval_dir, sibling_mask_rows)
+from vitsift_core.method import stats as S
+from vitsift_core.model.masked import masked_features
 
 PRED_COLS = ["image", "label", "target", "order", "mode", "ratio", "n_masked", "pred", "correct"]
 ACC_COLS = ["order", "mode", "ratio", "n", "top1", "ci_low", "ci_high", "n_masked"]
@@ -35,62 +37,27 @@ PAIRED_COLS = ["order", "mode", "ratio", "n", "diff", "ci_low", "ci_high", "n_ga
 
 
 # ----------------------------------------------------------------------------------- statistics
-def bootstrap_weights(n: int, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
-    """(n_boot, n) float32 resample counts (each row sums to n): resample b of the images."""
-    rng = np.random.default_rng(seed)
-    w = np.empty((n_boot, n), dtype=np.float32)
-    for b in range(n_boot):
-        w[b] = np.bincount(rng.integers(0, n, n), minlength=n)
-    return w
-
-
-def bootstrap_means(values: np.ndarray, weights: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """values (n, K) per-image numbers -> (mean (K,), low (K,), high (K,)) percentile bootstrap."""
-    v = np.asarray(values, dtype=np.float64).reshape(values.shape[0], -1)
-    n = v.shape[0]
-    boot = (weights.astype(np.float64) @ v) / n                     # (n_boot, K)
-    a = (1 - level) / 2
-    return v.mean(0), np.quantile(boot, a, axis=0), np.quantile(boot, 1 - a, axis=0)
-
-
-def _mcnemar(gain: int, loss: int) -> float:
-    from scipy.stats import binomtest
-    return 1.0 if gain + loss == 0 else float(binomtest(min(gain, loss), gain + loss, 0.5).pvalue)
-
-
-def _wide_correct(pred: pd.DataFrame) -> pd.DataFrame:
+def wide_correct(pred: pd.DataFrame) -> pd.DataFrame:
     """predictions -> (images, (order, mode, ratio)) 0/1 correctness, columns sorted."""
     return pred.pivot_table(index="image", columns=["order", "mode", "ratio"], values="correct",
                             aggfunc="first").sort_index(axis=1)
-
-
-def _paired_stats(d: np.ndarray, weights: np.ndarray) -> list[dict]:
-    """d (n images, K) per-image differences in {-1, 0, 1} -> per column: diff and its bootstrap CI
-    (percentage points), images gained (d > 0) and lost (d < 0), exact McNemar p on those."""
-    mean, lo, hi = bootstrap_means(d, weights)
-    out = []
-    for i in range(d.shape[1]):
-        gain, loss = int((d[:, i] > 0).sum()), int((d[:, i] < 0).sum())
-        out.append({"diff": 100 * mean[i], "ci_low": 100 * lo[i], "ci_high": 100 * hi[i],
-                    "gain": gain, "loss": loss, "p_mcnemar": _mcnemar(gain, loss)})
-    return out
 
 
 def summarize(pred: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """predictions -> (accuracy table, paired masked-minus-clean table); see module doc."""
     if pred.empty:
         return pd.DataFrame(columns=ACC_COLS), pd.DataFrame(columns=PAIRED_COLS)
-    wide = _wide_correct(pred)
+    wide = wide_correct(pred)
     n = len(wide)
-    w = bootstrap_weights(n, n_boot, seed)
+    w = S.bootstrap_weights(n, n_boot, seed)
     c = wide.to_numpy(dtype=np.float64)
-    mean, lo, hi = bootstrap_means(c, w)
+    mean, lo, hi = S.bootstrap_means(c, w)
     nm = pred.groupby(["order", "mode", "ratio"])["n_masked"].first()
     acc = pd.DataFrame([{"order": o, "mode": m, "ratio": r, "n": int(wide[(o, m, r)].notna().sum()),
                          "top1": 100 * mean[i], "ci_low": 100 * lo[i], "ci_high": 100 * hi[i],
                          "n_masked": int(nm[(o, m, r)])} for i, (o, m, r) in enumerate(wide.columns)])
     clean = pred[pred.ratio == 0].groupby("image")["correct"].first().reindex(wide.index).to_numpy(dtype=np.float64)
-    stats = _paired_stats(c - clean[:, None], w)
+    stats = S.paired_bootstrap(c - clean[:, None], w)
     paired = pd.DataFrame([{"order": o, "mode": m, "ratio": r, "n": n, "diff": st["diff"], "ci_low": st["ci_low"],
                             "ci_high": st["ci_high"], "n_gain": st["gain"], "n_loss": st["loss"],
                             "p_mcnemar": st["p_mcnemar"]} for (o, m, r), st in zip(wide.columns, stats)],
@@ -98,127 +65,6 @@ def summarize(pred: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> tuple[pd
     order_rank = {o: k for k, o in enumerate(MK.ORDERS)}
     key = lambda df: df.assign(_o=df.order.map(order_rank)).sort_values(["mode", "_o", "ratio"]).drop(columns="_o")
     return key(acc)[ACC_COLS].reset_index(drop=True), key(paired)[PAIRED_COLS].reset_index(drop=True)
-
-
-def ordering_check(acc: pd.DataFrame) -> pd.DataFrame:
-    """Per mode and ratio > 0: does Top < Random < Bottom hold (point estimates), and do the CIs
-    of neighbours overlap? Columns: mode, ratio, top, random, bottom, holds, separated."""
-    rows = []
-    for (mode, ratio), g in acc[acc.ratio > 0].groupby(["mode", "ratio"]):
-        g = g.set_index("order")
-        if not {"top", "random", "bottom"} <= set(g.index):
-            continue
-        t, r, b = (g.loc[o] for o in ("top", "random", "bottom"))
-        rows.append({"mode": mode, "ratio": ratio, "top": t.top1, "random": r.top1, "bottom": b.top1,
-                     "holds": bool(t.top1 < r.top1 < b.top1),
-                     "separated": bool(t.ci_high < r.ci_low and r.ci_high < b.ci_low)})
-    return pd.DataFrame(rows)
-
-
-CONTRAST_COLS = ["mode", "ratio", "a", "b", "n", "diff", "ci_low", "ci_high", "n_a_only", "n_b_only", "p_mcnemar"]
-
-
-def order_contrasts(pred: pd.DataFrame, pairs=(("top", "random"), ("random", "bottom")),
-                    n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """Paired per-image accuracy differences between two orders at the same mode and ratio > 0.
-
-    Top < Random < Bottom is a claim about the same images masked three ways, so it is tested
-    per image (more power than comparing three separate CIs): diff = accuracy(a) - accuracy(b) in
-    percentage points, a percentile bootstrap CI over images (the resamples of :func:`summarize`),
-    the images right only under a / only under b, and the exact McNemar p on those.
-    Returns one row per (mode, ratio, pair) with columns ``CONTRAST_COLS``.
-    """
-    if pred.empty:
-        return pd.DataFrame(columns=CONTRAST_COLS)
-    wide = _wide_correct(pred).astype(np.float64)
-    w = bootstrap_weights(len(wide), n_boot, seed)
-    keys, cols = [], []
-    for mode in dict.fromkeys(wide.columns.get_level_values(1)):
-        for ratio in sorted({r for (_, m, r) in wide.columns if m == mode and r > 0}):
-            for a, b in pairs:
-                if (a, mode, ratio) in wide.columns and (b, mode, ratio) in wide.columns:
-                    keys.append((mode, ratio, a, b))
-                    cols.append(wide[(a, mode, ratio)].to_numpy() - wide[(b, mode, ratio)].to_numpy())
-    if not keys:
-        return pd.DataFrame(columns=CONTRAST_COLS)
-    d = np.stack(cols, axis=1)                                             # (n images, K)
-    if np.isnan(d).any():
-        raise ValueError("order_contrasts: every image needs a prediction under both orders of a pair")
-    rows = [{"mode": mode, "ratio": ratio, "a": a, "b": b, "n": len(d), "diff": st["diff"], "ci_low": st["ci_low"],
-             "ci_high": st["ci_high"], "n_a_only": st["gain"], "n_b_only": st["loss"], "p_mcnemar": st["p_mcnemar"]}
-            for (mode, ratio, a, b), st in zip(keys, _paired_stats(d, w))]
-    return pd.DataFrame(rows, columns=CONTRAST_COLS)
-
-
-def paired_ordering(contrasts: pd.DataFrame) -> pd.DataFrame:
-    """From :func:`order_contrasts` (pairs top-random and random-bottom): per mode and ratio, the two
-    differences and whether Top < Random and Random < Bottom hold with CIs excluding 0.
-    Columns: mode, ratio, top_minus_random, tr_ci, random_minus_bottom, rb_ci, top_below_random,
-    random_below_bottom, holds."""
-    rows = []
-    for (mode, ratio), g in contrasts.groupby(["mode", "ratio"], sort=False):
-        g = g.set_index(["a", "b"])
-        if ("top", "random") not in g.index or ("random", "bottom") not in g.index:
-            continue
-        tr, rb = g.loc[("top", "random")], g.loc[("random", "bottom")]
-        rows.append({"mode": mode, "ratio": ratio, "top_minus_random": tr["diff"],
-                     "tr_ci": f"[{tr.ci_low:.1f}, {tr.ci_high:.1f}]", "random_minus_bottom": rb["diff"],
-                     "rb_ci": f"[{rb.ci_low:.1f}, {rb.ci_high:.1f}]", "top_below_random": bool(tr.ci_high < 0),
-                     "random_below_bottom": bool(rb.ci_high < 0),
-                     "holds": bool(tr.ci_high < 0 and rb.ci_high < 0)})
-    return pd.DataFrame(rows)
-
-
-CONTENT_SHAPE_PAIRS = (("top", "random"), ("top", "top_other"), ("top_other", "random"))
-
-
-def content_vs_shape(contrasts: pd.DataFrame) -> pd.DataFrame:
-    """Split Top's damage over Random into *content* and *shape and place*, per mode and ratio.
-
-    Top − Random = (Top − top_other) + (top_other − Random), image by image (accuracy differences
-    are linear), so from :func:`order_contrasts` with :data:`CONTENT_SHAPE_PAIRS`: ``content`` is
-    Top − top_other (this image's own high-score patches against the same mask shape and place
-    taken from another image), ``shape_place`` is top_other − Random (a Top-shaped, Top-placed
-    mask that knows nothing of the image, against scattered patches). Differences in percentage
-    points with their paired 95 % CIs; ``content_share`` = content / (Top − Random), NaN when
-    Top − Random is 0.
-    Columns: mode, ratio, top_minus_random, content, content_ci, shape_place, shape_place_ci,
-    content_share.
-    """
-    rows = []
-    for (mode, ratio), g in contrasts.groupby(["mode", "ratio"], sort=False):
-        g = g.set_index(["a", "b"])
-        if not all(pair in g.index for pair in CONTENT_SHAPE_PAIRS):
-            continue
-        tr, tt, orr = (g.loc[pair] for pair in CONTENT_SHAPE_PAIRS)
-        rows.append({"mode": mode, "ratio": ratio, "top_minus_random": tr["diff"],
-                     "content": tt["diff"], "content_ci": f"[{tt.ci_low:.1f}, {tt.ci_high:.1f}]",
-                     "shape_place": orr["diff"], "shape_place_ci": f"[{orr.ci_low:.1f}, {orr.ci_high:.1f}]",
-                     "content_share": tt["diff"] / tr["diff"] if tr["diff"] != 0 else float("nan")})
-    return pd.DataFrame(rows)
-
-
-def mask_shape(scores: dict, params: MaskEvalParams, grid: tuple[int, int]) -> pd.DataFrame:
-    """How clumped each order's masks are and what they cover: for every order and ratio > 0 of
-    ``params``, means over images of :func:`masking.mask_adjacency` (share of masked patches'
-    neighbours also masked) and of the share of masked patches holding at least one keypoint.
-    ``scores``: :meth:`MaskEvalRun.scores` (ids, scores (n, N), counts (n, N)); the masks are
-    rebuilt exactly as the mask pass built them.
-    Columns: order, ratio, n_masked, adjacency, keypoint_share."""
-    ids = [str(i) for i in scores["ids"]]
-    other = MK.donor_scores(scores["scores"], ids, params.orders, params.seed)
-    has_kp = np.asarray(scores["counts"]) > 0                                   # (n, N)
-    rows = []
-    for order in params.orders:
-        rank = MK.rank_patches(order, scores=scores["scores"], counts=scores["counts"], ids=ids,
-                               seed=params.seed, tiebreak=params.tiebreak, other_scores=other)
-        for r in params.ratios:
-            if r > 0:
-                idx = MK.mask_indices(rank, r)
-                rows.append({"order": order, "ratio": float(r), "n_masked": idx.shape[1],
-                             "adjacency": float(np.nanmean(MK.mask_adjacency(idx, grid))),
-                             "keypoint_share": float(np.take_along_axis(has_kp, idx, 1).mean())})
-    return pd.DataFrame(rows, columns=["order", "ratio", "n_masked", "adjacency", "keypoint_share"])
 
 
 # ----------------------------------------------------------------------------------- the run
@@ -370,7 +216,7 @@ def _mask_chunk(c: _Call, k: int, need: list[tuple], frames: list[pd.DataFrame],
             idx = MK.mask_indices(ranked[order], ratio)                     # (B, M)
 
             def logits(xs, idx_s, mode=mode):
-                return c.clf.logits(MK.masked_features(model, xs, mode, idx_s, lm.grid, lm.patch_size))
+                return c.clf.logits(masked_features(model, xs, mode, idx_s, lm.grid, lm.patch_size))
 
             pred = infer(c.clf.lm, x, forward=logits, per_image=(idx,), precision=p.precision).argmax(-1)
             frames.append(pd.DataFrame({"image": batch.ids, "order": order, "mode": mode,

@@ -55,7 +55,7 @@ class MaskEvalParams(Params):
             self.classifier = "embedded-probe"
         self.ratios = sorted({float(r) if float(r) != int(float(r)) else int(float(r)) for r in self.ratios})
         for r in self.ratios:
-            MK.n_masked(r, 1)   # validates the range
+            MK.n_masked_pct(r, 1)   # validates the range
         self.orders = list(dict.fromkeys(self.orders))
         self.modes = list(dict.fromkeys(self.modes))
         bad = [o for o in self.orders if o not in MK.ORDERS] + [m for m in self.modes if m not in MK.MODES]

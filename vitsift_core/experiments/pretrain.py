@@ -126,7 +126,7 @@ class PretrainConfig:
             raise ValueError(f"order must be 'random' or 'score', got {self.order!r}")
         self.betas = tuple(float(b) for b in self.betas)
         MM.BetaSchedule(self.betas, self.beta_every)        # validates
-        MM.n_masked(16, self.mask_ratio)                    # validates
+        MM.mae_mask_count(16, self.mask_ratio)                    # validates
         if self.batch_size < 1 or self.epochs < 1:
             raise ValueError("batch_size and epochs must be >= 1")
         self.sift = dataclasses.asdict(SiftParams(**self.sift))

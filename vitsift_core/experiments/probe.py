@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from vitsift_core.method.linear import fit_logistic
 from vitsift_core.paths import cache_dir
 from vitsift_core.data.batches import iter_batches
 from vitsift_core.data.keypoints import KeypointCache
@@ -157,27 +158,12 @@ def extract_features(lm, records, folder: Path, *, batch_size: int = 32, num_wor
 
 def fit_linear(feats: np.ndarray, y: np.ndarray, n_classes: int, weight_decay: float = 1e-3,
                max_iter: int = 500, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Multinomial logistic regression, full-batch L-BFGS on standardised features.
-
-    Minimises mean cross-entropy + weight_decay * |W|^2 (W on the standardised features), then
-    folds the standardisation in. Returns (weight (C, D), bias (C,), info)."""
+    """:func:`linear.fit_logistic` from a small seeded random start, the standardisation then
+    folded into the weights. Returns (weight (C, D), bias (C,), info)."""
     x = torch.from_numpy(np.asarray(feats, dtype=np.float64))
     t = torch.from_numpy(np.asarray(y, dtype=np.int64))
-    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    w, b, mu, sd = fit_logistic(x, t, n_classes, weight_decay, max_iter, init_std=0.01, seed=seed)
     z = (x - mu) / sd
-    g = torch.Generator().manual_seed(seed)
-    w = (0.01 * torch.randn(n_classes, x.shape[1], generator=g, dtype=torch.float64)).requires_grad_()
-    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-9,
-                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(z @ w.T + b, t) + weight_decay * (w ** 2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
     with torch.no_grad():
         loss = float(torch.nn.functional.cross_entropy(z @ w.T + b, t) + weight_decay * (w ** 2).sum())
         acc = float(((z @ w.T + b).argmax(1) == t).double().mean())

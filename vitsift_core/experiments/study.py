@@ -1,9 +1,6 @@
-"""What the section notebooks (02-05) compute, in one tested place.
-
-Notebooks call these functions and only plot what they return. Results live under
-``results/analysis/<control>[-xself]-<key>/`` (see :mod:`vitsift_core.experiments.analysis`), keyed by every
-parameter that changes a number, so a notebook re-run after a plotting change reads them back
-and a changed parameter recomputes only the runs it affects.
+"""What the section notebooks (02-05) compute: the analysis suite's runs read back (keyed by every
+parameter that changes a number, under ``results/analysis/``), per-layer curves, the sensitivity
+runs, and single images as the model sees them (query views, SIFT threshold effect).
 """
 from __future__ import annotations
 
@@ -12,7 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from tqdm.auto import tqdm
 
+from vitsift_core.data.images import ImageDecodeError, model_input
+from vitsift_core.data.keypoints import SiftParams, keypoint_counts
+from vitsift_core.data.sources import imagenette_root, read_record
+from vitsift_core.method import metrics as M
+from vitsift_core.model.capture import attention_maps
 from vitsift_core.paths import results_dir
 from vitsift_core.experiments.analysis import CONTROLS, AnalysisParams, RunDir, run_suite, variant_dir
 
@@ -30,7 +34,6 @@ def choose_images(images: str, fallback: str = "samples") -> tuple[str, str]:
     data set is absent, and the sentence says so: the notebook prints it, nothing is silent.
     """
     if images.startswith("imagenette"):
-        from vitsift_core.data.sources import imagenette_root
         try:
             root = imagenette_root()
         except (FileNotFoundError, ValueError, RuntimeError) as e:
@@ -67,24 +70,6 @@ def per_image_layer(run_or_heads, metric: str) -> pd.DataFrame:
     return h.groupby(["image", "layer"])[metric].mean().unstack("layer")
 
 
-def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0, stat=np.nanmean,
-                 level: float = 0.95) -> tuple[float, float, float]:
-    """(statistic, low, high) with a percentile bootstrap over the first axis (images).
-
-    values: (n,) or (n, ...) -- rows are resampled together, ``stat`` reduces axis 0.
-    """
-    v = np.asarray(values, dtype=np.float64)
-    keep = ~np.isnan(v).reshape(len(v), -1).all(axis=1)
-    v = v[keep]
-    if len(v) == 0:
-        return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(v), size=(n_boot, len(v)))
-    boots = np.array([stat(v[i], axis=0) for i in idx])
-    a = (1 - level) / 2
-    return float(stat(v, axis=0)), float(np.nanquantile(boots, a)), float(np.nanquantile(boots, 1 - a))
-
-
 def layer_curves(runs: dict[Variant, RunDir], exclude_self: bool = False) -> pd.DataFrame:
     """Per layer: the real run's KK, NK, chance and each control's KK, plus the semantic part.
 
@@ -106,128 +91,6 @@ def layer_curves(runs: dict[Variant, RunDir], exclude_self: bool = False) -> pd.
     return out
 
 
-def trend(y: np.ndarray) -> tuple[float, float]:
-    """(slope, intercept) of a least-squares line over layers 1..L (NaN-skipping)."""
-    y = np.asarray(y, dtype=np.float64)
-    x = np.arange(1, len(y) + 1, dtype=np.float64)
-    ok = ~np.isnan(y)
-    if ok.sum() < 2:
-        return float("nan"), float("nan")
-    s, c = np.polyfit(x[ok], y[ok], 1)
-    return float(s), float(c)
-
-
-# --------------------------------------------------------------------------- claims (Sec 4.1-4.3)
-@dataclass
-class Claim:
-    section: str
-    claim: str
-    measured: str
-    value: float
-    low: float
-    high: float
-    holds: bool
-
-    def row(self) -> dict:
-        ci = "n/a" if np.isnan(self.low) else f"[{self.low:.4f}, {self.high:.4f}]"
-        return {"section": self.section, "claim": self.claim, "measured": self.measured,
-                "value": round(self.value, 4), "ci95": ci,
-                "holds": "yes" if self.holds else "no"}
-
-
-def _slope_rows(m: np.ndarray) -> np.ndarray:
-    """Trend slope of each bootstrap-mean curve. m: (n_images, L) -> callable stat."""
-    x = np.arange(1, m.shape[1] + 1, dtype=np.float64)
-    xc = x - x.mean()
-    return (m - m.mean(axis=-1, keepdims=True)) @ xc / (xc ** 2).sum()
-
-
-def claims(runs: dict[Variant, RunDir], n_boot: int = 1000, seed: int = 0) -> tuple[pd.DataFrame, dict]:
-    """The table of Sec 4.1-4.3 claims: what was measured, its bootstrap 95% CI over images,
-    and whether the claim holds (the CI excludes the null). Also returns the stage fit and its
-    bootstrap stability."""
-    from vitsift_core.method.stages import fit_stages
-
-    real = heads(runs[("none", False)])
-    kk = per_image_layer(real, "theta_kk")
-    nk = per_image_layer(real, "theta_nk")
-    ch = per_image_layer(real, "theta_chance")
-    fo = per_image_layer(real, "focus")
-    # images with both a keypoint and a non-keypoint patch: KK and NK are both defined
-    both = kk.index[kk.notna().all(axis=1) & nk.notna().all(axis=1)]
-    kk, nk, ch, fo = kk.loc[both], nk.loc[both], ch.loc[both], fo.loc[both]
-    rows: list[Claim] = []
-
-    def add(section, claim, measured, values, stat=np.nanmean, null=0.0, greater=True):
-        v, lo, hi = bootstrap_ci(values, n_boot=n_boot, seed=seed, stat=stat)
-        holds = lo > null if greater else hi < null
-        rows.append(Claim(section, claim, measured, v, lo, hi, bool(holds)))
-
-    gap = (kk - nk).to_numpy()
-    add("4.1", "Keypoint queries attend to keypoint patches more than non-keypoint queries do (KK > NK)",
-        "mean over layers of theta_KK - theta_NK", gap.mean(axis=1))
-    add("4.1", "KK is above what attending to everything gives",
-        "mean over layers of theta_KK - theta_chance", (kk - ch).to_numpy().mean(axis=1))
-    if ("none", True) in runs:
-        rx = heads(runs[("none", True)])
-        kx, nx = per_image_layer(rx, "theta_kk"), per_image_layer(rx, "theta_nk")
-        idx = both.intersection(kx.index)
-        add("4.1", "The KK > NK gap survives excluding each query's own patch (exclude_self)",
-            "mean over layers of theta_KK - theta_NK, j != i", (kx.loc[idx] - nx.loc[idx]).to_numpy().mean(axis=1))
-    if ("mean-attention", False) in runs:
-        mk = per_image_layer(heads(runs[("mean-attention", False)]), "theta_kk").reindex(both)
-        add("4.1", "The KK bias is semantic, not positional: real KK exceeds content-free (mean) attention's KK",
-            "mean over layers of theta_KK(real) - theta_KK(mean attention)", (kk - mk).to_numpy().mean(axis=1))
-        mn = per_image_layer(heads(runs[("mean-attention", False)]), "theta_nk").reindex(both)
-        add("4.1", "The KK-NK gap is larger than content-free attention's gap",
-            "mean over layers of (KK-NK)(real) - (KK-NK)(mean attention)",
-            ((kk - nk) - (mk - mn)).to_numpy().mean(axis=1))
-    if ("shuffle-keypoints", False) in runs:
-        sk = per_image_layer(heads(runs[("shuffle-keypoints", False)]), "theta_kk").reindex(both)
-        sn = per_image_layer(heads(runs[("shuffle-keypoints", False)]), "theta_nk").reindex(both)
-        add("4.1", "The KK-NK gap needs the real keypoint positions (shuffled keypoints remove it)",
-            "mean over layers of (KK-NK)(real) - (KK-NK)(shuffled)", ((kk - nk) - (sk - sn)).to_numpy().mean(axis=1))
-    if ("random-init", False) in runs:
-        rk = per_image_layer(heads(runs[("random-init", False)]), "theta_kk").reindex(both)
-        rn = per_image_layer(heads(runs[("random-init", False)]), "theta_nk").reindex(both)
-        add("4.1", "The gap is learned: a random-init model of the same architecture shows less of it",
-            "mean over layers of (KK-NK)(trained) - (KK-NK)(random init)", ((kk - nk) - (rk - rn)).to_numpy().mean(axis=1))
-    add("4.1", "KK rises with depth", "trend slope of theta_KK - theta_chance per layer",
-        (kk - ch).to_numpy(), stat=lambda m, axis=0: _slope_rows(np.nanmean(m, axis=0)[None])[0])
-    f = fo.to_numpy()
-
-    def dip(m, axis=0):
-        c = np.nanmean(m, axis=0)
-        return min(c[0], c[-1]) - c.min()
-
-    add("4.2", "Focus index falls (attention narrows) and later rises again",
-        "min(first, last layer) - min over layers of the focus curve (> 0: a dip)", f, stat=dip)
-
-    curve_th = np.nanmean((kk - ch).to_numpy(), axis=0)
-    curve_fo = np.nanmean(f, axis=0)
-    stage = None
-    stage_info: dict = {}
-    if len(curve_th) >= 6:
-        stage = fit_stages(curve_th, curve_fo)
-        rng = np.random.default_rng(seed)
-        th_m, fo_m = (kk - ch).to_numpy(), f
-        same, holds = 0, 0
-        nb = min(n_boot, 300)
-        for _ in range(nb):
-            i = rng.integers(0, len(th_m), len(th_m))
-            b = fit_stages(np.nanmean(th_m[i], axis=0), np.nanmean(fo_m[i], axis=0))
-            same += b.boundaries == stage.boundaries
-            holds += b.holds
-        stage_info = {"fit": stage.to_dict(), "summary": stage.summary(),
-                      "bootstrap_same_boundaries": same / nb, "bootstrap_shape_tests_pass": holds / nb,
-                      "n_boot": nb}
-        rows.append(Claim("4.3", "Three stages: Retrieval, Capture (KK up, focus down), Coach (KK flat/down, focus up)",
-                          f"3-segment fit: {stage.summary()}; share of bootstraps passing all shape tests",
-                          holds / nb, float("nan"), float("nan"), stage.holds))
-    table = pd.DataFrame([r.row() for r in rows])
-    return table, {"n_images": int(len(both)), "stage": stage_info}
-
-
 # --------------------------------------------------------------------------- single images
 @dataclass
 class Example:
@@ -246,13 +109,6 @@ class Example:
 
 def example(lm, record, sift=None, with_attention: bool = True) -> Example:
     """Everything the figures of one image need, computed once."""
-    import torch
-
-    from vitsift_core.model.capture import attention_maps
-    from vitsift_core.data.sources import read_record
-    from vitsift_core.data.images import model_input
-    from vitsift_core.data.keypoints import SiftParams, keypoint_counts
-
     crop, x = model_input(read_record(record), lm.data_config)
     t, kp = keypoint_counts(crop, lm.grid, lm.patch_size, sift or SiftParams())
     maps = None
@@ -270,20 +126,19 @@ def densest_keypoint_patch(counts: np.ndarray) -> int:
 
 def query_view(ex: Example, layer: int, head: int | None, query: int, gamma: float = 1.0,
                exclude_self: bool = False) -> dict:
-    """One query patch's attention row and its attended set, as the figures show it.
-
-    layer: 1-based; head: 1-based or None for the head mean. -> dict with row (N,),
-    attended (N,) bool, line (the detection line), theta (weighted theta_i), chance.
-    """
-    import torch
-
-    from vitsift_core.method import metrics as M
-
+    """One query patch's attention row and its attended set, as the figures show it: layer 1-based,
+    head 1-based or None for the head mean -> :func:`query_numbers`."""
     a = ex.maps[layer - 1]
-    a = a.mean(0) if head is None else a[head - 1]
+    return query_numbers(a.mean(0) if head is None else a[head - 1], ex.counts, query, gamma, exclude_self)
+
+
+def query_numbers(a: torch.Tensor, counts: np.ndarray, query: int, gamma: float = 1.0,
+                  exclude_self: bool = False) -> dict:
+    """One query of an (N, N) map a: row (N,), attended (N,) bool (S_i), line (the detection
+    line), theta (weighted theta_i) and chance (theta_chance of counts (N,))."""
     row = a[query]
     att = M.attended_mask(a, gamma, exclude_self)[query]
-    t = torch.from_numpy(np.asarray(ex.counts))
+    t = torch.from_numpy(np.asarray(counts))
     theta = M.theta_rows(a[None], t[None], gamma=gamma, exclude_self=exclude_self)[0, query]
     return {"row": row.numpy(), "attended": att.numpy(), "line": float(gamma * row.sum() / row.numel()),
             "theta": float(theta), "chance": float(M.theta_chance(t))}
@@ -302,12 +157,6 @@ def threshold_effect(lm, records, thresholds, progress: bool = True) -> pd.DataF
 
     -> rows (threshold, image, n_keypoints, key_share); SIFT on the exact model input crop.
     """
-    from tqdm.auto import tqdm
-
-    from vitsift_core.data.sources import read_record
-    from vitsift_core.data.images import ImageDecodeError, model_input
-    from vitsift_core.data.keypoints import SiftParams, keypoint_counts
-
     crops = []
     for r in records:
         try:

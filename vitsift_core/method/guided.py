@@ -1,23 +1,9 @@
-"""Which patches an MAE hides: uniform random, keypoint-guided (with a beta curriculum), or any set.
+"""Which patches an MAE hides: uniform random, keypoint-guided (with a beta curriculum), or a given set.
 
-All generators return ``(N,)`` boolean numpy arrays, **True = masked**, and take an explicit
-``numpy.random.Generator``. :func:`sample_rng` derives one from ``(seed, epoch, image index)``, so a
-mask depends only on those numbers: never on the batch, the process (DDP rank), the number of
-workers, or whether a run was resumed.
-
-Guided mask (DESIGN.md section 3, "Guided MAE mask"; the paper's count formula is garbled):
-
-- masked total ``M = round(r N)``;
-- ``m_K = round(beta M)`` keypoint patches (``t_j > 0``) and ``M - m_K`` non-keypoint patches,
-  each drawn from its own list (``order='random'``: uniformly; ``order='score'``: keypoint patches
-  by *descending* score, non-keypoint patches by *ascending* score, ties broken at random);
-- fill-in: if the keypoint list has fewer than ``m_K`` patches, all of them are masked and the rest
-  comes from the non-keypoint list (same order rule); if the non-keypoint list is short, the rest
-  comes from the keypoint list. So ``M`` is always exact and the realised keypoint share is
-  ``clip(m_K, M - n_non, n_key) / M`` (:func:`guided_quota`).
-
-Curriculum (:class:`BetaSchedule`): beta = 0.1, 0.2, 0.3, 0.4, 0.5, raised every ``E`` epochs
-(paper: E = 10), staying at the last value afterwards.
+Masks are (N,) bool numpy arrays, True = masked, drawn from an explicit Generator that
+:func:`sample_rng` derives from (seed, epoch, image index) only: never from the batch, the rank, the
+workers or a resume. The guided rule (M = round(r N), m_K = round(beta M) keypoint patches, fill-in
+from the other list) is DESIGN.md section 3, "Guided MAE mask".
 """
 from __future__ import annotations
 
@@ -26,16 +12,12 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["n_masked", "sample_rng", "random_mask", "guided_quota", "guided_mask", "BetaSchedule",
-           "patch_set_mask", "top_keypoint_patches", "random_nonkeypoint_patches", "densest_window",
-           "square_region", "MASK_KINDS", "STREAM_MASK", "STREAM_FLIP"]
-
 MASK_KINDS = ("random", "guided")
 STREAM_MASK, STREAM_FLIP, STREAM_RECOVERY = 1, 2, 3
 
 
-def n_masked(n_patches: int, ratio: float) -> int:
-    """``M = round(r N)`` (Python's round-half-even; 0 <= r <= 1)."""
+def mae_mask_count(n_patches: int, ratio: float) -> int:
+    """MAE's mask size ``M = round(r N)``, r a fraction in [0, 1] (Python's round-half-even)."""
     if not 0.0 <= float(ratio) <= 1.0:
         raise ValueError(f"mask ratio must be in [0, 1], got {ratio}")
     return int(round(float(ratio) * int(n_patches)))
@@ -49,7 +31,7 @@ def sample_rng(seed: int, epoch: int, index: int, stream: int = STREAM_MASK) -> 
 def random_mask(n_patches: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
     """MAE's uniform random mask: exactly ``round(r N)`` patches, uniformly without replacement."""
     m = np.zeros(int(n_patches), dtype=bool)
-    m[rng.permutation(int(n_patches))[:n_masked(n_patches, ratio)]] = True
+    m[rng.permutation(int(n_patches))[:mae_mask_count(n_patches, ratio)]] = True
     return m
 
 
@@ -59,7 +41,7 @@ def guided_quota(n_key: int, n_patches: int, ratio: float, beta: float) -> tuple
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     n_key, n_patches = int(n_key), int(n_patches)
     n_non = n_patches - n_key
-    m = n_masked(n_patches, ratio)
+    m = mae_mask_count(n_patches, ratio)
     m_k = int(round(float(beta) * m))
     k = min(max(m_k, m - n_non), n_key)
     return m, k, m - k
@@ -76,10 +58,9 @@ def _ordered(idx: np.ndarray, rng: np.random.Generator, scores: np.ndarray | Non
 
 def guided_mask(counts: np.ndarray, ratio: float, beta: float, rng: np.random.Generator,
                 order: str = "random", scores: np.ndarray | None = None) -> np.ndarray:
-    """The guided mask of one image (module doc). ``counts``: ``(N,)`` keypoints per patch.
-
-    ``order='score'`` needs ``scores`` ``(N,)`` (e.g. ``metrics.patch_scores``; NaN ranks last).
-    """
+    """The guided mask of one image. counts: (N,) keypoints per patch. ``order='random'`` draws each
+    list uniformly; ``order='score'`` (scores (N,), NaN last) takes keypoint patches by descending,
+    the others by ascending score, ties at random. ``guided_quota`` gives the counts."""
     counts = np.asarray(counts)
     n = counts.shape[0]
     if order not in ("random", "score"):

@@ -1,22 +1,11 @@
-"""Label-free evaluation of an encoder's features: k-NN accuracy and a linear probe.
-
-DESIGN.md section 3, "Convergence": k-NN with k = 20 and cosine similarity on the encoder's CLS
-features, the train split as memory and the val split as queries, after every epoch; a linear probe
-at the end. Votes are weighted by ``exp(cos / T)`` (T = 0.07, as in DINO's k-NN evaluation;
-``temperature=None`` gives a plain majority vote, ties to the lowest class index).
-
-The linear probe is multinomial logistic regression on standardised features (train mean / std),
-fitted full-batch with L-BFGS and a small L2 penalty: deterministic and seconds on a CPU for
-the data sizes here (MAE's own probe uses BatchNorm + linear + LARS for 90 epochs; the standardised
-input plays the BatchNorm's part).
+"""Label-free evaluation of an encoder's features (DESIGN.md "Convergence"): cosine k-NN (k = 20,
+votes weighted by exp(cos / T), T = 0.07 as in DINO) and the one logistic fit, full-batch L-BFGS
+on standardised features (the linear probe, and mask-eval's classifier).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
-
-__all__ = ["knn_predict", "knn_accuracy", "linear_probe"]
-
 
 def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feats: torch.Tensor,
                 n_classes: int, k: int = 20, temperature: float | None = 0.07,
@@ -45,27 +34,46 @@ def knn_accuracy(train_feats, train_labels, query_feats, query_labels, n_classes
     return float((pred == torch.as_tensor(query_labels).long()).double().mean())
 
 
-def linear_probe(train_feats, train_labels, val_feats, val_labels, n_classes: int,
-                 weight_decay: float = 1e-4, max_iter: int = 200) -> dict:
-    """Fit logistic regression on train features; ``{'train_acc', 'val_acc'}`` (fractions)."""
-    xtr = torch.as_tensor(train_feats).double()
-    xva = torch.as_tensor(val_feats).double()
-    ytr = torch.as_tensor(train_labels).long()
-    yva = torch.as_tensor(val_labels).long()
-    mu, sd = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
-    xtr, xva = (xtr - mu) / sd, (xva - mu) / sd
-    w = torch.zeros(xtr.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decay: float, max_iter: int,
+                 init_std: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """The one logistic fit: multinomial logistic regression on standardised features.
+
+    x: (n, D) float64; y: (n,) int64. Minimises mean cross-entropy + weight_decay * |W|^2 with
+    full-batch L-BFGS from W = init_std * N(0, 1) (seeded; 0: zeros) and b = 0.
+    -> (w (C, D), b (C,), mu (D,), sd (D,)), float64, W and b on the standardised features.
+    """
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mu) / sd
+    if init_std:
+        g = torch.Generator().manual_seed(seed)
+        w = init_std * torch.randn(n_classes, x.shape[1], generator=g, dtype=torch.float64)
+    else:
+        w = torch.zeros(n_classes, x.shape[1], dtype=torch.float64)
+    w.requires_grad_()
     b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=int(max_iter), history_size=20,
-                            line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=int(max_iter), history_size=20, tolerance_grad=1e-9,
+                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(xtr @ w + b, ytr) + weight_decay * (w ** 2).sum()
+        loss = torch.nn.functional.cross_entropy(z @ w.T + b, y) + weight_decay * (w ** 2).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    with torch.no_grad():
-        acc = lambda x, y: float(((x @ w + b).argmax(1) == y).double().mean()) if len(y) else float("nan")
-        return {"train_acc": acc(xtr, ytr), "val_acc": acc(xva, yva)}
+    return w.detach(), b.detach(), mu, sd
+
+
+def linear_probe(train_feats, train_labels, val_feats, val_labels, n_classes: int,
+                 weight_decay: float = 1e-4, max_iter: int = 200) -> dict:
+    """:func:`fit_logistic` (zeros start) on train features; ``{'train_acc', 'val_acc'}`` (fractions)."""
+    xtr = torch.as_tensor(train_feats).double()
+    ytr = torch.as_tensor(train_labels).long()
+    w, b, mu, sd = fit_logistic(xtr, ytr, n_classes, weight_decay, max_iter)
+
+    def acc(x, y):
+        y = torch.as_tensor(y).long()
+        z = (torch.as_tensor(x).double() - mu) / sd
+        return float(((z @ w.T + b).argmax(1) == y).double().mean()) if len(y) else float("nan")
+
+    return {"train_acc": acc(train_feats, train_labels), "val_acc": acc(val_feats, val_labels)}

@@ -1,28 +1,9 @@
-"""Patch masking at inference (Sec 5.1, DESIGN.md section 3 "Patch score for masking").
+"""Masking orders at inference (Sec 5.1, DESIGN.md section 3 "Patch score for masking").
 
-Everything here works on batches and on patch indices ``r * G_c + c`` (row-major over the grid,
-as the keypoint counts and the attention rows):
-
-- :func:`n_masked`: how many patches a ratio masks, ``M = ceil(r N)`` (ratio in percent).
-- :func:`rank_patches`: the full masking order of every image for ``top`` (highest score s_i
-  first), ``bottom`` (lowest first), ``random`` (a seeded permutation per image id) and
-  ``keypoints`` (most SIFT keypoints t_j first). Masking ``r`` takes the first ``M`` entries, so
-  the masks of one order are nested across ratios. Ties are broken deterministically: by a seeded
-  permutation keyed by the image id (``tiebreak="random"``, the default, so a run of equal scores
-  -- e.g. all the keypoint-free patches in the ``keypoints`` order -- is not masked from the top-left
-  corner down), or by patch index (``tiebreak="index"``). Undefined (NaN) scores rank after every
-  defined one in both ``top`` and ``bottom``.
-- :func:`fill_patches`: ``fill`` mode, the masked patches' pixels set to 0 in the normalised
-  input, i.e. to the normalisation mean.
-- :func:`forward_drop`: ``drop`` mode, the masked patch tokens removed before the first block;
-  the remaining tokens keep their own position embeddings.
-- :func:`score_layers` / :func:`default_score_layer`: which layer(s) the score s_i comes from.
-- :func:`spurious_patches`: keypoint patches with the lowest s_i (attention going mostly to
-  keypoint-free patches), for the "spurious correlation" view.
-- :func:`donor_rows` / :func:`donor_scores` and the orders ``top_other`` / ``bottom_other``: the Top (Bottom) mask of
-  *another* image's score map (a seeded derangement of the run's images). Such a mask has the
-  clumping and the (centre-biased) placement of real Top (Bottom) masks but nothing to do with
-  this image's content: the control that Random, whose masks scatter, is not.
+Batches of patch indices ``r * G_c + c`` (row-major, as keypoint counts and attention rows): how
+many patches a ratio masks, the orders (top, bottom, random, keypoints and the donor controls
+top_other / bottom_other; ties broken by a seeded per-image permutation), the score layer, and
+small views for figures. The masked forwards themselves are :mod:`vitsift_core.model.masked`.
 """
 from __future__ import annotations
 
@@ -34,6 +15,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from vitsift_core.method.metrics import attended_mask
 
 ORDERS = ("top", "bottom", "random", "keypoints", "top_other", "bottom_other")
 # orders that rank a donor image's score map as the named order would rank the image's own
@@ -47,10 +30,10 @@ TIEBREAKS = ("random", "index")
 
 
 # ----------------------------------------------------------------------------------- counting
-def n_masked(ratio_pct: float, n_patches: int) -> int:
-    """``ceil(r N)`` with r = ``ratio_pct`` / 100, computed exactly (no 0.07 * 100 = 7.000001 -> 8).
+def n_masked_pct(ratio_pct: float, n_patches: int) -> int:
+    """Mask-eval's mask size ``ceil(r N)``, r = ``ratio_pct`` / 100, exact (no 7.000001 -> 8).
 
-    >>> n_masked(5, 256), n_masked(10, 196), n_masked(0, 256), n_masked(100, 256)
+    >>> n_masked_pct(5, 256), n_masked_pct(10, 196), n_masked_pct(0, 256), n_masked_pct(100, 256)
     (13, 20, 0, 256)
     """
     r = Fraction(str(ratio_pct))
@@ -160,18 +143,13 @@ def rank_patches(order: str, *, scores: torch.Tensor | np.ndarray | None = None,
 
 def mask_indices(ranking: np.ndarray, ratio_pct: float) -> np.ndarray:
     """The first ``ceil(r N)`` patches of a ranking: (B, N) -> (B, M), sorted by patch index."""
-    m = n_masked(ratio_pct, ranking.shape[1])
+    m = n_masked_pct(ratio_pct, ranking.shape[1])
     return np.sort(ranking[:, :m], axis=1)
 
 
 def mask_adjacency(masked: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """How clumped a mask is: masked (B, M) patch indices (row-major on ``grid`` = (gh, gw)) ->
-    (B,) share of the masked patches' in-image 4-neighbours that are masked too (NaN when M = 0).
-
-    A uniformly random mask gives about (M - 1) / (N - 1); one compact blob approaches 1. ViTs
-    tolerate scattered masks far better than blobs, so a Top/Bottom vs Random comparison must be
-    read with this number beside it.
-    """
+    """How clumped a mask is: masked (B, M) patch indices on ``grid`` (gh, gw) -> (B,) share of the
+    masked patches' in-image 4-neighbours masked too (NaN when M = 0; random ~ (M-1)/(N-1), a blob ~ 1)."""
     gh, gw = grid
     b, m = masked.shape
     if m == 0:
@@ -188,79 +166,6 @@ def mask_adjacency(masked: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
         tot += inside[r, c].sum(1)
         hit += on[np.arange(b)[:, None], r, c].sum(1)
     return hit / np.maximum(tot, 1)
-
-
-def keep_indices(masked: np.ndarray, n_patches: int) -> np.ndarray:
-    """Complement of ``masked`` (B, M) in range(N): (B, N - M), ascending."""
-    b = masked.shape[0]
-    keep = np.ones((b, n_patches), dtype=bool)
-    if masked.size:
-        np.put_along_axis(keep, masked, False, axis=1)
-    return np.nonzero(keep)[1].reshape(b, n_patches - masked.shape[1])
-
-
-def patch_mask(masked: np.ndarray | torch.Tensor, n_patches: int) -> torch.Tensor:
-    """(B, M) indices -> (B, N) bool, True = masked."""
-    idx = torch.as_tensor(np.asarray(masked), dtype=torch.long)
-    out = torch.zeros((idx.shape[0], n_patches), dtype=torch.bool)
-    if idx.numel():
-        out.scatter_(1, idx, True)
-    return out
-
-
-# ----------------------------------------------------------------------------------- the two modes
-def fill_patches(x: torch.Tensor, masked: np.ndarray | torch.Tensor, grid: tuple[int, int],
-                 patch_size: int, value: float = 0.0) -> torch.Tensor:
-    """``fill`` mode: a copy of ``x`` (B, 3, S, S) with the masked patches' pixels set to ``value``.
-
-    On the normalised input 0 is the normalisation mean (the default, DESIGN.md section 3).
-    Pixels outside the masked patches are untouched.
-    """
-    gr, gc = int(grid[0]), int(grid[1])
-    p = int(patch_size)
-    if x.shape[-2] != gr * p or x.shape[-1] != gc * p:
-        raise ValueError(f"input {tuple(x.shape[-2:])} is not a {gr}x{gc} grid of {p}px patches")
-    pm = patch_mask(masked, gr * gc).to(x.device).reshape(-1, 1, gr, gc)
-    pix = pm.repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)
-    return torch.where(pix, torch.as_tensor(value, dtype=x.dtype, device=x.device), x)
-
-
-def forward_drop(model: torch.nn.Module, x: torch.Tensor, keep: np.ndarray | torch.Tensor | None) -> torch.Tensor:
-    """``drop`` mode: ``forward_features`` of a timm ViT on only the kept patch tokens.
-
-    x: (B, 3, S, S); keep: (B, K) patch indices to keep (same K for every image; None keeps all).
-    Patch embedding and position embedding are computed for the full grid (both are per token),
-    then the prefix tokens (CLS, registers) and the kept patch tokens are gathered, so each kept
-    token carries its own position; the blocks and the final norm see T = prefix + K tokens.
-    Returns (B, prefix + K, D), the same layout as ``forward_features`` (classifier heads that pool
-    the CLS token or average the patch tokens work unchanged on it).
-    """
-    t = model.patch_embed(x)
-    t = model._pos_embed(t)
-    p = int(getattr(model, "num_prefix_tokens", 1))
-    if keep is not None:
-        k = torch.as_tensor(np.asarray(keep), dtype=torch.long, device=t.device)
-        n = t.shape[1] - p
-        if k.ndim != 2 or k.shape[0] != t.shape[0] or (k.numel() and (k.min() < 0 or k.max() >= n)):
-            raise ValueError(f"keep must be (B, K) patch indices in [0, {n}), got shape {tuple(k.shape)}")
-        patches = torch.gather(t[:, p:], 1, k[..., None].expand(-1, -1, t.shape[-1]))
-        t = torch.cat([t[:, :p], patches], dim=1)
-    t = model.patch_drop(t)
-    t = model.norm_pre(t)
-    t = model.blocks(t)
-    return model.norm(t)
-
-
-def masked_features(model: torch.nn.Module, x: torch.Tensor, mode: str, masked: np.ndarray,
-                    grid: tuple[int, int], patch_size: int) -> torch.Tensor:
-    """forward_features with ``masked`` (B, M) patches hidden by ``mode`` ('fill' | 'drop')."""
-    if mode == "fill":
-        xm = fill_patches(x, masked, grid, patch_size) if masked.shape[1] else x
-        return model.forward_features(xm)
-    if mode == "drop":
-        n = int(grid[0]) * int(grid[1])
-        return forward_drop(model, x, keep_indices(masked, n) if masked.shape[1] else None)
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
 # ----------------------------------------------------------------------------------- score layer
@@ -304,9 +209,8 @@ def default_score_layer(stage_fit: dict | None, n_layers: int) -> tuple[list[int
 
 def combine_layer_scores(layer_scores: torch.Tensor | np.ndarray, pick: Sequence[int],
                          captured: Sequence[int]) -> np.ndarray:
-    """Mean over the picked layers of head-mean theta_i (NaN-skipping).
-
-    layer_scores: (B, len(captured), N) scores of the ``captured`` 1-based layers -> (B, N)."""
+    """Mean over the picked layers of head-mean theta_i (NaN-skipping): layer_scores
+    (B, len(captured), N) of the ``captured`` 1-based layers -> (B, N)."""
     arr = np.asarray(layer_scores, dtype=np.float32)
     pos = [list(captured).index(l) for l in pick]
     sel = arr[:, pos, :]
@@ -317,11 +221,8 @@ def combine_layer_scores(layer_scores: torch.Tensor | np.ndarray, pick: Sequence
 
 # ----------------------------------------------------------------------------------- spurious view
 def spurious_patches(scores: np.ndarray, counts: np.ndarray, k: int) -> np.ndarray:
-    """The ``k`` keypoint patches (t > 0) with the lowest s_i, lowest first; ties by patch index.
-
-    scores, counts: (N,) for one image -> (<= k,) patch indices (fewer when the image has fewer
-    keypoint patches with a defined score). Their attention goes mostly to keypoint-free patches.
-    """
+    """The ``k`` keypoint patches (t > 0) with the lowest defined s_i, lowest first, ties by index:
+    scores, counts (N,) -> (<= k,) patch indices. Their attention goes mostly to keypoint-free patches."""
     s = np.asarray(scores, dtype=np.float64)
     key = (np.asarray(counts) > 0) & ~np.isnan(s)
     idx = np.nonzero(key)[0]
@@ -330,24 +231,8 @@ def spurious_patches(scores: np.ndarray, counts: np.ndarray, k: int) -> np.ndarr
 
 
 def attended_fraction(attn: torch.Tensor, i: int, gamma: float = 1.0, exclude_self: bool = False) -> np.ndarray:
-    """For query patch ``i``: the fraction of heads whose attended set S_i contains each key patch.
-
-    attn: (H, N, N) patch-block attention of one image and layer -> (N,) in [0, 1]."""
-    from vitsift_core.method.metrics import attended_mask
-
+    """For query patch ``i``: the share of heads whose S_i holds each key patch. attn (H, N, N) -> (N,)."""
     m = attended_mask(attn[:, i:i + 1, :].float(), gamma, exclude_self=False)[:, 0, :]
     if exclude_self:
         m[:, i] = False
     return m.float().mean(0).numpy()
-
-
-def masked_crop(crop: np.ndarray, masked: Sequence[int], grid: tuple[int, int], patch_size: int,
-                color: Sequence[float]) -> np.ndarray:
-    """For figures: the (S, S, 3) uint8 crop with the masked patches painted ``color`` (0-255 RGB,
-    e.g. the normalisation mean x 255, which is what ``fill`` feeds the model)."""
-    out = np.array(crop, copy=True)
-    gc, p = int(grid[1]), int(patch_size)
-    for j in masked:
-        r, c = divmod(int(j), gc)
-        out[r * p:(r + 1) * p, c * p:(c + 1) * p] = np.asarray(color, dtype=np.float64).round().astype(np.uint8)
-    return out

@@ -1,10 +1,7 @@
-"""Retrieval / Capture / Coach stages (Sec 4.3) as a 3-segment fit over layers.
-
-DESIGN.md section 3: z-score the head-mean (theta_KK - theta_chance) curve and the head-mean
-focus curve over layers 1..L, fit both jointly with three straight segments sharing two
-breakpoints (exhaustive search, each segment >= ``min_len`` layers, least squares), and name
-the segments only when their shapes agree with the paper. Each segment is a group of whole
-layers with its own line (segments are not forced to join).
+"""Retrieval / Capture / Coach stages (Sec 4.3, DESIGN.md section 3): the z-scored theta_KK - chance
+and focus curves over layers fitted jointly with three free line segments (exhaustive breakpoints,
+least squares), named only when their shapes agree with the paper; and the one recipe (which
+images, which curves, which guards) that every caller uses.
 """
 from __future__ import annotations
 
@@ -17,12 +14,8 @@ STAGE_NAMES = ("Retrieval", "Capture", "Coach")
 
 @dataclass
 class StageFit:
-    """Result of :func:`fit_stages`. Layers are 1-based, segments inclusive.
-
-    segments: [(first, last)] * 3; slopes[seg] = {"theta": .., "focus": ..} in z-units per
-    layer; means[seg] likewise (segment means of the z-scored curves); tests: each shape
-    test and whether it passed; names: STAGE_NAMES when every test passed, else None.
-    """
+    """Result of :func:`fit_stages`: segments [(first, last)] * 3 (1-based, inclusive); per segment
+    slopes and means {"theta", "focus"} of the z-scored curves; the shape tests; names when all pass."""
 
     boundaries: tuple[int, int]
     segments: list[tuple[int, int]]
@@ -73,20 +66,11 @@ def _line_fit(x: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def fit_stages(theta_curve, focus_curve, min_len: int = 2, flat_tol: float = 0.05) -> StageFit:
-    """Fit three segments to both curves jointly.
+    """Fit three segments to theta_curve (L,) and focus_curve (L,) jointly (no NaN).
 
-    theta_curve: (L,) head-mean theta_KK - theta_chance per layer; focus_curve: (L,)
-    head-mean focus index per layer (lower = more focused). NaN entries are not allowed.
-    flat_tol: |slope| (z-units per layer) that still counts as flat for the Coach test.
-
-    Shape tests (all must pass for the paper's names):
-      capture_theta_rises     Capture's theta slope > 0
-      capture_focus_falls     Capture's focus slope < 0
-      coach_theta_not_rising  Coach's theta slope <= flat_tol
-      coach_focus_not_falling Coach's focus slope >= -flat_tol
-      retrieval_theta_low     Retrieval's mean theta < Capture's mean theta
-      retrieval_focus_broad   Retrieval's mean focus > Capture's mean focus
-    """
+    Shape tests for the paper's names: Capture's theta slope > 0 and focus slope < 0; Coach's theta
+    slope <= flat_tol and focus slope >= -flat_tol (z-units per layer); Retrieval's mean theta below
+    and mean focus above Capture's."""
     th = np.asarray(theta_curve, dtype=np.float64)
     fo = np.asarray(focus_curve, dtype=np.float64)
     if th.shape != fo.shape or th.ndim != 1:
@@ -127,3 +111,40 @@ def fit_stages(theta_curve, focus_curve, min_len: int = 2, flat_tol: float = 0.0
     tests = {k: bool(v) for k, v in tests.items()}
     names = list(STAGE_NAMES) if all(tests.values()) else None
     return StageFit((b1, b2), segs, slopes, means, float(sse), tests, names, flat_tol)
+
+
+# ----------------------------------------------------------------------------- the one recipe
+MIN_LAYERS = 6                  # three segments of >= 2 layers
+CURVES = {"theta": "theta_kk - theta_chance (head mean)", "focus": "focus (head mean)"}
+
+
+def stage_curves(kk, nk, chance, focus) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The recipe's images and curves from per-image head means, each (I, L).
+
+    Images count when theta_KK and theta_NK are defined in every layer (a keypoint and a
+    keypoint-free patch). -> (keep (I,) bool, theta curve (L,) = mean over the kept images of
+    theta_KK - theta_chance, focus curve (L,)), NaN-skipping means in the arrays' dtype.
+    """
+    kk, nk, chance, focus = (np.asarray(a) for a in (kk, nk, chance, focus))
+    keep = ~np.isnan(kk).any(axis=1) & ~np.isnan(nk).any(axis=1)
+    if not keep.any():
+        return keep, np.full(kk.shape[1], np.nan), np.full(kk.shape[1], np.nan)
+    return keep, np.nanmean(kk[keep] - chance[keep], axis=0), np.nanmean(focus[keep], axis=0)
+
+
+def fit_recipe(theta_curve, focus_curve) -> tuple[StageFit | None, str]:
+    """The guards, then :func:`fit_stages`: (fit, "") or (None, why there is no fit)."""
+    th, fo = np.asarray(theta_curve), np.asarray(focus_curve)
+    if len(th) < MIN_LAYERS:
+        return None, f"{len(th)} layers: a 3-stage fit needs at least {MIN_LAYERS}"
+    if np.isnan(th).any() or np.isnan(fo).any():
+        return None, "undefined (NaN) layer means: no image with keypoints?"
+    return fit_stages(th, fo), ""
+
+
+def recipe_json(theta_curve, focus_curve) -> dict:
+    """:func:`fit_recipe` as the ``stages.json`` dict (``fitted``, and the fit or the reason)."""
+    fit, why = fit_recipe(theta_curve, focus_curve)
+    if fit is None:
+        return {"fitted": False, "reason": why}
+    return {"fitted": True, "curves": dict(CURVES), "summary": fit.summary(), **fit.to_dict()}

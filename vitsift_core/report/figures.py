@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import matplotlib
 import numpy as np
 import matplotlib.pyplot as plt
+from matplotlib.patches import Patch, Rectangle
 import pandas as pd
 import seaborn as sns
 
@@ -101,7 +103,6 @@ def show_counts(ax, counts, grid, title: str | None = None, annotate: bool = Tru
 
 
 def _patch_rect(ax, idx: int, grid, patch_size, **kw) -> None:
-    from matplotlib.patches import Rectangle
     r, c = divmod(int(idx), grid[1])
     ax.add_patch(Rectangle((c * patch_size - 0.5, r * patch_size - 0.5), patch_size, patch_size, fill=False, **kw))
 
@@ -110,7 +111,6 @@ def attention_overlay(ax, crop, row, grid, patch_size, query: int, attended=None
                       title: str | None = None):
     """One query's attention row (N,) over the image; attended patches outlined (keypoint patches
     in one colour, non-keypoint in another), the query patch marked."""
-    import cv2
     s = crop.shape[0]
     heat = np.asarray(row, dtype=np.float32).reshape(grid)
     heat = cv2.resize(heat, (crop.shape[1], s), interpolation=cv2.INTER_NEAREST)
@@ -136,7 +136,6 @@ def attention_bars(ax, row, line: float, attended, counts, title: str | None = N
     cmap = {"KK": COLORS["KK"], "NK": COLORS["NK"], "none": "0.8"}
     ax.bar(np.arange(len(row)), row, width=1.0, color=[cmap[c] for c in colors], linewidth=0)
     ax.axhline(line, color="black", lw=1, ls="--", label="detection line (Eq. 2)")
-    from matplotlib.patches import Patch
     handles = [Patch(color=COLORS["KK"], label="attended, keypoint patch"),
                Patch(color=COLORS["NK"], label="attended, no keypoint"),
                Patch(color="0.8", label="not attended"), ax.lines[-1]]

@@ -5,13 +5,21 @@ The numbers come from :mod:`vitsift_core.experiments.maskeval` runs; this module
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
+from typing import Sequence
 
+import cv2
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import torch
+from PIL import Image
 
+from vitsift_core.data.sources import IMAGENETTE_CLASSES, SAMPLE_NAMES, read_record, resolve_images
+from vitsift_core.experiments.study import choose_images
 from vitsift_core.method import masking as MK
+from vitsift_core.method.metrics import theta_chance
 from vitsift_core.report.figures import COLORS, _patch_rect, draw_patch_grid
 
 ORDER_LABELS = {"top": "Top (highest s_i)", "bottom": "Bottom (lowest s_i)", "random": "Random",
@@ -27,15 +35,9 @@ def choose_labelled_images(images: str, probe_train: str, folder: Path) -> tuple
     fallback when Imagenette is absent -- has no labels, so it becomes a folder of scikit-image's
     bundled photos with one class per photo (written once to ``folder``), used for both training
     and evaluation: the notebook then runs end to end and says that its numbers mean nothing."""
-    from vitsift_core.experiments.study import choose_images
-
     used, note = choose_images(images)
     if used != "samples":
         return used, probe_train, note
-    from PIL import Image
-
-    from vitsift_core.data.sources import SAMPLE_NAMES, read_record, resolve_images
-
     folder = Path(folder)
     if not folder.exists():
         tmp = folder.with_name(folder.name + ".tmp")
@@ -52,8 +54,6 @@ def choose_labelled_images(images: str, probe_train: str, folder: Path) -> tuple
 
 def class_names(classes: list[str]) -> dict[str, str]:
     """wnid -> short readable name (Imagenette names, else timm's ImageNet descriptions)."""
-    from vitsift_core.data.sources import IMAGENETTE_CLASSES
-
     out = {}
     info = None
     for c in classes:
@@ -62,7 +62,7 @@ def class_names(classes: list[str]) -> dict[str, str]:
             continue
         try:
             if info is None:
-                from timm.data import ImageNetInfo
+                from timm.data import ImageNetInfo      # timm's class-info files: only when needed
                 info = ImageNetInfo()
             out[c] = info.label_name_to_description(c).split(",")[0]
         except Exception:  # noqa: BLE001 - not a wnid: the label itself
@@ -138,7 +138,7 @@ def mask_grid_figure(examples: list[dict], ratios, orders, pred: pd.DataFrame, n
                                other_scores=None if other is None else other[None])
         for ax, r in zip(axr, ratios):
             idx = MK.mask_indices(rank, r)[0]
-            ax.imshow(MK.masked_crop(ex["crop"], idx, grid, patch_size, fill_rgb))
+            ax.imshow(masked_crop(ex["crop"], idx, grid, patch_size, fill_rgb))
             row = pred[(pred.image == ex["id"]) & (pred.order == order) & (pred["mode"] == mode) & (pred.ratio == r)]
             if len(row):
                 p = row.iloc[0]
@@ -156,8 +156,6 @@ def spurious_figure(examples: list[dict], grid, patch_size, names: dict, title: 
     patches with the lowest s_i in red; (b) s_i per patch with the same marks; (c) for the lowest
     one (dashed), the share of heads whose attended set S_i contains each patch, keypoint patches
     outlined -- where its attention goes."""
-    import cv2
-
     fig, axes = plt.subplots(len(examples), 3, figsize=(15, 4.6 * len(examples)), squeeze=False,
                              layout="constrained")
     s_px = examples[0]["crop"].shape[0]
@@ -199,15 +197,11 @@ def score_distribution(scores: np.ndarray, counts: np.ndarray) -> pd.DataFrame:
     """Per image: mean s_i over keypoint and over keypoint-free patches, theta_chance (the s_i of a
     head attending to every patch), and the share of keypoint patches whose weighted theta is below
     0.5 (attention mostly on keypoint-free patches) and below chance."""
-    from vitsift_core.method.metrics import theta_chance
-    import torch
-
     chance = theta_chance(torch.from_numpy(np.asarray(counts))).numpy()
     key = counts > 0
     with np.errstate(invalid="ignore"):
         s_key = np.where(key, scores, np.nan)
         s_non = np.where(~key, scores, np.nan)
-        import warnings
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             return pd.DataFrame({
@@ -216,3 +210,15 @@ def score_distribution(scores: np.ndarray, counts: np.ndarray) -> pd.DataFrame:
                 "key_below_half": np.nansum((s_key < 0.5), 1) / np.maximum(key.sum(1), 1),
                 "key_below_chance": np.nansum((s_key < chance[:, None]), 1) / np.maximum(key.sum(1), 1),
             })
+
+
+def masked_crop(crop: np.ndarray, masked: Sequence[int], grid: tuple[int, int], patch_size: int,
+                color: Sequence[float]) -> np.ndarray:
+    """For figures: the (S, S, 3) uint8 crop with the masked patches painted ``color`` (0-255 RGB,
+    e.g. the normalisation mean x 255, which is what ``fill`` feeds the model)."""
+    out = np.array(crop, copy=True)
+    gc, p = int(grid[1]), int(patch_size)
+    for j in masked:
+        r, c = divmod(int(j), gc)
+        out[r * p:(r + 1) * p, c * p:(c + 1) * p] = np.asarray(color, dtype=np.float64).round().astype(np.uint8)
+    return out

@@ -1,18 +1,14 @@
-"""Interactive explorers (ipywidgets): attention, stages and masking, in JupyterLab or Voila.
+"""Interactive explorers (ipywidgets) of attention, stages and masking, in JupyterLab or Voila.
 
-- :mod:`.core`: explorer state -> figure data, plain numpy on cached attention (no widgets);
-- :mod:`.render`: figure data -> PNG (numpy/PIL overlays, small matplotlib plots);
-- :mod:`.ui`: the ipywidgets that wire them (``AttentionExplorer``, ``StageExplorer``,
-  ``MaskingExplorer``);
-- :mod:`.serve`: ``make explore``, the explorers notebook served by Voila on localhost.
-
-The model runs once per image; every slider or click after that redraws from the cached maps
-(``benchmarks/explorer_latency.py`` measures how fast).
+:mod:`.core` / :mod:`.masking_core`: state -> figure data from cached attention (no widgets);
+:mod:`.render`: figure data -> PNG; :mod:`.ui` / :mod:`.masking_ui`: the widgets; :mod:`.serve`:
+``make explore``. The model runs once per image; every slider or click redraws from the cache.
 """
 from __future__ import annotations
 
-from vitsift_core.widgets.core import (AttentionState, AttentionView, ImageData, ImageLibrary, MaskingState, StageView, analyse,
-                   attention_view, from_example, masking_view, patch_at, stage_view)
+from vitsift_core.widgets.core import (AttentionState, AttentionView, ImageData, ImageLibrary, StageView, analyse,
+                                      attention_view, from_example, patch_at, stage_view)
+from vitsift_core.widgets.masking_core import MaskingState, masking_view
 
 __all__ = ["AttentionState", "AttentionView", "ImageData", "ImageLibrary", "MaskingState", "StageView", "analyse",
            "attention_view", "from_example", "masking_view", "patch_at", "stage_view", "AttentionExplorer", "StageExplorer",

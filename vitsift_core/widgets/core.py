@@ -1,26 +1,29 @@
 """What the explorers compute, without any widget: explorer state -> figure data.
 
 The model runs once per image (:func:`analyse`, kept by :class:`ImageLibrary`); every slider or
-click after that is answered from the cached attention maps in numpy (:class:`ImageData`):
-
-- attended sets for a gamma are computed once for all layers and heads and kept until gamma
-  changes; SIFT keypoints are computed once per contrast threshold;
-- theta_i for every query, layer and head is one matmul of those sets with the keypoint weights
-  (counts are integers, so the sums are exact in float32), as in :mod:`vitsift_core.method.metrics`.
-
-The numbers equal :func:`vitsift_core.experiments.study.query_view` and :func:`vitsift_core.method.metrics.head_metrics`
-(tests/test_widgets.py checks it); only the order of the float32 sum behind the detection line
-may differ, which could move a key exactly on the line to the other side (not seen on real maps).
+click after that is answered from the cached attention maps (:class:`ImageData`) through
+:mod:`vitsift_core.method.metrics`, the study's own implementation (tests/test_widgets.py checks it).
 """
 from __future__ import annotations
 
 import math
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
+import torch
+
+from vitsift_core.data.images import load_rgb, model_input
+from vitsift_core.data.keypoints import SiftParams, keypoint_counts
+from vitsift_core.data.sources import read_record, resolve_images
+from vitsift_core.experiments.study import densest_keypoint_patch, query_numbers
+from vitsift_core.method import metrics as M
+from vitsift_core.method.stages import fit_recipe, stage_curves
+from vitsift_core.model.capture import attention_maps
 
 SIFT_DEFAULT = 0.04          # OpenCV's contrast threshold (keypoints.SiftParams default)
 
@@ -35,10 +38,6 @@ class ImageData:
 
     def __init__(self, image_id: str, crop: np.ndarray, x, maps: np.ndarray, grid: tuple[int, int],
                  patch_size: int, label: str | None = None):
-        import torch
-
-        from vitsift_core.method import metrics as M
-
         self.id = image_id
         self.crop = crop
         self.x = x
@@ -47,13 +46,11 @@ class ImageData:
         self.patch_size = int(patch_size)
         self.label = label
         self.n_layers, self.n_heads, self.n = self.maps.shape[:3]
-        t = torch.from_numpy(self.maps)
+        self.t = torch.from_numpy(self.maps)                                  # shares the memory
         # head mean per layer, the same torch reduction as study.query_view (a.mean(0))
-        self.head_mean = np.stack([t[l].mean(0).numpy() for l in range(self.n_layers)])
+        self.head_mean = np.stack([self.t[l].mean(0).numpy() for l in range(self.n_layers)])
         # focus index (Eq. 5) per (layer, head): independent of gamma and keypoints
-        self.focus = M.focus_index(t)[0].numpy().astype(np.float64)
-        # sum_j alpha_ij / N of every row: the detection line is gamma times this
-        self.row_mean = self.maps.sum(axis=-1, keepdims=True, dtype=np.float32) / np.float32(self.n)
+        self.focus = M.focus_index(self.t)[0].numpy().astype(np.float64)
         self._kp: dict[float, tuple[np.ndarray, np.ndarray]] = {}
         self._mask_key = None
         self._mask = None
@@ -62,8 +59,6 @@ class ImageData:
     # -- keypoints
     def keypoints(self, threshold: float = SIFT_DEFAULT) -> tuple[np.ndarray, np.ndarray]:
         """(counts (N,) int64, keypoints (K, 4)) for a SIFT contrast threshold; cached."""
-        from vitsift_core.data.keypoints import SiftParams, keypoint_counts
-
         th = round(float(threshold), 6)
         if th not in self._kp:
             self._kp[th] = keypoint_counts(self.crop, self.grid, self.patch_size,
@@ -71,15 +66,12 @@ class ImageData:
         return self._kp[th]
 
     # -- attended sets
-    def mask(self, gamma: float = 1.0, exclude_self: bool = False) -> np.ndarray:
-        """(L, H, N, N) bool attended sets S_i (Eq. 2) of every layer and head; the last
-        (gamma, exclude_self) asked for is kept."""
+    def mask(self, gamma: float = 1.0, exclude_self: bool = False):
+        """(L, H, N, N) float32 0/1 attended sets S_i (metrics.attended_mask) of every layer and
+        head; the last (gamma, exclude_self) asked for is kept."""
         key = (round(float(gamma), 9), bool(exclude_self))
         if self._mask_key != key:
-            self._mask = self.maps >= np.float32(gamma) * self.row_mean      # attended(), line precomputed
-            if exclude_self:
-                idx = np.arange(self.n)
-                self._mask[..., idx, idx] = False
+            self._mask = M.attended_mask(self.t, gamma, exclude_self, dtype=self.t.dtype)
             self._mask_key = key
         return self._mask
 
@@ -87,15 +79,16 @@ class ImageData:
                     exclude_self: bool = False) -> dict:
         """Per (layer, head): theta_kk, theta_nk (L, H); theta_chance (scalar); focus (L, H).
 
-        The same numbers as metrics.head_metrics on this image's maps (weighted theta)."""
+        metrics.theta_from_mask / aggregate_theta / theta_chance on this image's maps (weighted)."""
         key = (round(float(gamma), 9), round(float(threshold), 6), bool(exclude_self))
         if key in self._curves:
             self._curves.move_to_end(key)
             return self._curves[key]
-        counts, _ = self.keypoints(threshold)
-        theta = theta_from_mask(self.mask(gamma, exclude_self), counts)      # (L, H, N)
-        kk, nk = aggregate(theta, counts)
-        out = {"theta_kk": kk, "theta_nk": nk, "theta_chance": chance(counts), "focus": self.focus}
+        counts = torch.from_numpy(self.keypoints(threshold)[0])
+        theta = M.theta_from_mask(self.mask(gamma, exclude_self), counts)    # (L, H, N)
+        agg = M.aggregate_theta(theta, counts)
+        out = {"theta_kk": agg["theta_kk"].numpy(), "theta_nk": agg["theta_nk"].numpy(),
+               "theta_chance": float(M.theta_chance(counts)), "focus": self.focus}
         self._curves[key] = out
         while len(self._curves) > 16:
             self._curves.popitem(last=False)
@@ -110,11 +103,6 @@ def analyse(lm, rgb: np.ndarray, image_id: str, label: str | None = None) -> Ima
 def analyse_many(lm, rgbs: Sequence[np.ndarray], ids: Sequence[str], labels: Sequence | None = None,
                  batch_size: int = 8) -> list[ImageData]:
     """:func:`analyse` for several images, in batches (one forward pass per batch)."""
-    import torch
-
-    from vitsift_core.model.capture import attention_maps
-    from vitsift_core.data.images import model_input
-
     labels = list(labels) if labels is not None else [None] * len(ids)
     dev = next(lm.model.parameters()).device
     out = []
@@ -137,52 +125,8 @@ def from_example(ex) -> ImageData:
     return ImageData(ex.id, ex.crop, ex.x, maps, ex.grid, ex.patch_size)
 
 
-# ----------------------------------------------------------------------------------- metrics in numpy
-def attended(attn: np.ndarray, gamma: float = 1.0, exclude_self: bool = False) -> np.ndarray:
-    """Eq. 2 on (..., N, N) float32: ``alpha_ij >= gamma * sum_j alpha_ij / N`` -> bool."""
-    n = attn.shape[-1]
-    line = np.float32(gamma) * (attn.sum(axis=-1, keepdims=True, dtype=np.float32) / np.float32(n))
-    m = attn >= line
-    if exclude_self:
-        idx = np.arange(n)
-        m[..., idx, idx] = False
-    return m
-
-
-def _weights(counts: np.ndarray) -> np.ndarray:
-    """(N, 2) float32: numerator weight t_j, denominator weight t_j (key) or 1 (non-key)."""
-    t = np.asarray(counts, dtype=np.float32)
-    return np.stack([t, np.where(t > 0, t, np.float32(1))], axis=-1)
-
-
-def theta_from_mask(mask: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Weighted theta_i (Eq. 3) from attended sets (..., N, N) (bool or 0/1) -> (..., N); NaN for
-    an empty S_i. Counts are integers, so the float32 sums are exact."""
-    nd = np.asarray(mask, dtype=np.float32) @ _weights(counts)
-    num, den = nd[..., 0], nd[..., 1]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan).astype(np.float64)
-
-
-def aggregate(theta: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eq. 4: theta_KK / theta_NK as NaN-skipping means over key / non-key query rows."""
-    key = np.asarray(counts) > 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)       # all-NaN / empty -> NaN
-        kk = np.nanmean(theta[..., key], axis=-1) if key.any() else np.full(theta.shape[:-1], np.nan)
-        nk = np.nanmean(theta[..., ~key], axis=-1) if (~key).any() else np.full(theta.shape[:-1], np.nan)
-    return kk, nk
-
-
-def chance(counts: np.ndarray) -> float:
-    """Weighted theta with S_i = every patch (metrics.theta_chance)."""
-    t = np.asarray(counts, dtype=np.float64)
-    num = t.sum()
-    den = num + (t == 0).sum()
-    return float(num / den) if den > 0 else float("nan")
-
-
 def nanmean(a: np.ndarray, axis) -> np.ndarray:
+    """np.nanmean without the all-NaN warning (head means of per-head curves)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(a, axis=axis)
@@ -199,9 +143,6 @@ class Source:
     label: str | None = None
 
     def rgb(self) -> np.ndarray:
-        from vitsift_core.data.sources import read_record
-        from vitsift_core.data.images import load_rgb
-
         return load_rgb(self.data) if self.data is not None else read_record(self.record)
 
 
@@ -223,8 +164,6 @@ class ImageLibrary:
 
     @classmethod
     def from_spec(cls, lm, images: str, limit: int | None, keep: int = 12) -> "ImageLibrary":
-        from vitsift_core.data.sources import resolve_images
-
         return cls(lm, resolve_images(images, limit), keep=keep)
 
     def add_records(self, records: Sequence) -> None:
@@ -237,8 +176,6 @@ class ImageLibrary:
 
     def add_upload(self, name: str, data: bytes) -> str:
         """Register an uploaded file (decoded on first use); returns its id ``upload/<name>``."""
-        from vitsift_core.data.images import load_rgb
-
         load_rgb(bytes(data))               # fail now, with the decoder's message, not later
         image_id = f"upload/{name}"
         self.sources[image_id] = Source(image_id, data=bytes(data))
@@ -326,29 +263,18 @@ class AttentionView:
                 "theta_kk": float(self.curves["theta_kk"][l]), "theta_nk": float(self.curves["theta_nk"][l])}
 
 
-def densest_patch(counts: np.ndarray) -> int:
-    """The patch with most keypoints (lowest index on ties), as study.densest_keypoint_patch."""
-    return int(np.argmax(counts))
-
-
 def attention_view(img: ImageData, st: AttentionState) -> AttentionView:
-    """State -> figure data, from the cached maps only."""
+    """State -> figure data, from the cached maps only (as study.query_view)."""
     if not 1 <= st.layer <= img.n_layers:
         raise ValueError(f"layer must be in 1..{img.n_layers}, got {st.layer}")
     if st.head is not None and not 1 <= st.head <= img.n_heads:
         raise ValueError(f"head must be None or in 1..{img.n_heads}, got {st.head}")
     counts, kps = img.keypoints(st.threshold)
-    q = densest_patch(counts) if st.query is None else int(st.query)
+    q = densest_keypoint_patch(counts) if st.query is None else int(st.query)
     if not 0 <= q < img.n:
         raise ValueError(f"query patch must be in 0..{img.n - 1}, got {q}")
     a = img.head_mean[st.layer - 1] if st.head is None else img.maps[st.layer - 1, st.head - 1]
-    row = a[q]
-    att = attended(row[None], st.gamma)[0]
-    if st.exclude_self:
-        att[q] = False
-    w = _weights(counts)
-    num, den = att.astype(np.float32) @ w
-    theta = float(num / den) if den > 0 else float("nan")
+    qv = query_numbers(torch.from_numpy(a), counts, q, st.gamma, st.exclude_self)
     hc = img.head_curves(st.gamma, st.threshold, st.exclude_self)
     if st.head is None:
         kk, nk, fo = (nanmean(hc[k], axis=1) for k in ("theta_kk", "theta_nk", "focus"))
@@ -356,8 +282,7 @@ def attention_view(img: ImageData, st: AttentionState) -> AttentionView:
         kk, nk, fo = (hc[k][:, st.head - 1] for k in ("theta_kk", "theta_nk", "focus"))
     curves = {"layer": np.arange(1, img.n_layers + 1), "theta_kk": kk, "theta_nk": nk, "focus": fo,
               "theta_chance": hc["theta_chance"]}
-    return AttentionView(st, q, row, att, float(st.gamma * (row.sum(dtype=np.float32) / row.size)), theta,
-                         chance(counts), counts, kps, curves)
+    return AttentionView(st, q, a[q], qv["attended"], qv["line"], qv["theta"], qv["chance"], counts, kps, curves)
 
 
 def patch_at(x: float, y: float, width: float, height: float, grid: tuple[int, int]) -> int:
@@ -402,174 +327,25 @@ def _parallel(fn, items: Sequence) -> list:
     if len(items) < 2:
         return [fn(x) for x in items]
     if _POOL is None:
-        import os
-        from concurrent.futures import ThreadPoolExecutor
         _POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="vitsift-explorer")
     return list(_POOL.map(fn, items))
 
 
 def stage_view(images: Sequence[ImageData], gamma: float = 1.0, threshold: float = SIFT_DEFAULT,
                exclude_self: bool = False) -> StageView:
-    """Refit the stages (study.claims' recipe) for a gamma and SIFT threshold, from cached maps."""
-    from vitsift_core.method.stages import fit_stages
-
-    kk, nk, ch, fo = [], [], [], []
+    """Refit the stages (stages.stage_curves + fit_recipe, as study's claims) from cached maps."""
     n_layers = images[0].n_layers if images else 0
-    # SIFT and the attended sets of several images in threads (OpenCV and numpy release the GIL)
-    curves = _parallel(lambda im: im.head_curves(gamma, threshold, exclude_self), images)
-    for img, hc in zip(images, curves):
-        k, n = nanmean(hc["theta_kk"], axis=1), nanmean(hc["theta_nk"], axis=1)
-        if not (np.isfinite(k).all() and np.isfinite(n).all()):
-            continue          # no keypoint (or no keypoint-free) patch at this threshold
-        kk.append(k)
-        nk.append(n)
-        ch.append(np.full(n_layers, hc["theta_chance"]))
-        fo.append(nanmean(hc["focus"], axis=1))
     layer = np.arange(1, n_layers + 1)
-    if not kk:
+    # SIFT and the attended sets of several images in threads (OpenCV and torch release the GIL)
+    curves = _parallel(lambda im: im.head_curves(gamma, threshold, exclude_self), images)
+    kk, nk, fo = (np.array([nanmean(hc[k], axis=1) for hc in curves]).reshape(len(curves), n_layers)
+                  for k in ("theta_kk", "theta_nk", "focus"))
+    ch = np.array([np.full(n_layers, hc["theta_chance"]) for hc in curves]).reshape(len(curves), n_layers)
+    keep, th_curve, fo_curve = stage_curves(kk, nk, ch, fo)
+    if not keep.any():
         nan = np.full(n_layers, np.nan)
         return StageView(gamma, threshold, 0, layer, nan, nan, nan, nan, nan, None,
                          "no image has both keypoint and keypoint-free patches at this threshold")
-    kk, nk, ch, fo = (np.stack(v) for v in (kk, nk, ch, fo))
-    th_curve = (kk - ch).mean(axis=0)
-    fo_curve = fo.mean(axis=0)
-    fit, note = None, ""
-    if n_layers >= 6 and np.isfinite(th_curve).all() and np.isfinite(fo_curve).all():
-        fit = fit_stages(th_curve, fo_curve)
-    else:
-        note = f"no stage fit: {n_layers} layers (need >= 6) or undefined curves"
-    return StageView(gamma, threshold, len(kk), layer, kk.mean(0), nk.mean(0), ch.mean(0), fo_curve,
-                     th_curve, fit, note)
-
-
-# ----------------------------------------------------------------------------------- masking explorer
-@dataclass(frozen=True)
-class MaskingState:
-    """order: top | bottom | random | keypoints (masking.SINGLE_IMAGE_ORDERS); ratio: percent of patches;
-    mode: fill | drop; layer: 1-based layer whose head-mean theta_i is the score s_i."""
-
-    image: str
-    order: str = "top"
-    ratio: float = 10.0
-    mode: str = "fill"
-    layer: int = 6
-    gamma: float = 1.0
-    threshold: float = SIFT_DEFAULT
-    seed: int = 0
-
-    def with_(self, **kw) -> "MaskingState":
-        return replace(self, **kw)
-
-
-@dataclass
-class MaskingView:
-    state: MaskingState
-    scores: np.ndarray        # (N,) s_i of the score layer (NaN where undefined in every head)
-    ranking: np.ndarray       # (N,) masking order, first = masked first
-    masked: np.ndarray        # (M,) masked patch indices, ascending
-    image: np.ndarray         # (S, S, 3) uint8: the crop with the masked patches painted
-    counts: np.ndarray
-
-
-def patch_scores(img: ImageData, layer: int, gamma: float = 1.0, threshold: float = SIFT_DEFAULT) -> np.ndarray:
-    """s_i (Sec 5.1): theta_i of ``layer`` averaged over heads, NaN-skipping (metrics.patch_scores)."""
-    counts, _ = img.keypoints(threshold)
-    theta = theta_from_mask(img.mask(gamma, False)[layer - 1], counts)        # (H, N)
-    return nanmean(theta, axis=0)
-
-
-def masking_view(img: ImageData, st: MaskingState, fill_rgb=(0, 0, 0)) -> MaskingView:
-    """State -> masked patches and the picture of them, from cached attention and keypoints.
-    ``fill_rgb``: colour painted on masked patches (0-255; the normalisation mean for ``fill``)."""
-    from vitsift_core.method import masking as MK
-
-    if st.order not in MK.SINGLE_IMAGE_ORDERS:
-        # top_other / bottom_other need another image's score map: they live in mask-eval runs
-        raise ValueError(f"order must be one of {MK.SINGLE_IMAGE_ORDERS}, got {st.order!r}")
-    if st.mode not in MK.MODES:
-        raise ValueError(f"mode must be one of {MK.MODES}, got {st.mode!r}")
-    counts, _ = img.keypoints(st.threshold)
-    scores = patch_scores(img, st.layer, st.gamma, st.threshold)
-    rank = MK.rank_patches(st.order, scores=scores[None], counts=counts[None], ids=[img.id], seed=st.seed)
-    masked = MK.mask_indices(rank, st.ratio)[0]
-    pic = MK.masked_crop(img.crop, masked, img.grid, img.patch_size, fill_rgb)
-    return MaskingView(st, scores, rank[0], masked, pic, counts)
-
-
-class Predictor:
-    """A classifier's probabilities for an image with some patches masked; each (image, mode,
-    masked set) is computed once. ``classifier``: a classify.Classifier (``lm``, ``logits``,
-    ``classes``) whose ViT shares the explorer model's input (grid and patch size)."""
-
-    def __init__(self, classifier, keep: int = 256):
-        self.clf = classifier
-        self.keep = keep
-        self._cache: OrderedDict = OrderedDict()
-        self.n_forward = 0
-
-    @staticmethod
-    def _key(img: ImageData, mode: str, masked) -> tuple:
-        m = np.asarray(masked, dtype=np.int64).reshape(1, -1)
-        return (img.id, mode if m.shape[1] else "clean", m.tobytes())
-
-    def is_cached(self, img: ImageData, mode: str = "fill", masked=()) -> bool:
-        return self._key(img, mode, masked) in self._cache
-
-    def probs(self, img: ImageData, mode: str = "fill", masked=()) -> np.ndarray:
-        import torch
-
-        from vitsift_core.method import masking as MK
-
-        m = np.asarray(masked, dtype=np.int64).reshape(1, -1)
-        key = self._key(img, mode, masked)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        lm = self.clf.lm
-        dev = next(lm.model.parameters()).device
-        with torch.inference_mode():
-            tokens = MK.masked_features(lm.model, img.x[None].to(dev), mode, m, img.grid, img.patch_size)
-            p = torch.softmax(self.clf.logits(tokens).float(), dim=-1)[0].cpu().numpy()
-        self.n_forward += 1
-        self._cache[key] = p
-        while len(self._cache) > self.keep:
-            self._cache.popitem(last=False)
-        return p
-
-
-def class_names(classes: Sequence[str]) -> list[str]:
-    """Readable names for wnid labels (timm's ImageNet descriptions); other labels as they are."""
-    try:
-        from timm.data import ImageNetInfo
-        info = ImageNetInfo("imagenet-1k")
-    except Exception:          # pragma: no cover - timm without the info files
-        return [str(c) for c in classes]
-    out = []
-    for c in classes:
-        try:
-            out.append(f"{info.label_name_to_description(str(c)).split(',')[0]} ({c})")
-        except Exception:
-            out.append(str(c))
-    return out
-
-
-def top_k(probs: np.ndarray, k: int = 5) -> list[tuple[int, float]]:
-    """[(class index, probability)] of the k most probable classes (ties: lower index first)."""
-    p = np.asarray(probs)
-    idx = np.lexsort((np.arange(len(p)), -p))[:k]
-    return [(int(i), float(p[i])) for i in idx]
-
-
-def top5_change(clean: np.ndarray, masked: np.ndarray, k: int = 5) -> list[dict]:
-    """Row r: the clean and the masked r-th class with probabilities, and how each moved
-    (rank in the other list, probability change). Used for the masking explorer's table."""
-    tc, tm = top_k(clean, k), top_k(masked, k)
-    rank_c = {c: r for r, c in enumerate(np.lexsort((np.arange(len(clean)), -np.asarray(clean))))}
-    rank_m = {c: r for r, c in enumerate(np.lexsort((np.arange(len(masked)), -np.asarray(masked))))}
-    rows = []
-    for r in range(min(k, len(tc))):
-        (ci, cp), (mi, mp) = tc[r], tm[r]
-        rows.append({"rank": r + 1, "clean": ci, "p_clean": cp, "clean_rank_after": rank_m[ci] + 1,
-                     "p_clean_after": float(masked[ci]), "masked": mi, "p_masked": mp,
-                     "masked_rank_before": rank_c[mi] + 1})
-    return rows
+    fit, note = fit_recipe(th_curve, fo_curve)
+    return StageView(gamma, threshold, int(keep.sum()), layer, kk[keep].mean(0), nk[keep].mean(0),
+                     ch[keep].mean(0), fo_curve, th_curve, fit, note and f"no stage fit: {note}")

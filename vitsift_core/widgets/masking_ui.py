@@ -1,10 +1,6 @@
-"""Masking explorer: order (top / bottom / random / keypoints), ratio and mode (fill / drop) ->
-the masked image and how the classifier's top-5 changes (Sec 5.1, :mod:`vitsift_core.method.masking`).
-
-Scores and masks come from the cached attention (:func:`core.masking_view`); the classifier runs
-once per distinct masked input (:class:`core.Predictor` caches it). The embedded tier's classifier
-is the linear probe of :mod:`vitsift_core.experiments.probe`: it is used when already cached (e.g. by
-``vitsift mask-eval``), and trained only when asked (the button, or ``train=True``).
+"""Masking explorer widget: order, ratio and mode -> the masked image and how the classifier's
+top-5 changes (Sec 5.1; computation in :mod:`.masking_core`). The embedded tier's classifier is the
+cached linear probe (:mod:`vitsift_core.experiments.probe`), trained only when asked.
 """
 from __future__ import annotations
 
@@ -15,7 +11,10 @@ from typing import Callable
 import ipywidgets as W
 import numpy as np
 
+from vitsift_core.method import masking as MK
+from vitsift_core.report import figures as plots
 from vitsift_core.widgets import core as C
+from vitsift_core.widgets import masking_core as MC
 from vitsift_core.widgets import render as R
 from vitsift_core.widgets.ui import _CSS, _Explorer
 
@@ -51,21 +50,19 @@ class MaskingExplorer(_Explorer):
                  load_classifier: Callable[[], object] | None = None, order: str = "top", ratio: float = 10,
                  mode: str = "fill", layer: int | None = None, gamma: float = 1.0,
                  threshold: float = C.SIFT_DEFAULT, scale: int = 2, load_hint: str = ""):
-        from vitsift_core.method import masking as MK
-
         self.lib = library
         ids = library.ids()
         image = image or ids[0]
         img = library.get(image)
         self.scale = int(scale)
-        self.state = C.MaskingState(image, order, float(ratio), mode, int(layer or (img.n_layers + 1) // 2),
+        self.state = MC.MaskingState(image, order, float(ratio), mode, int(layer or (img.n_layers + 1) // 2),
                                     float(gamma), float(threshold))
         self.fill_rgb = tuple(255 * np.asarray(library.lm.data_config["mean"], dtype=np.float64))
-        self.predictor = C.Predictor(classifier) if classifier is not None else None
-        self._names = C.class_names(classifier.classes) if classifier is not None else []
+        self.predictor = MC.Predictor(classifier) if classifier is not None else None
+        self._names = MC.class_names(classifier.classes) if classifier is not None else []
         self._loader = load_classifier
         self.timings: list[tuple[str, float]] = []
-        self.view: C.MaskingView | None = None
+        self.view: MC.MaskingView | None = None
 
         st = {"description_width": "90px"}
         lay = W.Layout(width="360px")
@@ -115,22 +112,22 @@ class MaskingExplorer(_Explorer):
         except Exception as e:
             self.status.value = f"<span style='color:#b00'>classifier unavailable: {html.escape(str(e))}</span>"
             return
-        self.predictor = C.Predictor(clf)
-        self._names = C.class_names(clf.classes)
+        self.predictor = MC.Predictor(clf)
+        self._names = MC.class_names(clf.classes)
         self.w_load.layout.display = "none"
         self.redraw(what="classifier loaded")
         self.status.value += f" (classifier ready after {time.perf_counter() - t0:.0f} s)"
 
-    def update(self, **changes) -> C.MaskingView:
+    def update(self, **changes) -> MC.MaskingView:
         self.state = self.state.with_(**changes)
         return self.redraw(",".join(sorted(changes)))
 
-    def redraw(self, what: str = "all") -> C.MaskingView:
+    def redraw(self, what: str = "all") -> MC.MaskingView:
         t0 = time.perf_counter()
         img = self.lib.get(self.state.image)
         st = self.state
         color = self.fill_rgb if st.mode == "fill" else (0, 0, 0)
-        v = C.masking_view(img, st, color)
+        v = MC.masking_view(img, st, color)
         self.view = v
         self.picture.value = R.png(R.masked_image(v.image, self.scale))
         how = {"top": "highest score s_i first", "bottom": "lowest s_i first", "random": "seeded random order",
@@ -158,7 +155,7 @@ class MaskingExplorer(_Explorer):
         return v
 
     def _table(self, clean: np.ndarray, masked: np.ndarray, label: str | None) -> str:
-        rows = C.top5_change(clean, masked)
+        rows = MC.top5_change(clean, masked)
         names = self._names
         target = None
         if label is not None and self.predictor is not None:
@@ -184,15 +181,9 @@ class MaskingExplorer(_Explorer):
 
     def figure(self):
         """Static figure: the masked image and the clean vs masked top-5 probabilities."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        from vitsift_core.report import figures as plots
-
         img = self.lib.get(self.state.image)
-        v = self.view or C.masking_view(img, self.state, self.fill_rgb)
-        fig = Figure(figsize=(10, 3.8), dpi=100, layout="none")
-        FigureCanvasAgg(fig)
+        v = self.view or MC.masking_view(img, self.state, self.fill_rgb)
+        fig = R._canvas((10, 3.8), 100)
         a0, a1 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.6]})
         a0.imshow(v.image)
         a0.set_xticks([]), a0.set_yticks([])
@@ -204,7 +195,7 @@ class MaskingExplorer(_Explorer):
                     ha="center", va="center", fontsize=10)
         else:
             clean, masked = self.predictor.probs(img), self.predictor.probs(img, st.mode, v.masked)
-            idx = [i for i, _ in C.top_k(clean)]
+            idx = [i for i, _ in MC.top_k(clean)]
             y = np.arange(len(idx))
             a1.barh(y - 0.2, clean[idx], height=0.4, color=plots.COLORS["KK"], label="clean")
             a1.barh(y + 0.2, masked[idx], height=0.4, color=plots.COLORS["NK"], label="masked")

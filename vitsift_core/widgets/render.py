@@ -1,18 +1,19 @@
-"""Figure data -> pixels for the explorers: fast numpy/PIL overlays and small matplotlib plots.
-
-The interactive path draws the overlay with numpy and PIL (a few ms) and keeps one matplotlib
-figure per plot whose artists are updated in place, so a redraw is one Agg render. Colours follow
-:mod:`vitsift_core.report.figures` (KK / NK / chance / stage colours).
+"""Figure data -> pixels for the explorers: numpy/PIL overlays (a few ms) and matplotlib plots
+whose data artists are redrawn over a cached background. Colours as :mod:`vitsift_core.report.figures`.
 """
 from __future__ import annotations
 
 import io
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from PIL import Image, ImageDraw
 
+from vitsift_core.method.stages import STAGE_NAMES, zscore
 from vitsift_core.report import figures as plots
 from vitsift_core.widgets.core import AttentionView, StageView
 
@@ -20,7 +21,6 @@ _LUT: np.ndarray | None = None
 
 
 def _rgb255(color) -> tuple[int, int, int]:
-    from matplotlib.colors import to_rgb
     return tuple(int(round(255 * v)) for v in to_rgb(color))
 
 
@@ -32,7 +32,6 @@ KP_RGB = _rgb255(plots.PALETTE[8])
 def _lut() -> np.ndarray:
     global _LUT
     if _LUT is None:
-        import matplotlib
         _LUT = (matplotlib.colormaps["magma"](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
     return _LUT
 
@@ -222,7 +221,6 @@ class StagePlot(_BlitPlot):
         self.fig.subplots_adjust(left=0.07, right=0.98, top=0.84, bottom=0.13, wspace=0.22)
         a0, a1 = self.axes
         c = plots.COLORS
-        from matplotlib.lines import Line2D
         a0.set_ylabel("theta (head mean, mean over images)")
         a1.set_ylabel("z-score over layers")
         a0.legend(handles=[Line2D([], [], color=c["KK"], lw=2, label="theta_KK"),
@@ -239,8 +237,6 @@ class StagePlot(_BlitPlot):
         self._limits = None
 
     def update(self, sv: StageView) -> None:
-        from vitsift_core.method.stages import STAGE_NAMES, zscore
-
         a0, a1 = self.axes
         self._clear_dynamic()
         c = plots.COLORS
@@ -284,8 +280,7 @@ class StagePlot(_BlitPlot):
 
 def attention_figure(view: AttentionView, crop: np.ndarray, grid, patch_size: int, image_id: str) -> Figure:
     """A static figure of one attention-explorer state (for notebooks run headless)."""
-    fig = Figure(figsize=(11, 4.4), dpi=100, layout="none")
-    FigureCanvasAgg(fig)
+    fig = _canvas((11, 4.4), 100)
     gs = fig.add_gridspec(2, 2, width_ratios=[1, 1.25], height_ratios=[3, 2], left=0.02, right=0.98,
                           top=0.88, bottom=0.1, wspace=0.15, hspace=0.08)
     ax = fig.add_subplot(gs[:, 0])

@@ -1,9 +1,6 @@
-"""ipywidgets wiring for the explorers. All computation lives in :mod:`.core` (tested without a
-browser) and all drawing in :mod:`.render`; the classes here only connect widgets to them.
-
-Every explorer displays as its widget in JupyterLab / Voila, and carries a static PNG of its
-current state in the same output (``image/png`` next to the widget view), so a notebook run
-headless by papermill still shows a figure.
+"""ipywidgets wiring of the attention and stage explorers to :mod:`.core` (computation) and
+:mod:`.render` (drawing). Each displays as its widget plus a static PNG of its state, so a notebook
+run headless by papermill still shows a figure.
 """
 from __future__ import annotations
 
@@ -16,6 +13,7 @@ from typing import Sequence
 import ipywidgets as W
 import numpy as np
 
+from vitsift_core.experiments.study import choose_images
 from vitsift_core.widgets import core as C
 from vitsift_core.widgets import render as R
 
@@ -33,6 +31,15 @@ def _legend() -> str:
     return ("<div style='font-size:12px'>" + sw(R.KEY_RGB, "attended, keypoint patch")
             + sw(R.NON_RGB, "attended, no keypoint") + sw((255, 255, 255), "query patch (click another)", "outline:1px solid #000")
             + sw(R.KP_RGB, "SIFT keypoint", f"background:rgb{R.KP_RGB};border-radius:50%;width:6px;height:6px") + "</div>")
+
+
+def _metric_controls(gamma: float, threshold: float, style: dict, layout) -> tuple:
+    """The gamma and SIFT threshold sliders and the exclude-self box both explorers offer."""
+    return (W.FloatSlider(value=gamma, min=0.25, max=4.0, step=0.05, description="gamma",
+                          continuous_update=False, style=style, layout=layout),
+            W.FloatSlider(value=threshold, min=0.005, max=0.2, step=0.005, readout_format=".3f",
+                          description="SIFT contrast", continuous_update=False, style=style, layout=layout),
+            W.Checkbox(value=False, description="exclude the query's own patch (j != i)", indent=False))
 
 
 class _Explorer:
@@ -90,11 +97,7 @@ class AttentionExplorer(_Explorer):
         self.w_layer.add_class("vitsift-layer")
         self.w_head = W.Dropdown(options=[("mean over heads", 0)] + [(f"head {h}", h) for h in range(1, img.n_heads + 1)],
                                  value=head or 0, description="head", style=st, layout=lay)
-        self.w_gamma = W.FloatSlider(value=gamma, min=0.25, max=4.0, step=0.05, description="gamma",
-                                     continuous_update=False, style=st, layout=lay)
-        self.w_threshold = W.FloatSlider(value=threshold, min=0.005, max=0.2, step=0.005, readout_format=".3f",
-                                         description="SIFT contrast", continuous_update=False, style=st, layout=lay)
-        self.w_xself = W.Checkbox(value=False, description="exclude the query's own patch (j != i)", indent=False)
+        self.w_gamma, self.w_threshold, self.w_xself = _metric_controls(gamma, threshold, st, lay)
         self.w_kp = W.Checkbox(value=True, description="show SIFT keypoints", indent=False)
         self.w_reset = W.Button(description="query: densest keypoint patch", layout=W.Layout(width="330px"))
         s = img.crop.shape[0] * self.scale
@@ -239,11 +242,7 @@ class StageExplorer(_Explorer):
         self._plot = R.StagePlot()
         st = {"description_width": "90px"}
         lay = W.Layout(width="360px")
-        self.w_gamma = W.FloatSlider(value=gamma, min=0.25, max=4.0, step=0.05, description="gamma",
-                                     continuous_update=False, style=st, layout=lay)
-        self.w_threshold = W.FloatSlider(value=threshold, min=0.005, max=0.2, step=0.005, readout_format=".3f",
-                                         description="SIFT contrast", continuous_update=False, style=st, layout=lay)
-        self.w_xself = W.Checkbox(value=False, description="exclude the query's own patch (j != i)", indent=False)
+        self.w_gamma, self.w_threshold, self.w_xself = _metric_controls(gamma, threshold, st, lay)
         self.plot = W.Image(format="png")
         self.plot.add_class("vitsift-stages")
         self.summary = W.HTML()
@@ -296,9 +295,7 @@ class StageExplorer(_Explorer):
 
 # ----------------------------------------------------------------------------------- helpers
 def library(lm, images: str = "samples", limit: int | None = 8, keep: int = 12) -> C.ImageLibrary:
-    """An image library over a data set spec (``images`` falls back to the bundled photos when
-    Imagenette is absent: see study.choose_images)."""
-    from vitsift_core.experiments.study import choose_images
-
+    """An image library over a data set spec (Imagenette falls back to the bundled photos when
+    absent: study.choose_images)."""
     spec, _ = choose_images(images)
     return C.ImageLibrary.from_spec(lm, spec, limit, keep=keep)
