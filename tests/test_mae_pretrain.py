@@ -75,6 +75,45 @@ def run_cli(args, env_extra=None, launcher=None, timeout=240):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+#: trains ``cfg`` (JSON, argv[1]) in folder argv[2] and SIGKILLs itself before global step argv[3]
+#: (-1: never), through run_pretrain's ``on_step`` callback
+KILL_SCRIPT = """
+import json, os, signal, sys
+from vitsift_core.experiments import pretrain as P
+kill_at = int(sys.argv[3])
+def on_step(it):
+    if it == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+P.run_pretrain(P.PretrainConfig(**json.loads(sys.argv[1])), sys.argv[2], progress=False, on_step=on_step)
+"""
+
+
+def run_killed(cfg: P.PretrainConfig, out: Path, kill_at: int, timeout=240):
+    import dataclasses
+    import json
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-c", KILL_SCRIPT, json.dumps(dataclasses.asdict(cfg)), str(out), str(kill_at)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_runtime_restores_threads_and_tf32_flags():
+    import torch
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    before, threads = flags(), torch.get_num_threads()
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        with pytest.raises(KeyError):
+            with P._runtime(P.PretrainConfig(threads=threads + 1), torch.device("cuda")):
+                assert flags() == (True, True) and torch.get_num_threads() == threads + 1
+                raise KeyError("leaves the block early")
+        assert flags() == (False, False) and torch.get_num_threads() == threads
+        with P._runtime(P.PretrainConfig(), torch.device("cuda"), tf32=False):
+            assert flags() == (False, False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+        torch.set_num_threads(threads)
+
+
 def test_lr_schedule_warmup_then_cosine():
     cfg = P.PretrainConfig(blr=2.56e-4, batch_size=256, min_lr=1e-6)
     lrs = [P.lr_at(cfg, it, 100, 10) for it in range(100)]
@@ -117,11 +156,11 @@ def test_resume_after_kill_gives_identical_metrics(synth, tmp_path):
 
     out = tmp_path / "killed"
     kill_at = steps_per_epoch + 2                             # in the middle of epoch 2
-    r = run_cli(cli_args(cfg, out), {"VITSIFT_TEST_KILL_AT_STEP": str(kill_at)})
+    r = run_killed(cfg, out, kill_at)
     assert r.returncode == -9, r.stderr[-2000:]              # SIGKILL: no clean-up ran
     assert not P.is_complete(out)
     assert len(P.load_metrics(out)) == 1                      # epoch 1 was checkpointed
-    r = run_cli(cli_args(cfg, out))
+    r = run_killed(cfg, out, -1)                              # resume in a fresh process, no kill
     assert r.returncode == 0, r.stderr[-2000:]
     import json
     assert json.loads((out / "run.json").read_text())["resumed_from_epoch"] == 1

@@ -41,16 +41,18 @@ import hashlib
 import json
 import math
 import os
-import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from vitsift_core.method import guided as MM
+from vitsift_core.method.linear import knn_accuracy, linear_probe
 from vitsift_core.data.keypoints import SiftParams
 
 __all__ = ["PretrainConfig", "ArraySet", "prepare_arrays", "run_pretrain", "run_experiment", "initial_accuracy",
@@ -60,7 +62,6 @@ __all__ = ["PretrainConfig", "ArraySet", "prepare_arrays", "run_pretrain", "run_
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 METRIC_COLS = ["epoch", "beta", "key_share", "train_loss", "lr", "knn_acc", "probe_acc"]
-_KILL_ENV = "VITSIFT_TEST_KILL_AT_STEP"   # test hook: SIGKILL this process before that global step
 
 
 @dataclass
@@ -455,52 +456,36 @@ def is_complete(out: str | Path) -> bool:
     return p.exists() and json.loads(p.read_text()).get("complete", False)
 
 
-def run_pretrain(cfg: PretrainConfig, out: str | Path, *, progress: bool = True,
-                 desc: str | None = None) -> Path:
-    """Train (or resume, or return at once if complete) the run ``cfg`` in folder ``out``."""
-    from tqdm.auto import tqdm
-
-    from vitsift_core.method.linear import knn_accuracy, linear_probe
-
-    out = Path(out)
-    dist, rank, world = _dist()
-    if cfg.batch_size % world:
-        raise ValueError(f"global batch {cfg.batch_size} is not divisible by {world} processes")
-    local_b = cfg.batch_size // world
-    ident = cfg.identity()
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        cj = out / "config.json"
-        if cj.exists():
-            old = json.loads(cj.read_text())["identity"]
-            diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
-            if diff:
-                raise RuntimeError(f"{out} holds a run with other parameters ({', '.join(diff)}); "
-                                   "use another folder or delete it")
-        else:
-            _atomic_json({"identity": ident, "key": cfg.key(), "recipe_key": cfg.recipe_key()}, cj)
-    if is_complete(out):
-        return out
-
-    threads_before = torch.get_num_threads()
+@contextmanager
+def _runtime(cfg: PretrainConfig, device: torch.device, tf32: bool = True):
+    """torch threads (``cfg.threads``) and, on CUDA with ``tf32``, TF32 matmuls for the block; both
+    restored after."""
+    threads = torch.get_num_threads()
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
+    if device.type == "cuda" and tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
-        return _train(cfg, out, rank, world, dist, local_b, progress, desc, tqdm, knn_accuracy, linear_probe)
+        yield
     finally:
-        torch.set_num_threads(threads_before)
+        torch.set_num_threads(threads)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
-def _train(cfg, out, rank, world, dist, local_b, progress, desc, tqdm, knn_accuracy, linear_probe):
-    device = _resolve_device(cfg, rank, world)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    t_start = time.perf_counter()
-    model = build_model(cfg)
-    patch = model.patch_size
+@dataclass
+class _Data:
+    """Train and val arrays with integer labels; the first ``mem`` train images are the k-NN memory."""
 
+    train: ArraySet
+    val: ArraySet
+    classes: list[str]
+    y_train: np.ndarray
+    y_val: np.ndarray
+    mem: int
+
+
+def _load_data(cfg: PretrainConfig, patch: int, progress: bool, rank: int = 0, dist=None) -> _Data:
     def prep(images, limit):
         return prepare_arrays(images, limit, cfg.img_size, patch, cfg.crop_pct, cfg.sift,
                               num_workers=cfg.num_workers, progress=progress and rank == 0)
@@ -512,167 +497,238 @@ def _train(cfg, out, rank, world, dist, local_b, progress, desc, tqdm, knn_accur
         dist.barrier()
     if rank != 0:
         train, val = prep(cfg.train_images, cfg.train_limit), prep(cfg.val_images, cfg.val_limit)
-    t_data = time.perf_counter() - t_start
     classes = sorted({str(l) for l in train.labels})
-    y_train = _labels_to_int([str(l) for l in train.labels], classes)
-    y_val = _labels_to_int([str(l) for l in val.labels], classes)
-    n_train = len(train)
+    mem = len(train) if cfg.knn_memory is None else min(int(cfg.knn_memory), len(train))
+    return _Data(train, val, classes, _labels_to_int([str(l) for l in train.labels], classes),
+                 _labels_to_int([str(l) for l in val.labels], classes), mem)
+
+
+def evaluate(model, data: _Data, cfg: PretrainConfig, device, probe: bool) -> tuple[float, float]:
+    """(k-NN accuracy, linear-probe accuracy or NaN) of the encoder's CLS features: memory = the
+    first ``data.mem`` train images, queries = the val images."""
+    f_mem = encode(model, data.train.images[:data.mem], device, cfg.eval_batch_size, cfg.amp)
+    f_val = encode(model, data.val.images, device, cfg.eval_batch_size, cfg.amp)
+    y_mem, n_cls = data.y_train[:data.mem], len(data.classes)
+    acc = knn_accuracy(f_mem, y_mem, f_val, data.y_val, n_cls, cfg.knn_k, cfg.knn_t)
+    return acc, (linear_probe(f_mem, y_mem, f_val, data.y_val, n_cls)["val_acc"] if probe else float("nan"))
+
+
+def save_checkpoint(path: Path, model, opt, cfg: PretrainConfig, epoch: int, history: list,
+                    step_rows: list, classes: list[str]) -> None:
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                "history": history, "steps": step_rows, "key": cfg.key(), "classes": classes,
+                "config": ident_for_checkpoint(cfg)}, _tmp(path))
+    os.replace(_tmp(path), path)
+
+
+def load_checkpoint(path: Path, model, opt, cfg: PretrainConfig) -> tuple[int, list, list]:
+    """Restore model and optimiser from ``path`` if it exists -> (epochs done, history, step rows)."""
+    if not path.exists():
+        return 0, [], []
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["key"] != cfg.key():
+        raise RuntimeError(f"{path} belongs to another config ({state['key']} != {cfg.key()})")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    return state["epoch"], state["history"], state["steps"]
+
+
+def epoch_batch(cfg: PretrainConfig, data: _Data, epoch: int, idx: np.ndarray, grid, beta: float,
+                scores: np.ndarray | None):
+    """Images (B, S, S, 3) uint8, counts (B, N) and masks (B, N) bool of train images ``idx`` in
+    ``epoch``: flips and masks are functions of (seed, epoch, image index) only."""
+    imgs = np.asarray(data.train.images[idx])
+    counts = data.train.counts[idx].copy()
+    masks = np.zeros(counts.shape, bool)
+    for j, i in enumerate(idx):
+        flipped = cfg.flip and MM.sample_rng(cfg.seed, epoch, i, MM.STREAM_FLIP).random() < 0.5
+        if flipped:   # the image and its keypoint grid alike
+            imgs[j] = imgs[j, :, ::-1]
+            counts[j] = counts[j].reshape(grid)[:, ::-1].reshape(-1)
+        rng = MM.sample_rng(cfg.seed, epoch, i, MM.STREAM_MASK)
+        if cfg.mask == "random":
+            masks[j] = MM.random_mask(counts.shape[1], cfg.mask_ratio, rng)
+        else:
+            sc = None
+            if scores is not None:
+                sc = scores[i].reshape(grid)[:, ::-1].reshape(-1) if flipped else scores[i]
+            masks[j] = MM.guided_mask(counts[j], cfg.mask_ratio, beta, rng, cfg.order, sc)
+    return imgs, counts, masks
+
+
+def train_step(ddp, opt, x: torch.Tensor, m: torch.Tensor, lr: float, amp: bool, dist=None, world: int = 1) -> float:
+    """One optimiser step on the (local slice of the) batch -> the global-batch loss."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    with _autocast(x.device, amp):
+        loss, _, _ = ddp(x, m)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    lval = loss.detach().float()
+    if dist is not None:
+        dist.all_reduce(lval)
+        lval = lval / world
+    return float(lval)
+
+
+def _train_epoch(ddp, opt, cfg: PretrainConfig, data: _Data, epoch: int, sched: _Schedule, step_rows: list,
+                 on_step, bar, rank: int = 0, dist=None, world: int = 1) -> dict:
+    """One epoch of optimiser steps (appended to ``step_rows``) -> the epoch's row, not yet evaluated."""
+    model = ddp.module if dist is not None else ddp
+    beta = sched.betas(epoch) if cfg.mask == "guided" else float("nan")
+    scores = None
+    if cfg.mask == "guided" and cfg.order == "score":
+        scores = theta_scores(model, data.train.images, data.train.counts, sched.score_layer, sched.device,
+                              cfg.eval_batch_size)
+    perm = np.random.default_rng([cfg.seed, epoch, 0xDA7A]).permutation(len(data.train))
+    local_b = cfg.batch_size // world
+    model.train()
+    key_masked = total_masked = 0
+    loss_sum = 0.0
+    for s in range(sched.steps):
+        it = epoch * sched.steps + s
+        if on_step is not None:
+            on_step(it)
+        lr = lr_at(cfg, it, sched.total, sched.warmup)
+        idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+        idx = np.sort(idx[rank * local_b:(rank + 1) * local_b])
+        imgs, counts, masks = epoch_batch(cfg, data, epoch, idx, model.grid, beta, scores)
+        key_masked += int(((counts > 0) & masks).sum())
+        total_masked += int(masks.sum())
+        x, m = to_input(imgs, sched.device), torch.from_numpy(masks).to(sched.device)
+        lval = train_step(ddp, opt, x, m, lr, cfg.amp, dist, world)
+        if not math.isfinite(lval):
+            raise FloatingPointError(f"loss is {lval} at epoch {epoch + 1}, step {s}")
+        loss_sum += lval
+        step_rows.append({"epoch": epoch + 1, "step": s, "loss": lval, "lr": lr})
+        bar.update(1)
+        bar.set_postfix(epoch=epoch + 1, loss=f"{lval:.4f}")
+    if dist is not None:
+        t_ = torch.tensor([key_masked, total_masked], dtype=torch.float64)
+        dist.all_reduce(t_)
+        key_masked, total_masked = t_.tolist()
+    return {"epoch": epoch + 1, "beta": beta, "key_share": key_masked / max(total_masked, 1),
+            "train_loss": loss_sum / sched.steps, "lr": lr}
+
+
+@dataclass
+class _Schedule:
+    """Steps per epoch, total steps, warmup steps, the guided betas, the score layer, the device."""
+
+    steps: int
+    total: int
+    warmup: int
+    betas: MM.BetaSchedule
+    score_layer: int
+    device: torch.device
+
+
+def _schedule(cfg: PretrainConfig, n_train: int, model, device) -> _Schedule:
     steps = n_train // cfg.batch_size
     if steps < 1:
         raise ValueError(f"{n_train} training images < one global batch of {cfg.batch_size}")
-    total_steps = steps * cfg.epochs
-    warmup = int(round(cfg.warmup_epochs * steps))
-    n_patches = model.num_patches
-    grid = model.grid
-    mem = n_train if cfg.knn_memory is None else min(int(cfg.knn_memory), n_train)
-    sched = cfg.schedule()
-    score_layer = cfg.score_layer if cfg.score_layer is not None else len(model.encoder.blocks) // 2
+    layer = cfg.score_layer if cfg.score_layer is not None else len(model.encoder.blocks) // 2
+    return _Schedule(steps, steps * cfg.epochs, int(round(cfg.warmup_epochs * steps)), cfg.schedule(),
+                     layer, device)
 
-    model.to(device)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
-    start_epoch, history, step_rows = 0, [], []
-    ck = out / "checkpoint.pt"
-    if ck.exists():
-        state = torch.load(ck, map_location="cpu", weights_only=False)
-        if state["key"] != cfg.key():
-            raise RuntimeError(f"{ck} belongs to another config ({state['key']} != {cfg.key()})")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, history, step_rows = state["epoch"], state["history"], state["steps"]
-    ddp = model
-    if dist is not None:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    kill_at = int(os.environ.get(_KILL_ENV, "-1"))
 
-    bar = tqdm(total=total_steps, initial=start_epoch * steps, unit="step", dynamic_ncols=True,
-               desc=desc or f"MAE {cfg.mask} seed {cfg.seed}", disable=not (progress and rank == 0))
-    t_train, n_seen = 0.0, 0
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        beta = sched(epoch) if cfg.mask == "guided" else float("nan")
-        scores = None
-        if cfg.mask == "guided" and cfg.order == "score":
-            scores = theta_scores(model, train.images, train.counts, score_layer, device, cfg.eval_batch_size)
-        perm = np.random.default_rng([cfg.seed, epoch, 0xDA7A]).permutation(n_train)
-        model.train()
-        key_masked = total_masked = 0
-        loss_sum = 0.0
-        for s in range(steps):
-            it = epoch * steps + s
-            if it == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            lr = lr_at(cfg, it, total_steps, warmup)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            idx = np.sort(idx[rank * local_b:(rank + 1) * local_b])
-            imgs = np.asarray(train.images[idx])
-            counts = train.counts[idx].copy()
-            masks = np.zeros((len(idx), n_patches), bool)
-            for j, i in enumerate(idx):
-                flipped = cfg.flip and MM.sample_rng(cfg.seed, epoch, i, MM.STREAM_FLIP).random() < 0.5
-                if flipped:   # the image and its keypoint grid alike
-                    imgs[j] = imgs[j, :, ::-1]
-                    counts[j] = counts[j].reshape(grid)[:, ::-1].reshape(-1)
-                rng = MM.sample_rng(cfg.seed, epoch, i, MM.STREAM_MASK)
-                if cfg.mask == "random":
-                    masks[j] = MM.random_mask(n_patches, cfg.mask_ratio, rng)
-                else:
-                    sc = None
-                    if scores is not None:
-                        sc = scores[i].reshape(grid)[:, ::-1].reshape(-1) if flipped else scores[i]
-                    masks[j] = MM.guided_mask(counts[j], cfg.mask_ratio, beta, rng, cfg.order, sc)
-            key_masked += int(((counts > 0) & masks).sum())
-            total_masked += int(masks.sum())
-            x = to_input(imgs, device)
-            m = torch.from_numpy(masks).to(device)
-            with _autocast(device, cfg.amp):
-                loss, _, _ = ddp(x, m)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            lval = loss.detach().float()
+def run_pretrain(cfg: PretrainConfig, out: str | Path, *, progress: bool = True, desc: str | None = None,
+                 on_step=None) -> Path:
+    """Train (or resume, or return at once if complete) the run ``cfg`` in folder ``out``.
+
+    ``on_step(global_step)`` is called before every optimiser step (tests use it to kill the run)."""
+    out = Path(out)
+    dist, rank, world = _dist()
+    if cfg.batch_size % world:
+        raise ValueError(f"global batch {cfg.batch_size} is not divisible by {world} processes")
+    _check_identity(cfg, out, rank)
+    if is_complete(out):
+        return out
+    device = _resolve_device(cfg, rank, world)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    with _runtime(cfg, device):
+        t_start = time.perf_counter()
+        model = build_model(cfg)
+        data = _load_data(cfg, model.patch_size, progress, rank, dist)
+        t_data = time.perf_counter() - t_start
+        sched = _schedule(cfg, len(data.train), model, device)
+        model.to(device)
+        opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+        ck = out / "checkpoint.pt"
+        start_epoch, history, step_rows = load_checkpoint(ck, model, opt, cfg)
+        ddp = model
+        if dist is not None:
+            ddp = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        bar = tqdm(total=sched.total, initial=start_epoch * sched.steps, unit="step", dynamic_ncols=True,
+                   desc=desc or f"MAE {cfg.mask} seed {cfg.seed}", disable=not (progress and rank == 0))
+        t_train = 0.0
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            row = _train_epoch(ddp, opt, cfg, data, epoch, sched, step_rows, on_step, bar, rank, dist, world)
+            t_train += time.perf_counter() - t0
+            if rank == 0:
+                probe = (epoch + 1 == cfg.epochs and cfg.probe) or bool(
+                    cfg.probe_every and (epoch + 1) % cfg.probe_every == 0)
+                row["knn_acc"], row["probe_acc"] = evaluate(model, data, cfg, device, probe)
+                history.append(row)
+                save_checkpoint(ck, model, opt, cfg, epoch + 1, history, step_rows, data.classes)
+                _atomic_csv(pd.DataFrame(history, columns=METRIC_COLS), out / "metrics.csv")
+                _atomic_csv(pd.DataFrame(step_rows, columns=["epoch", "step", "loss", "lr"]),
+                            out / "steps.csv")
+                if progress:
+                    bar.write(_epoch_line(out, cfg, row))
             if dist is not None:
-                dist.all_reduce(lval)
-                lval = lval / world
-            lval = float(lval)
-            if not math.isfinite(lval):
-                raise FloatingPointError(f"loss is {lval} at epoch {epoch + 1}, step {s}")
-            loss_sum += lval
-            step_rows.append({"epoch": epoch + 1, "step": s, "loss": lval, "lr": lr})
-            n_seen += cfg.batch_size
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{lval:.4f}",
-                            **({"knn": f"{history[-1]['knn_acc']:.3f}"} if history else {}))
-        if dist is not None:
-            t_ = torch.tensor([key_masked, total_masked], dtype=torch.float64)
-            dist.all_reduce(t_)
-            key_masked, total_masked = t_.tolist()
-        t_train += time.perf_counter() - t0
+                dist.barrier()
+        bar.close()
         if rank == 0:
-            f_mem = encode(model, train.images[:mem], device, cfg.eval_batch_size, cfg.amp)
-            f_val = encode(model, val.images, device, cfg.eval_batch_size, cfg.amp)
-            acc = knn_accuracy(f_mem, y_train[:mem], f_val, y_val, len(classes), cfg.knn_k, cfg.knn_t)
-            row = {"epoch": epoch + 1, "beta": beta, "key_share": key_masked / max(total_masked, 1),
-                   "train_loss": loss_sum / steps, "lr": lr, "knn_acc": acc, "probe_acc": float("nan")}
-            last = epoch + 1 == cfg.epochs
-            if (last and cfg.probe) or (cfg.probe_every and (epoch + 1) % cfg.probe_every == 0):
-                # fitted on the k-NN memory's features (all train images unless knn_memory is set)
-                row["probe_acc"] = linear_probe(f_mem, y_train[:mem], f_val, y_val, len(classes))["val_acc"]
-            history.append(row)
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                        "history": history, "steps": step_rows, "key": cfg.key(), "classes": classes,
-                        "config": ident_for_checkpoint(cfg)}, _tmp(ck))
-            os.replace(_tmp(ck), ck)
-            _atomic_csv(pd.DataFrame(history, columns=METRIC_COLS), out / "metrics.csv")
-            _atomic_csv(pd.DataFrame(step_rows, columns=["epoch", "step", "loss", "lr"]), out / "steps.csv")
-            if progress:
-                bar.write(f"[{out.name}] epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, "
-                          f"k-NN {acc:.3f}" + (f", beta {beta:.2f}" if cfg.mask == "guided" else "")
-                          + f", keypoint share of masked {row['key_share']:.2f}")
-        if dist is not None:
-            dist.barrier()
-    bar.close()
-    if rank == 0:
-        wall = time.perf_counter() - t_start
-        _atomic_json({"complete": True, "epochs": cfg.epochs, "steps_per_epoch": steps,
-                      "n_train": n_train, "n_val": len(val), "knn_memory": mem, "classes": classes,
-                      "n_skipped": len(train.skipped) + len(val.skipped),
-                      "wall_s_this_process": round(wall, 2), "data_s": round(t_data, 2),
-                      "train_s_this_process": round(t_train, 2),
-                      "train_img_per_s": round(n_seen / t_train, 1) if t_train else None,
-                      "device": str(device), "world": world, "threads": torch.get_num_threads(),
-                      "resumed_from_epoch": start_epoch}, out / "run.json")
+            n_seen = (cfg.epochs - start_epoch) * sched.steps * cfg.batch_size
+            _atomic_json({"complete": True, "epochs": cfg.epochs, "steps_per_epoch": sched.steps,
+                          "n_train": len(data.train), "n_val": len(data.val), "knn_memory": data.mem,
+                          "classes": data.classes, "n_skipped": len(data.train.skipped) + len(data.val.skipped),
+                          "wall_s_this_process": round(time.perf_counter() - t_start, 2),
+                          "data_s": round(t_data, 2), "train_s_this_process": round(t_train, 2),
+                          "train_img_per_s": round(n_seen / t_train, 1) if t_train else None,
+                          "device": str(device), "world": world, "threads": torch.get_num_threads(),
+                          "resumed_from_epoch": start_epoch}, out / "run.json")
     if dist is not None:
         dist.barrier()
     return out
 
 
+def _epoch_line(out: Path, cfg: PretrainConfig, row: dict) -> str:
+    return (f"[{out.name}] epoch {row['epoch']}/{cfg.epochs}: loss {row['train_loss']:.4f}, "
+            f"k-NN {row['knn_acc']:.3f}" + (f", beta {row['beta']:.2f}" if cfg.mask == "guided" else "")
+            + f", keypoint share of masked {row['key_share']:.2f}")
+
+
+def _check_identity(cfg: PretrainConfig, out: Path, rank: int) -> None:
+    """Rank 0: write ``config.json`` in a new folder, refuse a folder holding another config."""
+    if rank != 0:
+        return
+    ident = cfg.identity()
+    out.mkdir(parents=True, exist_ok=True)
+    cj = out / "config.json"
+    if cj.exists():
+        old = json.loads(cj.read_text())["identity"]
+        diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
+        if diff:
+            raise RuntimeError(f"{out} holds a run with other parameters ({', '.join(diff)}); "
+                               "use another folder or delete it")
+    else:
+        _atomic_json({"identity": ident, "key": cfg.key(), "recipe_key": cfg.recipe_key()}, cj)
+
+
 def initial_accuracy(cfg: PretrainConfig, progress: bool = False) -> dict:
     """Epoch 0: k-NN and linear-probe accuracy of the *untrained* encoder of ``cfg``'s seed (the
     weights every run with that seed starts from), on the same memory and queries as the runs."""
-    from vitsift_core.method.linear import knn_accuracy, linear_probe
-
-    threads_before = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    try:
-        device = _resolve_device(cfg, 0, 1)
+    device = _resolve_device(cfg, 0, 1)
+    with _runtime(cfg, device, tf32=False):
         model = build_model(cfg).to(device)
-        prep = lambda images, limit: prepare_arrays(images, limit, cfg.img_size, model.patch_size, cfg.crop_pct,
-                                                    cfg.sift, num_workers=cfg.num_workers, progress=progress)
-        train, val = prep(cfg.train_images, cfg.train_limit), prep(cfg.val_images, cfg.val_limit)
-        classes = sorted({str(l) for l in train.labels})
-        y_train = _labels_to_int([str(l) for l in train.labels], classes)
-        y_val = _labels_to_int([str(l) for l in val.labels], classes)
-        mem = len(train) if cfg.knn_memory is None else min(int(cfg.knn_memory), len(train))
-        f_mem = encode(model, train.images[:mem], device, cfg.eval_batch_size, cfg.amp)
-        f_val = encode(model, val.images, device, cfg.eval_batch_size, cfg.amp)
-        return {"knn_acc": knn_accuracy(f_mem, y_train[:mem], f_val, y_val, len(classes), cfg.knn_k, cfg.knn_t),
-                "probe_acc": linear_probe(f_mem, y_train[:mem], f_val, y_val, len(classes))["val_acc"]}
-    finally:
-        torch.set_num_threads(threads_before)
+        knn, probe = evaluate(model, _load_data(cfg, model.patch_size, progress), cfg, device, probe=True)
+    return {"knn_acc": knn, "probe_acc": probe}
 
 
 def ident_for_checkpoint(cfg: PretrainConfig) -> dict:
