@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from vitsift_core.store import write_json  # noqa: E402 (after the sys.path line above)
+
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
@@ -133,9 +135,7 @@ def write_report(path: Path, obj: dict, compare: tuple[str, ...]) -> None:
             print(f"vs last run ({prev.get('timestamp', '?')}): " + "; ".join(parts))
     obj = {**obj, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    write_json(path, obj)
     print(f"wrote {path}")
 
 

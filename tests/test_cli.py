@@ -113,13 +113,23 @@ def test_all_controls(tmp_path, tiny_ckpt):
                                            atol=1e-5)
 
 
+# the run to kill: analyze with a pause after each chunk (run_suite's on_chunk), so it dies between chunks
+SLOW_ANALYZE = """
+import sys, time
+from vitsift_core.experiments.analysis import AnalysisParams, analyze
+model, images, out = sys.argv[1:4]
+params = AnalysisParams(model=model, images=images, device="cpu", num_workers=0, batch_size=2, chunk=4)
+analyze(params, out, progress=False, on_chunk=lambda k: time.sleep(0.4))
+"""
+
+
 def test_resume_after_kill(tmp_path, tiny_ckpt):
     imgs = photos(tmp_path / "imgs", 24)
-    env = {**os.environ, "VITSIFT_CHUNK": "4", "VITSIFT_TEST_CHUNK_DELAY": "0.4"}
+    env = dict(os.environ)
     args = [sys.executable, "-m", "vitsift_core.cli", "analyze", "--quiet", "--num-workers", "0",
-            "--batch-size", "2", "--device", "cpu", "--model", tiny_ckpt, "--images", str(imgs)]
+            "--batch-size", "2", "--device", "cpu", "--chunk", "4", "--model", tiny_ckpt, "--images", str(imgs)]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(args + ["--out", str(killed)], env=env)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_ANALYZE, tiny_ckpt, str(imgs), str(killed)], env=env)
     deadline = time.time() + 120
     while not (killed / "parts" / "00001.npz").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -129,7 +139,6 @@ def test_resume_after_kill(tmp_path, tiny_ckpt):
     assert 2 <= len(done_before) < 6, done_before       # really killed mid-run
     assert not (killed / "heads.parquet").exists()
     mtimes = {n: (killed / "parts" / n).stat().st_mtime_ns for n in done_before}
-    env["VITSIFT_TEST_CHUNK_DELAY"] = "0"
     assert subprocess.run(args + ["--out", str(killed)], env=env).returncode == 0
     assert subprocess.run(args + ["--out", str(tmp_path / "clean")], env=env).returncode == 0
     for n, t in mtimes.items():                          # finished chunks not recomputed

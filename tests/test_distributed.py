@@ -1,6 +1,6 @@
 """torchrun: `vitsift analyze` / `suite` / `mask-eval` in 2 CPU processes (gloo) write exactly what 1 process writes.
 
-Each rank analyses the chunks k with k % world == rank (VITSIFT_CHUNK=2: several chunks per rank)
+Each rank analyses the chunks k with k % world == rank (--chunk 2: several chunks per rank)
 and writes its own parts; rank 0 merges after a barrier. Both runs use one torch thread per process
 (torchrun's default with several processes), so the comparison can be exact.
 """
@@ -31,13 +31,13 @@ def images(tmp_path_factory):
 
 
 def _env(tmp_path):
-    return {**os.environ, "VITSIFT_CHUNK": "2", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
             "VITSIFT_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
 
 
 def _args(cmd, ckpt, imgs, out, *extra):
     return [cmd, "--quiet", "--num-workers", "1", "--batch-size", "2", "--device", "cpu",
-            "--model", ckpt, "--images", str(imgs), "--out", str(out), *extra]
+            "--model", ckpt, "--images", str(imgs), "--out", str(out), "--chunk", "2", *extra]
 
 
 def _single(args, env):

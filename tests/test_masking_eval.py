@@ -152,13 +152,12 @@ def test_imagenet_classifier_tier_maps_wnids(tmp_path, in1k):
     assert "probe_train" not in info["identity"] and info["classifier"]["kind"] == "timm"
 
 
-def test_resume_recomputes_only_missing_chunks(tmp_path, backbone, monkeypatch):
-    monkeypatch.setattr(runs, "CHUNK", 3)
+def test_resume_recomputes_only_missing_chunks(tmp_path, backbone):
     train = labelled(tmp_path / "train", ["a", "b"], 4)
     val = labelled(tmp_path / "val", ["a", "b"], 4, seed=2)
     p = MaskEvalParams(classifier="embedded-probe", model=backbone, images=str(val), probe_train=str(train),
                        probe_per_class=4, ratios=[0, 10, 30], orders=["top", "random"], modes=["fill", "drop"],
-                       batch_size=2, num_workers=0, device="cpu", n_boot=100)
+                       batch_size=2, num_workers=0, device="cpu", n_boot=100, chunk=3)
     a = run_mask_eval(p, tmp_path / "a", progress=False)
     parts = sorted((a.path / "parts").iterdir())
     assert len(parts) == 2 * 3                                   # 8 images in chunks of 3: score + mask files
@@ -188,13 +187,12 @@ def test_bad_arguments_are_clear_errors(tmp_path, backbone, capsys):
         load_classifier("test_vit", backbone=headless)
 
 
-def test_adding_orders_reuses_what_a_run_beside_it_computed(tmp_path, backbone, monkeypatch):
-    monkeypatch.setattr(runs, "CHUNK", 4)
+def test_adding_orders_reuses_what_a_run_beside_it_computed(tmp_path, backbone):
     train = labelled(tmp_path / "train", ["a", "b"], 4)
     val = labelled(tmp_path / "val", ["a", "b"], 3, seed=3)
     base = MaskEvalParams(classifier="embedded-probe", model=backbone, images=str(val), probe_train=str(train),
                           probe_per_class=4, ratios=[0, 20], orders=["top"], modes=["fill"],
-                          batch_size=3, num_workers=0, device="cpu", n_boot=100)
+                          batch_size=3, num_workers=0, device="cpu", n_boot=100, chunk=4)
     a = run_mask_eval(base, tmp_path / "runs" / "a", progress=False)
     more = base.replace(orders=["top", "top_other"], ratios=[0, 20, 40], modes=["fill", "drop"])
     assert more.key() != base.key() and more.score_identity() == base.score_identity()

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
-from pathlib import Path
 
-from vitsift_core.experiments.analysis import CONTROLS, PRECISIONS, AnalysisParams, RunMismatch, analyze
+from vitsift_core.data.keypoints import SiftParams
+from vitsift_core.store import DEFAULT_CHUNK, RunMismatch, distributed, end_distributed, rank_device, read_json
+from vitsift_core.experiments.analysis import (CONTROLS, PRECISIONS, AnalysisParams, analyze, run_suite,
+                                               variant_dir)
+from vitsift_core.experiments.maskeval_cli import add_cli as _add_mask_eval, cli_main as cmd_mask_eval
+from vitsift_core.experiments.pretrain import add_cli as _add_pretrain, cmd_pretrain
+from vitsift_core.model.registry import ModelWeightsUnavailable
 
 
 def _add_analyze(sub) -> None:
@@ -28,6 +32,8 @@ def _add_analyze(sub) -> None:
     p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=1, help="SIFT/decoding worker processes")
+    p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
+                   help="images per resumable chunk (part of the identity)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="forward pass: auto = bf16 autocast on CUDA, fp32 on CPU; bf16 on a CPU with "
@@ -47,21 +53,24 @@ def _add_suite(sub) -> None:
 
 
 def _params(a, **kw) -> AnalysisParams:
-    from vitsift_core.data.keypoints import SiftParams
     sift = dataclasses.asdict(SiftParams(contrast_threshold=a.contrast_threshold))
     return AnalysisParams(model=a.model, images=a.images, limit=a.limit, gamma=a.gamma,
                           weighted=not a.unweighted, focus_kind=a.focus, seed=a.seed,
                           img_size=a.img_size, sift=sift, batch_size=a.batch_size, device=a.device,
-                          num_workers=a.num_workers, precision=a.precision, **kw)
+                          num_workers=a.num_workers, precision=a.precision, chunk=a.chunk, **kw)
+
+
+def _rank_params(params: AnalysisParams) -> tuple[AnalysisParams, int, int, object]:
+    """(params on this process's device, rank, world, barrier): torchrun joined when launched by it."""
+    rank, world, barrier = distributed()
+    return params.replace(device=rank_device(params.device, world)), rank, world, barrier
 
 
 def cmd_suite(a) -> int:
-    from vitsift_core.experiments.analysis import run_suite, variant_dir
     base = _params(a)
     variants = {(c, x): variant_dir(a.out, base.replace(control=c, exclude_self=x))
                 for c in CONTROLS for x in (False, True)}
-    rank, world, barrier = _distributed()
-    base = _rank_device(base, world)
+    base, rank, world, barrier = _rank_params(base)
     res = run_suite(base, variants, progress=not a.quiet and rank == 0, rank=rank, world=world, barrier=barrier)
     if rank == 0:
         for (c, x), r in res.items():
@@ -69,54 +78,12 @@ def cmd_suite(a) -> int:
     return 0
 
 
-def _distributed():
-    """(rank, world, barrier) under torchrun, else (0, 1, None).
-
-    gloo on CPU, nccl on CUDA with process LOCAL_RANK on GPU LOCAL_RANK. The timeout
-    (VITSIFT_DIST_TIMEOUT seconds, default 12 h) bounds how long rank 0 waits at the barrier for
-    the others' chunks: torch's default (30 min) is too short for a large or resumed run.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, None
-    import datetime
-
-    import torch
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        timeout = datetime.timedelta(seconds=float(os.environ.get("VITSIFT_DIST_TIMEOUT", 12 * 3600)))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-            dist.init_process_group("nccl", timeout=timeout)
-        else:
-            dist.init_process_group("gloo", timeout=timeout)
-    return dist.get_rank(), dist.get_world_size(), dist.barrier
-
-
-def _rank_device(params: AnalysisParams, world: int) -> AnalysisParams:
-    """Under torchrun with CUDA, 'auto'/'cuda' means this process's GPU (LOCAL_RANK)."""
-    if world > 1 and params.device in ("auto", "cuda"):
-        import torch
-        if torch.cuda.is_available():
-            return params.replace(device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}")
-    return params
-
-
-def _end_distributed() -> None:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def cmd_analyze(a) -> int:
-    params = _params(a, exclude_self=a.exclude_self, control=a.control)
-    rank, world, barrier = _distributed()
-    params = _rank_device(params, world)
+    params, rank, world, barrier = _rank_params(_params(a, exclude_self=a.exclude_self, control=a.control))
     run = analyze(params, a.out, progress=not a.quiet and rank == 0, rank=rank, world=world, barrier=barrier)
     if rank == 0:
-        import json
-        info = json.loads((run.path / "run.json").read_text())
-        stages = json.loads((run.path / "stages.json").read_text())
+        info = read_json(run.path / "run.json")
+        stages = read_json(run.path / "stages.json")
         print(f"wrote {run.path}: {info['n_images']} images, {info['n_skipped']} skipped; "
               f"stages: {stages.get('summary', stages.get('reason'))}")
     return 0
@@ -127,9 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_analyze(sub)
     _add_suite(sub)
-    from vitsift_core.experiments.maskeval import add_cli as _add_mask_eval, cli_main as cmd_mask_eval
     _add_mask_eval(sub)
-    from vitsift_core.experiments.pretrain import add_cli as _add_pretrain, cmd_pretrain
     _add_pretrain(sub)
     a = parser.parse_args(argv)
     try:
@@ -141,17 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_mask_eval(a)
         if a.cmd == "pretrain":
             return cmd_pretrain(a)
-    except (RunMismatch, ValueError, FileNotFoundError) as e:
+    except (RunMismatch, ValueError, FileNotFoundError, ModelWeightsUnavailable) as e:
         print(f"vitsift {a.cmd}: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # noqa: BLE001 - named errors from the model registry
-        from vitsift_core.model.registry import ModelWeightsUnavailable
-        if isinstance(e, ModelWeightsUnavailable):
-            print(f"vitsift {a.cmd}: error: {e}", file=sys.stderr)
-            return 2
-        raise
     finally:
-        _end_distributed()
+        end_distributed()
     return 1
 
 

@@ -1,4 +1,4 @@
-"""One place for every path the project uses.
+"""One place for every path the project uses, and the one atomic file write.
 
 All paths derive from the project root (this checkout) or from two environment settings:
 
@@ -9,7 +9,9 @@ All paths derive from the project root (this checkout) or from two environment s
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,3 +37,23 @@ def results_dir() -> Path:
 
 def reports_dir() -> Path:
     return Path(os.environ.get("VITSIFT_REPORTS", ROOT / "reports"))
+
+
+def tmp_path(path: str | Path) -> Path:
+    """The temporary name beside ``path`` that :func:`atomic_write` writes first (one per thread)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then move it in place (``os.replace``):
+    a reader sees the old file or the whole new one, never a half-written one. ``write`` must open
+    the path it is given as is (``np.save`` appends ``.npy`` to a name: give it an open file)."""
+    path = Path(path)
+    tmp = tmp_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_file():
+            tmp.unlink()

@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from vitsift_core.paths import atomic_write, cache_dir
 
 __all__ = ["SiftParams", "detect_keypoints", "patch_counts", "keypoint_counts", "KeypointCache"]
 
@@ -149,8 +149,6 @@ class KeypointCache:
 
     def __init__(self, root: str | Path | None = None):
         if root is None:
-            from vitsift_core.paths import cache_dir
-
             root = cache_dir() / "keypoints"
         self.root = Path(root)
         self.hits = 0    # per process; workers keep their own counters
@@ -203,16 +201,10 @@ class KeypointCache:
     @staticmethod
     def _atomic_save(path: Path, arr: np.ndarray) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:8]}-", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
+
+        # No fsync: a torn entry after a power cut loads as corrupt and is recomputed,
+        # and fsync per image would dominate the run time on slow disks.
+        def write(p: Path) -> None:
+            with open(p, "wb") as f:
                 np.save(f, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
-                # No fsync: a torn entry after a power cut loads as corrupt and is recomputed,
-                # and fsync per image would dominate the run time on slow disks.
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write(path, write)

@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from vitsift_core.data.images import as_rgb_uint8, load_rgb
-from vitsift_core.paths import data_dir
+from vitsift_core.paths import atomic_write, data_dir
 
 __all__ = [
     "ImageRecord",
@@ -299,13 +299,7 @@ def download_imagenette(dest: str | Path | None = None, *, progress: bool = True
     dest.mkdir(parents=True, exist_ok=True)
     archive = dest / f"{IMAGENETTE_DIRNAME}.tgz"
     if not archive.exists():
-        part = archive.with_name(archive.name + ".part")
-        try:
-            _fetch(IMAGENETTE_URL, part, progress)
-            os.replace(part, archive)
-        finally:
-            if part.exists():
-                part.unlink()
+        atomic_write(archive, lambda p: _fetch(IMAGENETTE_URL, p, progress))
     if IMAGENETTE_MD5 is not None:
         got = _md5(archive)
         if got != IMAGENETTE_MD5:

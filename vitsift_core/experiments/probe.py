@@ -1,36 +1,26 @@
 """Linear probe on a frozen backbone's CLS token: the embedded tier's classifier (Sec 5.1).
 
-The embedded DINOv2-S backbone has no classifier head, so its masking experiment classifies with a
-linear probe: a single ``nn.Linear`` on the **CLS token of the final layer norm**
-(``forward_features(x)[:, 0]``), trained on Imagenette train (or a per-class subset of it) with
-the backbone frozen, full-batch L-BFGS on standardised features with L2 weight decay, no
-augmentation (the same centre crop the evaluation uses). The standardisation is folded into the
-linear layer afterwards, so the probe is a plain ``Linear(D, C)`` on raw CLS features.
-
-Everything is cached under ``cache_dir()/probes/<features key>/``:
-
-    parts/NNNNN.npz   CLS features of chunk k of the training records (resumable, CHUNK images each)
-    probe-<key>.safetensors / .json   the trained probe and what it was trained on
-
-The features key covers the backbone (spec, source, weights file identity), the training image
-spec, the data config and the chunk size; the training order is the round-robin order of
-``resolve_images(spec, limit)``, whose prefixes are the per-class subsets, so a bigger subset
-reuses the chunks a smaller one computed. The probe key adds the subset size and the optimiser
-settings.
+One ``Linear(D, C)`` on ``forward_features(x)[:, 0]``, trained on (a per-class subset of) Imagenette
+train with the backbone frozen. Cached under ``cache_dir()/probes/<features key>/``: ``parts/NNNNN.npz``
+(CLS features per chunk, resumable; per-class subsets are prefixes, so they share chunks) and
+``probe-<key>.safetensors`` / ``.json``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from vitsift_core.paths import cache_dir
+from vitsift_core.data.batches import iter_batches
+from vitsift_core.data.keypoints import KeypointCache
+from vitsift_core.data.sources import resolve_images
+from vitsift_core.store import DEFAULT_CHUNK, atomic_write, key_of, savez, write_text
 
 FEATURE_FORMAT = "cls-v1"
 
@@ -86,13 +76,17 @@ def model_identity(lm) -> dict:
     return ident
 
 
-def _key(obj) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+def probe_paths(lm, settings: ProbeSettings, root: Path | None = None) -> tuple[Path, Path]:
+    """(weights, json) files of the probe for backbone ``lm`` and ``settings``, in the folder named by
+    the features key (backbone, training images, chunk size); the probe key adds ``settings``."""
+    feat_key = key_of({"format": FEATURE_FORMAT, "model": model_identity(lm), "images": settings.train_images,
+                       "chunk": DEFAULT_CHUNK})
+    folder = Path(root or cache_dir() / "probes") / feat_key
+    probe_key = key_of({"features": feat_key, **asdict(settings)})
+    return folder / f"probe-{probe_key}.safetensors", folder / f"probe-{probe_key}.json"
 
 
 def _records(settings: ProbeSettings):
-    from vitsift_core.data.sources import resolve_images
-
     recs = resolve_images(settings.train_images)
     classes = sorted({r.label for r in recs if r.label is not None})
     if not classes:
@@ -103,28 +97,14 @@ def _records(settings: ProbeSettings):
     return resolve_images(settings.train_images, min(limit, len(recs))), classes
 
 
-def _atomic_savez(path: Path, **arrays) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
-
-
 def extract_features(lm, records, folder: Path, *, batch_size: int = 32, num_workers: int = 1,
-                     progress: bool = True, chunk: int | None = None) -> tuple[list[str], list[str], np.ndarray]:
+                     progress: bool = True, chunk: int = DEFAULT_CHUNK) -> tuple[list[str], list[str], np.ndarray]:
     """CLS features of ``records`` with ``lm`` (frozen), cached in ``folder/parts`` chunk by chunk.
 
     A chunk file is reused when it holds every id of its chunk (a chunk written for a shorter
     record list is recomputed once). Returns (ids, labels, features (n, D) float32), skipped
     (undecodable) images left out.
     """
-    from tqdm.auto import tqdm
-
-    from vitsift_core.data.keypoints import KeypointCache
-    from vitsift_core.data.batches import iter_batches
-    from vitsift_core.experiments.analysis import CHUNK
-
-    chunk = chunk or CHUNK
     parts = Path(folder) / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     n_chunks = (len(records) + chunk - 1) // chunk
@@ -159,9 +139,9 @@ def extract_features(lm, records, folder: Path, *, batch_size: int = 32, num_wor
                 feats.append(f.float().cpu().numpy())
             bar.update(len(skipped) + (len(batch) if batch is not None else 0))
         d = feats[0].shape[1] if feats else 0
-        _atomic_savez(parts / f"{k:05d}.npz", ids=np.asarray(ids, dtype=str), labels=np.asarray(labels, dtype=str),
-                      feats=np.concatenate(feats) if feats else np.zeros((0, d), np.float32),
-                      seen=np.asarray([r.id for r in recs], dtype=str))
+        savez(parts / f"{k:05d}.npz", ids=np.asarray(ids, dtype=str), labels=np.asarray(labels, dtype=str),
+              feats=np.concatenate(feats) if feats else np.zeros((0, d), np.float32),
+              seen=np.asarray([r.id for r in recs], dtype=str))
     bar.close()
     want = {r.id for r in records}
     ids, labels, feats = [], [], []
@@ -212,14 +192,9 @@ def train_or_load_probe(lm, settings: ProbeSettings = ProbeSettings(), *, batch_
     progress bar over feature extraction, the expensive part) and cached."""
     from safetensors.torch import load_file, save_file
 
-    from vitsift_core.experiments.analysis import CHUNK
-
     records, classes = _records(settings)
-    feat_key = _key({"format": FEATURE_FORMAT, "model": model_identity(lm), "images": settings.train_images,
-                     "chunk": CHUNK})
-    folder = Path(root or cache_dir() / "probes") / feat_key
-    probe_key = _key({"features": feat_key, **asdict(settings)})
-    wfile, jfile = folder / f"probe-{probe_key}.safetensors", folder / f"probe-{probe_key}.json"
+    wfile, jfile = probe_paths(lm, settings, root)
+    folder = wfile.parent
     if wfile.exists() and jfile.exists():
         info = json.loads(jfile.read_text())
         sd = load_file(str(wfile))
@@ -232,6 +207,7 @@ def train_or_load_probe(lm, settings: ProbeSettings = ProbeSettings(), *, batch_
     t_feat = time.perf_counter() - t0
     index = {c: i for i, c in enumerate(classes)}
     y = np.asarray([index[lab] for lab in labels])
+    feat_key, probe_key = folder.name, jfile.stem.removeprefix("probe-")
     weight, bias, fit = fit_linear(feats, y, len(classes), settings.weight_decay, settings.max_iter, settings.seed)
     per_class = {c: int((y == i).sum()) for i, c in enumerate(classes)}
     info = {"key": probe_key, "features_key": feat_key, "classes": classes, "settings": asdict(settings),
@@ -239,10 +215,6 @@ def train_or_load_probe(lm, settings: ProbeSettings = ProbeSettings(), *, batch_
             "feature": "CLS token of forward_features (final layer norm), backbone frozen",
             "feature_seconds": round(t_feat, 1), "fit_seconds": round(time.perf_counter() - t0 - t_feat, 1), **fit}
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = wfile.with_name(f".{wfile.name}.tmp{os.getpid()}")
-    save_file({"weight": weight.contiguous(), "bias": bias.contiguous()}, str(tmp))
-    os.replace(tmp, wfile)
-    tmpj = jfile.with_name(f".{jfile.name}.tmp{os.getpid()}")
-    tmpj.write_text(json.dumps(info, indent=2))
-    os.replace(tmpj, jfile)
+    atomic_write(wfile, lambda p: save_file({"weight": weight.contiguous(), "bias": bias.contiguous()}, str(p)))
+    write_text(jfile, json.dumps(info, indent=2))
     return Probe(weight, bias, classes, info)

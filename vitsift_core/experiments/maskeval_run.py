@@ -1,0 +1,177 @@
+"""mask-eval's parameters (:class:`MaskEvalParams`) and run folder (:class:`MaskEvalRun`): score parts
+and mask parts, each chunk written whole, copied from a sibling folder that differs only in orders,
+modes or ratios."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from vitsift_core.method import masking as MK
+from vitsift_core.model.classify import PROBE_SPECS
+from vitsift_core.data.keypoints import SiftParams
+from vitsift_core.store import DEFAULT_CHUNK, Params, RunFolder, read_json
+
+
+@dataclass
+class MaskEvalParams(Params):
+    """Everything that decides mask-eval's numbers, plus how to run it (``RUNTIME_KEYS``)."""
+
+    classifier: str = "embedded-probe"
+    model: str | None = None            # scoring ViT; None: the classifier's own (probe: 'embedded')
+    images: str = "imagenette:val"
+    limit: int | None = None
+    ratios: list = field(default_factory=lambda: [0, 5, 10, 20, 30, 40])   # percent of patches
+    orders: list = field(default_factory=lambda: list(MK.DEFAULT_ORDERS))
+    modes: list = field(default_factory=lambda: ["fill"])
+    layer: str = "auto"                 # 'auto' (DESIGN section 3), '7', '7-9', '5,7' (1-based)
+    gamma: float = 1.0
+    weighted: bool = True
+    exclude_self: bool = False
+    tiebreak: str = "random"
+    seed: int = 0
+    probe_train: str = "imagenette:train"
+    probe_per_class: int | None = 100
+    probe_weight_decay: float = 1e-3
+    sift: dict = field(default_factory=lambda: dataclasses.asdict(SiftParams()))
+    chunk: int = DEFAULT_CHUNK          # images per resumable chunk (both passes)
+    # how to run / summarise: not part of the identity
+    batch_size: int = 32
+    device: str = "auto"
+    num_workers: int = 1
+    n_boot: int = 2000
+
+    RUNTIME_KEYS = ("batch_size", "device", "num_workers", "n_boot")
+
+    def __post_init__(self):
+        if self.model is None:
+            self.model = "embedded" if self.classifier in PROBE_SPECS else self.classifier
+        if self.classifier == "probe":
+            self.classifier = "embedded-probe"
+        self.ratios = sorted({float(r) if float(r) != int(float(r)) else int(float(r)) for r in self.ratios})
+        for r in self.ratios:
+            MK.n_masked(r, 1)   # validates the range
+        self.orders = list(dict.fromkeys(self.orders))
+        self.modes = list(dict.fromkeys(self.modes))
+        bad = [o for o in self.orders if o not in MK.ORDERS] + [m for m in self.modes if m not in MK.MODES]
+        if bad or not self.orders or not self.modes:
+            raise ValueError(f"orders must be among {MK.ORDERS} and modes among {MK.MODES} "
+                             f"(non-empty); got orders={self.orders}, modes={self.modes}")
+        if self.tiebreak not in MK.TIEBREAKS:
+            raise ValueError(f"tiebreak must be one of {MK.TIEBREAKS}, got {self.tiebreak!r}")
+        if not self.gamma > 0:
+            raise ValueError(f"gamma must be > 0, got {self.gamma}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if self.batch_size < 1 or self.n_boot < 1 or self.chunk < 1:
+            raise ValueError("batch_size, n_boot and chunk must be >= 1")
+        self.layer = str(self.layer)
+        self.sift = dataclasses.asdict(SiftParams(**self.sift))
+
+    def _identity(self, d: dict) -> dict:
+        if self.classifier not in PROBE_SPECS:   # probe settings mean nothing for a timm head
+            for k in ("probe_train", "probe_per_class", "probe_weight_decay"):
+                d.pop(k)
+        return d
+
+    # what the masked forwards add; the score pass (scores, stage metrics, clean predictions)
+    # depends on everything else only, so runs that differ in these share its parts
+    MASK_ONLY_KEYS = ("orders", "modes", "ratios")
+
+    def score_identity(self) -> dict:
+        return self.without_mask_keys(self.identity())
+
+    @classmethod
+    def without_mask_keys(cls, identity: dict) -> dict:
+        return {k: v for k, v in identity.items() if k not in cls.MASK_ONLY_KEYS}
+
+    def conditions(self) -> list[tuple[str, str, float]]:
+        """(mode, order, ratio) for every masked forward (ratio > 0)."""
+        return [(m, o, r) for m in self.modes for o in self.orders for r in self.ratios if r > 0]
+
+
+def mask_eval_dir(root: str | Path, params: MaskEvalParams) -> Path:
+    """<root>/mask-eval-<key>/: where a parameter set's results live."""
+    return Path(root) / f"mask-eval-{params.key()}"
+
+
+class MaskEvalRun(RunFolder):
+    """A mask-eval output folder: score parts, mask parts, the tables (README "Run folders")."""
+
+    what = "mask-eval run"
+
+    def score_file(self, k: int) -> Path:
+        return self.part(k, "score-")
+
+    def mask_file(self, k: int) -> Path:
+        return self.part(k, "mask-", "parquet")
+
+    def score_siblings(self) -> list["MaskEvalRun"]:
+        """Other run folders beside this one whose score pass is this one's (same parameters but for
+        orders, modes and ratios): their finished score chunks can be copied instead of recomputed."""
+        return [MaskEvalRun(d, self.params) for d in self.siblings(MaskEvalParams.without_mask_keys)]
+
+    # readers for notebooks
+    def accuracy(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path / "accuracy.parquet")
+
+    def paired(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path / "paired.parquet")
+
+    def predictions(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path / "predictions.parquet")
+
+    def scores(self) -> dict:
+        with np.load(self.path / "scores.npz") as z:
+            return {k: z[k] for k in z.files}
+
+    def layer(self) -> dict:
+        return read_json(self.path / "layer.json")
+
+    def info(self) -> dict:
+        return {**read_json(self.params_json), **read_json(self.path / "run.json")}
+
+
+MASK_PART_DTYPES = (("image", object), ("order", object), ("mode", object), ("ratio", float), ("n_masked", int),
+                    ("pred", int))
+
+
+def sibling_mask_rows(siblings: list[MaskEvalRun], k: int, cond_index: dict) -> tuple[list[pd.DataFrame], set]:
+    """Frames of rows from chunk k's finished mask parts in ``siblings`` for the conditions (mode,
+    order, ratio) in ``cond_index``, each condition from the first sibling that has it; and the set
+    of those conditions."""
+    got, frames = set(), []
+    for sib in siblings:
+        f = sib.mask_file(k)
+        if not f.exists():
+            continue
+        d = pd.read_parquet(f)
+        keys = list(zip(d["mode"], d.order, d.ratio.astype(float)))
+        take = np.asarray([c in cond_index and c not in got for c in keys], dtype=bool)
+        if take.any():
+            frames.append(d[take])
+            got |= {c for c, t in zip(keys, take) if t}
+    return frames, got
+
+
+def load_scores(run: MaskEvalRun, n_chunks: int) -> dict:
+    keys = ("ids", "labels", "targets", "counts", "layer_scores", "clean_pred")
+    out = {k: [] for k in keys}
+    met: dict[str, list] = {}
+    skipped: list[tuple] = []
+    for k in range(n_chunks):
+        with np.load(run.score_file(k)) as z:
+            for key in keys:
+                out[key].append(z[key])
+            skipped += [tuple(r) for r in z["skipped"]]
+            for key in z.files:
+                if key.startswith("m_"):
+                    met.setdefault(key[2:], []).append(z[key])
+    res = {k: np.concatenate(v) for k, v in out.items()}
+    res["metrics"] = {k: np.concatenate(v) for k, v in met.items()}
+    res["skipped"] = skipped            # (path or id, reason) of the images the score pass left out
+    return res
+
