@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from vitsift_core.experiments import pretrain as P
+from vitsift_core.experiments.mae_data import data_config, prepare_arrays, to_input
 
 #: the DDP run's per-step loss may differ from the 1-process run only by float re-association
 #: (gradient all-reduce sums two half-batch means instead of one mean): this much, absolute,
@@ -80,6 +81,7 @@ def run_cli(args, env_extra=None, launcher=None, timeout=240):
 KILL_SCRIPT = """
 import json, os, signal, sys
 from vitsift_core.experiments import pretrain as P
+from vitsift_core.experiments.mae_data import data_config, prepare_arrays, to_input
 kill_at = int(sys.argv[3])
 def on_step(it):
     if it == kill_at:
@@ -238,8 +240,27 @@ def test_theta_scores_split_over_cores_match_a_whole_batch_reference():
         got = P.theta_scores(model, images, counts, 1, "cpu", batch_size=5)
     finally:
         torch.set_num_threads(before)
-    x = P.to_input(images)
+    x = to_input(images)
     ref = patch_scores(attention_maps(model.encoder, model.num_prefix_tokens, x, [1])[1],
                        torch.from_numpy(counts)).numpy()
     assert got.shape == (7, model.num_patches)
     np.testing.assert_allclose(got, ref, atol=1e-6, equal_nan=True)
+
+
+def test_arrays_are_the_study_loaders_crops_and_counts(synth, tmp_path):
+    """Pre-training data goes through the study's decode + crop + SIFT path: the cached arrays are
+    model_input's crops and keypoint_counts' counts, image by image, in record order."""
+    from vitsift_core.data.images import model_input
+    from vitsift_core.data.keypoints import SiftParams, keypoint_counts
+    from vitsift_core.data.sources import read_record, resolve_images
+
+    (synth / "stripes" / "broken.png").write_bytes(b"not a png")
+    a = prepare_arrays(str(synth), None, 32, 8, num_workers=0, progress=False, root=tmp_path / "arr")
+    recs = [r for r in resolve_images(str(synth), None) if not r.id.endswith("broken.png")]
+    assert a.ids == [r.id for r in recs] and len(a.skipped) == 1 and a.skipped[0][0].endswith("broken.png")
+    for j, r in enumerate(recs):
+        crop, _ = model_input(read_record(r), data_config(32))
+        np.testing.assert_array_equal(a.images[j], crop)
+        np.testing.assert_array_equal(a.counts[j], keypoint_counts(crop, (4, 4), 8, SiftParams())[0])
+    again = prepare_arrays(str(synth), None, 32, 8, num_workers=0, progress=False, root=tmp_path / "arr")
+    assert again.path == a.path and again.ids == a.ids      # the second call reads the cache

@@ -54,13 +54,12 @@ from tqdm.auto import tqdm
 from vitsift_core.method import guided as MM
 from vitsift_core.method.linear import knn_accuracy, linear_probe
 from vitsift_core.data.keypoints import SiftParams
+from vitsift_core.experiments.mae_data import ArraySet, prepare_arrays, to_input
 
-__all__ = ["PretrainConfig", "ArraySet", "prepare_arrays", "run_pretrain", "run_experiment", "initial_accuracy",
+__all__ = ["PretrainConfig", "run_pretrain", "run_experiment", "initial_accuracy",
            "run_dir", "experiment_dir", "load_metrics", "load_steps", "load_pretrained_mae",
            "is_complete", "config_from_params", "main"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 METRIC_COLS = ["epoch", "beta", "key_share", "train_loss", "lr", "knn_acc", "probe_acc"]
 
 
@@ -185,141 +184,6 @@ def config_from_params(params: dict, **override) -> PretrainConfig:
         if k in kw and kw[k] in (0, "", "none", "None"):
             kw[k] = None   # notebooks use 0 for "the default / all"
     return PretrainConfig(**kw)
-
-
-# ---------------------------------------------------------------------- data arrays
-@dataclass
-class ArraySet:
-    """One split decoded once: ``images`` (n, S, S, 3) uint8 model crops, ``counts`` (n, N) int32
-    SIFT keypoints per patch, ``labels`` (n,) str, ``ids`` (n,); unreadable files in ``skipped``."""
-
-    ids: list[str]
-    images: np.ndarray
-    counts: np.ndarray
-    labels: list[str]
-    skipped: list[tuple[str, str]]
-    path: Path | None = None
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-def data_config(img_size: int, crop_pct: float = 0.875) -> dict:
-    """timm eval data config: bicubic resize of the short side to S / crop_pct, centre crop S."""
-    return {"input_size": (3, int(img_size), int(img_size)), "interpolation": "bicubic",
-            "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop_pct": float(crop_pct), "crop_mode": "center"}
-
-
-class _CropDataset(torch.utils.data.Dataset):
-    def __init__(self, records, cfg, grid, patch, sift, cache):
-        self.records, self.cfg, self.grid, self.patch, self.sift, self.cache = records, cfg, grid, patch, sift, cache
-
-    def __len__(self):
-        return len(self.records)
-
-    def __getitem__(self, i):
-        from vitsift_core.data.sources import read_record
-        from vitsift_core.data.images import model_input
-        from vitsift_core.data.keypoints import keypoint_counts
-        rec = self.records[i]
-        try:
-            crop, _ = model_input(read_record(rec), self.cfg)
-            t, _ = keypoint_counts(crop, self.grid, self.patch, self.sift, cache=self.cache)
-        except Exception as e:  # noqa: BLE001 - a bad file is reported, never fatal
-            return i, None, None, f"{type(e).__name__}: {e}"
-        return i, crop, t.astype(np.int32), None
-
-
-def _list_collate(items):
-    return items
-
-
-def prepare_arrays(images: str, limit: int | None, img_size: int, patch_size: int,
-                   crop_pct: float = 0.875, sift: SiftParams | dict = SiftParams(), *,
-                   num_workers: int = 1, progress: bool = True, root: Path | None = None) -> ArraySet:
-    """Decode ``resolve_images(images, limit)`` to model crops and SIFT counts, once.
-
-    Cached under ``root`` (default ``cache_dir()/mae_arrays``) in a folder keyed by the record ids,
-    the data folder, the crop and the SIFT parameters; a second call loads the arrays (memory
-    mapped). Keypoints also go through the shared :class:`KeypointCache`.
-    """
-    from tqdm.auto import tqdm
-
-    from vitsift_core.data.sources import resolve_images
-    from vitsift_core.data.keypoints import KeypointCache
-    from vitsift_core.paths import cache_dir, data_dir
-
-    sift = sift if isinstance(sift, SiftParams) else SiftParams(**sift)
-    if img_size % patch_size:
-        raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
-    records = resolve_images(images, limit)
-    if not records:
-        raise ValueError(f"no images for {images!r}")
-    g = img_size // patch_size
-    ident = {"images": images, "data": str(data_dir()) if images.startswith("imagenette") else None,
-             "ids": hashlib.sha1("\n".join(r.id for r in records).encode()).hexdigest(),
-             "n": len(records), "img_size": int(img_size), "patch_size": int(patch_size),
-             "crop_pct": float(crop_pct), "sift": sift.key(), "format": "mae-arrays-v1"}
-    folder = Path(root) if root is not None else cache_dir() / "mae_arrays"
-    d = folder / _hash(ident)
-    if (d / "done.json").exists():
-        return _load_arrays(d)
-    cfg = data_config(img_size, crop_pct)
-    ds = _CropDataset(records, cfg, (g, g), patch_size, sift, KeypointCache())
-    nw = max(0, int(num_workers))
-    loader = torch.utils.data.DataLoader(ds, batch_size=32, num_workers=nw, collate_fn=_list_collate,
-                                         worker_init_fn=_worker_init if nw else None)
-    imgs = np.zeros((len(records), img_size, img_size, 3), np.uint8)
-    counts = np.zeros((len(records), g * g), np.int32)
-    ok = np.zeros(len(records), bool)
-    skipped = []
-    with tqdm(total=len(records), unit="img", desc=f"decode + SIFT {images} ({img_size}px)",
-              disable=not progress, dynamic_ncols=True) as bar:
-        for items in loader:
-            for i, crop, t, why in items:
-                if crop is None:
-                    skipped.append((records[i].id, why))
-                else:
-                    imgs[i], counts[i], ok[i] = crop, t, True
-            bar.update(len(items))
-    keep = np.flatnonzero(ok)
-    tmp = d.with_name(f".{d.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    np.save(tmp / "images.npy", imgs[keep])
-    np.save(tmp / "counts.npy", counts[keep])
-    (tmp / "meta.json").write_text(json.dumps({
-        "ids": [records[i].id for i in keep], "labels": [records[i].label for i in keep],
-        "skipped": skipped, "identity": ident}))
-    (tmp / "done.json").write_text("{}")
-    try:
-        os.replace(tmp, d)
-    except OSError:   # another process finished first: use theirs
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-    return _load_arrays(d)
-
-
-def _worker_init(_):
-    import cv2
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
-
-
-def _load_arrays(d: Path) -> ArraySet:
-    meta = json.loads((d / "meta.json").read_text())
-    return ArraySet(ids=meta["ids"], images=np.load(d / "images.npy", mmap_mode="r"),
-                    counts=np.load(d / "counts.npy"), labels=meta["labels"],
-                    skipped=[tuple(s) for s in meta["skipped"]], path=d)
-
-
-def to_input(images_uint8: np.ndarray, device=None) -> torch.Tensor:
-    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32, ImageNet-normalised."""
-    a = np.asarray(images_uint8)
-    a = np.ascontiguousarray(a) if a.flags.writeable else np.array(a)   # memmap slices are read-only
-    x = torch.from_numpy(a).to(device).permute(0, 3, 1, 2).float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
 
 
 # ---------------------------------------------------------------------- helpers

@@ -27,7 +27,7 @@ import torch
 
 from vitsift_core.method import guided as MM
 from vitsift_core.method.stats import mean_ci
-from vitsift_core.experiments.pretrain import IMAGENET_MEAN, IMAGENET_STD, ArraySet, to_input
+from vitsift_core.experiments.mae_data import IMAGENET_MEAN, IMAGENET_STD, ArraySet, to_input
 
 __all__ = ["recovery_errors", "recovery_summary", "region_examples", "to_display",
            "notebook_parameters", "mae_for_recovery", "CONDITIONS"]
