@@ -200,8 +200,8 @@ def test_score_ordered_guided_run(synth, tmp_path):
     assert len(m) == 1 and 0 <= m.key_share.iloc[0] <= 1
 
 
-def test_config_from_notebook_params():
-    cfg = P.config_from_params({"encoder": "test_vit", "depth": 0, "train_limit": 0, "epochs": 3, "mae_batch_size": 16,
+def test_config_from_params_maps_zero_to_none():
+    cfg = P.config_from_params({"encoder": "test_vit", "depth": 0, "train_limit": 0, "epochs": 3, "batch_size": 16,
                                 "unrelated": 1}, mask="guided")
     assert cfg.depth is None and cfg.train_limit is None and cfg.epochs == 3 and cfg.mask == "guided"
     assert cfg.batch_size == 16

@@ -56,8 +56,8 @@ from vitsift_core.method.linear import knn_accuracy, linear_probe
 from vitsift_core.data.keypoints import SiftParams
 from vitsift_core.experiments.mae_data import ArraySet, prepare_arrays, to_input
 
-__all__ = ["PretrainConfig", "run_pretrain", "run_experiment", "initial_accuracy",
-           "run_dir", "experiment_dir", "load_metrics", "load_steps", "load_pretrained_mae",
+__all__ = ["PretrainConfig", "run_pretrain", "initial_accuracy",
+           "run_dir", "experiment_dir", "load_metrics", "load_steps",
            "is_complete", "config_from_params", "main"]
 
 METRIC_COLS = ["epoch", "beta", "key_share", "train_loss", "lr", "knn_acc", "probe_acc"]
@@ -164,25 +164,16 @@ def _hash(d: dict) -> str:
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-#: notebook parameter -> config field, where the notebook must not use the field's name (the
-#: profiles' shared ``batch_size`` means an inference batch for the other notebooks)
-NOTEBOOK_ALIASES = {"mae_batch_size": "batch_size"}
-
-
 def config_from_params(params: dict, **override) -> PretrainConfig:
-    """A config from a notebook's parameter dict (keys named as the fields or in
-    :data:`NOTEBOOK_ALIASES`; others ignored). 0 / "" mean None for the optional sizes and limits."""
+    """A config from a parameter dict (keys that are not fields are ignored); 0 / "" mean None for
+    the optional sizes and limits."""
     names = {f.name for f in dataclasses.fields(PretrainConfig)}
-    params = dict(params)
-    for alias, name in NOTEBOOK_ALIASES.items():   # notebook keys that differ from field names
-        if alias in params:
-            params[name] = params.pop(alias)
     kw = {k: v for k, v in params.items() if k in names}
     kw.update(override)
     for k in ("patch_size", "depth", "embed_dim", "num_heads", "train_limit", "val_limit",
               "knn_memory", "score_layer", "threads"):
         if k in kw and kw[k] in (0, "", "none", "None"):
-            kw[k] = None   # notebooks use 0 for "the default / all"
+            kw[k] = None   # notebooks and the command line use 0 for "the default / all"
     return PretrainConfig(**kw)
 
 
@@ -620,39 +611,12 @@ def run_dir(cfg: PretrainConfig, root: str | Path | None = None) -> Path:
     return experiment_dir(cfg, root) / f"{name}-seed{cfg.seed}"
 
 
-def run_experiment(base: PretrainConfig, masks=("random", "guided"), seeds=(0, 1, 2), *,
-                   root: str | Path | None = None, progress: bool = True) -> dict[tuple[str, int], Path]:
-    """Train every (mask, seed) run of ``base`` that is not complete yet; -> {(mask, seed): folder}."""
-    out = {}
-    for seed in seeds:
-        for mk in masks:
-            cfg = base.replace(mask=mk, seed=int(seed))
-            d = run_dir(cfg, root)
-            if not is_complete(d):
-                run_pretrain(cfg, d, progress=progress, desc=f"MAE {mk:6s} seed {seed}")
-            out[(mk, int(seed))] = d
-    return out
-
-
 def load_metrics(out: str | Path) -> pd.DataFrame:
     return pd.read_csv(Path(out) / "metrics.csv")
 
 
 def load_steps(out: str | Path) -> pd.DataFrame:
     return pd.read_csv(Path(out) / "steps.csv")
-
-
-def load_pretrained_mae(out: str | Path, device: str = "cpu"):
-    """The MAE of a finished (or checkpointed) run folder, eval mode."""
-    out = Path(out)
-    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
-    cfg = PretrainConfig(**{k: v for k, v in state["config"].items()
-                            if k in {f.name for f in dataclasses.fields(PretrainConfig)}})
-    model = build_model(cfg)
-    model.load_state_dict(state["model"])
-    model.source = f"vitsift pre-training {out}"
-    model.pretrain_config = cfg
-    return model.to(device).eval()
 
 
 # ---------------------------------------------------------------------- command line

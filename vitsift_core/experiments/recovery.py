@@ -28,9 +28,12 @@ import torch
 from vitsift_core.method import guided as MM
 from vitsift_core.method.stats import mean_ci
 from vitsift_core.experiments.mae_data import IMAGENET_MEAN, IMAGENET_STD, ArraySet, to_input
+from vitsift_core.experiments.mae_runs import load_pretrained_mae, mae_recipe
+from vitsift_core.experiments.pretrain import is_complete, run_dir, run_pretrain
+from vitsift_core.model.mae import load_official_mae
 
 __all__ = ["recovery_errors", "recovery_summary", "region_examples", "to_display",
-           "notebook_parameters", "mae_for_recovery", "CONDITIONS"]
+           "mae_for_recovery", "CONDITIONS"]
 
 CONDITIONS = ("keypoint-dense", "non-keypoint", "random")
 
@@ -150,55 +153,26 @@ def region_examples(mae, arrays: ArraySet, indices, small: int, large: int,
     return out
 
 
-# ---------------------------------------------------------------------- which MAE
-def notebook_parameters(profile: str, notebook: str) -> dict:
-    """The parameters ``notebook`` runs with under ``profile``: its own defaults (the cell tagged
-    ``parameters``), then the profile's shared ``parameters`` it declares, then the profile's
-    section for it -- what ``make reproduce`` would pass. A missing profile file gives the defaults."""
-    import ast
-
-    from vitsift_core.reproduce import NOTEBOOKS, PARAMS, declared_parameters, load_profile
-
-    decl = declared_parameters(NOTEBOOKS / f"{notebook}.ipynb")
-    params = {}
-    for k, v in decl.items():
-        try:
-            params[k] = ast.literal_eval(v["default"])
-        except (ValueError, SyntaxError):
-            params[k] = v["default"]
-    if (PARAMS / f"{profile}.yaml").exists():
-        prof = load_profile(profile)
-        params.update({k: v for k, v in prof["parameters"].items() if k in decl})
-        params.update(prof["notebooks"].get(notebook) or {})
-    params["profile"] = profile
-    return params
-
-
-def mae_for_recovery(checkpoint: str = "", *, profile: str = "embedded", notebook: str = "07_guided_mae",
-                     mask: str = "random", seed: int = 0, device: str = "cpu", progress: bool = True,
-                     **override):
+def mae_for_recovery(checkpoint: str = "", *, profile: str = "embedded", mask: str = "random", seed: int = 0,
+                     device: str = "cpu", progress: bool = True, **override):
     """The MAE used for recovery, and a line saying where it comes from.
 
     ``checkpoint`` non-empty: an official MAE checkpoint file (``mae_visualize_vit_base.pth`` ...).
-    Otherwise the ``mask``/``seed`` run of ``notebook``'s recipe under ``profile`` (its results
+    Otherwise the ``mask``/``seed`` run of ``profile``'s MAE recipe (:func:`mae_recipe`; its results
     folder, keyed by the recipe), trained now if it is not there yet. ``override``: runtime keys
     (threads, num_workers, device) for that training.
     """
-    from vitsift_core.model.mae import load_official_mae
-    from vitsift_core.experiments.pretrain import config_from_params, is_complete, load_pretrained_mae, run_dir, run_pretrain
-
     if checkpoint:
         m = load_official_mae(checkpoint, device=device)
         if not m.has_decoder:
             raise ValueError(f"{checkpoint} is an encoder-only checkpoint: recovery needs the decoder "
                              "(use mae_visualize_vit_base.pth / _large.pth)")
         return m, f"official MAE checkpoint {checkpoint}"
-    params = notebook_parameters(profile, notebook)
-    cfg = config_from_params(params, mask=mask, seed=seed, **override)
+    cfg = mae_recipe(profile, mask=mask, seed=seed, **override)
     d = run_dir(cfg)
     trained_now = not is_complete(d)
     if trained_now:
         run_pretrain(cfg, d, progress=progress, desc=f"MAE for recovery ({mask}, seed {seed})")
     how = "trained now" if trained_now else "found in results"
     return (load_pretrained_mae(d, device=device),
-            f"{notebook}'s {mask}-mask run, seed {seed}, profile {profile} ({how}: {d})")
+            f"the {profile} profile's MAE recipe, {mask}-mask run, seed {seed} ({how}: {d})")
