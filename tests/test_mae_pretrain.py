@@ -17,6 +17,7 @@ from PIL import Image
 
 from vitsift_core.experiments import pretrain as P
 from vitsift_core.experiments.mae_data import data_config, prepare_arrays, to_input
+from vitsift_core.experiments.mae_runs import load_pretrained_mae
 
 #: the DDP run's per-step loss may differ from the 1-process run only by float re-association
 #: (gradient all-reduce sums two half-batch means instead of one mean): this much, absolute,
@@ -82,6 +83,7 @@ KILL_SCRIPT = """
 import json, os, signal, sys
 from vitsift_core.experiments import pretrain as P
 from vitsift_core.experiments.mae_data import data_config, prepare_arrays, to_input
+from vitsift_core.experiments.mae_runs import load_pretrained_mae
 kill_at = int(sys.argv[3])
 def on_step(it):
     if it == kill_at:
@@ -143,7 +145,7 @@ def test_guided_run_files_and_curriculum(synth, tmp_path):
     steps = P.load_steps(out)
     assert len(steps) == 2 * (36 // 8)
     assert P.is_complete(out)
-    mae = P.load_pretrained_mae(out)
+    mae = load_pretrained_mae(out)
     assert mae.grid == (4, 4)
     # same config, same folder: nothing to do; another config in it: refused
     assert P.run_pretrain(cfg, out, progress=False) == out

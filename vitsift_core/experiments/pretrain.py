@@ -1,44 +1,11 @@
-"""MAE pre-training with random or keypoint-guided masks: resumable, evaluated every epoch, DDP-ready.
-
-One run = one :class:`PretrainConfig` (mask kind, seed, recipe) in one folder::
-
-    config.json     the identity (everything that decides the numbers) and its key
-    checkpoint.pt   model + optimiser + history after the last finished epoch (atomic)
-    metrics.csv     per finished epoch: epoch, beta, key_share, train_loss, lr, knn_acc, probe_acc
-    steps.csv       per optimiser step: epoch, step, loss, lr (the global-batch loss)
-    run.json        complete flag, wall time, images/s, device, world size (not part of the numbers)
-
-Re-running the same config in the same folder resumes from ``checkpoint.pt`` (a run killed in the
-middle of an epoch redoes that epoch) and ends with byte-identical ``metrics.csv`` / ``steps.csv``:
-the data order, flips and masks are functions of ``(seed, epoch, image index)``
-(:func:`vitsift_core.method.guided.sample_rng`), not of any RNG state that a kill would lose.
-
-Data: each split is decoded once to the model's eval crop (resize + centre crop to ``img_size``,
-timm's eval transform) and stored as a uint8 array beside its SIFT keypoint counts
-(:func:`prepare_arrays`; cached under ``cache_dir()/mae_arrays``, keypoints through
-:class:`~vitsift_core.data.keypoints.KeypointCache`). Augmentation is a horizontal flip only, applied to
-the image and to its count grid alike, because the counts are computed once per image (MAE's
-RandomResizedCrop would need SIFT on every crop).
-
-Optimisation follows the official MAE: AdamW (betas 0.9 / 0.95, weight decay 0.05 on weights,
-none on biases and norms), lr = blr * global_batch / 256 with linear warmup then half-cosine per
-iteration, bf16 autocast on GPU. Evaluation (DESIGN.md "Convergence"): k-NN (k = 20, cosine) of the
-encoder's CLS feature after every epoch, train images as memory, val images as queries; a linear
-probe (logistic regression on the same memory features) after the last epoch, optionally after
-every k-th epoch too (``probe_every``).
-
-Distributed: under ``torchrun`` each of the ``W`` processes takes a contiguous ``B / W`` slice of
-every global batch of ``B`` images; DDP averages the gradients, so the optimiser sees the gradient of
-the global-batch loss. Evaluation and files are rank 0's job.
-
-Command line: ``vitsift pretrain --help`` or ``python -m vitsift_core.experiments.pretrain --help``
-(``torchrun --nproc_per_node 2 -m vitsift_core.experiments.pretrain ...`` for DDP).
+"""MAE pre-training with random or keypoint-guided masks (paper Sec. 5.2): one run = one
+:class:`PretrainConfig` in one folder (config.json, checkpoint.pt, metrics.csv, steps.csv, run.json),
+resumable to identical files, evaluated by k-NN every epoch, DDP under torchrun. README "MAE
+pre-training" and DESIGN.md "Convergence" give the recipe; ``vitsift pretrain --help`` the options.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import time
@@ -55,6 +22,7 @@ from vitsift_core.method import guided as MM
 from vitsift_core.method.linear import knn_accuracy, linear_probe
 from vitsift_core.data.keypoints import SiftParams
 from vitsift_core.experiments.mae_data import ArraySet, prepare_arrays, to_input
+from vitsift_core.store import Params, atomic_write, check_identity, distributed, key_of, read_json, write_json
 
 __all__ = ["PretrainConfig", "run_pretrain", "initial_accuracy",
            "run_dir", "experiment_dir", "load_metrics", "load_steps",
@@ -64,7 +32,7 @@ METRIC_COLS = ["epoch", "beta", "key_share", "train_loss", "lr", "knn_acc", "pro
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(Params):
     """Everything that decides a pre-training run's numbers (plus runtime keys that do not)."""
 
     # encoder: a timm architecture, with optional overrides (None keeps the architecture's value)
@@ -133,35 +101,22 @@ class PretrainConfig:
     def lr(self) -> float:
         return self.blr * self.batch_size / 256
 
-    def identity(self) -> dict:
-        d = dataclasses.asdict(self)
-        for k in self.RUNTIME_KEYS:
-            d.pop(k)
+    def _identity(self, d: dict) -> dict:
         d["betas"] = list(d["betas"])
         if self.mask == "random":   # curriculum settings do not touch a random-mask run
             d["betas"], d["beta_every"], d["order"], d["score_layer"] = None, None, None, None
         d["format"] = "mae-pretrain-v1"
         return d
 
-    def key(self) -> str:
-        return _hash(self.identity())
-
     def recipe_key(self) -> str:
         """Hash of everything except mask kind, curriculum and seed: one experiment's folder."""
         d = self.identity()
         for k in ("mask", "seed", "betas", "beta_every", "order", "score_layer"):
             d.pop(k)
-        return _hash(d)
-
-    def replace(self, **kw) -> "PretrainConfig":
-        return dataclasses.replace(self, **kw)
+        return key_of(d)
 
     def schedule(self) -> MM.BetaSchedule:
         return MM.BetaSchedule(self.betas, self.beta_every)
-
-
-def _hash(d: dict) -> str:
-    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def config_from_params(params: dict, **override) -> PretrainConfig:
@@ -203,39 +158,8 @@ def _param_groups(model, weight_decay: float):
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def _dist():
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist, dist.get_rank(), dist.get_world_size()
-    return None, 0, 1
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on GPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import datetime
-
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        # rank 0 decodes the data sets and evaluates while the others wait at a barrier; the
-        # timeout (VITSIFT_DIST_TIMEOUT seconds, default 12 h) must cover a cold decode + SIFT
-        timeout = datetime.timedelta(seconds=int(os.environ.get("VITSIFT_DIST_TIMEOUT", 12 * 3600)))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _atomic_csv(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    df.to_csv(tmp, index=False, float_format="%.9g")
-    os.replace(tmp, path)
-
-
-def _atomic_json(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+def _csv(df: pd.DataFrame, path: Path) -> None:
+    atomic_write(path, lambda p: df.to_csv(p, index=False, float_format="%.9g"))
 
 
 def _labels_to_int(labels: list, classes: list[str]) -> np.ndarray:
@@ -308,7 +232,7 @@ def _resolve_device(cfg: PretrainConfig, rank: int, world: int) -> torch.device:
 # ---------------------------------------------------------------------- the run
 def is_complete(out: str | Path) -> bool:
     p = Path(out) / "run.json"
-    return p.exists() and json.loads(p.read_text()).get("complete", False)
+    return p.exists() and read_json(p).get("complete", False)
 
 
 @contextmanager
@@ -370,10 +294,10 @@ def evaluate(model, data: _Data, cfg: PretrainConfig, device, probe: bool) -> tu
 
 def save_checkpoint(path: Path, model, opt, cfg: PretrainConfig, epoch: int, history: list,
                     step_rows: list, classes: list[str]) -> None:
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
                 "history": history, "steps": step_rows, "key": cfg.key(), "classes": classes,
-                "config": ident_for_checkpoint(cfg)}, _tmp(path))
-    os.replace(_tmp(path), path)
+                "config": ident_for_checkpoint(cfg)}
+    atomic_write(path, lambda p: torch.save(state, p))
 
 
 def load_checkpoint(path: Path, model, opt, cfg: PretrainConfig) -> tuple[int, list, list]:
@@ -494,7 +418,8 @@ def run_pretrain(cfg: PretrainConfig, out: str | Path, *, progress: bool = True,
 
     ``on_step(global_step)`` is called before every optimiser step (tests use it to kill the run)."""
     out = Path(out)
-    dist, rank, world = _dist()
+    rank, world, _ = distributed()
+    dist = torch.distributed if world > 1 else None
     if cfg.batch_size % world:
         raise ValueError(f"global batch {cfg.batch_size} is not divisible by {world} processes")
     _check_identity(cfg, out, rank)
@@ -530,8 +455,8 @@ def run_pretrain(cfg: PretrainConfig, out: str | Path, *, progress: bool = True,
                 row["knn_acc"], row["probe_acc"] = evaluate(model, data, cfg, device, probe)
                 history.append(row)
                 save_checkpoint(ck, model, opt, cfg, epoch + 1, history, step_rows, data.classes)
-                _atomic_csv(pd.DataFrame(history, columns=METRIC_COLS), out / "metrics.csv")
-                _atomic_csv(pd.DataFrame(step_rows, columns=["epoch", "step", "loss", "lr"]),
+                _csv(pd.DataFrame(history, columns=METRIC_COLS), out / "metrics.csv")
+                _csv(pd.DataFrame(step_rows, columns=["epoch", "step", "loss", "lr"]),
                             out / "steps.csv")
                 if progress:
                     bar.write(_epoch_line(out, cfg, row))
@@ -540,14 +465,14 @@ def run_pretrain(cfg: PretrainConfig, out: str | Path, *, progress: bool = True,
         bar.close()
         if rank == 0:
             n_seen = (cfg.epochs - start_epoch) * sched.steps * cfg.batch_size
-            _atomic_json({"complete": True, "epochs": cfg.epochs, "steps_per_epoch": sched.steps,
+            write_json(out / "run.json", {"complete": True, "epochs": cfg.epochs, "steps_per_epoch": sched.steps,
                           "n_train": len(data.train), "n_val": len(data.val), "knn_memory": data.mem,
                           "classes": data.classes, "n_skipped": len(data.train.skipped) + len(data.val.skipped),
                           "wall_s_this_process": round(time.perf_counter() - t_start, 2),
                           "data_s": round(t_data, 2), "train_s_this_process": round(t_train, 2),
                           "train_img_per_s": round(n_seen / t_train, 1) if t_train else None,
                           "device": str(device), "world": world, "threads": torch.get_num_threads(),
-                          "resumed_from_epoch": start_epoch}, out / "run.json")
+                          "resumed_from_epoch": start_epoch})
     if dist is not None:
         dist.barrier()
     return out
@@ -561,19 +486,10 @@ def _epoch_line(out: Path, cfg: PretrainConfig, row: dict) -> str:
 
 def _check_identity(cfg: PretrainConfig, out: Path, rank: int) -> None:
     """Rank 0: write ``config.json`` in a new folder, refuse a folder holding another config."""
-    if rank != 0:
-        return
-    ident = cfg.identity()
-    out.mkdir(parents=True, exist_ok=True)
-    cj = out / "config.json"
-    if cj.exists():
-        old = json.loads(cj.read_text())["identity"]
-        diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
-        if diff:
-            raise RuntimeError(f"{out} holds a run with other parameters ({', '.join(diff)}); "
-                               "use another folder or delete it")
-    else:
-        _atomic_json({"identity": ident, "key": cfg.key(), "recipe_key": cfg.recipe_key()}, cj)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if not check_identity(out / "config.json", cfg.identity(), "pretrain run"):
+            write_json(out / "config.json", {"identity": cfg.identity(), "key": cfg.key(), "recipe_key": cfg.recipe_key()})
 
 
 def initial_accuracy(cfg: PretrainConfig, progress: bool = False) -> dict:
@@ -592,10 +508,6 @@ def ident_for_checkpoint(cfg: PretrainConfig) -> dict:
     return d
 
 
-def _tmp(p: Path) -> Path:
-    return p.with_name(f".{p.name}.tmp{os.getpid()}")
-
-
 # ---------------------------------------------------------------------- experiments and results
 def experiment_dir(cfg: PretrainConfig, root: str | Path | None = None) -> Path:
     """``results/mae/<recipe key>/``: all mask kinds and seeds of one recipe."""
@@ -607,7 +519,7 @@ def run_dir(cfg: PretrainConfig, root: str | Path | None = None) -> Path:
     """``<experiment_dir>/<mask>[-<curriculum key>]-seed<seed>``."""
     name = cfg.mask
     if cfg.mask == "guided":
-        name += "-" + _hash({k: cfg.identity()[k] for k in ("betas", "beta_every", "order", "score_layer")})[:6]
+        name += "-" + key_of({k: cfg.identity()[k] for k in ("betas", "beta_every", "order", "score_layer")})[:6]
     return experiment_dir(cfg, root) / f"{name}-seed{cfg.seed}"
 
 
@@ -655,8 +567,7 @@ def cmd_pretrain(a) -> int:
     kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(PretrainConfig) if f.name != "sift"}
     kw["sift"] = dataclasses.asdict(SiftParams(contrast_threshold=a.contrast_threshold))
     cfg = config_from_params(kw)   # 0 means "all" / "the architecture's" for limits and sizes
-    init_distributed()
-    _, rank, _ = _dist()
+    rank = distributed().rank
     out = Path(a.out) if a.out else run_dir(cfg)
     run_pretrain(cfg, out, progress=not a.quiet)
     if rank == 0:
