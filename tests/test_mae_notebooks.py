@@ -8,7 +8,7 @@ import json
 import pytest
 
 from vitsift_core import reproduce as R
-from vitsift_core.experiments.pretrain import config_from_params
+from vitsift_core.experiments.mae_runs import config_from_params
 from vitsift_core.experiments.mae_runs import mae_recipe
 
 MINE = ("01_image_recovery", "07_guided_mae")

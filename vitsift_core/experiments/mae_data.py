@@ -20,7 +20,8 @@ from vitsift_core.data.sources import resolve_images
 from vitsift_core.paths import cache_dir, data_dir, tmp_path
 from vitsift_core.store import key_of
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ArraySet", "data_config", "prepare_arrays", "to_input"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ArraySet", "TrainData", "data_config", "prepare_arrays",
+           "load_train_data", "to_input"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -104,6 +105,45 @@ def _load_arrays(d: Path) -> ArraySet:
     return ArraySet(ids=meta["ids"], images=np.load(d / "images.npy", mmap_mode="r"),
                     counts=np.load(d / "counts.npy"), labels=meta["labels"],
                     skipped=[tuple(s) for s in meta["skipped"]], path=d)
+
+
+@dataclass
+class TrainData:
+    """Train and val arrays with integer labels; the first ``mem`` train images are the k-NN memory."""
+
+    train: ArraySet
+    val: ArraySet
+    classes: list[str]
+    y_train: np.ndarray
+    y_val: np.ndarray
+    mem: int
+
+
+def load_train_data(cfg, patch: int, progress: bool, rank: int = 0, barrier=None) -> TrainData:
+    """The arrays of ``cfg`` (a PretrainConfig); under torchrun rank 0 decodes first, the others
+    then read its cache."""
+    def prep(images, limit):
+        return prepare_arrays(images, limit, cfg.img_size, patch, cfg.crop_pct, cfg.sift,
+                              num_workers=cfg.num_workers, progress=progress and rank == 0)
+
+    if rank == 0:
+        train, val = prep(cfg.train_images, cfg.train_limit), prep(cfg.val_images, cfg.val_limit)
+    if barrier is not None:
+        barrier()
+    if rank != 0:
+        train, val = prep(cfg.train_images, cfg.train_limit), prep(cfg.val_images, cfg.val_limit)
+    classes = sorted({str(l) for l in train.labels})
+    mem = len(train) if cfg.knn_memory is None else min(int(cfg.knn_memory), len(train))
+    return TrainData(train, val, classes, _labels_to_int([str(l) for l in train.labels], classes),
+                 _labels_to_int([str(l) for l in val.labels], classes), mem)
+
+
+def _labels_to_int(labels: list, classes: list[str]) -> np.ndarray:
+    index = {c: i for i, c in enumerate(classes)}
+    missing = sorted({str(l) for l in labels if l not in index})
+    if missing:
+        raise ValueError(f"labels {missing[:5]} are not among the train classes {classes[:10]}")
+    return np.array([index[l] for l in labels], dtype=np.int64)
 
 
 def to_input(images_uint8: np.ndarray, device=None) -> torch.Tensor:

@@ -21,14 +21,14 @@ from tqdm.auto import tqdm
 from vitsift_core.method import guided as MM
 from vitsift_core.method.linear import knn_accuracy, linear_probe
 from vitsift_core.data.keypoints import SiftParams
-from vitsift_core.experiments.mae_data import ArraySet, prepare_arrays, to_input
+from vitsift_core.experiments.mae_data import TrainData, load_train_data, to_input
 from vitsift_core.store import Params, atomic_write, check_identity, distributed, key_of, read_json, write_json
 
-__all__ = ["PretrainConfig", "run_pretrain", "initial_accuracy",
-           "run_dir", "experiment_dir", "load_metrics", "load_steps",
-           "is_complete", "config_from_params", "main"]
+__all__ = ["PretrainConfig", "run_pretrain", "initial_accuracy", "evaluate", "train_step", "epoch_batch",
+           "save_checkpoint", "load_checkpoint", "is_complete"]
 
 METRIC_COLS = ["epoch", "beta", "key_share", "train_loss", "lr", "knn_acc", "probe_acc"]
+STEP_COLS = ["epoch", "step", "loss", "lr"]
 
 
 @dataclass
@@ -119,19 +119,6 @@ class PretrainConfig(Params):
         return MM.BetaSchedule(self.betas, self.beta_every)
 
 
-def config_from_params(params: dict, **override) -> PretrainConfig:
-    """A config from a parameter dict (keys that are not fields are ignored); 0 / "" mean None for
-    the optional sizes and limits."""
-    names = {f.name for f in dataclasses.fields(PretrainConfig)}
-    kw = {k: v for k, v in params.items() if k in names}
-    kw.update(override)
-    for k in ("patch_size", "depth", "embed_dim", "num_heads", "train_limit", "val_limit",
-              "knn_memory", "score_layer", "threads"):
-        if k in kw and kw[k] in (0, "", "none", "None"):
-            kw[k] = None   # notebooks and the command line use 0 for "the default / all"
-    return PretrainConfig(**kw)
-
-
 # ---------------------------------------------------------------------- helpers
 def build_model(cfg: PretrainConfig):
     from vitsift_core.model.mae import build_mae
@@ -156,18 +143,6 @@ def _param_groups(model, weight_decay: float):
             continue
         (no_decay if p.ndim <= 1 else decay).append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-def _csv(df: pd.DataFrame, path: Path) -> None:
-    atomic_write(path, lambda p: df.to_csv(p, index=False, float_format="%.9g"))
-
-
-def _labels_to_int(labels: list, classes: list[str]) -> np.ndarray:
-    index = {c: i for i, c in enumerate(classes)}
-    missing = sorted({str(l) for l in labels if l not in index})
-    if missing:
-        raise ValueError(f"labels {missing[:5]} are not among the train classes {classes[:10]}")
-    return np.array([index[l] for l in labels], dtype=np.int64)
 
 
 @torch.no_grad()
@@ -252,37 +227,7 @@ def _runtime(cfg: PretrainConfig, device: torch.device, tf32: bool = True):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
-@dataclass
-class _Data:
-    """Train and val arrays with integer labels; the first ``mem`` train images are the k-NN memory."""
-
-    train: ArraySet
-    val: ArraySet
-    classes: list[str]
-    y_train: np.ndarray
-    y_val: np.ndarray
-    mem: int
-
-
-def _load_data(cfg: PretrainConfig, patch: int, progress: bool, rank: int = 0, dist=None) -> _Data:
-    def prep(images, limit):
-        return prepare_arrays(images, limit, cfg.img_size, patch, cfg.crop_pct, cfg.sift,
-                              num_workers=cfg.num_workers, progress=progress and rank == 0)
-
-    # rank 0 decodes first; the others then read its cache
-    if rank == 0:
-        train, val = prep(cfg.train_images, cfg.train_limit), prep(cfg.val_images, cfg.val_limit)
-    if dist is not None:
-        dist.barrier()
-    if rank != 0:
-        train, val = prep(cfg.train_images, cfg.train_limit), prep(cfg.val_images, cfg.val_limit)
-    classes = sorted({str(l) for l in train.labels})
-    mem = len(train) if cfg.knn_memory is None else min(int(cfg.knn_memory), len(train))
-    return _Data(train, val, classes, _labels_to_int([str(l) for l in train.labels], classes),
-                 _labels_to_int([str(l) for l in val.labels], classes), mem)
-
-
-def evaluate(model, data: _Data, cfg: PretrainConfig, device, probe: bool) -> tuple[float, float]:
+def evaluate(model, data: TrainData, cfg: PretrainConfig, device, probe: bool) -> tuple[float, float]:
     """(k-NN accuracy, linear-probe accuracy or NaN) of the encoder's CLS features: memory = the
     first ``data.mem`` train images, queries = the val images."""
     f_mem = encode(model, data.train.images[:data.mem], device, cfg.eval_batch_size, cfg.amp)
@@ -295,8 +240,8 @@ def evaluate(model, data: _Data, cfg: PretrainConfig, device, probe: bool) -> tu
 def save_checkpoint(path: Path, model, opt, cfg: PretrainConfig, epoch: int, history: list,
                     step_rows: list, classes: list[str]) -> None:
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                "history": history, "steps": step_rows, "key": cfg.key(), "classes": classes,
-                "config": ident_for_checkpoint(cfg)}
+             "history": history, "steps": step_rows, "key": cfg.key(), "classes": classes,
+             "config": {**dataclasses.asdict(cfg), "betas": list(cfg.betas)}}
     atomic_write(path, lambda p: torch.save(state, p))
 
 
@@ -312,7 +257,7 @@ def load_checkpoint(path: Path, model, opt, cfg: PretrainConfig) -> tuple[int, l
     return state["epoch"], state["history"], state["steps"]
 
 
-def epoch_batch(cfg: PretrainConfig, data: _Data, epoch: int, idx: np.ndarray, grid, beta: float,
+def epoch_batch(cfg: PretrainConfig, data: TrainData, epoch: int, idx: np.ndarray, grid, beta: float,
                 scores: np.ndarray | None):
     """Images (B, S, S, 3) uint8, counts (B, N) and masks (B, N) bool of train images ``idx`` in
     ``epoch``: flips and masks are functions of (seed, epoch, image index) only."""
@@ -351,31 +296,40 @@ def train_step(ddp, opt, x: torch.Tensor, m: torch.Tensor, lr: float, amp: bool,
     return float(lval)
 
 
-def _train_epoch(ddp, opt, cfg: PretrainConfig, data: _Data, epoch: int, sched: _Schedule, step_rows: list,
+def _steps(cfg: PretrainConfig, n_train: int) -> int:
+    steps = n_train // cfg.batch_size
+    if steps < 1:
+        raise ValueError(f"{n_train} training images < one global batch of {cfg.batch_size}")
+    return steps
+
+
+def _train_epoch(ddp, opt, cfg: PretrainConfig, data: TrainData, epoch: int, device, step_rows: list,
                  on_step, bar, rank: int = 0, dist=None, world: int = 1) -> dict:
     """One epoch of optimiser steps (appended to ``step_rows``) -> the epoch's row, not yet evaluated."""
     model = ddp.module if dist is not None else ddp
-    beta = sched.betas(epoch) if cfg.mask == "guided" else float("nan")
+    steps = _steps(cfg, len(data.train))
+    total, warmup = steps * cfg.epochs, int(round(cfg.warmup_epochs * steps))
+    beta = cfg.schedule()(epoch) if cfg.mask == "guided" else float("nan")
     scores = None
     if cfg.mask == "guided" and cfg.order == "score":
-        scores = theta_scores(model, data.train.images, data.train.counts, sched.score_layer, sched.device,
-                              cfg.eval_batch_size)
+        layer = cfg.score_layer if cfg.score_layer is not None else len(model.encoder.blocks) // 2
+        scores = theta_scores(model, data.train.images, data.train.counts, layer, device, cfg.eval_batch_size)
     perm = np.random.default_rng([cfg.seed, epoch, 0xDA7A]).permutation(len(data.train))
     local_b = cfg.batch_size // world
     model.train()
     key_masked = total_masked = 0
     loss_sum = 0.0
-    for s in range(sched.steps):
-        it = epoch * sched.steps + s
+    for s in range(steps):
+        it = epoch * steps + s
         if on_step is not None:
             on_step(it)
-        lr = lr_at(cfg, it, sched.total, sched.warmup)
+        lr = lr_at(cfg, it, total, warmup)
         idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
         idx = np.sort(idx[rank * local_b:(rank + 1) * local_b])
         imgs, counts, masks = epoch_batch(cfg, data, epoch, idx, model.grid, beta, scores)
         key_masked += int(((counts > 0) & masks).sum())
         total_masked += int(masks.sum())
-        x, m = to_input(imgs, sched.device), torch.from_numpy(masks).to(sched.device)
+        x, m = to_input(imgs, device), torch.from_numpy(masks).to(device)
         lval = train_step(ddp, opt, x, m, lr, cfg.amp, dist, world)
         if not math.isfinite(lval):
             raise FloatingPointError(f"loss is {lval} at epoch {epoch + 1}, step {s}")
@@ -388,28 +342,7 @@ def _train_epoch(ddp, opt, cfg: PretrainConfig, data: _Data, epoch: int, sched: 
         dist.all_reduce(t_)
         key_masked, total_masked = t_.tolist()
     return {"epoch": epoch + 1, "beta": beta, "key_share": key_masked / max(total_masked, 1),
-            "train_loss": loss_sum / sched.steps, "lr": lr}
-
-
-@dataclass
-class _Schedule:
-    """Steps per epoch, total steps, warmup steps, the guided betas, the score layer, the device."""
-
-    steps: int
-    total: int
-    warmup: int
-    betas: MM.BetaSchedule
-    score_layer: int
-    device: torch.device
-
-
-def _schedule(cfg: PretrainConfig, n_train: int, model, device) -> _Schedule:
-    steps = n_train // cfg.batch_size
-    if steps < 1:
-        raise ValueError(f"{n_train} training images < one global batch of {cfg.batch_size}")
-    layer = cfg.score_layer if cfg.score_layer is not None else len(model.encoder.blocks) // 2
-    return _Schedule(steps, steps * cfg.epochs, int(round(cfg.warmup_epochs * steps)), cfg.schedule(),
-                     layer, device)
+            "train_loss": loss_sum / steps, "lr": lr}
 
 
 def run_pretrain(cfg: PretrainConfig, out: str | Path, *, progress: bool = True, desc: str | None = None,
@@ -418,7 +351,7 @@ def run_pretrain(cfg: PretrainConfig, out: str | Path, *, progress: bool = True,
 
     ``on_step(global_step)`` is called before every optimiser step (tests use it to kill the run)."""
     out = Path(out)
-    rank, world, _ = distributed()
+    rank, world, barrier = distributed()
     dist = torch.distributed if world > 1 else None
     if cfg.batch_size % world:
         raise ValueError(f"global batch {cfg.batch_size} is not divisible by {world} processes")
@@ -431,51 +364,61 @@ def run_pretrain(cfg: PretrainConfig, out: str | Path, *, progress: bool = True,
     with _runtime(cfg, device):
         t_start = time.perf_counter()
         model = build_model(cfg)
-        data = _load_data(cfg, model.patch_size, progress, rank, dist)
-        t_data = time.perf_counter() - t_start
-        sched = _schedule(cfg, len(data.train), model, device)
+        data = load_train_data(cfg, model.patch_size, progress, rank, barrier)
+        times = {"t_start": t_start, "data_s": time.perf_counter() - t_start, "train_s": 0.0}
+        steps = _steps(cfg, len(data.train))
         model.to(device)
         opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
-        ck = out / "checkpoint.pt"
-        start_epoch, history, step_rows = load_checkpoint(ck, model, opt, cfg)
+        start_epoch, history, step_rows = load_checkpoint(out / "checkpoint.pt", model, opt, cfg)
         ddp = model
         if dist is not None:
             ddp = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
-        bar = tqdm(total=sched.total, initial=start_epoch * sched.steps, unit="step", dynamic_ncols=True,
+        bar = tqdm(total=steps * cfg.epochs, initial=start_epoch * steps, unit="step", dynamic_ncols=True,
                    desc=desc or f"MAE {cfg.mask} seed {cfg.seed}", disable=not (progress and rank == 0))
-        t_train = 0.0
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
-            row = _train_epoch(ddp, opt, cfg, data, epoch, sched, step_rows, on_step, bar, rank, dist, world)
-            t_train += time.perf_counter() - t0
+            row = _train_epoch(ddp, opt, cfg, data, epoch, device, step_rows, on_step, bar, rank, dist, world)
+            times["train_s"] += time.perf_counter() - t0
             if rank == 0:
                 probe = (epoch + 1 == cfg.epochs and cfg.probe) or bool(
                     cfg.probe_every and (epoch + 1) % cfg.probe_every == 0)
                 row["knn_acc"], row["probe_acc"] = evaluate(model, data, cfg, device, probe)
                 history.append(row)
-                save_checkpoint(ck, model, opt, cfg, epoch + 1, history, step_rows, data.classes)
-                _csv(pd.DataFrame(history, columns=METRIC_COLS), out / "metrics.csv")
-                _csv(pd.DataFrame(step_rows, columns=["epoch", "step", "loss", "lr"]),
-                            out / "steps.csv")
+                _save_epoch(out, model, opt, cfg, history, step_rows, data.classes)
                 if progress:
                     bar.write(_epoch_line(out, cfg, row))
             if dist is not None:
                 dist.barrier()
         bar.close()
         if rank == 0:
-            n_seen = (cfg.epochs - start_epoch) * sched.steps * cfg.batch_size
-            write_json(out / "run.json", {"complete": True, "epochs": cfg.epochs, "steps_per_epoch": sched.steps,
-                          "n_train": len(data.train), "n_val": len(data.val), "knn_memory": data.mem,
-                          "classes": data.classes, "n_skipped": len(data.train.skipped) + len(data.val.skipped),
-                          "wall_s_this_process": round(time.perf_counter() - t_start, 2),
-                          "data_s": round(t_data, 2), "train_s_this_process": round(t_train, 2),
-                          "train_img_per_s": round(n_seen / t_train, 1) if t_train else None,
-                          "device": str(device), "world": world, "threads": torch.get_num_threads(),
-                          "resumed_from_epoch": start_epoch})
+            _finish(out, cfg, data, steps, start_epoch, times, device, world)
     if dist is not None:
         dist.barrier()
     return out
+
+
+def _save_epoch(out: Path, model, opt, cfg: PretrainConfig, history: list, step_rows: list, classes) -> None:
+    """After an epoch: the checkpoint, then metrics.csv and steps.csv."""
+    save_checkpoint(out / "checkpoint.pt", model, opt, cfg, len(history), history, step_rows, classes)
+    for rows, cols, name in ((history, METRIC_COLS, "metrics.csv"), (step_rows, STEP_COLS, "steps.csv")):
+        df = pd.DataFrame(rows, columns=cols)
+        atomic_write(out / name, lambda p: df.to_csv(p, index=False, float_format="%.9g"))
+
+
+def _finish(out: Path, cfg: PretrainConfig, data: TrainData, steps: int, start_epoch: int, times: dict,
+            device, world: int) -> None:
+    """run.json: the complete flag and how the run went (not part of the numbers)."""
+    n_seen = (cfg.epochs - start_epoch) * steps * cfg.batch_size
+    t_train = times["train_s"]
+    write_json(out / "run.json", {
+        "complete": True, "epochs": cfg.epochs, "steps_per_epoch": steps, "n_train": len(data.train),
+        "n_val": len(data.val), "knn_memory": data.mem, "classes": data.classes,
+        "n_skipped": len(data.train.skipped) + len(data.val.skipped),
+        "wall_s_this_process": round(time.perf_counter() - times["t_start"], 2),
+        "data_s": round(times["data_s"], 2), "train_s_this_process": round(t_train, 2),
+        "train_img_per_s": round(n_seen / t_train, 1) if t_train else None, "device": str(device),
+        "world": world, "threads": torch.get_num_threads(), "resumed_from_epoch": start_epoch})
 
 
 def _epoch_line(out: Path, cfg: PretrainConfig, row: dict) -> str:
@@ -489,7 +432,8 @@ def _check_identity(cfg: PretrainConfig, out: Path, rank: int) -> None:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if not check_identity(out / "config.json", cfg.identity(), "pretrain run"):
-            write_json(out / "config.json", {"identity": cfg.identity(), "key": cfg.key(), "recipe_key": cfg.recipe_key()})
+            write_json(out / "config.json",
+                       {"identity": cfg.identity(), "key": cfg.key(), "recipe_key": cfg.recipe_key()})
 
 
 def initial_accuracy(cfg: PretrainConfig, progress: bool = False) -> dict:
@@ -498,92 +442,8 @@ def initial_accuracy(cfg: PretrainConfig, progress: bool = False) -> dict:
     device = _resolve_device(cfg, 0, 1)
     with _runtime(cfg, device, tf32=False):
         model = build_model(cfg).to(device)
-        knn, probe = evaluate(model, _load_data(cfg, model.patch_size, progress), cfg, device, probe=True)
+        knn, probe = evaluate(model, load_train_data(cfg, model.patch_size, progress), cfg, device, probe=True)
     return {"knn_acc": knn, "probe_acc": probe}
 
 
-def ident_for_checkpoint(cfg: PretrainConfig) -> dict:
-    d = dataclasses.asdict(cfg)
-    d["betas"] = list(d["betas"])
-    return d
-
-
 # ---------------------------------------------------------------------- experiments and results
-def experiment_dir(cfg: PretrainConfig, root: str | Path | None = None) -> Path:
-    """``results/mae/<recipe key>/``: all mask kinds and seeds of one recipe."""
-    from vitsift_core.paths import results_dir
-    return Path(root if root is not None else results_dir() / "mae") / cfg.recipe_key()
-
-
-def run_dir(cfg: PretrainConfig, root: str | Path | None = None) -> Path:
-    """``<experiment_dir>/<mask>[-<curriculum key>]-seed<seed>``."""
-    name = cfg.mask
-    if cfg.mask == "guided":
-        name += "-" + key_of({k: cfg.identity()[k] for k in ("betas", "beta_every", "order", "score_layer")})[:6]
-    return experiment_dir(cfg, root) / f"{name}-seed{cfg.seed}"
-
-
-def load_metrics(out: str | Path) -> pd.DataFrame:
-    return pd.read_csv(Path(out) / "metrics.csv")
-
-
-def load_steps(out: str | Path) -> pd.DataFrame:
-    return pd.read_csv(Path(out) / "steps.csv")
-
-
-# ---------------------------------------------------------------------- command line
-def add_arguments(p) -> None:
-    """The ``vitsift pretrain`` options: every PretrainConfig field as ``--field-name``."""
-    for f in dataclasses.fields(PretrainConfig):
-        name = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if f.name == "sift":
-            p.add_argument("--contrast-threshold", type=float, default=0.04, help="SIFT contrast threshold")
-            continue
-        if f.name == "betas":
-            p.add_argument(name, type=float, nargs="+", default=list(default), help="curriculum betas")
-            continue
-        if isinstance(default, bool):
-            p.add_argument(name, type=lambda s: s.lower() in ("1", "true", "yes"), default=default,
-                           metavar="BOOL", help=f"(default {default})")
-            continue
-        typ = {"int | None": int, "float | None": float}.get(str(f.type), None)
-        typ = typ or (type(default) if default is not None else str)
-        hint = " (0: all / the architecture's own)" if str(f.type).endswith("| None") else ""
-        p.add_argument(name, type=typ, default=default, help=f"(default {default}){hint}")
-    p.add_argument("--out", default=None, help="run folder (default: results/mae/<recipe>/<mask>-seed<seed>)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def add_cli(sub) -> None:
-    """Register ``vitsift pretrain`` on the main command line's subparsers."""
-    p = sub.add_parser("pretrain", help="MAE pre-training with random or keypoint-guided masks "
-                       "(resumable; torchrun for DDP)", description=__doc__,
-                       formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    add_arguments(p)
-
-
-def cmd_pretrain(a) -> int:
-    kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(PretrainConfig) if f.name != "sift"}
-    kw["sift"] = dataclasses.asdict(SiftParams(contrast_threshold=a.contrast_threshold))
-    cfg = config_from_params(kw)   # 0 means "all" / "the architecture's" for limits and sizes
-    rank = distributed().rank
-    out = Path(a.out) if a.out else run_dir(cfg)
-    run_pretrain(cfg, out, progress=not a.quiet)
-    if rank == 0:
-        m = load_metrics(out)
-        last = m.iloc[-1]
-        print(f"wrote {out}: {len(m)} epochs, k-NN {last.knn_acc:.4f}, probe {last.probe_acc:.4f}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    ap = argparse.ArgumentParser(prog="python -m vitsift_core.experiments.pretrain",
-                                 description="MAE pre-training with random or keypoint-guided masks")
-    add_arguments(ap)
-    return cmd_pretrain(ap.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,23 +1,7 @@
-"""Image recovery with an MAE (paper Sec. 2.1, Fig. 2; DESIGN.md "Image recovery").
-
-(a) :func:`region_examples`: mask a small and a large square region around each image's
-keypoint-densest spot (the "fox face" and the "whole head"), reconstruct, show original / masked /
-reconstruction.
-
-(b) :func:`recovery_errors`: over many images and several k, mask the k keypoint-densest patches
-(largest SIFT count t_j, ties at random) versus k patches drawn at random among the patches with
-no keypoint (and, for context, k patches drawn at random among all), and measure the
-reconstruction error on the masked patches only. An image counts for a k only when it has at least
-k keypoint patches and k non-keypoint patches, so both conditions use the same images (paired).
-
-Two error measures per image: ``error`` = mean squared error per masked patch in the model's loss
-space (normalised pixels, or per-patch normalised pixels for norm_pix_loss models), and
-``rel_error`` = that error divided by the error of a content-free baseline on the same patches
-(each masked patch filled with the mean colour of the image's visible pixels; for norm_pix_loss
-models, the per-patch mean, i.e. 0). Keypoint patches are textured, so their raw error is larger
-for any predictor; ``rel_error`` < 1 is how much of the baseline's error the MAE removes, and asks
-whether keypoint patches are also harder *for the MAE's inference from context*, which is closer
-to the paper's claim about missing semantic information.
+"""Image recovery with an MAE (paper Sec. 2.1, Fig. 2; DESIGN.md "Image recovery"): reconstruct a
+small and a large region around each image's keypoint-densest spot (:func:`region_examples`), and
+the error of masking the k keypoint-densest patches vs k non-keypoint ones, raw and relative to a
+mean-colour fill, paired by image (:func:`recovery_errors`, :func:`recovery_summary`).
 """
 from __future__ import annotations
 
@@ -28,8 +12,8 @@ import torch
 from vitsift_core.method import guided as MM
 from vitsift_core.method.stats import mean_ci
 from vitsift_core.experiments.mae_data import IMAGENET_MEAN, IMAGENET_STD, ArraySet, to_input
-from vitsift_core.experiments.mae_runs import load_pretrained_mae, mae_recipe
-from vitsift_core.experiments.pretrain import is_complete, run_dir, run_pretrain
+from vitsift_core.experiments.mae_runs import load_pretrained_mae, mae_recipe, run_dir
+from vitsift_core.experiments.pretrain import is_complete, run_pretrain
 from vitsift_core.model.mae import load_official_mae
 
 __all__ = ["recovery_errors", "recovery_summary", "region_examples", "to_display",
