@@ -97,8 +97,11 @@ def load_steps(out: str | Path) -> pd.DataFrame:
     return pd.read_csv(Path(out) / "steps.csv")
 
 
-def add_arguments(p) -> None:
-    """The ``vitsift pretrain`` options: every PretrainConfig field as ``--field-name``."""
+def add_cli(sub) -> None:
+    """Register ``vitsift pretrain``: every PretrainConfig field as ``--field-name``."""
+    p = sub.add_parser("pretrain", help="MAE pre-training with random or keypoint-guided masks "
+                       "(resumable; torchrun for DDP)", description=pretrain.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(PretrainConfig):
         name = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
@@ -118,14 +121,6 @@ def add_arguments(p) -> None:
         p.add_argument(name, type=typ, default=default, help=f"(default {default}){hint}")
     p.add_argument("--out", default=None, help="run folder (default: results/mae/<recipe>/<mask>-seed<seed>)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def add_cli(sub) -> None:
-    """Register ``vitsift pretrain`` on the main command line's subparsers."""
-    p = sub.add_parser("pretrain", help="MAE pre-training with random or keypoint-guided masks "
-                       "(resumable; torchrun for DDP)", description=pretrain.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
 
 
 def cmd_pretrain(a) -> int:

@@ -22,6 +22,7 @@ from vitsift_core.method import guided as MM
 from vitsift_core.method.linear import knn_accuracy, linear_probe
 from vitsift_core.data.keypoints import SiftParams
 from vitsift_core.experiments.mae_data import TrainData, load_train_data, to_input
+from vitsift_core.model.mae import build_mae
 from vitsift_core.store import Params, atomic_write, check_identity, distributed, key_of, read_json, write_json
 
 __all__ = ["PretrainConfig", "run_pretrain", "initial_accuracy", "evaluate", "train_step", "epoch_batch",
@@ -121,7 +122,6 @@ class PretrainConfig(Params):
 
 # ---------------------------------------------------------------------- helpers
 def build_model(cfg: PretrainConfig):
-    from vitsift_core.model.mae import build_mae
     return build_mae(cfg.encoder, img_size=cfg.img_size, patch_size=cfg.patch_size, depth=cfg.depth,
                      embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, decoder_embed_dim=cfg.decoder_dim,
                      decoder_depth=cfg.decoder_depth, decoder_num_heads=cfg.decoder_heads,
