@@ -10,7 +10,7 @@ from torch import nn
 
 from vitsift_core.method import guided as MM
 from vitsift_core.method.linear import knn_accuracy, knn_predict, linear_probe
-from vitsift_core.model.mae import MAE, build_mae, load_official_mae, masked_to_ids, sincos_pos_embed_2d
+from vitsift_core.model.mae import build_mae, load_official_mae, masked_to_ids, sincos_pos_embed_2d
 
 
 def tiny(**kw):

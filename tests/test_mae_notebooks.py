@@ -1,13 +1,15 @@
-"""Notebooks 01 and 07: every parameter line reaches papermill, and 01 finds 07's recipe."""
+"""Notebooks 01 and 07: every parameter line reaches papermill; the MAE recipe of each profile
+(params/*.yaml, read by recovery) keeps its run folders' keys and matches notebook 07's defaults."""
 from __future__ import annotations
 
+import ast
 import json
 
 import pytest
 
 from vitsift_core import reproduce as R
-from vitsift_core.experiments.pretrain import config_from_params
-from vitsift_core.experiments.recovery import notebook_parameters
+from vitsift_core.experiments.mae_runs import config_from_params
+from vitsift_core.experiments.mae_runs import mae_recipe
 
 MINE = ("01_image_recovery", "07_guided_mae")
 
@@ -25,11 +27,33 @@ def test_every_parameter_line_is_seen_by_papermill(nb):
     assert [n for n in names if n not in declared] == []
 
 
-def test_recovery_uses_notebook_07_recipe_of_the_profile():
-    p = notebook_parameters("smoke", "07_guided_mae")
-    cfg = config_from_params(p, mask="random", seed=0)
+# key() of each profile's MAE recipe as notebook 01 resolved it before the recipe moved to
+# params/*.yaml (it parsed notebook 07's parameters cell): the run folders are named by these keys.
+OLD_KEYS = {"smoke": ("21cfd201a4aa", "0384d3dc97e2"), "embedded": ("2fe3f1dafac9", "523589c232fd"),
+            "embedded-full": ("9eb566df8b68", "c2e110e3aacc"), "paper": ("6d3dee58657e", "b4250d5cce7a")}
+
+
+@pytest.mark.parametrize("profile", sorted(OLD_KEYS))
+def test_mae_recipe_of_each_profile_keeps_its_old_key(profile):
+    keys = tuple(mae_recipe(profile, mask=m, seed=0).key() for m in ("random", "guided"))
+    assert keys == OLD_KEYS[profile]
+
+
+def test_recovery_uses_the_profiles_mae_recipe():
+    cfg = mae_recipe("smoke", mask="random", seed=0)
     assert (cfg.encoder, cfg.img_size, cfg.epochs, cfg.batch_size) == ("test_vit", 32, 2, 8)
-    emb = config_from_params(notebook_parameters("embedded", "07_guided_mae"))
+    assert (cfg.num_workers, cfg.threads, cfg.blr, cfg.probe_every) == (0, 1, 1.5e-3, 1)   # runtime keys too
+    emb = mae_recipe("embedded")
     assert emb.img_size == 64 and emb.train_images == "imagenette:train"
-    # no such profile file: the notebook's own defaults
-    assert notebook_parameters("no-such-profile", "07_guided_mae")["img_size"] == 64
+    with pytest.raises(FileNotFoundError):
+        mae_recipe("no-such-profile")
+
+
+def test_notebook_07_defaults_are_the_embedded_recipe():
+    """The notebook's parameters cell (its defaults, run without a profile) and params/embedded.yaml
+    give the same config, runtime keys included: the yaml carries every default the notebook
+    changes from PretrainConfig's."""
+    decl = R.declared_parameters(R.NOTEBOOKS / "07_guided_mae.ipynb")
+    nb = {k: ast.literal_eval(v["default"]) for k, v in decl.items()}
+    nb["batch_size"] = nb.pop("mae_batch_size")
+    assert config_from_params(nb) == mae_recipe("embedded")

@@ -1,8 +1,9 @@
 """MAE pre-training runs: resume after SIGKILL, DDP (gloo, 2 processes) vs 1 process, schedule.
 
 Tiny encoder (timm ``test_vit`` at 32 px, 8 px patches, 2 blocks) on a synthetic 3-class folder;
-each run is a few seconds of CPU. Subprocesses run ``python -m vitsift_core.experiments.pretrain`` so that a
-real kill (SIGKILL, no clean-up) and a real ``torchrun`` are tested.
+each run is a few seconds of CPU. Subprocesses (a script killing itself through run_pretrain's
+``on_step`` callback; ``vitsift pretrain`` under ``torchrun``) test a real kill (SIGKILL, no clean-up)
+and real DDP.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ import pytest
 from PIL import Image
 
 from vitsift_core.experiments import pretrain as P
+from vitsift_core.experiments.mae_data import data_config, prepare_arrays, to_input
+from vitsift_core.experiments import mae_runs as M
+from vitsift_core.experiments.mae_runs import load_pretrained_mae
 
 #: the DDP run's per-step loss may differ from the 1-process run only by float re-association
 #: (gradient all-reduce sums two half-batch means instead of one mean): this much, absolute,
@@ -71,8 +75,50 @@ def cli_args(cfg: P.PretrainConfig, out: Path) -> list[str]:
 
 def run_cli(args, env_extra=None, launcher=None, timeout=240):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env_extra or {}))
-    cmd = (launcher or [sys.executable]) + ["-m", "vitsift_core.experiments.pretrain"] + args
+    cmd = (launcher or [sys.executable]) + ["-m", "vitsift_core.cli", "pretrain"] + args
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+#: trains ``cfg`` (JSON, argv[1]) in folder argv[2] and SIGKILLs itself before global step argv[3]
+#: (-1: never), through run_pretrain's ``on_step`` callback
+KILL_SCRIPT = """
+import json, os, signal, sys
+from vitsift_core.experiments import pretrain as P
+from vitsift_core.experiments.mae_data import data_config, prepare_arrays, to_input
+from vitsift_core.experiments import mae_runs as M
+from vitsift_core.experiments.mae_runs import load_pretrained_mae
+kill_at = int(sys.argv[3])
+def on_step(it):
+    if it == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+P.run_pretrain(P.PretrainConfig(**json.loads(sys.argv[1])), sys.argv[2], progress=False, on_step=on_step)
+"""
+
+
+def run_killed(cfg: P.PretrainConfig, out: Path, kill_at: int, timeout=240):
+    import dataclasses
+    import json
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-c", KILL_SCRIPT, json.dumps(dataclasses.asdict(cfg)), str(out), str(kill_at)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_runtime_restores_threads_and_tf32_flags():
+    import torch
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    before, threads = flags(), torch.get_num_threads()
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        with pytest.raises(KeyError):
+            with P._runtime(P.PretrainConfig(threads=threads + 1), torch.device("cuda")):
+                assert flags() == (True, True) and torch.get_num_threads() == threads + 1
+                raise KeyError("leaves the block early")
+        assert flags() == (False, False) and torch.get_num_threads() == threads
+        with P._runtime(P.PretrainConfig(), torch.device("cuda"), tf32=False):
+            assert flags() == (False, False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+        torch.set_num_threads(threads)
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -94,15 +140,15 @@ def test_identity_ignores_curriculum_for_random_masks_and_runtime_keys():
 def test_guided_run_files_and_curriculum(synth, tmp_path):
     cfg = tiny_cfg(synth, mask="guided", beta_every=1, betas=(0.1, 0.5), epochs=2)
     out = P.run_pretrain(cfg, tmp_path / "g", progress=False)
-    m = P.load_metrics(out)
+    m = M.load_metrics(out)
     assert list(m.columns) == P.METRIC_COLS and list(m.epoch) == [1, 2]
     assert list(m.beta) == [0.1, 0.5]
     assert m.key_share.iloc[0] < m.key_share.iloc[1]    # more keypoint patches masked later
     assert m.knn_acc.between(0, 1).all() and np.isnan(m.probe_acc.iloc[0]) and 0 <= m.probe_acc.iloc[1] <= 1
-    steps = P.load_steps(out)
+    steps = M.load_steps(out)
     assert len(steps) == 2 * (36 // 8)
     assert P.is_complete(out)
-    mae = P.load_pretrained_mae(out)
+    mae = load_pretrained_mae(out)
     assert mae.grid == (4, 4)
     # same config, same folder: nothing to do; another config in it: refused
     assert P.run_pretrain(cfg, out, progress=False) == out
@@ -117,11 +163,11 @@ def test_resume_after_kill_gives_identical_metrics(synth, tmp_path):
 
     out = tmp_path / "killed"
     kill_at = steps_per_epoch + 2                             # in the middle of epoch 2
-    r = run_cli(cli_args(cfg, out), {"VITSIFT_TEST_KILL_AT_STEP": str(kill_at)})
+    r = run_killed(cfg, out, kill_at)
     assert r.returncode == -9, r.stderr[-2000:]              # SIGKILL: no clean-up ran
     assert not P.is_complete(out)
-    assert len(P.load_metrics(out)) == 1                      # epoch 1 was checkpointed
-    r = run_cli(cli_args(cfg, out))
+    assert len(M.load_metrics(out)) == 1                      # epoch 1 was checkpointed
+    r = run_killed(cfg, out, -1)                              # resume in a fresh process, no kill
     assert r.returncode == 0, r.stderr[-2000:]
     import json
     assert json.loads((out / "run.json").read_text())["resumed_from_epoch"] == 1
@@ -142,12 +188,12 @@ def test_ddp_two_processes_match_one(synth, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     import json
     assert json.loads((tmp_path / "two" / "run.json").read_text())["world"] == 2
-    a, b = P.load_steps(one), P.load_steps(tmp_path / "two")
+    a, b = M.load_steps(one), M.load_steps(tmp_path / "two")
     assert len(a) == len(b) == 2 * 4
     diff = np.abs(a.loss.to_numpy() - b.loss.to_numpy())
     print(f"DDP vs 1 process: max |loss difference| over {len(a)} steps = {diff.max():.2e}")
     assert diff.max() < DDP_LOSS_TOL, diff
-    ma, mb = P.load_metrics(one), P.load_metrics(tmp_path / "two")
+    ma, mb = M.load_metrics(one), M.load_metrics(tmp_path / "two")
     np.testing.assert_allclose(ma.key_share, mb.key_share)     # the very same masks
     np.testing.assert_allclose(ma.train_loss, mb.train_loss, atol=DDP_LOSS_TOL)
 
@@ -155,12 +201,12 @@ def test_ddp_two_processes_match_one(synth, tmp_path):
 def test_score_ordered_guided_run(synth, tmp_path):
     """order='score': masks ranked by the current encoder's theta scores (one epoch runs)."""
     cfg = tiny_cfg(synth, mask="guided", order="score", score_layer=1, epochs=1, probe=False)
-    m = P.load_metrics(P.run_pretrain(cfg, tmp_path / "s", progress=False))
+    m = M.load_metrics(P.run_pretrain(cfg, tmp_path / "s", progress=False))
     assert len(m) == 1 and 0 <= m.key_share.iloc[0] <= 1
 
 
-def test_config_from_notebook_params():
-    cfg = P.config_from_params({"encoder": "test_vit", "depth": 0, "train_limit": 0, "epochs": 3, "mae_batch_size": 16,
+def test_config_from_params_maps_zero_to_none():
+    cfg = M.config_from_params({"encoder": "test_vit", "depth": 0, "train_limit": 0, "epochs": 3, "batch_size": 16,
                                 "unrelated": 1}, mask="guided")
     assert cfg.depth is None and cfg.train_limit is None and cfg.epochs == 3 and cfg.mask == "guided"
     assert cfg.batch_size == 16
@@ -199,8 +245,27 @@ def test_theta_scores_split_over_cores_match_a_whole_batch_reference():
         got = P.theta_scores(model, images, counts, 1, "cpu", batch_size=5)
     finally:
         torch.set_num_threads(before)
-    x = P.to_input(images)
+    x = to_input(images)
     ref = patch_scores(attention_maps(model.encoder, model.num_prefix_tokens, x, [1])[1],
                        torch.from_numpy(counts)).numpy()
     assert got.shape == (7, model.num_patches)
     np.testing.assert_allclose(got, ref, atol=1e-6, equal_nan=True)
+
+
+def test_arrays_are_the_study_loaders_crops_and_counts(synth, tmp_path):
+    """Pre-training data goes through the study's decode + crop + SIFT path: the cached arrays are
+    model_input's crops and keypoint_counts' counts, image by image, in record order."""
+    from vitsift_core.data.images import model_input
+    from vitsift_core.data.keypoints import SiftParams, keypoint_counts
+    from vitsift_core.data.sources import read_record, resolve_images
+
+    (synth / "stripes" / "broken.png").write_bytes(b"not a png")
+    a = prepare_arrays(str(synth), None, 32, 8, num_workers=0, progress=False, root=tmp_path / "arr")
+    recs = [r for r in resolve_images(str(synth), None) if not r.id.endswith("broken.png")]
+    assert a.ids == [r.id for r in recs] and len(a.skipped) == 1 and a.skipped[0][0].endswith("broken.png")
+    for j, r in enumerate(recs):
+        crop, _ = model_input(read_record(r), data_config(32))
+        np.testing.assert_array_equal(a.images[j], crop)
+        np.testing.assert_array_equal(a.counts[j], keypoint_counts(crop, (4, 4), 8, SiftParams())[0])
+    again = prepare_arrays(str(synth), None, 32, 8, num_workers=0, progress=False, root=tmp_path / "arr")
+    assert again.path == a.path and again.ids == a.ids      # the second call reads the cache

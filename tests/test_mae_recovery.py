@@ -10,7 +10,7 @@ from vitsift_core.method import stats as S
 from vitsift_core.report import convergence as C
 from vitsift_core.experiments import recovery as R
 from vitsift_core.model.mae import build_mae
-from vitsift_core.experiments.pretrain import ArraySet
+from vitsift_core.experiments.mae_data import ArraySet
 
 
 def tiny_arrays(n=12, seed=0):
@@ -64,7 +64,7 @@ def test_recovery_error_equals_manual_masked_mse(mae):
     from vitsift_core.method import guided as MM
     rng = MM.sample_rng(0, 2, i, MM.STREAM_RECOVERY)
     patches = MM.top_keypoint_patches(arr.counts[i], 2, rng)
-    from vitsift_core.experiments.pretrain import to_input
+    from vitsift_core.experiments.mae_data import to_input
     x = to_input(arr.images[i:i + 1])
     m = torch.from_numpy(MM.patch_set_mask(patches, 16))[None]
     with torch.no_grad():

@@ -1,6 +1,5 @@
 """study.py: bootstrap CIs and the claims table on a tiny model."""
 import numpy as np
-import pandas as pd
 import pytest
 import timm
 import torch

@@ -10,7 +10,7 @@ from vitsift_core.store import DEFAULT_CHUNK, RunMismatch, distributed, end_dist
 from vitsift_core.model.infer import PRECISION_HELP, PRECISIONS
 from vitsift_core.experiments.analysis import CONTROLS, AnalysisParams, analyze, run_suite, variant_dir
 from vitsift_core.experiments.maskeval_cli import add_cli as _add_mask_eval, cli_main as cmd_mask_eval
-from vitsift_core.experiments.pretrain import add_cli as _add_pretrain, cmd_pretrain
+from vitsift_core.experiments.mae_runs import add_cli as _add_pretrain, cmd_pretrain
 from vitsift_core.model.registry import ModelWeightsUnavailable
 
 

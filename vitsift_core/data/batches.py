@@ -28,12 +28,14 @@ class Batch:
 
     ``ids``: B record ids; ``tensors``: ``(B, 3, S, S) float32`` normalised model input;
     ``counts``: ``(B, N) int64`` SIFT keypoints per patch (N = G_r * G_c, index r * G_c + c);
-    ``labels``: B labels (None where unknown)."""
+    ``labels``: B labels (None where unknown); ``crops``: ``(B, S, S, 3) uint8`` model crops when
+    asked for (``iter_batches(..., crops=True)``), else None."""
 
     ids: list[str]
     tensors: torch.Tensor
     counts: torch.Tensor
     labels: list[str | None]
+    crops: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -54,14 +56,17 @@ class _Good:
     tensor: torch.Tensor
     counts: torch.Tensor
     label: str | None
+    crop: np.ndarray | None
 
 
 class ImageDataset(Dataset):
     """Item i = record i -> ``_Good`` (tensor ``(3, S, S)``, counts ``(N,)``) or :class:`Skipped`."""
 
     def __init__(self, records: Sequence[ImageRecord], data_config: dict, grid: tuple[int, int],
-                 patch_size: int, sift: SiftParams = SiftParams(), cache: KeypointCache | None = None):
+                 patch_size: int, sift: SiftParams = SiftParams(), cache: KeypointCache | None = None,
+                 crops: bool = False):
         self.records = list(records)
+        self.crops = crops
         self.data_config = dict(data_config)
         self.grid = (int(grid[0]), int(grid[1]))
         self.patch_size = int(patch_size)
@@ -84,7 +89,8 @@ class ImageDataset(Dataset):
             where = traceback.extract_tb(e.__traceback__)[-1]
             return Skipped(rec.id, path, f"unexpected {type(e).__name__}: {e} "
                                          f"(at {where.filename.rsplit('/', 1)[-1]}:{where.lineno})")
-        return _Good(rec.id, tensor, torch.from_numpy(np.ascontiguousarray(t, dtype=np.int64)), rec.label)
+        return _Good(rec.id, tensor, torch.from_numpy(np.ascontiguousarray(t, dtype=np.int64)), rec.label,
+                     crop if self.crops else None)
 
 
 def _collate(items: list) -> tuple[Batch | None, list[Skipped]]:
@@ -97,6 +103,7 @@ def _collate(items: list) -> tuple[Batch | None, list[Skipped]]:
         tensors=torch.stack([g.tensor for g in good]),
         counts=torch.stack([g.counts for g in good]),
         labels=[g.label for g in good],
+        crops=np.stack([g.crop for g in good]) if good[0].crop is not None else None,
     )
     return batch, skipped
 
@@ -113,13 +120,15 @@ def iter_batches(
     cache: KeypointCache | None = None,
     progress: bool = True,
     desc: str = "images",
+    crops: bool = False,
 ) -> Iterator[tuple[Batch | None, list[Skipped]]]:
     """Yield ``(batch, skipped)`` per loader batch of ``batch_size`` records, in record order.
 
     ``batch`` holds the good images (None when every record of the batch failed); ``skipped`` the
     failures of the same records. ``grid * patch_size`` must equal the model input size.
     ``num_workers=0`` runs in this process (results are identical). Progress: a tqdm bar over images
-    (unit ``img``, so it shows img/s), counting skipped ones too.
+    (unit ``img``, so it shows img/s), counting skipped ones too. ``crops``: batches also carry the
+    uint8 model crops.
     """
     from tqdm.auto import tqdm
 
@@ -128,7 +137,7 @@ def iter_batches(
         raise ValueError(f"grid {tuple(grid)} x patch {patch_size} does not tile the {h}x{w} model input")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    ds = ImageDataset(records, data_config, grid, patch_size, sift, cache)
+    ds = ImageDataset(records, data_config, grid, patch_size, sift, cache, crops)
     if len(ds) == 0:
         return
     num_workers = max(0, int(num_workers))

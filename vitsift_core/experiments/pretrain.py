@@ -1,72 +1,41 @@
-"""MAE pre-training with random or keypoint-guided masks: resumable, evaluated every epoch, DDP-ready.
-
-One run = one :class:`PretrainConfig` (mask kind, seed, recipe) in one folder::
-
-    config.json     the identity (everything that decides the numbers) and its key
-    checkpoint.pt   model + optimiser + history after the last finished epoch (atomic)
-    metrics.csv     per finished epoch: epoch, beta, key_share, train_loss, lr, knn_acc, probe_acc
-    steps.csv       per optimiser step: epoch, step, loss, lr (the global-batch loss)
-    run.json        complete flag, wall time, images/s, device, world size (not part of the numbers)
-
-Re-running the same config in the same folder resumes from ``checkpoint.pt`` (a run killed in the
-middle of an epoch redoes that epoch) and ends with byte-identical ``metrics.csv`` / ``steps.csv``:
-the data order, flips and masks are functions of ``(seed, epoch, image index)``
-(:func:`vitsift_core.method.guided.sample_rng`), not of any RNG state that a kill would lose.
-
-Data: each split is decoded once to the model's eval crop (resize + centre crop to ``img_size``,
-timm's eval transform) and stored as a uint8 array beside its SIFT keypoint counts
-(:func:`prepare_arrays`; cached under ``cache_dir()/mae_arrays``, keypoints through
-:class:`~vitsift_core.data.keypoints.KeypointCache`). Augmentation is a horizontal flip only, applied to
-the image and to its count grid alike, because the counts are computed once per image (MAE's
-RandomResizedCrop would need SIFT on every crop).
-
-Optimisation follows the official MAE: AdamW (betas 0.9 / 0.95, weight decay 0.05 on weights,
-none on biases and norms), lr = blr * global_batch / 256 with linear warmup then half-cosine per
-iteration, bf16 autocast on GPU. Evaluation (DESIGN.md "Convergence"): k-NN (k = 20, cosine) of the
-encoder's CLS feature after every epoch, train images as memory, val images as queries; a linear
-probe (logistic regression on the same memory features) after the last epoch, optionally after
-every k-th epoch too (``probe_every``).
-
-Distributed: under ``torchrun`` each of the ``W`` processes takes a contiguous ``B / W`` slice of
-every global batch of ``B`` images; DDP averages the gradients, so the optimiser sees the gradient of
-the global-batch loss. Evaluation and files are rank 0's job.
-
-Command line: ``vitsift pretrain --help`` or ``python -m vitsift_core.experiments.pretrain --help``
-(``torchrun --nproc_per_node 2 -m vitsift_core.experiments.pretrain ...`` for DDP).
+"""MAE pre-training with random or keypoint-guided masks (paper Sec. 5.2): one run = one
+:class:`PretrainConfig` in one folder (config.json, checkpoint.pt, metrics.csv, steps.csv, run.json),
+resumable to identical files, evaluated by k-NN every epoch, DDP under torchrun. README "MAE
+pre-training" and DESIGN.md "Convergence" give the recipe; ``vitsift pretrain --help`` the options.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
-import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from vitsift_core.method import guided as MM
 from vitsift_core.model.collectors import PatchScoreCollector
 from vitsift_core.model.infer import amp_precision, forward_autocast, infer
+from vitsift_core.method.linear import knn_accuracy, linear_probe
 from vitsift_core.data.keypoints import SiftParams
+from vitsift_core.experiments.mae_data import TrainData, load_train_data, to_input
+from vitsift_core.model.mae import build_mae
+from vitsift_core.store import Params, atomic_write, check_identity, distributed, key_of, read_json, write_json
 
-__all__ = ["PretrainConfig", "ArraySet", "prepare_arrays", "run_pretrain", "run_experiment", "initial_accuracy",
-           "run_dir", "experiment_dir", "load_metrics", "load_steps", "load_pretrained_mae",
-           "is_complete", "config_from_params", "main"]
+__all__ = ["PretrainConfig", "run_pretrain", "initial_accuracy", "evaluate", "train_step", "epoch_batch",
+           "save_checkpoint", "load_checkpoint", "is_complete"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 METRIC_COLS = ["epoch", "beta", "key_share", "train_loss", "lr", "knn_acc", "probe_acc"]
-_KILL_ENV = "VITSIFT_TEST_KILL_AT_STEP"   # test hook: SIGKILL this process before that global step
+STEP_COLS = ["epoch", "step", "loss", "lr"]
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(Params):
     """Everything that decides a pre-training run's numbers (plus runtime keys that do not)."""
 
     # encoder: a timm architecture, with optional overrides (None keeps the architecture's value)
@@ -135,197 +104,26 @@ class PretrainConfig:
     def lr(self) -> float:
         return self.blr * self.batch_size / 256
 
-    def identity(self) -> dict:
-        d = dataclasses.asdict(self)
-        for k in self.RUNTIME_KEYS:
-            d.pop(k)
+    def _identity(self, d: dict) -> dict:
         d["betas"] = list(d["betas"])
         if self.mask == "random":   # curriculum settings do not touch a random-mask run
             d["betas"], d["beta_every"], d["order"], d["score_layer"] = None, None, None, None
         d["format"] = "mae-pretrain-v1"
         return d
 
-    def key(self) -> str:
-        return _hash(self.identity())
-
     def recipe_key(self) -> str:
         """Hash of everything except mask kind, curriculum and seed: one experiment's folder."""
         d = self.identity()
         for k in ("mask", "seed", "betas", "beta_every", "order", "score_layer"):
             d.pop(k)
-        return _hash(d)
-
-    def replace(self, **kw) -> "PretrainConfig":
-        return dataclasses.replace(self, **kw)
+        return key_of(d)
 
     def schedule(self) -> MM.BetaSchedule:
         return MM.BetaSchedule(self.betas, self.beta_every)
 
 
-def _hash(d: dict) -> str:
-    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-#: notebook parameter -> config field, where the notebook must not use the field's name (the
-#: profiles' shared ``batch_size`` means an inference batch for the other notebooks)
-NOTEBOOK_ALIASES = {"mae_batch_size": "batch_size"}
-
-
-def config_from_params(params: dict, **override) -> PretrainConfig:
-    """A config from a notebook's parameter dict (keys named as the fields or in
-    :data:`NOTEBOOK_ALIASES`; others ignored). 0 / "" mean None for the optional sizes and limits."""
-    names = {f.name for f in dataclasses.fields(PretrainConfig)}
-    params = dict(params)
-    for alias, name in NOTEBOOK_ALIASES.items():   # notebook keys that differ from field names
-        if alias in params:
-            params[name] = params.pop(alias)
-    kw = {k: v for k, v in params.items() if k in names}
-    kw.update(override)
-    for k in ("patch_size", "depth", "embed_dim", "num_heads", "train_limit", "val_limit",
-              "knn_memory", "score_layer", "threads"):
-        if k in kw and kw[k] in (0, "", "none", "None"):
-            kw[k] = None   # notebooks use 0 for "the default / all"
-    return PretrainConfig(**kw)
-
-
-# ---------------------------------------------------------------------- data arrays
-@dataclass
-class ArraySet:
-    """One split decoded once: ``images`` (n, S, S, 3) uint8 model crops, ``counts`` (n, N) int32
-    SIFT keypoints per patch, ``labels`` (n,) str, ``ids`` (n,); unreadable files in ``skipped``."""
-
-    ids: list[str]
-    images: np.ndarray
-    counts: np.ndarray
-    labels: list[str]
-    skipped: list[tuple[str, str]]
-    path: Path | None = None
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-def data_config(img_size: int, crop_pct: float = 0.875) -> dict:
-    """timm eval data config: bicubic resize of the short side to S / crop_pct, centre crop S."""
-    return {"input_size": (3, int(img_size), int(img_size)), "interpolation": "bicubic",
-            "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop_pct": float(crop_pct), "crop_mode": "center"}
-
-
-class _CropDataset(torch.utils.data.Dataset):
-    def __init__(self, records, cfg, grid, patch, sift, cache):
-        self.records, self.cfg, self.grid, self.patch, self.sift, self.cache = records, cfg, grid, patch, sift, cache
-
-    def __len__(self):
-        return len(self.records)
-
-    def __getitem__(self, i):
-        from vitsift_core.data.sources import read_record
-        from vitsift_core.data.images import model_input
-        from vitsift_core.data.keypoints import keypoint_counts
-        rec = self.records[i]
-        try:
-            crop, _ = model_input(read_record(rec), self.cfg)
-            t, _ = keypoint_counts(crop, self.grid, self.patch, self.sift, cache=self.cache)
-        except Exception as e:  # noqa: BLE001 - a bad file is reported, never fatal
-            return i, None, None, f"{type(e).__name__}: {e}"
-        return i, crop, t.astype(np.int32), None
-
-
-def _list_collate(items):
-    return items
-
-
-def prepare_arrays(images: str, limit: int | None, img_size: int, patch_size: int,
-                   crop_pct: float = 0.875, sift: SiftParams | dict = SiftParams(), *,
-                   num_workers: int = 1, progress: bool = True, root: Path | None = None) -> ArraySet:
-    """Decode ``resolve_images(images, limit)`` to model crops and SIFT counts, once.
-
-    Cached under ``root`` (default ``cache_dir()/mae_arrays``) in a folder keyed by the record ids,
-    the data folder, the crop and the SIFT parameters; a second call loads the arrays (memory
-    mapped). Keypoints also go through the shared :class:`KeypointCache`.
-    """
-    from tqdm.auto import tqdm
-
-    from vitsift_core.data.sources import resolve_images
-    from vitsift_core.data.keypoints import KeypointCache
-    from vitsift_core.paths import cache_dir, data_dir
-
-    sift = sift if isinstance(sift, SiftParams) else SiftParams(**sift)
-    if img_size % patch_size:
-        raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
-    records = resolve_images(images, limit)
-    if not records:
-        raise ValueError(f"no images for {images!r}")
-    g = img_size // patch_size
-    ident = {"images": images, "data": str(data_dir()) if images.startswith("imagenette") else None,
-             "ids": hashlib.sha1("\n".join(r.id for r in records).encode()).hexdigest(),
-             "n": len(records), "img_size": int(img_size), "patch_size": int(patch_size),
-             "crop_pct": float(crop_pct), "sift": sift.key(), "format": "mae-arrays-v1"}
-    folder = Path(root) if root is not None else cache_dir() / "mae_arrays"
-    d = folder / _hash(ident)
-    if (d / "done.json").exists():
-        return _load_arrays(d)
-    cfg = data_config(img_size, crop_pct)
-    ds = _CropDataset(records, cfg, (g, g), patch_size, sift, KeypointCache())
-    nw = max(0, int(num_workers))
-    loader = torch.utils.data.DataLoader(ds, batch_size=32, num_workers=nw, collate_fn=_list_collate,
-                                         worker_init_fn=_worker_init if nw else None)
-    imgs = np.zeros((len(records), img_size, img_size, 3), np.uint8)
-    counts = np.zeros((len(records), g * g), np.int32)
-    ok = np.zeros(len(records), bool)
-    skipped = []
-    with tqdm(total=len(records), unit="img", desc=f"decode + SIFT {images} ({img_size}px)",
-              disable=not progress, dynamic_ncols=True) as bar:
-        for items in loader:
-            for i, crop, t, why in items:
-                if crop is None:
-                    skipped.append((records[i].id, why))
-                else:
-                    imgs[i], counts[i], ok[i] = crop, t, True
-            bar.update(len(items))
-    keep = np.flatnonzero(ok)
-    tmp = d.with_name(f".{d.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    np.save(tmp / "images.npy", imgs[keep])
-    np.save(tmp / "counts.npy", counts[keep])
-    (tmp / "meta.json").write_text(json.dumps({
-        "ids": [records[i].id for i in keep], "labels": [records[i].label for i in keep],
-        "skipped": skipped, "identity": ident}))
-    (tmp / "done.json").write_text("{}")
-    try:
-        os.replace(tmp, d)
-    except OSError:   # another process finished first: use theirs
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-    return _load_arrays(d)
-
-
-def _worker_init(_):
-    import cv2
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
-
-
-def _load_arrays(d: Path) -> ArraySet:
-    meta = json.loads((d / "meta.json").read_text())
-    return ArraySet(ids=meta["ids"], images=np.load(d / "images.npy", mmap_mode="r"),
-                    counts=np.load(d / "counts.npy"), labels=meta["labels"],
-                    skipped=[tuple(s) for s in meta["skipped"]], path=d)
-
-
-def to_input(images_uint8: np.ndarray, device=None) -> torch.Tensor:
-    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32, ImageNet-normalised."""
-    a = np.asarray(images_uint8)
-    a = np.ascontiguousarray(a) if a.flags.writeable else np.array(a)   # memmap slices are read-only
-    x = torch.from_numpy(a).to(device).permute(0, 3, 1, 2).float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
 # ---------------------------------------------------------------------- helpers
 def build_model(cfg: PretrainConfig):
-    from vitsift_core.model.mae import build_mae
     return build_mae(cfg.encoder, img_size=cfg.img_size, patch_size=cfg.patch_size, depth=cfg.depth,
                      embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, decoder_embed_dim=cfg.decoder_dim,
                      decoder_depth=cfg.decoder_depth, decoder_num_heads=cfg.decoder_heads,
@@ -347,49 +145,6 @@ def _param_groups(model, weight_decay: float):
             continue
         (no_decay if p.ndim <= 1 else decay).append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-def _dist():
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist, dist.get_rank(), dist.get_world_size()
-    return None, 0, 1
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on GPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import datetime
-
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        # rank 0 decodes the data sets and evaluates while the others wait at a barrier; the
-        # timeout (VITSIFT_DIST_TIMEOUT seconds, default 12 h) must cover a cold decode + SIFT
-        timeout = datetime.timedelta(seconds=int(os.environ.get("VITSIFT_DIST_TIMEOUT", 12 * 3600)))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _atomic_csv(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    df.to_csv(tmp, index=False, float_format="%.9g")
-    os.replace(tmp, path)
-
-
-def _atomic_json(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def _labels_to_int(labels: list, classes: list[str]) -> np.ndarray:
-    index = {c: i for i, c in enumerate(classes)}
-    missing = sorted({str(l) for l in labels if l not in index})
-    if missing:
-        raise ValueError(f"labels {missing[:5]} are not among the train classes {classes[:10]}")
-    return np.array([index[l] for l in labels], dtype=np.int64)
 
 
 @torch.no_grad()
@@ -435,344 +190,244 @@ def _resolve_device(cfg: PretrainConfig, rank: int, world: int) -> torch.device:
 # ---------------------------------------------------------------------- the run
 def is_complete(out: str | Path) -> bool:
     p = Path(out) / "run.json"
-    return p.exists() and json.loads(p.read_text()).get("complete", False)
+    return p.exists() and read_json(p).get("complete", False)
 
 
-def run_pretrain(cfg: PretrainConfig, out: str | Path, *, progress: bool = True,
-                 desc: str | None = None) -> Path:
-    """Train (or resume, or return at once if complete) the run ``cfg`` in folder ``out``."""
-    from tqdm.auto import tqdm
-
-    from vitsift_core.method.linear import knn_accuracy, linear_probe
-
-    out = Path(out)
-    dist, rank, world = _dist()
-    if cfg.batch_size % world:
-        raise ValueError(f"global batch {cfg.batch_size} is not divisible by {world} processes")
-    local_b = cfg.batch_size // world
-    ident = cfg.identity()
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        cj = out / "config.json"
-        if cj.exists():
-            old = json.loads(cj.read_text())["identity"]
-            diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
-            if diff:
-                raise RuntimeError(f"{out} holds a run with other parameters ({', '.join(diff)}); "
-                                   "use another folder or delete it")
-        else:
-            _atomic_json({"identity": ident, "key": cfg.key(), "recipe_key": cfg.recipe_key()}, cj)
-    if is_complete(out):
-        return out
-
-    threads_before = torch.get_num_threads()
+@contextmanager
+def _runtime(cfg: PretrainConfig, device: torch.device, tf32: bool = True):
+    """torch threads (``cfg.threads``) and, on CUDA with ``tf32``, TF32 matmuls for the block; both
+    restored after."""
+    threads = torch.get_num_threads()
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
+    if device.type == "cuda" and tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
-        return _train(cfg, out, rank, world, dist, local_b, progress, desc, tqdm, knn_accuracy, linear_probe)
+        yield
     finally:
-        torch.set_num_threads(threads_before)
+        torch.set_num_threads(threads)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
-def _train(cfg, out, rank, world, dist, local_b, progress, desc, tqdm, knn_accuracy, linear_probe):
-    device = _resolve_device(cfg, rank, world)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    t_start = time.perf_counter()
-    model = build_model(cfg)
-    patch = model.patch_size
+def evaluate(model, data: TrainData, cfg: PretrainConfig, device, probe: bool) -> tuple[float, float]:
+    """(k-NN accuracy, linear-probe accuracy or NaN) of the encoder's CLS features: memory = the
+    first ``data.mem`` train images, queries = the val images."""
+    f_mem = encode(model, data.train.images[:data.mem], device, cfg.eval_batch_size, cfg.amp)
+    f_val = encode(model, data.val.images, device, cfg.eval_batch_size, cfg.amp)
+    y_mem, n_cls = data.y_train[:data.mem], len(data.classes)
+    acc = knn_accuracy(f_mem, y_mem, f_val, data.y_val, n_cls, cfg.knn_k, cfg.knn_t)
+    return acc, (linear_probe(f_mem, y_mem, f_val, data.y_val, n_cls)["val_acc"] if probe else float("nan"))
 
-    def prep(images, limit):
-        return prepare_arrays(images, limit, cfg.img_size, patch, cfg.crop_pct, cfg.sift,
-                              num_workers=cfg.num_workers, progress=progress and rank == 0)
 
-    # rank 0 decodes first; the others then read its cache
-    if rank == 0:
-        train, val = prep(cfg.train_images, cfg.train_limit), prep(cfg.val_images, cfg.val_limit)
+def save_checkpoint(path: Path, model, opt, cfg: PretrainConfig, epoch: int, history: list,
+                    step_rows: list, classes: list[str]) -> None:
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+             "history": history, "steps": step_rows, "key": cfg.key(), "classes": classes,
+             "config": {**dataclasses.asdict(cfg), "betas": list(cfg.betas)}}
+    atomic_write(path, lambda p: torch.save(state, p))
+
+
+def load_checkpoint(path: Path, model, opt, cfg: PretrainConfig) -> tuple[int, list, list]:
+    """Restore model and optimiser from ``path`` if it exists -> (epochs done, history, step rows)."""
+    if not path.exists():
+        return 0, [], []
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["key"] != cfg.key():
+        raise RuntimeError(f"{path} belongs to another config ({state['key']} != {cfg.key()})")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    return state["epoch"], state["history"], state["steps"]
+
+
+def epoch_batch(cfg: PretrainConfig, data: TrainData, epoch: int, idx: np.ndarray, grid, beta: float,
+                scores: np.ndarray | None):
+    """Images (B, S, S, 3) uint8, counts (B, N) and masks (B, N) bool of train images ``idx`` in
+    ``epoch``: flips and masks are functions of (seed, epoch, image index) only."""
+    imgs = np.asarray(data.train.images[idx])
+    counts = data.train.counts[idx].copy()
+    masks = np.zeros(counts.shape, bool)
+    for j, i in enumerate(idx):
+        flipped = cfg.flip and MM.sample_rng(cfg.seed, epoch, i, MM.STREAM_FLIP).random() < 0.5
+        if flipped:   # the image and its keypoint grid alike
+            imgs[j] = imgs[j, :, ::-1]
+            counts[j] = counts[j].reshape(grid)[:, ::-1].reshape(-1)
+        rng = MM.sample_rng(cfg.seed, epoch, i, MM.STREAM_MASK)
+        if cfg.mask == "random":
+            masks[j] = MM.random_mask(counts.shape[1], cfg.mask_ratio, rng)
+        else:
+            sc = None
+            if scores is not None:
+                sc = scores[i].reshape(grid)[:, ::-1].reshape(-1) if flipped else scores[i]
+            masks[j] = MM.guided_mask(counts[j], cfg.mask_ratio, beta, rng, cfg.order, sc)
+    return imgs, counts, masks
+
+
+def train_step(ddp, opt, x: torch.Tensor, m: torch.Tensor, lr: float, amp: bool, dist=None, world: int = 1) -> float:
+    """One optimiser step on the (local slice of the) batch -> the global-batch loss."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    with forward_autocast(x.device, amp_precision(amp)):
+        loss, _, _ = ddp(x, m)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    lval = loss.detach().float()
     if dist is not None:
-        dist.barrier()
-    if rank != 0:
-        train, val = prep(cfg.train_images, cfg.train_limit), prep(cfg.val_images, cfg.val_limit)
-    t_data = time.perf_counter() - t_start
-    classes = sorted({str(l) for l in train.labels})
-    y_train = _labels_to_int([str(l) for l in train.labels], classes)
-    y_val = _labels_to_int([str(l) for l in val.labels], classes)
-    n_train = len(train)
+        dist.all_reduce(lval)
+        lval = lval / world
+    return float(lval)
+
+
+def _steps(cfg: PretrainConfig, n_train: int) -> int:
     steps = n_train // cfg.batch_size
     if steps < 1:
         raise ValueError(f"{n_train} training images < one global batch of {cfg.batch_size}")
-    total_steps = steps * cfg.epochs
-    warmup = int(round(cfg.warmup_epochs * steps))
-    n_patches = model.num_patches
-    grid = model.grid
-    mem = n_train if cfg.knn_memory is None else min(int(cfg.knn_memory), n_train)
-    sched = cfg.schedule()
-    score_layer = cfg.score_layer if cfg.score_layer is not None else len(model.encoder.blocks) // 2
+    return steps
 
-    model.to(device)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
-    start_epoch, history, step_rows = 0, [], []
-    ck = out / "checkpoint.pt"
-    if ck.exists():
-        state = torch.load(ck, map_location="cpu", weights_only=False)
-        if state["key"] != cfg.key():
-            raise RuntimeError(f"{ck} belongs to another config ({state['key']} != {cfg.key()})")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, history, step_rows = state["epoch"], state["history"], state["steps"]
-    ddp = model
+
+def _train_epoch(ddp, opt, cfg: PretrainConfig, data: TrainData, epoch: int, device, step_rows: list,
+                 on_step, bar, rank: int = 0, dist=None, world: int = 1) -> dict:
+    """One epoch of optimiser steps (appended to ``step_rows``) -> the epoch's row, not yet evaluated."""
+    model = ddp.module if dist is not None else ddp
+    steps = _steps(cfg, len(data.train))
+    total, warmup = steps * cfg.epochs, int(round(cfg.warmup_epochs * steps))
+    beta = cfg.schedule()(epoch) if cfg.mask == "guided" else float("nan")
+    scores = None
+    if cfg.mask == "guided" and cfg.order == "score":
+        layer = cfg.score_layer if cfg.score_layer is not None else len(model.encoder.blocks) // 2
+        scores = theta_scores(model, data.train.images, data.train.counts, layer, device, cfg.eval_batch_size,
+                              amp_precision(cfg.amp))
+    perm = np.random.default_rng([cfg.seed, epoch, 0xDA7A]).permutation(len(data.train))
+    local_b = cfg.batch_size // world
+    model.train()
+    key_masked = total_masked = 0
+    loss_sum = 0.0
+    for s in range(steps):
+        it = epoch * steps + s
+        if on_step is not None:
+            on_step(it)
+        lr = lr_at(cfg, it, total, warmup)
+        idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+        idx = np.sort(idx[rank * local_b:(rank + 1) * local_b])
+        imgs, counts, masks = epoch_batch(cfg, data, epoch, idx, model.grid, beta, scores)
+        key_masked += int(((counts > 0) & masks).sum())
+        total_masked += int(masks.sum())
+        x, m = to_input(imgs, device), torch.from_numpy(masks).to(device)
+        lval = train_step(ddp, opt, x, m, lr, cfg.amp, dist, world)
+        if not math.isfinite(lval):
+            raise FloatingPointError(f"loss is {lval} at epoch {epoch + 1}, step {s}")
+        loss_sum += lval
+        step_rows.append({"epoch": epoch + 1, "step": s, "loss": lval, "lr": lr})
+        bar.update(1)
+        bar.set_postfix(epoch=epoch + 1, loss=f"{lval:.4f}")
     if dist is not None:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    kill_at = int(os.environ.get(_KILL_ENV, "-1"))
+        t_ = torch.tensor([key_masked, total_masked], dtype=torch.float64)
+        dist.all_reduce(t_)
+        key_masked, total_masked = t_.tolist()
+    return {"epoch": epoch + 1, "beta": beta, "key_share": key_masked / max(total_masked, 1),
+            "train_loss": loss_sum / steps, "lr": lr}
 
-    bar = tqdm(total=total_steps, initial=start_epoch * steps, unit="step", dynamic_ncols=True,
-               desc=desc or f"MAE {cfg.mask} seed {cfg.seed}", disable=not (progress and rank == 0))
-    t_train, n_seen = 0.0, 0
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        beta = sched(epoch) if cfg.mask == "guided" else float("nan")
-        scores = None
-        if cfg.mask == "guided" and cfg.order == "score":
-            scores = theta_scores(model, train.images, train.counts, score_layer, device, cfg.eval_batch_size,
-                                  amp_precision(cfg.amp))
-        perm = np.random.default_rng([cfg.seed, epoch, 0xDA7A]).permutation(n_train)
-        model.train()
-        key_masked = total_masked = 0
-        loss_sum = 0.0
-        for s in range(steps):
-            it = epoch * steps + s
-            if it == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            lr = lr_at(cfg, it, total_steps, warmup)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            idx = np.sort(idx[rank * local_b:(rank + 1) * local_b])
-            imgs = np.asarray(train.images[idx])
-            counts = train.counts[idx].copy()
-            masks = np.zeros((len(idx), n_patches), bool)
-            for j, i in enumerate(idx):
-                flipped = cfg.flip and MM.sample_rng(cfg.seed, epoch, i, MM.STREAM_FLIP).random() < 0.5
-                if flipped:   # the image and its keypoint grid alike
-                    imgs[j] = imgs[j, :, ::-1]
-                    counts[j] = counts[j].reshape(grid)[:, ::-1].reshape(-1)
-                rng = MM.sample_rng(cfg.seed, epoch, i, MM.STREAM_MASK)
-                if cfg.mask == "random":
-                    masks[j] = MM.random_mask(n_patches, cfg.mask_ratio, rng)
-                else:
-                    sc = None
-                    if scores is not None:
-                        sc = scores[i].reshape(grid)[:, ::-1].reshape(-1) if flipped else scores[i]
-                    masks[j] = MM.guided_mask(counts[j], cfg.mask_ratio, beta, rng, cfg.order, sc)
-            key_masked += int(((counts > 0) & masks).sum())
-            total_masked += int(masks.sum())
-            x = to_input(imgs, device)
-            m = torch.from_numpy(masks).to(device)
-            with forward_autocast(device, amp_precision(cfg.amp)):
-                loss, _, _ = ddp(x, m)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            lval = loss.detach().float()
+
+def run_pretrain(cfg: PretrainConfig, out: str | Path, *, progress: bool = True, desc: str | None = None,
+                 on_step=None) -> Path:
+    """Train (or resume, or return at once if complete) the run ``cfg`` in folder ``out``.
+
+    ``on_step(global_step)`` is called before every optimiser step (tests use it to kill the run)."""
+    out = Path(out)
+    rank, world, barrier = distributed()
+    dist = torch.distributed if world > 1 else None
+    if cfg.batch_size % world:
+        raise ValueError(f"global batch {cfg.batch_size} is not divisible by {world} processes")
+    _check_identity(cfg, out, rank)
+    if is_complete(out):
+        return out
+    device = _resolve_device(cfg, rank, world)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    with _runtime(cfg, device):
+        t_start = time.perf_counter()
+        model = build_model(cfg)
+        data = load_train_data(cfg, model.patch_size, progress, rank, barrier)
+        times = {"t_start": t_start, "data_s": time.perf_counter() - t_start, "train_s": 0.0}
+        steps = _steps(cfg, len(data.train))
+        model.to(device)
+        opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+        start_epoch, history, step_rows = load_checkpoint(out / "checkpoint.pt", model, opt, cfg)
+        ddp = model
+        if dist is not None:
+            ddp = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        bar = tqdm(total=steps * cfg.epochs, initial=start_epoch * steps, unit="step", dynamic_ncols=True,
+                   desc=desc or f"MAE {cfg.mask} seed {cfg.seed}", disable=not (progress and rank == 0))
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            row = _train_epoch(ddp, opt, cfg, data, epoch, device, step_rows, on_step, bar, rank, dist, world)
+            times["train_s"] += time.perf_counter() - t0
+            if rank == 0:
+                probe = (epoch + 1 == cfg.epochs and cfg.probe) or bool(
+                    cfg.probe_every and (epoch + 1) % cfg.probe_every == 0)
+                row["knn_acc"], row["probe_acc"] = evaluate(model, data, cfg, device, probe)
+                history.append(row)
+                _save_epoch(out, model, opt, cfg, history, step_rows, data.classes)
+                if progress:
+                    bar.write(_epoch_line(out, cfg, row))
             if dist is not None:
-                dist.all_reduce(lval)
-                lval = lval / world
-            lval = float(lval)
-            if not math.isfinite(lval):
-                raise FloatingPointError(f"loss is {lval} at epoch {epoch + 1}, step {s}")
-            loss_sum += lval
-            step_rows.append({"epoch": epoch + 1, "step": s, "loss": lval, "lr": lr})
-            n_seen += cfg.batch_size
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{lval:.4f}",
-                            **({"knn": f"{history[-1]['knn_acc']:.3f}"} if history else {}))
-        if dist is not None:
-            t_ = torch.tensor([key_masked, total_masked], dtype=torch.float64)
-            dist.all_reduce(t_)
-            key_masked, total_masked = t_.tolist()
-        t_train += time.perf_counter() - t0
+                dist.barrier()
+        bar.close()
         if rank == 0:
-            f_mem = encode(model, train.images[:mem], device, cfg.eval_batch_size, cfg.amp)
-            f_val = encode(model, val.images, device, cfg.eval_batch_size, cfg.amp)
-            acc = knn_accuracy(f_mem, y_train[:mem], f_val, y_val, len(classes), cfg.knn_k, cfg.knn_t)
-            row = {"epoch": epoch + 1, "beta": beta, "key_share": key_masked / max(total_masked, 1),
-                   "train_loss": loss_sum / steps, "lr": lr, "knn_acc": acc, "probe_acc": float("nan")}
-            last = epoch + 1 == cfg.epochs
-            if (last and cfg.probe) or (cfg.probe_every and (epoch + 1) % cfg.probe_every == 0):
-                # fitted on the k-NN memory's features (all train images unless knn_memory is set)
-                row["probe_acc"] = linear_probe(f_mem, y_train[:mem], f_val, y_val, len(classes))["val_acc"]
-            history.append(row)
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                        "history": history, "steps": step_rows, "key": cfg.key(), "classes": classes,
-                        "config": ident_for_checkpoint(cfg)}, _tmp(ck))
-            os.replace(_tmp(ck), ck)
-            _atomic_csv(pd.DataFrame(history, columns=METRIC_COLS), out / "metrics.csv")
-            _atomic_csv(pd.DataFrame(step_rows, columns=["epoch", "step", "loss", "lr"]), out / "steps.csv")
-            if progress:
-                bar.write(f"[{out.name}] epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, "
-                          f"k-NN {acc:.3f}" + (f", beta {beta:.2f}" if cfg.mask == "guided" else "")
-                          + f", keypoint share of masked {row['key_share']:.2f}")
-        if dist is not None:
-            dist.barrier()
-    bar.close()
-    if rank == 0:
-        wall = time.perf_counter() - t_start
-        _atomic_json({"complete": True, "epochs": cfg.epochs, "steps_per_epoch": steps,
-                      "n_train": n_train, "n_val": len(val), "knn_memory": mem, "classes": classes,
-                      "n_skipped": len(train.skipped) + len(val.skipped),
-                      "wall_s_this_process": round(wall, 2), "data_s": round(t_data, 2),
-                      "train_s_this_process": round(t_train, 2),
-                      "train_img_per_s": round(n_seen / t_train, 1) if t_train else None,
-                      "device": str(device), "world": world, "threads": torch.get_num_threads(),
-                      "resumed_from_epoch": start_epoch}, out / "run.json")
+            _finish(out, cfg, data, steps, start_epoch, times, device, world)
     if dist is not None:
         dist.barrier()
     return out
+
+
+def _save_epoch(out: Path, model, opt, cfg: PretrainConfig, history: list, step_rows: list, classes) -> None:
+    """After an epoch: the checkpoint, then metrics.csv and steps.csv."""
+    save_checkpoint(out / "checkpoint.pt", model, opt, cfg, len(history), history, step_rows, classes)
+    for rows, cols, name in ((history, METRIC_COLS, "metrics.csv"), (step_rows, STEP_COLS, "steps.csv")):
+        df = pd.DataFrame(rows, columns=cols)
+        atomic_write(out / name, lambda p: df.to_csv(p, index=False, float_format="%.9g"))
+
+
+def _finish(out: Path, cfg: PretrainConfig, data: TrainData, steps: int, start_epoch: int, times: dict,
+            device, world: int) -> None:
+    """run.json: the complete flag and how the run went (not part of the numbers)."""
+    n_seen = (cfg.epochs - start_epoch) * steps * cfg.batch_size
+    t_train = times["train_s"]
+    write_json(out / "run.json", {
+        "complete": True, "epochs": cfg.epochs, "steps_per_epoch": steps, "n_train": len(data.train),
+        "n_val": len(data.val), "knn_memory": data.mem, "classes": data.classes,
+        "n_skipped": len(data.train.skipped) + len(data.val.skipped),
+        "wall_s_this_process": round(time.perf_counter() - times["t_start"], 2),
+        "data_s": round(times["data_s"], 2), "train_s_this_process": round(t_train, 2),
+        "train_img_per_s": round(n_seen / t_train, 1) if t_train else None, "device": str(device),
+        "world": world, "threads": torch.get_num_threads(), "resumed_from_epoch": start_epoch})
+
+
+def _epoch_line(out: Path, cfg: PretrainConfig, row: dict) -> str:
+    return (f"[{out.name}] epoch {row['epoch']}/{cfg.epochs}: loss {row['train_loss']:.4f}, "
+            f"k-NN {row['knn_acc']:.3f}" + (f", beta {row['beta']:.2f}" if cfg.mask == "guided" else "")
+            + f", keypoint share of masked {row['key_share']:.2f}")
+
+
+def _check_identity(cfg: PretrainConfig, out: Path, rank: int) -> None:
+    """Rank 0: write ``config.json`` in a new folder, refuse a folder holding another config."""
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if not check_identity(out / "config.json", cfg.identity(), "pretrain run"):
+            write_json(out / "config.json",
+                       {"identity": cfg.identity(), "key": cfg.key(), "recipe_key": cfg.recipe_key()})
 
 
 def initial_accuracy(cfg: PretrainConfig, progress: bool = False) -> dict:
     """Epoch 0: k-NN and linear-probe accuracy of the *untrained* encoder of ``cfg``'s seed (the
     weights every run with that seed starts from), on the same memory and queries as the runs."""
-    from vitsift_core.method.linear import knn_accuracy, linear_probe
-
-    threads_before = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    try:
-        device = _resolve_device(cfg, 0, 1)
+    device = _resolve_device(cfg, 0, 1)
+    with _runtime(cfg, device, tf32=False):
         model = build_model(cfg).to(device)
-        prep = lambda images, limit: prepare_arrays(images, limit, cfg.img_size, model.patch_size, cfg.crop_pct,
-                                                    cfg.sift, num_workers=cfg.num_workers, progress=progress)
-        train, val = prep(cfg.train_images, cfg.train_limit), prep(cfg.val_images, cfg.val_limit)
-        classes = sorted({str(l) for l in train.labels})
-        y_train = _labels_to_int([str(l) for l in train.labels], classes)
-        y_val = _labels_to_int([str(l) for l in val.labels], classes)
-        mem = len(train) if cfg.knn_memory is None else min(int(cfg.knn_memory), len(train))
-        f_mem = encode(model, train.images[:mem], device, cfg.eval_batch_size, cfg.amp)
-        f_val = encode(model, val.images, device, cfg.eval_batch_size, cfg.amp)
-        return {"knn_acc": knn_accuracy(f_mem, y_train[:mem], f_val, y_val, len(classes), cfg.knn_k, cfg.knn_t),
-                "probe_acc": linear_probe(f_mem, y_train[:mem], f_val, y_val, len(classes))["val_acc"]}
-    finally:
-        torch.set_num_threads(threads_before)
-
-
-def ident_for_checkpoint(cfg: PretrainConfig) -> dict:
-    d = dataclasses.asdict(cfg)
-    d["betas"] = list(d["betas"])
-    return d
-
-
-def _tmp(p: Path) -> Path:
-    return p.with_name(f".{p.name}.tmp{os.getpid()}")
+        knn, probe = evaluate(model, load_train_data(cfg, model.patch_size, progress), cfg, device, probe=True)
+    return {"knn_acc": knn, "probe_acc": probe}
 
 
 # ---------------------------------------------------------------------- experiments and results
-def experiment_dir(cfg: PretrainConfig, root: str | Path | None = None) -> Path:
-    """``results/mae/<recipe key>/``: all mask kinds and seeds of one recipe."""
-    from vitsift_core.paths import results_dir
-    return Path(root if root is not None else results_dir() / "mae") / cfg.recipe_key()
-
-
-def run_dir(cfg: PretrainConfig, root: str | Path | None = None) -> Path:
-    """``<experiment_dir>/<mask>[-<curriculum key>]-seed<seed>``."""
-    name = cfg.mask
-    if cfg.mask == "guided":
-        name += "-" + _hash({k: cfg.identity()[k] for k in ("betas", "beta_every", "order", "score_layer")})[:6]
-    return experiment_dir(cfg, root) / f"{name}-seed{cfg.seed}"
-
-
-def run_experiment(base: PretrainConfig, masks=("random", "guided"), seeds=(0, 1, 2), *,
-                   root: str | Path | None = None, progress: bool = True) -> dict[tuple[str, int], Path]:
-    """Train every (mask, seed) run of ``base`` that is not complete yet; -> {(mask, seed): folder}."""
-    out = {}
-    for seed in seeds:
-        for mk in masks:
-            cfg = base.replace(mask=mk, seed=int(seed))
-            d = run_dir(cfg, root)
-            if not is_complete(d):
-                run_pretrain(cfg, d, progress=progress, desc=f"MAE {mk:6s} seed {seed}")
-            out[(mk, int(seed))] = d
-    return out
-
-
-def load_metrics(out: str | Path) -> pd.DataFrame:
-    return pd.read_csv(Path(out) / "metrics.csv")
-
-
-def load_steps(out: str | Path) -> pd.DataFrame:
-    return pd.read_csv(Path(out) / "steps.csv")
-
-
-def load_pretrained_mae(out: str | Path, device: str = "cpu"):
-    """The MAE of a finished (or checkpointed) run folder, eval mode."""
-    out = Path(out)
-    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
-    cfg = PretrainConfig(**{k: v for k, v in state["config"].items()
-                            if k in {f.name for f in dataclasses.fields(PretrainConfig)}})
-    model = build_model(cfg)
-    model.load_state_dict(state["model"])
-    model.source = f"vitsift pre-training {out}"
-    model.pretrain_config = cfg
-    return model.to(device).eval()
-
-
-# ---------------------------------------------------------------------- command line
-def add_arguments(p) -> None:
-    """The ``vitsift pretrain`` options: every PretrainConfig field as ``--field-name``."""
-    for f in dataclasses.fields(PretrainConfig):
-        name = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if f.name == "sift":
-            p.add_argument("--contrast-threshold", type=float, default=0.04, help="SIFT contrast threshold")
-            continue
-        if f.name == "betas":
-            p.add_argument(name, type=float, nargs="+", default=list(default), help="curriculum betas")
-            continue
-        if isinstance(default, bool):
-            p.add_argument(name, type=lambda s: s.lower() in ("1", "true", "yes"), default=default,
-                           metavar="BOOL", help=f"(default {default})")
-            continue
-        typ = {"int | None": int, "float | None": float}.get(str(f.type), None)
-        typ = typ or (type(default) if default is not None else str)
-        hint = " (0: all / the architecture's own)" if str(f.type).endswith("| None") else ""
-        p.add_argument(name, type=typ, default=default, help=f"(default {default}){hint}")
-    p.add_argument("--out", default=None, help="run folder (default: results/mae/<recipe>/<mask>-seed<seed>)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def add_cli(sub) -> None:
-    """Register ``vitsift pretrain`` on the main command line's subparsers."""
-    p = sub.add_parser("pretrain", help="MAE pre-training with random or keypoint-guided masks "
-                       "(resumable; torchrun for DDP)", description=__doc__,
-                       formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    add_arguments(p)
-
-
-def cmd_pretrain(a) -> int:
-    kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(PretrainConfig) if f.name != "sift"}
-    kw["sift"] = dataclasses.asdict(SiftParams(contrast_threshold=a.contrast_threshold))
-    cfg = config_from_params(kw)   # 0 means "all" / "the architecture's" for limits and sizes
-    init_distributed()
-    _, rank, _ = _dist()
-    out = Path(a.out) if a.out else run_dir(cfg)
-    run_pretrain(cfg, out, progress=not a.quiet)
-    if rank == 0:
-        m = load_metrics(out)
-        last = m.iloc[-1]
-        print(f"wrote {out}: {len(m)} epochs, k-NN {last.knn_acc:.4f}, probe {last.probe_acc:.4f}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    ap = argparse.ArgumentParser(prog="python -m vitsift_core.experiments.pretrain",
-                                 description="MAE pre-training with random or keypoint-guided masks")
-    add_arguments(ap)
-    return cmd_pretrain(ap.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

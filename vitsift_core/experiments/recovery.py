@@ -1,23 +1,7 @@
-"""Image recovery with an MAE (paper Sec. 2.1, Fig. 2; DESIGN.md "Image recovery").
-
-(a) :func:`region_examples`: mask a small and a large square region around each image's
-keypoint-densest spot (the "fox face" and the "whole head"), reconstruct, show original / masked /
-reconstruction.
-
-(b) :func:`recovery_errors`: over many images and several k, mask the k keypoint-densest patches
-(largest SIFT count t_j, ties at random) versus k patches drawn at random among the patches with
-no keypoint (and, for context, k patches drawn at random among all), and measure the
-reconstruction error on the masked patches only. An image counts for a k only when it has at least
-k keypoint patches and k non-keypoint patches, so both conditions use the same images (paired).
-
-Two error measures per image: ``error`` = mean squared error per masked patch in the model's loss
-space (normalised pixels, or per-patch normalised pixels for norm_pix_loss models), and
-``rel_error`` = that error divided by the error of a content-free baseline on the same patches
-(each masked patch filled with the mean colour of the image's visible pixels; for norm_pix_loss
-models, the per-patch mean, i.e. 0). Keypoint patches are textured, so their raw error is larger
-for any predictor; ``rel_error`` < 1 is how much of the baseline's error the MAE removes, and asks
-whether keypoint patches are also harder *for the MAE's inference from context*, which is closer
-to the paper's claim about missing semantic information.
+"""Image recovery with an MAE (paper Sec. 2.1, Fig. 2; DESIGN.md "Image recovery"): reconstruct a
+small and a large region around each image's keypoint-densest spot (:func:`region_examples`), and
+the error of masking the k keypoint-densest patches vs k non-keypoint ones, raw and relative to a
+mean-colour fill, paired by image (:func:`recovery_errors`, :func:`recovery_summary`).
 """
 from __future__ import annotations
 
@@ -27,10 +11,13 @@ import torch
 
 from vitsift_core.method import guided as MM
 from vitsift_core.method.stats import mean_ci
-from vitsift_core.experiments.pretrain import IMAGENET_MEAN, IMAGENET_STD, ArraySet, to_input
+from vitsift_core.experiments.mae_data import IMAGENET_MEAN, IMAGENET_STD, ArraySet, to_input
+from vitsift_core.experiments.mae_runs import load_pretrained_mae, mae_recipe, run_dir
+from vitsift_core.experiments.pretrain import is_complete, run_pretrain
+from vitsift_core.model.mae import load_official_mae
 
 __all__ = ["recovery_errors", "recovery_summary", "region_examples", "to_display",
-           "notebook_parameters", "mae_for_recovery", "CONDITIONS"]
+           "mae_for_recovery", "CONDITIONS"]
 
 CONDITIONS = ("keypoint-dense", "non-keypoint", "random")
 
@@ -150,55 +137,26 @@ def region_examples(mae, arrays: ArraySet, indices, small: int, large: int,
     return out
 
 
-# ---------------------------------------------------------------------- which MAE
-def notebook_parameters(profile: str, notebook: str) -> dict:
-    """The parameters ``notebook`` runs with under ``profile``: its own defaults (the cell tagged
-    ``parameters``), then the profile's shared ``parameters`` it declares, then the profile's
-    section for it -- what ``make reproduce`` would pass. A missing profile file gives the defaults."""
-    import ast
-
-    from vitsift_core.reproduce import NOTEBOOKS, PARAMS, declared_parameters, load_profile
-
-    decl = declared_parameters(NOTEBOOKS / f"{notebook}.ipynb")
-    params = {}
-    for k, v in decl.items():
-        try:
-            params[k] = ast.literal_eval(v["default"])
-        except (ValueError, SyntaxError):
-            params[k] = v["default"]
-    if (PARAMS / f"{profile}.yaml").exists():
-        prof = load_profile(profile)
-        params.update({k: v for k, v in prof["parameters"].items() if k in decl})
-        params.update(prof["notebooks"].get(notebook) or {})
-    params["profile"] = profile
-    return params
-
-
-def mae_for_recovery(checkpoint: str = "", *, profile: str = "embedded", notebook: str = "07_guided_mae",
-                     mask: str = "random", seed: int = 0, device: str = "cpu", progress: bool = True,
-                     **override):
+def mae_for_recovery(checkpoint: str = "", *, profile: str = "embedded", mask: str = "random", seed: int = 0,
+                     device: str = "cpu", progress: bool = True, **override):
     """The MAE used for recovery, and a line saying where it comes from.
 
     ``checkpoint`` non-empty: an official MAE checkpoint file (``mae_visualize_vit_base.pth`` ...).
-    Otherwise the ``mask``/``seed`` run of ``notebook``'s recipe under ``profile`` (its results
+    Otherwise the ``mask``/``seed`` run of ``profile``'s MAE recipe (:func:`mae_recipe`; its results
     folder, keyed by the recipe), trained now if it is not there yet. ``override``: runtime keys
     (threads, num_workers, device) for that training.
     """
-    from vitsift_core.model.mae import load_official_mae
-    from vitsift_core.experiments.pretrain import config_from_params, is_complete, load_pretrained_mae, run_dir, run_pretrain
-
     if checkpoint:
         m = load_official_mae(checkpoint, device=device)
         if not m.has_decoder:
             raise ValueError(f"{checkpoint} is an encoder-only checkpoint: recovery needs the decoder "
                              "(use mae_visualize_vit_base.pth / _large.pth)")
         return m, f"official MAE checkpoint {checkpoint}"
-    params = notebook_parameters(profile, notebook)
-    cfg = config_from_params(params, mask=mask, seed=seed, **override)
+    cfg = mae_recipe(profile, mask=mask, seed=seed, **override)
     d = run_dir(cfg)
     trained_now = not is_complete(d)
     if trained_now:
         run_pretrain(cfg, d, progress=progress, desc=f"MAE for recovery ({mask}, seed {seed})")
     how = "trained now" if trained_now else "found in results"
     return (load_pretrained_mae(d, device=device),
-            f"{notebook}'s {mask}-mask run, seed {seed}, profile {profile} ({how}: {d})")
+            f"the {profile} profile's MAE recipe, {mask}-mask run, seed {seed} ({how}: {d})")

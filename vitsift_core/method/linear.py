@@ -4,7 +4,6 @@ on standardised features (the linear probe, and mask-eval's classifier).
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feats: torch.Tensor,

@@ -20,7 +20,7 @@ from vitsift_core.data.sources import IMAGENETTE_CLASSES, SAMPLE_NAMES, read_rec
 from vitsift_core.experiments.study import choose_images
 from vitsift_core.method import masking as MK
 from vitsift_core.method.metrics import theta_chance
-from vitsift_core.report.figures import COLORS, _patch_rect, draw_patch_grid
+from vitsift_core.report.figures import COLORS, _patch_rect
 
 ORDER_LABELS = {"top": "Top (highest s_i)", "bottom": "Bottom (lowest s_i)", "random": "Random",
                 "keypoints": "most keypoints (t_j)", "top_other": "Top of another image's map",

@@ -1,0 +1,102 @@
+"""Verdict rules and figures of notebooks 01 and 07 (vitsift_core.report.mae) on small hand-made tables."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from vitsift_core.experiments.recovery import recovery_summary  # noqa: E402
+from vitsift_core.method import stats as C  # noqa: E402
+from vitsift_core.report import mae as R  # noqa: E402
+
+
+def run(acc, probe_every_epoch=False, share=0.3):
+    n = len(acc)
+    probe = acc if probe_every_epoch else [np.nan] * (n - 1) + [acc[-1]]
+    return pd.DataFrame({"epoch": np.arange(1, n + 1), "knn_acc": acc, "probe_acc": probe,
+                         "train_loss": np.linspace(1, .5, n), "key_share": [share] * n,
+                         "beta": [0.1] * n, "lr": [1e-3] * n})
+
+
+def runs(probe_every_epoch=False):
+    """Guided reaches random's best sooner for both seeds."""
+    r = lambda acc, mask: run(acc, probe_every_epoch, 0.4 if mask == "guided" else 0.3)
+    return {("random", 0): r([.20, .30, .40, .50, .50], "random"), ("guided", 0): r([.20, .45, .50, .50, .51], "guided"),
+            ("random", 1): r([.20, .25, .35, .45, .48], "random"), ("guided", 1): r([.20, .40, .47, .48, .49], "guided")}
+
+
+def diff_row(lo, hi):
+    return pd.Series({"mean_diff": (lo + hi) / 2, "ci_low": lo, "ci_high": hi})
+
+
+def test_epochs_verdict_rule():
+    assert "**sooner**" in R.epochs_verdict(diff_row(-3.0, -0.5))
+    assert "**later**" in R.epochs_verdict(diff_row(0.5, 3.0))
+    assert "**not**" in R.epochs_verdict(diff_row(-1.0, 2.0))
+    assert "**not**" in R.epochs_verdict(diff_row(0.0, 0.0))            # touching 0 is no difference
+    assert "**not**" in R.epochs_verdict(diff_row(np.nan, np.nan))      # one seed: no interval
+
+
+def test_guided_mae_verdict_and_the_knn_caveat():
+    t = C.convergence_table(runs(), margin=0.01)
+    d = C.paired_differences(t)
+    curves = C.curves(runs())
+    low_init = pd.DataFrame({"seed": [0, 1], "knn_acc": [0.1, 0.1], "probe_acc": [0.1, 0.1]})
+    text = R.guided_mae_verdict(d, None, curves, t, low_init, 0.75, 5)
+    assert "With 2 paired seeds" in text and "0 guided run(s) censored" in text
+    assert "40% of the masked patches under the guided curriculum and 30% under the random mask" in text
+    assert "Caveat" not in text and "On the linear probe" not in text
+    high_init = low_init.assign(knn_acc=[0.6, 0.6])                  # untrained >= every trained epoch
+    assert "**Caveat:**" in R.guided_mae_verdict(d, d, curves, t, high_init, 0.75, 5)
+    assert "On the linear probe" in R.guided_mae_verdict(d, d, curves, t, high_init, 0.75, 5)
+
+
+def test_has_probe_curves():
+    assert not R.has_probe_curves(C.curves(runs()))
+    assert R.has_probe_curves(C.curves(runs(probe_every_epoch=True)))
+
+
+def errs_table(gap):
+    """Two images, k = 1, 2: keypoint-dense error = non-keypoint + gap (+ noise)."""
+    rows = []
+    for k in (1, 2):
+        for i, noise in enumerate((0.0, 0.1, -0.05)):
+            for cond, e in (("keypoint-dense", 1 + gap + noise), ("non-keypoint", 1.0), ("random", 1.2)):
+                rows.append({"image": f"im{i}", "k": k, "condition": cond, "error": e, "rel_error": e / 2,
+                             "n_key": 5})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("gap, expect", [(1.0, ". Every interval is above 0."), (0.0, ". Not every interval is above 0.")])
+def test_recovery_verdict_rule(gap, expect):
+    e = errs_table(gap)
+    text = R.recovery_verdict(recovery_summary(e, "error"), recovery_summary(e, "rel_error"))
+    parts = text.split("\n\n")
+    assert parts[0].startswith("**error** (keypoint-dense - non-keypoint): k=1: ")
+    assert parts[1].startswith("**relative error**") and all(p.endswith(expect) for p in parts)
+
+
+def test_mae_figures_build_on_small_tables():
+    for probe in (False, True):
+        rs = runs(probe_every_epoch=probe)
+        curves, t = C.curves(rs), C.convergence_table(rs, margin=0.01)
+        init = pd.DataFrame({"seed": [0, 1], "knn_acc": [0.1, 0.12], "probe_acc": [0.1, 0.11]})
+        fig = R.accuracy_figure(curves, t, init, (0.1, 0.3), 2, 5, 0.01, title="t")
+        assert isinstance(fig, plt.Figure) and len(fig.axes) == (3 if probe else 2)   # + the beta axis
+        plt.close(fig)
+    fig = R.paired_figure(t, C.paired_differences(t), title="t")
+    assert isinstance(fig, plt.Figure) and "guided - random" in fig.axes[0].get_title()
+    plt.close(fig)
+    img = np.zeros((16, 16, 3), np.uint8)
+    ex = [{"index": i, "id": f"a/im{i}", "region": r, "error": 0.5, "keypoints_in_region": 3,
+           "original": img, "masked": img, "reconstruction": img} for i in (0, 1) for r in ("small", "large")]
+    fig = R.recovery_examples_figure(ex, 1, 2, title="t")
+    assert isinstance(fig, plt.Figure) and len(fig.axes) == 10
+    plt.close(fig)
+    fig = R.recovery_error_figure(errs_table(1.0), title="t")
+    assert isinstance(fig, plt.Figure) and len(fig.axes) == 2
+    plt.close(fig)

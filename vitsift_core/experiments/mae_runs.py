@@ -1,0 +1,140 @@
+"""MAE pre-training runs around :func:`run_pretrain`: a profile's recipe (``params/<profile>.yaml``),
+where runs live (``results/mae/<recipe key>/<mask>-seed<seed>``), training every run of a recipe,
+reading runs back, and ``vitsift pretrain``."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+
+from vitsift_core.data.keypoints import SiftParams
+from vitsift_core.experiments import pretrain
+from vitsift_core.experiments.pretrain import PretrainConfig, build_model, is_complete, run_pretrain
+from vitsift_core.paths import ROOT, results_dir
+from vitsift_core.store import distributed, key_of
+
+__all__ = ["RECIPE_SECTION", "config_from_params", "mae_recipe", "experiment_dir", "run_dir", "run_experiment",
+           "load_metrics", "load_steps", "load_pretrained_mae", "add_cli", "cmd_pretrain"]
+
+#: the profile section holding the MAE recipe (notebook 07 trains it, notebook 01 reuses its MAE);
+#: its ``mae_batch_size`` is the global batch (the profiles' shared ``batch_size`` is an inference batch)
+RECIPE_SECTION = "07_guided_mae"
+
+
+def config_from_params(params: dict, **override) -> PretrainConfig:
+    """A config from a parameter dict (keys that are not fields are ignored); 0 / "" mean None for
+    the optional sizes and limits."""
+    names = {f.name for f in dataclasses.fields(PretrainConfig)}
+    kw = {k: v for k, v in params.items() if k in names}
+    kw.update(override)
+    for k in ("patch_size", "depth", "embed_dim", "num_heads", "train_limit", "val_limit",
+              "knn_memory", "score_layer", "threads"):
+        if k in kw and kw[k] in (0, "", "none", "None"):
+            kw[k] = None   # notebooks and the command line use 0 for "the default / all"
+    return PretrainConfig(**kw)
+
+
+def mae_recipe(profile: str, **override) -> PretrainConfig:
+    """PretrainConfig's defaults, then ``params/<profile>.yaml``'s shared runtime keys (device,
+    num_workers, threads), then its :data:`RECIPE_SECTION`, then ``override``."""
+    d = yaml.safe_load((ROOT / "params" / f"{profile}.yaml").read_text()) or {}
+    params = {k: v for k, v in (d.get("parameters") or {}).items() if k in PretrainConfig.RUNTIME_KEYS}
+    params.update((d.get("notebooks") or {}).get(RECIPE_SECTION) or {})
+    if "mae_batch_size" in params:
+        params["batch_size"] = params.pop("mae_batch_size")
+    return config_from_params(params, **override)
+
+
+def run_experiment(base: PretrainConfig, masks=("random", "guided"), seeds=(0, 1, 2), *,
+                   root: str | Path | None = None, progress: bool = True) -> dict[tuple[str, int], Path]:
+    """Train every (mask, seed) run of ``base`` that is not complete yet; -> {(mask, seed): folder}."""
+    out = {}
+    for seed in seeds:
+        for mk in masks:
+            cfg = base.replace(mask=mk, seed=int(seed))
+            d = run_dir(cfg, root)
+            if not is_complete(d):
+                run_pretrain(cfg, d, progress=progress, desc=f"MAE {mk:6s} seed {seed}")
+            out[(mk, int(seed))] = d
+    return out
+
+
+def load_pretrained_mae(out: str | Path, device: str = "cpu"):
+    """The MAE of a finished (or checkpointed) run folder, eval mode."""
+    out = Path(out)
+    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    cfg = PretrainConfig(**{k: v for k, v in state["config"].items()
+                            if k in {f.name for f in dataclasses.fields(PretrainConfig)}})
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
+    model.source = f"vitsift pre-training {out}"
+    model.pretrain_config = cfg
+    return model.to(device).eval()
+
+
+def experiment_dir(cfg: PretrainConfig, root: str | Path | None = None) -> Path:
+    """``results/mae/<recipe key>/``: all mask kinds and seeds of one recipe."""
+    return Path(root if root is not None else results_dir() / "mae") / cfg.recipe_key()
+
+
+def run_dir(cfg: PretrainConfig, root: str | Path | None = None) -> Path:
+    """``<experiment_dir>/<mask>[-<curriculum key>]-seed<seed>``."""
+    name = cfg.mask
+    if cfg.mask == "guided":
+        name += "-" + key_of({k: cfg.identity()[k] for k in ("betas", "beta_every", "order", "score_layer")})[:6]
+    return experiment_dir(cfg, root) / f"{name}-seed{cfg.seed}"
+
+
+def load_metrics(out: str | Path) -> pd.DataFrame:
+    return pd.read_csv(Path(out) / "metrics.csv")
+
+
+def load_steps(out: str | Path) -> pd.DataFrame:
+    return pd.read_csv(Path(out) / "steps.csv")
+
+
+def add_cli(sub) -> None:
+    """Register ``vitsift pretrain``: every PretrainConfig field as ``--field-name``."""
+    p = sub.add_parser("pretrain", help="MAE pre-training with random or keypoint-guided masks "
+                       "(resumable; torchrun for DDP)", description=pretrain.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(PretrainConfig):
+        name = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.name == "sift":
+            p.add_argument("--contrast-threshold", type=float, default=0.04, help="SIFT contrast threshold")
+            continue
+        if f.name == "betas":
+            p.add_argument(name, type=float, nargs="+", default=list(default), help="curriculum betas")
+            continue
+        if isinstance(default, bool):
+            p.add_argument(name, type=lambda s: s.lower() in ("1", "true", "yes"), default=default,
+                           metavar="BOOL", help=f"(default {default})")
+            continue
+        typ = {"int | None": int, "float | None": float}.get(str(f.type), None)
+        typ = typ or (type(default) if default is not None else str)
+        hint = " (0: all / the architecture's own)" if str(f.type).endswith("| None") else ""
+        p.add_argument(name, type=typ, default=default, help=f"(default {default}){hint}")
+    p.add_argument("--out", default=None, help="run folder (default: results/mae/<recipe>/<mask>-seed<seed>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def cmd_pretrain(a) -> int:
+    kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(PretrainConfig) if f.name != "sift"}
+    kw["sift"] = dataclasses.asdict(SiftParams(contrast_threshold=a.contrast_threshold))
+    cfg = config_from_params(kw)   # 0 means "all" / "the architecture's" for limits and sizes
+    rank = distributed().rank
+    out = Path(a.out) if a.out else run_dir(cfg)
+    run_pretrain(cfg, out, progress=not a.quiet)
+    if rank == 0:
+        m = load_metrics(out)
+        last = m.iloc[-1]
+        print(f"wrote {out}: {len(m)} epochs, k-NN {last.knn_acc:.4f}, probe {last.probe_acc:.4f}")
+    return 0
+
+
+

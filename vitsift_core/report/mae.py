@@ -1,0 +1,225 @@
+"""Figures and verdicts of the MAE notebooks: 07 (accuracy per epoch, Fig. 9; paired by seed; the
+epochs-to-threshold verdict) and 01 (recovery examples, Fig. 2; error vs k; the recovery verdict)."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from vitsift_core.method.guided import BetaSchedule
+from vitsift_core.method.stats import mean_ci
+from vitsift_core.report.figures import COLORS
+
+__all__ = ["has_probe_curves", "epochs_verdict", "guided_mae_verdict", "accuracy_figure", "paired_figure",
+           "recovery_examples_figure", "recovery_error_figure", "recovery_verdict"]
+
+
+def _row(diffs: pd.DataFrame, quantity: str) -> pd.Series:
+    """The row of :func:`paired_differences`' table for ``quantity`` (e.g. 'epochs_to_threshold')."""
+    return diffs[diffs["quantity"].str.startswith(quantity)].iloc[0]
+
+
+def has_probe_curves(curves: pd.DataFrame) -> bool:
+    """True when the linear probe was fitted after more than one epoch (``probe_every`` > 0)."""
+    return bool(curves["probe_acc"].notna().groupby(curves["epoch"]).any().sum() > 1)
+
+
+def epochs_verdict(e: pd.Series) -> str:
+    """Guided - random epochs-to-threshold (a paired_differences row): sooner / later when the 95%
+    interval excludes 0, else no difference shown."""
+    if np.isfinite(e.ci_high) and e.ci_high < 0:
+        return "guided reaches the threshold **sooner**, and the interval excludes no difference"
+    if np.isfinite(e.ci_low) and e.ci_low > 0:
+        return "guided reaches the threshold **later**, and the interval excludes no difference"
+    return "the data do **not** show a difference in epochs-to-threshold (the interval contains 0)"
+
+
+def guided_mae_verdict(diffs: pd.DataFrame, diffs_p: pd.DataFrame | None, curves: pd.DataFrame,
+                       table: pd.DataFrame, init: pd.DataFrame, mask_ratio: float, epochs: int) -> str:
+    """Notebook 07's verdict (Markdown): the paired differences, the realised keypoint share, and a
+    caveat when the untrained encoders' k-NN accuracy is at least every trained epoch's mean."""
+    e, f, p = _row(diffs, "epochs_to_threshold"), _row(diffs, "final_knn_acc"), _row(diffs, "final_probe_acc")
+    n_cens = int(e[[c for c in diffs.columns if c.startswith("censored")][0]])
+    share = curves.groupby("mask")["key_share"].mean()
+    init_knn, init_probe = init["knn_acc"].mean() * 100, init["probe_acc"].mean() * 100
+    probe_line = ""
+    if diffs_p is not None:
+        ep_ = _row(diffs_p, "epochs_to_threshold")
+        probe_line = (f"On the linear probe, guided - random epochs-to-threshold = **{ep_.mean_diff:+.2f}** epochs "
+                      f"(95% CI [{ep_.ci_low:+.2f}, {ep_.ci_high:+.2f}]; per seed {ep_.per_seed}).\n\n")
+    mean_knn = curves.groupby(["mask", "epoch"])["knn_acc"].mean().max() * 100
+    knn_line = (f"**Caveat:** the untrained encoders' k-NN accuracy ({init_knn:.1f}%) is at least the best mean "
+                f"k-NN accuracy of any trained epoch ({mean_knn:.1f}%): at this scale MAE training has not (yet) "
+                f"produced features that k-NN can use, so k-NN epochs-to-threshold here measures noise.\n\n"
+                if init_knn >= mean_knn else "")
+    final = {m: table[table["mask"] == m][["final_knn_acc", "final_probe_acc"]].mean() * 100
+             for m in ("random", "guided")}
+    return (
+        f"With {int(e.n_seeds)} paired seeds, guided - random epochs-to-threshold = **{e.mean_diff:+.2f}** epochs "
+        f"(95% CI [{e.ci_low:+.2f}, {e.ci_high:+.2f}]; per seed {e.per_seed}; {n_cens} guided run(s) censored): "
+        f"{epochs_verdict(e)}. Final k-NN accuracy differs by {f.mean_diff:+.2f} points "
+        f"[{f.ci_low:+.2f}, {f.ci_high:+.2f}], the final linear probe by {p.mean_diff:+.2f} points "
+        f"[{p.ci_low:+.2f}, {p.ci_high:+.2f}].\n\n" + probe_line + knn_line +
+        f"Averaged over training, keypoint patches were {share.get('guided', float('nan')):.0%} of the masked "
+        f"patches under the guided curriculum and {share.get('random', float('nan')):.0%} under the random mask: "
+        f"at r = {mask_ratio} the curriculum's early betas are *easier* than random (fewer keypoint patches "
+        f"hidden), and the fill-in rule lifts the realised share above beta whenever an image has too few "
+        f"non-keypoint patches.\n\n"
+        f"For scale: the untrained encoders score {init_knn:.1f}% (k-NN) and {init_probe:.1f}% (probe); after "
+        f"{epochs} epochs the random-mask runs reach {final['random'].final_knn_acc:.1f}% and "
+        f"{final['random'].final_probe_acc:.1f}%, the guided runs {final['guided'].final_knn_acc:.1f}% and "
+        f"{final['guided'].final_probe_acc:.1f}%. An epochs-to-threshold read off curves that barely leave their "
+        f"epoch-0 level measures noise, not convergence.")
+
+
+def _seed_band(ax, curves: pd.DataFrame, mask: str, value: str, singles: bool, label: str) -> None:
+    """Mean over seeds (line), range over seeds (band) and, if ``singles``, each seed (thin lines)."""
+    c = curves[(curves["mask"] == mask) & curves[value].notna()]
+    piv = c.pivot(index="epoch", columns="seed", values=value) * 100
+    col = COLORS[mask]
+    ax.fill_between(piv.index, piv.min(axis=1), piv.max(axis=1), color=col, alpha=0.18, lw=0)
+    if singles:
+        for s in piv.columns:
+            ax.plot(piv.index, piv[s], color=col, lw=0.7, alpha=0.5)
+    ax.plot(piv.index, piv.mean(axis=1), color=col, lw=2.2, marker="o", ms=4, label=label.format(n=piv.shape[1]))
+
+
+def accuracy_figure(curves: pd.DataFrame, table: pd.DataFrame, init: pd.DataFrame, betas, beta_every: int,
+                    epochs: int, margin: float, title: str = "") -> plt.Figure:
+    """Fig. 9: k-NN accuracy per epoch (mean and range over seeds, epochs-to-threshold marks, the
+    untrained encoders at epoch 0, beta and the realised keypoint share on the right axis) and,
+    when fitted per epoch, the linear probe."""
+    probe = has_probe_curves(curves)
+    fig, axes = plt.subplots(1, 2 if probe else 1, figsize=(13 if probe else 7.5, 5.4), squeeze=False,
+                             layout="constrained")
+    ax = axes[0, 0]
+    for mask in ("random", "guided"):
+        _seed_band(ax, curves, mask, "knn_acc", True, f"{mask} mask (mean of {{n}} seeds)")
+        t = table[table["mask"] == mask]
+        ax.scatter(t["epochs_to_threshold"], [0.03 if mask == "random" else 0.08] * len(t), marker="v", s=60,
+                   color=COLORS[mask], transform=ax.get_xaxis_transform(), clip_on=False,
+                   label=f"{mask}: epochs to threshold (one per seed)")
+    ax.scatter([0] * len(init), init["knn_acc"] * 100, marker="x", color="k", s=40, label="untrained encoder (epoch 0)")
+    ax.axhline(table["threshold"].mean() * 100, color="0.3", ls=":", lw=1,
+               label=f"threshold (random best - {margin * 100:.0f} pt, seed mean)")
+    ax.set_xlim(-0.4, epochs + 1.5)
+    ticks = list(range(0, epochs + 1, max(1, epochs // 10)))
+    ax.set_xticks(ticks + [epochs + 1], [str(e) for e in ticks] + ["n.r."])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("k-NN top-1 accuracy on val (%)")
+    ax2 = ax.twinx()
+    ax2.step(np.arange(1, epochs + 1), BetaSchedule(tuple(betas), beta_every).values(epochs), where="mid",
+             color=COLORS["keypoints"], lw=1.5, ls="--", label="beta (guided curriculum)")
+    for mask in ("random", "guided"):
+        ks = curves[curves["mask"] == mask].groupby("epoch")["key_share"].mean()
+        ax2.plot(ks.index, ks.values, color=COLORS[mask], lw=1, ls="-.", label=f"keypoint share of masked, {mask}")
+    ax2.set_ylim(0, 1)
+    ax2.set_ylabel("beta / keypoint share of masked patches")
+    ax2.grid(False)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=7)
+    ax.set_title("k-NN accuracy (k=20, cosine, CLS) per epoch")
+    if probe:
+        bx = axes[0, 1]
+        for mask in ("random", "guided"):
+            _seed_band(bx, curves, mask, "probe_acc", False, f"{mask} mask")
+        bx.scatter([0] * len(init), init["probe_acc"] * 100, marker="x", color="k", s=40,
+                   label="untrained encoder (epoch 0)")
+        bx.set_xlabel("epoch")
+        bx.set_ylabel("linear-probe top-1 accuracy on val (%)")
+        bx.set_title("linear probe (logistic regression on CLS) per epoch")
+        bx.legend(loc="lower right")
+        bx.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def paired_figure(table: pd.DataFrame, diffs: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Epochs-to-threshold and final k-NN accuracy, random vs guided, one line per seed."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
+    for ax, col, lab in ((axes[0], "epochs_to_threshold", "epochs to threshold"),
+                         (axes[1], "final_knn_acc", "final k-NN accuracy (%)")):
+        w = table.pivot(index="seed", columns="mask", values=col) * (100 if "acc" in col else 1)
+        for s, r in w.iterrows():
+            ax.plot([0, 1], [r["random"], r["guided"]], color="0.6", lw=1)
+            ax.text(1.05, r["guided"], f"seed {s}", fontsize=7, va="center")
+        ax.scatter([0] * len(w), w["random"], color=COLORS["random"], zorder=3, label="random")
+        ax.scatter([1] * len(w), w["guided"], color=COLORS["guided"], zorder=3, label="guided")
+        ax.set_xticks([0, 1], ["random", "guided"])
+        ax.set_xlim(-0.3, 1.4)
+        ax.set_ylabel(lab)
+        d = _row(diffs, col)
+        ax.set_title(f"guided - random: {d.mean_diff:+.2f} [{d.ci_low:+.2f}, {d.ci_high:+.2f}] {d.unit}", fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
+_PANELS = [("original", "small", "original"), ("masked", "small", "masked: small {s}x{s}"),
+           ("reconstruction", "small", "reconstruction"), ("masked", "large", "masked: large {l}x{l}"),
+           ("reconstruction", "large", "reconstruction")]
+
+
+def recovery_examples_figure(examples: list[dict], small: int, large: int, title: str = "") -> plt.Figure:
+    """Fig. 2: per image (rows of :func:`region_examples`), original / masked / reconstruction for
+    the small and the large region."""
+    by_img = {}
+    for e in examples:
+        by_img.setdefault(e["index"], {})[e["region"]] = e
+    fig, axes = plt.subplots(len(by_img), 5, figsize=(11, 2.45 * len(by_img)), squeeze=False)
+    for r, d in enumerate(by_img.values()):
+        for c, (key, region, head) in enumerate(_PANELS):
+            e, ax = d[region], axes[r, c]
+            ax.imshow(e[key], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(head.format(s=small, l=large), fontsize=9)
+            if key == "reconstruction":
+                ax.set_xlabel(f"MSE on region {e['error']:.3f}", fontsize=8)
+            if key == "masked":
+                ax.set_xlabel(f"{e['keypoints_in_region']} keypoints hidden", fontsize=8)
+        axes[r, 0].set_ylabel(d["small"]["id"].split("/")[-1][:22], fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def recovery_error_figure(errs: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Error and relative error vs k per condition (:func:`recovery_errors` rows), 95% t intervals."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    styles = {"keypoint-dense": (COLORS["keypoints"], "o"), "non-keypoint": (COLORS["bottom"], "s"),
+              "random": (COLORS["random"], "^")}
+    for ax, value, lab in ((axes[0], "error", "reconstruction error on masked patches (MSE)"),
+                           (axes[1], "rel_error", "error relative to a mean-colour fill (MSE ratio)")):
+        for j, (cond, (col, mk)) in enumerate(styles.items()):
+            g = errs[errs.condition == cond]
+            st = [mean_ci(g[g.k == k][value]) for k in sorted(g.k.unique())]
+            x = np.array(sorted(g.k.unique())) * (1 + 0.04 * (j - 1))
+            m = np.array([s[0] for s in st])
+            ax.errorbar(x, m, yerr=[m - [s[1] for s in st], [s[2] for s in st] - m], color=col, marker=mk,
+                        capsize=3, label=f"{cond} patches")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(errs.k.unique()), [str(k) for k in sorted(errs.k.unique())])
+        ax.set_xlabel("k, number of masked patches")
+        ax.set_ylabel(lab)
+        ax.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def recovery_verdict(summ: pd.DataFrame, summ_rel: pd.DataFrame) -> str:
+    """Notebook 01's verdict (Markdown): per k the paired difference keypoint-dense - non-keypoint
+    with its interval, ratio and share, and whether every interval is above 0."""
+    lines = []
+    for s_, name in ((summ, "error"), (summ_rel, "relative error")):
+        dcol = [c for c in s_.columns if c.startswith("diff (")][0]
+        rcol = [c for c in s_.columns if c.startswith("ratio (")][0]
+        shcol = [c for c in s_.columns if c.startswith("share ")][0]
+        parts = [f"k={int(r.k)}: {r[dcol]:+.3f} [{r.diff_ci_low:+.3f}, {r.diff_ci_high:+.3f}], "
+                 f"ratio {r[rcol]:.2f}, {r[shcol]:.0%} of {int(r.n_images)} images" for _, r in s_.iterrows()]
+        allpos = bool((s_.diff_ci_low > 0).all())
+        lines.append(f"**{name}** (keypoint-dense - non-keypoint): " + "; ".join(parts) +
+                     (". Every interval is above 0." if allpos else ". Not every interval is above 0."))
+    return "\n\n".join(lines)
