@@ -124,7 +124,8 @@ class MetricCollector:
             b, n_l, h = theta.shape[:3]
             c = self._counts(name, theta.device).reshape(b, 1, 1, -1)
             agg = M.aggregate_theta(theta, c)
-            agg["theta_chance"] = M.theta_chance(c.reshape(b, -1), self.weighted)[:, None, None].expand(b, n_l, h)
+            chance = M.theta_chance(c.reshape(b, -1), self.weighted)
+            agg["theta_chance"] = chance[:, None, None].expand(b, n_l, h)
             for k in self.THETA_KEYS:
                 out[(name, k)] = agg[k].float()
         # one (K, B, L, H) tensor, one device -> host copy
@@ -139,9 +140,10 @@ class PatchScoreCollector:
     guided MAE; optionally feeds the maps to a :class:`MetricCollector` too. ``captured0``: the
     0-based layers, in the order :meth:`finish_batch` stacks them."""
 
-    def __init__(self, captured0: list[int], gamma: float, weighted: bool, exclude_self: bool, metrics=None):
-        self.captured0, self.gamma, self.weighted, self.exclude_self = captured0, gamma, weighted, exclude_self
-        self.metrics = metrics
+    def __init__(self, captured0: list[int], gamma: float, weighted: bool, exclude_self: bool,
+                 metrics=None):
+        self.captured0, self.gamma, self.weighted = captured0, gamma, weighted
+        self.exclude_self, self.metrics = exclude_self, metrics
         self._lock = threading.Lock()
 
     def start_batch(self, counts: torch.Tensor) -> None:

@@ -215,10 +215,11 @@ class MAE(nn.Module):
         """Mean squared error per patch, (B, N), in the loss's pixel space."""
         return ((pred.float() - self.target(imgs).float()) ** 2).mean(dim=-1)
 
-    def forward(self, imgs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``-> (loss, pred (B, N, P*P*3), mask)``; loss = mean patch error over masked patches only."""
+    def forward(self, imgs: torch.Tensor, mask: torch.Tensor):
+        """-> (loss, pred (B, N, P*P*3), mask); loss = mean patch error over the masked patches only."""
         if mask.shape != (imgs.shape[0], self.num_patches):
-            raise ValueError(f"mask shape {tuple(mask.shape)} != (batch, N) = ({imgs.shape[0]}, {self.num_patches})")
+            raise ValueError(f"mask shape {tuple(mask.shape)} != (batch, N) = "
+                             f"({imgs.shape[0]}, {self.num_patches})")
         latent, ids_restore = self.forward_encoder(imgs, mask)
         pred = self.forward_decoder(latent, ids_restore)
         err = self.patch_errors(imgs, pred)
@@ -290,7 +291,8 @@ def official_to_vitsift(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
         else:
             unknown.append(k)
     if unknown:
-        raise KeyError(f"keys not in the official MAE layout: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
+        more = " ..." if len(unknown) > 10 else ""
+        raise KeyError(f"keys not in the official MAE layout: {unknown[:10]}{more}")
     return out, ignored
 
 
@@ -302,7 +304,8 @@ def _depth(sd, prefix: str) -> int:
 def _official_arch(sd: dict, num_heads: int | None) -> dict:
     """The encoder's VisionTransformer arguments, read from the checkpoint's tensors."""
     if "cls_token" not in sd or "patch_embed.proj.weight" not in sd or "pos_embed" not in sd:
-        raise KeyError("not an official MAE checkpoint: cls_token / pos_embed / patch_embed.proj.weight missing")
+        raise KeyError("not an official MAE checkpoint: "
+                       "cls_token / pos_embed / patch_embed.proj.weight missing")
     dim = int(sd["cls_token"].shape[-1])
     patch = int(sd["patch_embed.proj.weight"].shape[-1])
     n_tok = int(sd["pos_embed"].shape[1])
@@ -322,7 +325,8 @@ def _load_checked(mae: MAE, mapped: dict, has_decoder: bool) -> None:
            for k, v in mapped.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
     extra = [k for k in mapped if k not in own]
     if bad or extra:
-        raise ValueError("checkpoint does not fit the inferred architecture: " + "; ".join(bad + extra)[:2000])
+        raise ValueError("checkpoint does not fit the inferred architecture: "
+                         + "; ".join(bad + extra)[:2000])
     missing = [k for k in own if k not in mapped]
     missing_enc = [k for k in missing if k.startswith("encoder.")]
     if missing_enc:

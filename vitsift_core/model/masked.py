@@ -35,7 +35,8 @@ def fill_patches(x: torch.Tensor, masked: np.ndarray | torch.Tensor, grid: tuple
     return torch.where(pix, torch.as_tensor(value, dtype=x.dtype, device=x.device), x)
 
 
-def forward_drop(model: torch.nn.Module, x: torch.Tensor, keep: np.ndarray | torch.Tensor | None) -> torch.Tensor:
+def forward_drop(model: torch.nn.Module, x: torch.Tensor,
+                 keep: np.ndarray | torch.Tensor | None) -> torch.Tensor:
     """``drop`` mode: ``forward_features`` on the prefix and the kept patch tokens (each with its
     own position embedding). x: (B, 3, S, S); keep: (B, K) indices (None: all) -> (B, prefix + K, D).
     """
