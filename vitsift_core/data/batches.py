@@ -1,9 +1,5 @@
-"""Feed the model: decode -> model input -> SIFT counts, in DataLoader worker processes.
-
-:func:`iter_batches` yields ``(Batch | None, [Skipped])`` in the order of the records. Decoding and
-SIFT are CPU work, so they run in ``num_workers`` processes while the caller runs the model; a file
-that fails to decode becomes a :class:`Skipped` entry with a reason instead of an exception, so one
-bad JPEG in ten thousand never ends a run.
+"""Feed the model: decode -> model input -> SIFT counts, in DataLoader worker processes, in record
+order; a file that fails becomes a :class:`Skipped` entry with a reason, never an exception.
 """
 from __future__ import annotations
 
@@ -19,17 +15,11 @@ from vitsift_core.data.sources import ImageRecord, read_record
 from vitsift_core.data.images import ImageDecodeError, model_input
 from vitsift_core.data.keypoints import KeypointCache, SiftParams, keypoint_counts
 
-__all__ = ["Batch", "Skipped", "iter_batches", "ImageDataset"]
-
 
 @dataclass
 class Batch:
-    """Good images of one loader batch, in record order.
-
-    ``ids``: B record ids; ``tensors``: ``(B, 3, S, S) float32`` normalised model input;
-    ``counts``: ``(B, N) int64`` SIFT keypoints per patch (N = G_r * G_c, index r * G_c + c);
-    ``labels``: B labels (None where unknown); ``crops``: ``(B, S, S, 3) uint8`` model crops when
-    asked for (``iter_batches(..., crops=True)``), else None."""
+    """Good images of one loader batch, in record order: ``tensors`` (B, 3, S, S) float32 model
+    input, ``counts`` (B, N) int64 keypoints per patch, ``crops`` (B, S, S, 3) uint8 if asked for."""
 
     ids: list[str]
     tensors: torch.Tensor
@@ -63,15 +53,10 @@ class ImageDataset(Dataset):
     """Item i = record i -> ``_Good`` (tensor ``(3, S, S)``, counts ``(N,)``) or :class:`Skipped`."""
 
     def __init__(self, records: Sequence[ImageRecord], data_config: dict, grid: tuple[int, int],
-                 patch_size: int, sift: SiftParams = SiftParams(), cache: KeypointCache | None = None,
-                 crops: bool = False):
-        self.records = list(records)
-        self.crops = crops
-        self.data_config = dict(data_config)
-        self.grid = (int(grid[0]), int(grid[1]))
-        self.patch_size = int(patch_size)
-        self.sift = sift
-        self.cache = cache
+                 patch_size: int, sift: SiftParams, cache: KeypointCache | None, crops: bool):
+        self.records, self.data_config, self.crops = list(records), dict(data_config), crops
+        self.grid, self.patch_size = (int(grid[0]), int(grid[1])), int(patch_size)
+        self.sift, self.cache = sift, cache
 
     def __len__(self) -> int:
         return len(self.records)
@@ -98,37 +83,17 @@ def _collate(items: list) -> tuple[Batch | None, list[Skipped]]:
     skipped = [it for it in items if isinstance(it, Skipped)]
     if not good:
         return None, skipped
-    batch = Batch(
-        ids=[g.id for g in good],
-        tensors=torch.stack([g.tensor for g in good]),
-        counts=torch.stack([g.counts for g in good]),
-        labels=[g.label for g in good],
-        crops=np.stack([g.crop for g in good]) if good[0].crop is not None else None,
-    )
-    return batch, skipped
+    return Batch(ids=[g.id for g in good], tensors=torch.stack([g.tensor for g in good]),
+                 counts=torch.stack([g.counts for g in good]), labels=[g.label for g in good],
+                 crops=np.stack([g.crop for g in good]) if good[0].crop is not None else None), skipped
 
 
-def iter_batches(
-    records: Sequence[ImageRecord],
-    data_config: dict,
-    grid: tuple[int, int],
-    patch_size: int,
-    *,
-    batch_size: int = 32,
-    sift: SiftParams = SiftParams(),
-    num_workers: int = 1,
-    cache: KeypointCache | None = None,
-    progress: bool = True,
-    desc: str = "images",
-    crops: bool = False,
-) -> Iterator[tuple[Batch | None, list[Skipped]]]:
-    """Yield ``(batch, skipped)`` per loader batch of ``batch_size`` records, in record order.
-
-    ``batch`` holds the good images (None when every record of the batch failed); ``skipped`` the
-    failures of the same records. ``grid * patch_size`` must equal the model input size.
-    ``num_workers=0`` runs in this process (results are identical). Progress: a tqdm bar over images
-    (unit ``img``, so it shows img/s), counting skipped ones too. ``crops``: batches also carry the
-    uint8 model crops.
+def iter_batches(records: Sequence[ImageRecord], data_config: dict, grid: tuple[int, int],
+                 patch_size: int, *, batch_size: int = 32, sift: SiftParams = SiftParams(),
+                 num_workers: int = 1, cache: KeypointCache | None = None, progress: bool = True,
+                 desc: str = "images", crops: bool = False) -> Iterator[tuple[Batch | None, list[Skipped]]]:
+    """``(batch, skipped)`` per loader batch of ``batch_size`` records, in record order (``batch``
+    None when all failed). ``num_workers=0`` runs in this process (same results); a tqdm bar in img/s.
     """
     from tqdm.auto import tqdm
 
@@ -141,19 +106,11 @@ def iter_batches(
     if len(ds) == 0:
         return
     num_workers = max(0, int(num_workers))
-    loader = DataLoader(
-        ds,
-        batch_size=batch_size,
-        shuffle=False,  # order of records is part of the contract
-        num_workers=num_workers,
-        collate_fn=_collate,
-        # No worker_init calling cv2.setNumThreads(1): in a forked worker whose parent has already
-        # run any OpenCV parallel code, it deadlocks for ever (it destroys the parent's thread-pool
-        # condition variables; seen with opencv 5.0 / pthreads). torch's own threads are already
-        # set to 1 in workers by the DataLoader.
-        prefetch_factor=2 if num_workers > 0 else None,
-        persistent_workers=False,
-    )
+    # no worker_init calling cv2.setNumThreads(1): it deadlocks a forked worker whose parent ran
+    # OpenCV parallel code (opencv 5.0 / pthreads)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=_collate, prefetch_factor=2 if num_workers > 0 else None,
+                        persistent_workers=False)
     n_skipped = 0
     with tqdm(total=len(ds), unit="img", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
         for batch, skipped in loader:

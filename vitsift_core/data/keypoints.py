@@ -1,10 +1,5 @@
-"""SIFT keypoints on the model's crop and their per-patch counts t_j (DESIGN.md sec. 3).
-
-- :func:`detect_keypoints`: OpenCV SIFT on the grayscale of the exact RGB crop the model sees.
-- :func:`patch_counts`: keypoint (x, y) -> counts per ViT patch, patch index ``r * G_c + c`` with
-  ``r = floor(y / P)``, ``c = floor(x / P)``, clamped to the grid.
-- :class:`KeypointCache`: keypoints on disk, keyed by the crop's pixels and the SIFT parameters, so
-  any grid can be derived later without running SIFT again.
+"""SIFT keypoints on the model's crop, their per-patch counts t_j (DESIGN.md sec. 3), and a disk
+cache of keypoints keyed by the crop's pixels and the SIFT parameters (any grid derives from it).
 """
 from __future__ import annotations
 
@@ -18,8 +13,6 @@ import cv2
 import numpy as np
 
 from vitsift_core.paths import atomic_write, cache_dir
-
-__all__ = ["SiftParams", "detect_keypoints", "patch_counts", "keypoint_counts", "KeypointCache"]
 
 # Bump when the meaning of a cached keypoint array changes (columns, sorting, colour conversion).
 _CACHE_FORMAT = "kp-v1"
@@ -36,9 +29,8 @@ class SiftParams:
     sigma: float = 1.6
 
     def key(self) -> str:
-        """Stable short hash (12 hex chars) of the parameters, the cache format and the OpenCV
-        major.minor version, for cache folder names. The OpenCV version is part of it because
-        SIFT's output may change between releases and a stale cache would go unnoticed."""
+        """12-hex hash of the parameters, the cache format and OpenCV's major.minor (SIFT's output
+        may change between releases), for cache folder names."""
         payload = {
             "format": _CACHE_FORMAT,
             "opencv": ".".join(cv2.__version__.split(".")[:2]),
@@ -58,28 +50,15 @@ def _check_crop(crop: np.ndarray) -> np.ndarray:
 
 
 def detect_keypoints(crop: np.ndarray, params: SiftParams = SiftParams()) -> np.ndarray:
-    """SIFT keypoints of an RGB crop.
-
-    Args:
-        crop: ``(H, W, 3) uint8`` RGB -- the model's crop from ``images.model_input``.
-        params: SIFT parameters.
-
-    Returns:
-        ``(K, 4) float32`` rows ``[x, y, size, angle]`` in crop pixel coordinates (OpenCV's: pixel
-        centres at integers), sorted lexicographically so the result does not depend on the order
-        in which OpenCV's threads emit them. ``K`` may be 0 (e.g. a flat image).
+    """SIFT keypoints of an (H, W, 3) uint8 RGB crop -> (K, 4) float32 ``[x, y, size, angle]`` in
+    crop pixels (OpenCV's: pixel centres at integers), sorted lexicographically (thread-order free).
     """
     crop = _check_crop(crop)
-    # cv2's RGB2GRAY uses the same BT.601 weights as cv2.imread(..., GRAYSCALE) on the BGR file,
-    # i.e. what "SIFT on the grayscale image" means in OpenCV tutorials.
+    # cv2's RGB2GRAY uses the same BT.601 weights as cv2.imread(..., GRAYSCALE) on the BGR file
     gray = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)
-    sift = cv2.SIFT_create(
-        nfeatures=int(params.nfeatures),
-        nOctaveLayers=int(params.n_octave_layers),
-        contrastThreshold=float(params.contrast_threshold),
-        edgeThreshold=float(params.edge_threshold),
-        sigma=float(params.sigma),
-    )
+    sift = cv2.SIFT_create(nfeatures=int(params.nfeatures), nOctaveLayers=int(params.n_octave_layers),
+                           contrastThreshold=float(params.contrast_threshold),
+                           edgeThreshold=float(params.edge_threshold), sigma=float(params.sigma))
     kps = sift.detect(gray, None)
     if not kps:
         return np.zeros((0, 4), dtype=np.float32)
@@ -89,20 +68,9 @@ def detect_keypoints(crop: np.ndarray, params: SiftParams = SiftParams()) -> np.
 
 
 def patch_counts(xy: np.ndarray, grid: tuple[int, int], patch_size: int) -> np.ndarray:
-    """Keypoints per patch.
-
-    Args:
-        xy: ``(K, 2)`` keypoint positions ``(x, y)`` in crop pixels (extra columns are ignored, so a
-            ``(K, 4)`` keypoint array works too).
-        grid: ``(G_r, G_c)`` patch grid.
-        patch_size: P, patch side in pixels.
-
-    Returns:
-        ``t``: ``(G_r * G_c,) int64``; ``t[r * G_c + c]`` counts keypoints with ``r = floor(y / P)``,
-        ``c = floor(x / P)``. Points on a border go to the patch on their right / below
-        (``x = k * P`` -> column k); points outside the grid (``x = S``, tiny negatives from
-        sub-pixel refinement) are clamped into the edge patches, so ``t.sum() == K``.
-    """
+    """Keypoints per patch: xy (K, 2+) crop pixels -> t (G_r * G_c,) int64, ``t[r * G_c + c]`` with
+    ``r = floor(y / P)``, ``c = floor(x / P)``; points outside the grid are clamped into the edge
+    patches, so ``t.sum() == K``."""
     g_r, g_c = (int(g) for g in grid)
     if g_r <= 0 or g_c <= 0 or int(patch_size) <= 0:
         raise ValueError(f"invalid grid {grid} / patch size {patch_size}")
@@ -119,38 +87,21 @@ def patch_counts(xy: np.ndarray, grid: tuple[int, int], patch_size: int) -> np.n
     return np.bincount(r * g_c + c, minlength=g_r * g_c).astype(np.int64)
 
 
-def keypoint_counts(
-    crop: np.ndarray,
-    grid: tuple[int, int],
-    patch_size: int,
-    params: SiftParams = SiftParams(),
-    cache: "KeypointCache | None" = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """SIFT on ``crop`` then :func:`patch_counts`.
-
-    Returns ``(t, keypoints)``: ``t`` ``(G_r * G_c,) int64``, ``keypoints`` ``(K, 4) float32``.
-    With ``cache``, keypoints are read from / written to it.
-    """
+def keypoint_counts(crop: np.ndarray, grid: tuple[int, int], patch_size: int,
+                    params: SiftParams = SiftParams(), cache: KeypointCache | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """SIFT on ``crop`` (through ``cache`` if given), then :func:`patch_counts`: (t, keypoints (K, 4))."""
     kps = cache.get_or_compute(crop, params) if cache is not None else detect_keypoints(crop, params)
     return patch_counts(kps[:, :2], grid, patch_size), kps
 
 
 class KeypointCache:
-    """Keypoint arrays on disk: ``<root>/<params.key()>/<aa>/<sha1>.npy``.
-
-    ``sha1`` hashes the crop's shape, dtype and bytes, so the entry is valid for exactly those pixels
-    whatever file or transform produced them; the grid is not part of the key (counts for any grid
-    are derived from the stored keypoints). ``root`` defaults to ``cache_dir()/keypoints``.
-
-    Writes are atomic (temporary file in the same folder, then ``os.replace``), so concurrent
-    DataLoader workers computing the same entry at worst both write identical bytes, and a reader
-    never sees a half-written file. The object holds only a path, so it pickles into workers.
-    """
+    """Keypoint arrays at ``<root>/<params.key()>/<aa>/<sha1 of the crop's shape, dtype, bytes>.npy``
+    (root default ``cache_dir()/keypoints``), written atomically; holds only a path, so it pickles
+    into DataLoader workers."""
 
     def __init__(self, root: str | Path | None = None):
-        if root is None:
-            root = cache_dir() / "keypoints"
-        self.root = Path(root)
+        self.root = Path(root) if root is not None else cache_dir() / "keypoints"
         self.hits = 0    # per process; workers keep their own counters
         self.misses = 0
 
@@ -169,42 +120,23 @@ class KeypointCache:
         sha = self.crop_hash(crop)
         return self.root / params.key() / sha[:2] / f"{sha}.npy"
 
-    def get(self, crop: np.ndarray, params: SiftParams = SiftParams()) -> np.ndarray | None:
-        """Cached keypoints or None (also None for an unreadable / corrupt entry)."""
-        path = self.path_for(crop, params)
-        return self._load(path)
-
-    @staticmethod
-    def _load(path: Path) -> np.ndarray | None:
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        except (OSError, ValueError, EOFError):
-            return None  # corrupt (e.g. a disk-full write from an older run): recompute
-        if arr.ndim != 2 or arr.shape[1] != 4 or arr.dtype != np.float32:
-            return None
-        return arr
-
     def get_or_compute(self, crop: np.ndarray, params: SiftParams = SiftParams()) -> np.ndarray:
         """``(K, 4) float32`` keypoints of ``crop``, from disk when present, else computed and stored."""
         path = self.path_for(crop, params)
-        arr = self._load(path)
-        if arr is not None:
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError):   # missing, or corrupt (e.g. a disk-full write): recompute
+            arr = None
+        if arr is not None and arr.ndim == 2 and arr.shape[1] == 4 and arr.dtype == np.float32:
             self.hits += 1
             return arr
         self.misses += 1
         arr = detect_keypoints(crop, params)  # looked up at call time (tests count calls)
-        self._atomic_save(path, arr)
-        return arr
-
-    @staticmethod
-    def _atomic_save(path: Path, arr: np.ndarray) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
 
-        # No fsync: a torn entry after a power cut loads as corrupt and is recomputed,
-        # and fsync per image would dominate the run time on slow disks.
+        # no fsync: a torn entry after a power cut loads as corrupt and is recomputed
         def write(p: Path) -> None:
             with open(p, "wb") as f:
                 np.save(f, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
         atomic_write(path, write)
+        return arr

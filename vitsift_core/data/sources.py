@@ -1,15 +1,8 @@
-"""Image sources: scikit-image's bundled photos, Imagenette, any image folder.
+"""Image sources: ``resolve_images(spec)`` -> [:class:`ImageRecord`], ``read_record`` -> RGB.
 
-``resolve_images(spec)`` turns a short spec into a list of :class:`ImageRecord`; ``read_record``
-decodes one to ``(H, W, 3) uint8`` RGB. Specs:
-
-- ``samples``: natural photos shipped inside the scikit-image wheel (no download needed).
-- ``imagenette:val`` / ``imagenette:train``: Imagenette v2 (160 px) under
-  ``data_dir()/imagenette2-160`` (``VITSIFT_DATA``), downloadable with
-  ``python -m vitsift_core.data.sources download-imagenette``.
-- a folder path: every file with an image extension below it, recursively.
-
-Run as a script for the download: ``python -m vitsift_core.data.sources download-imagenette [--dest DIR]``.
+Specs: ``samples`` (photos inside the scikit-image wheel), ``imagenette:val`` / ``imagenette:train``
+(Imagenette v2 160 px under ``data_dir()``, i.e. ``VITSIFT_DATA``; fetched and verified with
+``python -m vitsift_core.data.sources download-imagenette [--dest DIR]``), or a folder of images.
 """
 from __future__ import annotations
 
@@ -26,100 +19,47 @@ import numpy as np
 from vitsift_core.data.images import as_rgb_uint8, load_rgb
 from vitsift_core.paths import atomic_write, data_dir
 
-__all__ = [
-    "ImageRecord",
-    "resolve_images",
-    "read_record",
-    "imagenette_root",
-    "download_imagenette",
-    "IMAGENETTE_CLASSES",
-    "IMAGENETTE_URL",
-    "SAMPLE_NAMES",
-    "IMAGE_EXTENSIONS",
-]
-
-#: Imagenette's 10 ImageNet-1k classes, wnid -> name.
+# Imagenette's 10 ImageNet-1k classes, wnid -> name.
 IMAGENETTE_CLASSES: dict[str, str] = {
-    "n01440764": "tench",
-    "n02102040": "English springer",
-    "n02979186": "cassette player",
-    "n03000684": "chain saw",
-    "n03028079": "church",
-    "n03394916": "French horn",
-    "n03417042": "garbage truck",
-    "n03425413": "gas pump",
-    "n03445777": "golf ball",
+    "n01440764": "tench", "n02102040": "English springer", "n02979186": "cassette player",
+    "n03000684": "chain saw", "n03028079": "church", "n03394916": "French horn",
+    "n03417042": "garbage truck", "n03425413": "gas pump", "n03445777": "golf ball",
     "n03888257": "parachute",
 }
-
 IMAGENETTE_DIRNAME = "imagenette2-160"
 IMAGENETTE_URL = "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz"
-# fast.ai publishes no sha256 for this archive. The md5 below is the one torchvision's
-# `datasets.Imagenette` checks for the same URL (an independent, widely used record); on top of it
-# the extracted tree is verified by structure (image counts per split and the 10 wnids), which is
-# what actually matters for the study.
+# fast.ai publishes no sha256; this md5 is the one torchvision's `datasets.Imagenette` checks for the
+# same URL. The extracted tree is verified by structure too (JPEGs per split, the 10 wnids).
 IMAGENETTE_MD5 = "e793b78cc4c9e9a4ccc0c1155377a412"
-#: Expected number of JPEGs per split of Imagenette v2 (13,394 in all).
 IMAGENETTE_COUNTS = {"train": 9469, "val": 3925}
 DOWNLOAD_COMMAND = "python -m vitsift_core.data.sources download-imagenette"
 
-#: Extensions treated as images in folders (compared lower-case).
+# extensions treated as images in folders (compared lower-case)
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm"}
 )
-
-#: Natural photos bundled in the scikit-image wheel, readable offline (checked against scikit-image
-#: 0.26: these load without pooch). Left out on purpose: synthetic or drawn images (binary_blobs,
-#: checkerboard, colorwheel, horse silhouette, logo, shepp_logan_phantom), the 25x25 lfw faces, the
-#: 102x102 microaneurysms crop, and everything that needs a download (brain, cells3d, kidney, ...).
+# natural photos in the scikit-image wheel that load offline (0.26); synthetic or drawn images, tiny
+# crops and those needing a download are left out
 SAMPLE_NAMES: tuple[str, ...] = (
-    "astronaut",
-    "brick",
-    "camera",
-    "cell",
-    "chelsea",
-    "clock",
-    "coffee",
-    "coins",
-    "grass",
-    "gravel",
-    "hubble_deep_field",
-    "immunohistochemistry",
-    "moon",
-    "motorcycle",
-    "page",
-    "retina",
-    "rocket",
-    "text",
+    "astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
+    "hubble_deep_field", "immunohistochemistry", "moon", "motorcycle", "page", "retina", "rocket", "text",
 )
-
 _ALLOWED_SPECS = "'samples', 'imagenette:val', 'imagenette:train', or a path to an existing folder of images"
 
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One image. ``id`` is stable and unique within a spec: the path relative to the folder (or to
-    the Imagenette root, e.g. ``val/n01440764/ILSVRC2012_val_00000293.JPEG``) or ``samples/<name>``.
-    ``path`` is None for in-memory samples. ``label``: the wnid for Imagenette, the first-level
-    subfolder for folders (None for files directly in it), None for samples."""
+    """One image: ``id`` unique within a spec (path relative to the folder or Imagenette root, or
+    ``samples/<name>``); ``path`` None for samples; ``label`` the first-level subfolder (the wnid)."""
 
     id: str
     path: Path | None
     label: str | None = None
 
 
-# --------------------------------------------------------------------------------------------------
-# resolving specs
-# --------------------------------------------------------------------------------------------------
-
 def resolve_images(spec: str, limit: int | None = None) -> list[ImageRecord]:
-    """Records for ``spec`` (see module doc), in a deterministic order.
-
-    ``limit``: take at most that many, round-robin over the classes (label groups) in sorted order,
-    so a small subset spans all classes; ``resolve_images(s, n)`` is a prefix of
-    ``resolve_images(s, m)`` for ``n < m``. Without ``limit`` the order is sorted by id.
-
-    Files with an image extension that do not decode are *kept*: the pipeline reports them.
+    """Records for ``spec`` sorted by id; with ``limit``, at most that many round-robin over the
+    sorted classes (a prefix of any larger limit). Files that do not decode are kept (reported later).
     """
     if limit is not None and int(limit) < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
@@ -138,9 +78,7 @@ def resolve_images(spec: str, limit: int | None = None) -> list[ImageRecord]:
             why = "is a file, not a folder" if p.exists() else "does not exist"
             raise ValueError(f"unknown image spec {spec!r} ({p} {why}): use {_ALLOWED_SPECS}")
         recs = _folder_records(p, id_base=p)
-    if limit is None:
-        return recs
-    return _round_robin(recs, int(limit))
+    return recs if limit is None else _round_robin(recs, int(limit))
 
 
 def _folder_records(folder: Path, id_base: Path) -> list[ImageRecord]:
@@ -164,48 +102,33 @@ def _round_robin(recs: list[ImageRecord], limit: int) -> list[ImageRecord]:
     for r in recs:  # recs are sorted by id, so each group is sorted too
         groups.setdefault(r.label or "", []).append(r)
     lists = [groups[k] for k in sorted(groups)]
-    out: list[ImageRecord] = []
-    i = 0
-    while len(out) < limit and any(i < len(g) for g in lists):
-        for g in lists:
-            if i < len(g) and len(out) < limit:
-                out.append(g[i])
-        i += 1
-    return out
+    longest = max((len(g) for g in lists), default=0)
+    return [g[i] for i in range(longest) for g in lists if i < len(g)][:limit]
 
 
 def read_record(rec: ImageRecord) -> np.ndarray:
     """``(H, W, 3) uint8`` RGB for a record; raises ``images.ImageDecodeError`` for bad files."""
-    if rec.path is None:
-        if rec.id.startswith("samples/"):
-            return _load_sample(rec.id.split("/", 1)[1])
+    if rec.path is not None:
+        return load_rgb(rec.path)
+    if not rec.id.startswith("samples/"):
         raise ValueError(f"record {rec.id!r} has no path and is not a scikit-image sample")
-    return load_rgb(rec.path)
-
-
-def _load_sample(name: str) -> np.ndarray:
     import skimage.data
 
+    name = rec.id.split("/", 1)[1]
     if name not in SAMPLE_NAMES:
         raise ValueError(f"unknown scikit-image sample {name!r}; available: {', '.join(SAMPLE_NAMES)}")
     if name == "motorcycle":
-        arr = skimage.data.stereo_motorcycle()[0]  # left view of the stereo pair
-    else:
-        arr = getattr(skimage.data, name)()
-    return as_rgb_uint8(arr)
+        return as_rgb_uint8(skimage.data.stereo_motorcycle()[0])  # left view of the stereo pair
+    return as_rgb_uint8(getattr(skimage.data, name)())
 
-
-# --------------------------------------------------------------------------------------------------
-# Imagenette
-# --------------------------------------------------------------------------------------------------
 
 def _looks_like_imagenette(root: Path) -> bool:
     return all((root / s).is_dir() for s in IMAGENETTE_COUNTS)
 
 
 def imagenette_root(download: bool = False) -> Path:
-    """``data_dir()/imagenette2-160`` if present (``VITSIFT_DATA`` points at its parent); with
-    ``download=True`` it is fetched when absent, otherwise a FileNotFoundError explains what to do."""
+    """``data_dir()/imagenette2-160`` if present; else downloaded (``download``) or a
+    FileNotFoundError that says what to do."""
     base = data_dir()
     root = base / IMAGENETTE_DIRNAME
     if _looks_like_imagenette(root):
@@ -231,28 +154,14 @@ def _fetch(url: str, dest: Path, progress: bool = True) -> None:
         total = int(resp.headers.get("Content-Length") or 0) or None
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                   desc=Path(url).name, disable=not progress) as bar:
-            while True:
-                chunk = resp.read(1 << 20)
-                if not chunk:
-                    break
+            while chunk := resp.read(1 << 20):
                 f.write(chunk)
                 bar.update(len(chunk))
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _safe_members(tar: tarfile.TarFile, top: str) -> list[tarfile.TarInfo]:
-    """All members, after checking that each is a plain file or folder strictly inside ``top/``.
-
-    Rejects absolute names, ``..`` components, links and device files: a hostile or damaged archive
-    must not write outside the extraction folder.
-    """
+    """All members, each checked to be a plain file or folder strictly inside ``top/`` (no absolute
+    names, ``..``, links or devices: an archive must not write outside the extraction folder)."""
     members = tar.getmembers()
     for m in members:
         name = m.name
@@ -267,30 +176,25 @@ def _safe_members(tar: tarfile.TarFile, top: str) -> list[tarfile.TarInfo]:
     return members
 
 
-def _verify_tree(root: Path, counts: dict[str, int] | None) -> None:
-    """Imagenette structure: train/ and val/, exactly the 10 wnids in each, and the expected number
-    of JPEGs per split (``counts``; None skips the count check)."""
-    for split in IMAGENETTE_COUNTS:
+def _verify_tree(root: Path) -> None:
+    """train/ and val/, exactly the 10 wnids in each, and IMAGENETTE_COUNTS JPEGs per split."""
+    for split, count in IMAGENETTE_COUNTS.items():
         d = root / split
         if not d.is_dir():
             raise ValueError(f"archive has no {IMAGENETTE_DIRNAME}/{split}/ folder")
         wnids = sorted(p.name for p in d.iterdir() if p.is_dir())
         if wnids != sorted(IMAGENETTE_CLASSES):
             raise ValueError(f"{split}/ has class folders {wnids}, expected the 10 Imagenette wnids")
-        if counts is not None:
-            n = sum(1 for p in d.rglob("*") if p.suffix.upper() == ".JPEG")
-            if n != counts[split]:
-                raise ValueError(f"{split}/ has {n} JPEGs, expected {counts[split]}")
+        n = sum(1 for p in d.rglob("*") if p.suffix.upper() == ".JPEG")
+        if n != count:
+            raise ValueError(f"{split}/ has {n} JPEGs, expected {count}")
 
 
 def download_imagenette(dest: str | Path | None = None, *, progress: bool = True) -> Path:
-    """Download, verify and extract Imagenette v2 (160 px) into ``dest`` (default ``data_dir()``).
+    """Download Imagenette v2 (160 px) into ``dest`` (default ``data_dir()``) -> ``dest/imagenette2-160``.
 
-    Returns ``dest/imagenette2-160``. An existing valid copy is returned untouched. The archive
-    (:data:`IMAGENETTE_URL`) is streamed to ``dest``, its md5 checked against
-    :data:`IMAGENETTE_MD5`, extracted into a temporary folder beside the target with path checks (no
-    traversal, no links), its structure verified (:data:`IMAGENETTE_COUNTS`, the 10 wnids), and only
-    then moved into place, so an interrupted run never leaves a half tree that looks valid.
+    An existing valid copy is returned untouched. The archive's md5 is checked, it is extracted into
+    a temporary folder with path checks, its structure verified, and only then moved into place.
     """
     dest = Path(dest) if dest is not None else data_dir()
     target = dest / IMAGENETTE_DIRNAME
@@ -300,19 +204,19 @@ def download_imagenette(dest: str | Path | None = None, *, progress: bool = True
     archive = dest / f"{IMAGENETTE_DIRNAME}.tgz"
     if not archive.exists():
         atomic_write(archive, lambda p: _fetch(IMAGENETTE_URL, p, progress))
-    if IMAGENETTE_MD5 is not None:
-        got = _md5(archive)
-        if got != IMAGENETTE_MD5:
-            bad = archive.with_name(archive.name + ".bad")
-            os.replace(archive, bad)  # keep it for inspection, but never reuse it
-            raise ValueError(f"{archive}: md5 {got} != expected {IMAGENETTE_MD5} (moved to {bad})")
+    with open(archive, "rb") as f:
+        got = hashlib.file_digest(f, "md5").hexdigest()
+    if got != IMAGENETTE_MD5:
+        bad = archive.with_name(archive.name + ".bad")
+        os.replace(archive, bad)  # keep it for inspection, but never reuse it
+        raise ValueError(f"{archive}: md5 {got} != expected {IMAGENETTE_MD5} (moved to {bad})")
     tmp = Path(tempfile.mkdtemp(prefix=".imagenette-", dir=dest))
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = _safe_members(tar, IMAGENETTE_DIRNAME)
             kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
             tar.extractall(tmp, members=members, **kw)
-        _verify_tree(tmp / IMAGENETTE_DIRNAME, IMAGENETTE_COUNTS)
+        _verify_tree(tmp / IMAGENETTE_DIRNAME)
         if target.exists():  # an invalid leftover (checked above): replace it
             shutil.rmtree(target)
         os.replace(tmp / IMAGENETTE_DIRNAME, target)
@@ -328,9 +232,7 @@ def _main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("download-imagenette", help=f"download {IMAGENETTE_URL}")
     d.add_argument("--dest", type=Path, default=None, help="parent folder (default: VITSIFT_DATA)")
-    args = ap.parse_args(argv)
-    if args.cmd == "download-imagenette":
-        print(download_imagenette(args.dest))
+    print(download_imagenette(ap.parse_args(argv).dest))
     return 0
 
 

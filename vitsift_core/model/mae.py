@@ -1,7 +1,5 @@
-"""Masked autoencoder (He et al. 2022) around any timm ViT encoder, with the official MAE decoder
-(written from the paper and facebookresearch/mae's structure). Masks are (B, N) bool, True = masked,
-the same count in every row; the loss is the per-patch MSE averaged over masked patches only.
-Official checkpoints load with :func:`load_official_mae`.
+"""Masked autoencoder (He et al. 2022) around any timm ViT encoder, with the official MAE decoder, and
+the official checkpoints' loader. Masks are (B, N) bool, True = masked, the same count in every row.
 """
 from __future__ import annotations
 
@@ -15,21 +13,17 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from vitsift_core.model.registry import read_state_dict
+from vitsift_core.model.registry import read_state_dict, seeded
 
-#: top-level names of the official checkpoint's encoder and decoder parameters
+# top-level names of the official checkpoint's encoder and decoder parameters
 OFFICIAL_ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed", "blocks", "norm")
 OFFICIAL_DECODER_KEYS = ("mask_token", "decoder_embed", "decoder_pos_embed", "decoder_blocks",
                          "decoder_norm", "decoder_pred")
 
 
 def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], n_prefix: int = 0) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position embedding, ``(n_prefix + Gr * Gc, dim)`` float32.
-
-    Layout as in the official MAE: the first ``dim / 2`` channels encode the column index, the
-    other half the row index; each half is ``[sin(pos * w), cos(pos * w)]`` with
-    ``w_k = 10000 ** (-k / (dim / 4))``. Prefix tokens (CLS) get all-zero rows, first.
-    """
+    """The official MAE's fixed 2-D sin-cos position embedding, (n_prefix + Gr * Gc, dim) float32:
+    column index in the first half of the channels, row index in the second; prefix rows zero."""
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
     g_r, g_c = int(grid[0]), int(grid[1])
@@ -48,11 +42,8 @@ def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], n_prefix: int = 0) -> t
 
 
 def masked_to_ids(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``mask`` (B, N) bool, True = masked -> ``(ids_keep (B, V), ids_restore (B, N), V)``.
-
-    Visible patches come first in increasing index order, then the masked ones (a stable sort), so
-    ``ids_restore`` puts the decoder's ``[visible..., mask tokens...]`` back in patch order.
-    """
+    """``mask`` (B, N) bool -> ``(ids_keep (B, V), ids_restore (B, N), V)``: visible patches first
+    in index order (a stable sort), so ``ids_restore`` puts [visible..., mask tokens...] back."""
     if mask.dtype != torch.bool or mask.ndim != 2:
         raise ValueError(f"mask must be (B, N) bool, got {tuple(mask.shape)} {mask.dtype}")
     n_masked = mask.sum(1)
@@ -66,10 +57,9 @@ def masked_to_ids(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 class MAE(nn.Module):
-    """A timm ViT encoder (square patches, absolute ``pos_embed``; prefix tokens kept) plus the
-    official MAE decoder (official size 512, 8 blocks, 16 heads). ``fixed_pos_embed``: the frozen
-    sin-cos encoder position embedding; ``init='mae'`` re-initialises like the official code,
-    ``'none'`` keeps the encoder's own init (the decoder is MAE-initialised either way).
+    """A timm ViT encoder (square patches, absolute ``pos_embed``) plus the official MAE decoder.
+    ``fixed_pos_embed``: frozen sin-cos encoder positions; ``init='mae'`` re-initialises the encoder
+    like the official code, ``'none'`` keeps its own init (the decoder is MAE-initialised either way).
     """
 
     def __init__(self, encoder: nn.Module, decoder_embed_dim: int = 512, decoder_depth: int = 8,
@@ -95,8 +85,6 @@ class MAE(nn.Module):
         self.embed_dim = int(encoder.embed_dim)
         self.norm_pix_loss = bool(norm_pix_loss)
         self.has_decoder = True  # False for encoder-only official checkpoints
-        self.decoder_cfg = dict(decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,
-                                decoder_num_heads=decoder_num_heads, mlp_ratio=mlp_ratio)
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.decoder_embed = nn.Linear(self.embed_dim, decoder_embed_dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
@@ -109,7 +97,6 @@ class MAE(nn.Module):
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size ** 2 * 3, bias=True)
         self._init(init, fixed_pos_embed)
 
-    # ------------------------------------------------------------------ init
     def _init(self, init: str, fixed_pos_embed: bool) -> None:
         if init not in ("mae", "none"):
             raise ValueError(f"init must be 'mae' or 'none', got {init!r}")
@@ -143,7 +130,6 @@ class MAE(nn.Module):
         for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
             m.apply(linear_ln)
 
-    # ------------------------------------------------------------------ pixels <-> patches
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, N, P*P*3), patch pixels in (row, col, channel) order as the official."""
         p = self.patch_size
@@ -162,7 +148,6 @@ class MAE(nn.Module):
         x = torch.einsum("bhwpqc->bchpwq", x)
         return x.reshape(x.shape[0], 3, g_r * p, g_c * p)
 
-    # ------------------------------------------------------------------ encoder / decoder
     def _prefix_and_pos(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Patch tokens with their position embedding added; prefix tokens (with theirs)."""
         enc = self.encoder
@@ -184,9 +169,8 @@ class MAE(nn.Module):
 
     def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode the visible patches. Returns ``(latent (B, npt + V, D), ids_restore (B, N))``.
-
-        ``mask=None`` encodes every patch (no masking)."""
+        """Encode the visible patches (all when ``mask`` is None) -> (latent (B, npt + V, D),
+        ids_restore (B, N))."""
         enc = self.encoder
         x = enc.patch_embed(imgs)
         if x.ndim == 4:  # NHWC output (timm flatten=False)
@@ -231,10 +215,11 @@ class MAE(nn.Module):
         """Mean squared error per patch, (B, N), in the loss's pixel space."""
         return ((pred.float() - self.target(imgs).float()) ** 2).mean(dim=-1)
 
-    def forward(self, imgs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``-> (loss, pred (B, N, P*P*3), mask)``; loss = mean patch error over masked patches only."""
+    def forward(self, imgs: torch.Tensor, mask: torch.Tensor):
+        """-> (loss, pred (B, N, P*P*3), mask); loss = mean patch error over the masked patches only."""
         if mask.shape != (imgs.shape[0], self.num_patches):
-            raise ValueError(f"mask shape {tuple(mask.shape)} != (batch, N) = ({imgs.shape[0]}, {self.num_patches})")
+            raise ValueError(f"mask shape {tuple(mask.shape)} != (batch, N) = "
+                             f"({imgs.shape[0]}, {self.num_patches})")
         latent, ids_restore = self.forward_encoder(imgs, mask)
         pred = self.forward_decoder(latent, ids_restore)
         err = self.patch_errors(imgs, pred)
@@ -242,11 +227,9 @@ class MAE(nn.Module):
         loss = (err * m).sum() / m.sum().clamp_min(1)
         return loss, pred, mask
 
-    # ------------------------------------------------------------------ evaluation helpers
     @torch.no_grad()
     def features(self, imgs: torch.Tensor) -> torch.Tensor:
-        """Encoder features of full (unmasked) images: the CLS token after the final norm, or the
-        mean patch token when the encoder has no CLS token. (B, D) float32."""
+        """(B, D) float32 features of unmasked images: the final CLS token, else the mean patch token."""
         latent, _ = self.forward_encoder(imgs, None)
         if getattr(self.encoder, "cls_token", None) is not None:
             return latent[:, 0].float()
@@ -254,13 +237,9 @@ class MAE(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, imgs: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Predictions for a masked batch, in the normalised input space.
-
-        Returns ``pred_img`` (B, 3, H, W): the decoder output (with norm_pix_loss, mapped back with
-        each patch's *true* mean/std, as the official visualisation does; display only);
-        ``pasted`` the input with masked patches replaced by ``pred_img``; ``errors`` (B, N) the
-        per-patch loss-space error; ``mask``.
-        """
+        """Display of a masked batch: ``pred_img`` (B, 3, H, W) (norm_pix_loss undone with each
+        patch's true mean/std, as the official visualisation), ``pasted`` (input with the masked
+        patches predicted), ``errors`` (B, N) in loss space, ``mask``."""
         latent, ids_restore = self.forward_encoder(imgs, mask)
         pred = self.forward_decoder(latent, ids_restore).float()
         errors = self.patch_errors(imgs, pred)
@@ -273,18 +252,13 @@ class MAE(nn.Module):
         return {"pred_img": pred_img, "pasted": pasted, "errors": errors, "mask": mask}
 
 
-# ---------------------------------------------------------------------- building
 def build_mae(encoder: str = "vit_tiny_patch16_224", *, img_size: int | None = None,
               patch_size: int | None = None, depth: int | None = None, embed_dim: int | None = None,
               num_heads: int | None = None, decoder_embed_dim: int = 512, decoder_depth: int = 8,
               decoder_num_heads: int = 16, mlp_ratio: float = 4.0, norm_pix_loss: bool = False,
               fixed_pos_embed: bool = True, init: str = "mae", seed: int | None = None) -> MAE:
-    """A fresh MAE with ``timm.create_model(encoder, pretrained=False, num_classes=0, ...)``.
-
-    ``img_size``, ``patch_size``, ``depth``, ``embed_dim``, ``num_heads``: override the timm
-    architecture's values (None keeps them). ``seed``: initialise under this torch seed without
-    disturbing the caller's RNG.
-    """
+    """A fresh MAE on ``timm.create_model(encoder, pretrained=False, num_classes=0)``; the size
+    arguments override the architecture's (None keeps them); ``seed``: init under this torch seed."""
     kw: dict = {"num_classes": 0, "dynamic_img_size": False}
     for k, v in (("img_size", img_size), ("patch_size", patch_size), ("depth", depth),
                  ("embed_dim", embed_dim), ("num_heads", num_heads)):
@@ -296,33 +270,15 @@ def build_mae(encoder: str = "vit_tiny_patch16_224", *, img_size: int | None = N
         return MAE(enc, decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio,
                    norm_pix_loss, fixed_pos_embed, init)
 
-    if seed is None:
-        return make()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        return make()
+    return make() if seed is None else seeded(int(seed), make)
 
 
-# ---------------------------------------------------------------------- official checkpoints
 _HEADS_BY_DIM = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 
 
-def _read_checkpoint(path_or_sd) -> dict[str, torch.Tensor]:
-    if isinstance(path_or_sd, dict):
-        return read_state_dict(path_or_sd)
-    p = Path(path_or_sd).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"MAE checkpoint not found: {p}")
-    return read_state_dict(p)
-
-
 def official_to_vitsift(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Map official MAE keys onto :class:`MAE`'s: ``(mapped, ignored)``.
-
-    Encoder keys (``cls_token``, ``pos_embed``, ``patch_embed.*``, ``blocks.*``, ``norm.*``) get the
-    ``encoder.`` prefix; decoder keys keep their names. Classifier leftovers of fine-tuned files
-    (``head.*``, ``fc_norm.*``) are ignored and returned; anything else raises KeyError.
-    """
+    """Official MAE keys -> :class:`MAE`'s (encoder keys get ``encoder.``): ``(mapped, ignored)``;
+    classifier leftovers (``head.*``, ``fc_norm.*``) are ignored, anything else raises KeyError."""
     out, ignored, unknown = {}, [], []
     for k, v in sd.items():
         top = k.split(".", 1)[0]
@@ -335,7 +291,8 @@ def official_to_vitsift(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
         else:
             unknown.append(k)
     if unknown:
-        raise KeyError(f"keys not in the official MAE layout: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
+        more = " ..." if len(unknown) > 10 else ""
+        raise KeyError(f"keys not in the official MAE layout: {unknown[:10]}{more}")
     return out, ignored
 
 
@@ -347,7 +304,8 @@ def _depth(sd, prefix: str) -> int:
 def _official_arch(sd: dict, num_heads: int | None) -> dict:
     """The encoder's VisionTransformer arguments, read from the checkpoint's tensors."""
     if "cls_token" not in sd or "patch_embed.proj.weight" not in sd or "pos_embed" not in sd:
-        raise KeyError("not an official MAE checkpoint: cls_token / pos_embed / patch_embed.proj.weight missing")
+        raise KeyError("not an official MAE checkpoint: "
+                       "cls_token / pos_embed / patch_embed.proj.weight missing")
     dim = int(sd["cls_token"].shape[-1])
     patch = int(sd["patch_embed.proj.weight"].shape[-1])
     n_tok = int(sd["pos_embed"].shape[1])
@@ -367,7 +325,8 @@ def _load_checked(mae: MAE, mapped: dict, has_decoder: bool) -> None:
            for k, v in mapped.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
     extra = [k for k in mapped if k not in own]
     if bad or extra:
-        raise ValueError("checkpoint does not fit the inferred architecture: " + "; ".join(bad + extra)[:2000])
+        raise ValueError("checkpoint does not fit the inferred architecture: "
+                         + "; ".join(bad + extra)[:2000])
     missing = [k for k in own if k not in mapped]
     missing_enc = [k for k in missing if k.startswith("encoder.")]
     if missing_enc:
@@ -379,13 +338,16 @@ def _load_checked(mae: MAE, mapped: dict, has_decoder: bool) -> None:
 
 def load_official_mae(path_or_sd, *, num_heads: int | None = None, decoder_num_heads: int = 16,
                       norm_pix_loss: bool = False, device: str | torch.device = "cpu") -> MAE:
-    """An :class:`MAE` with the weights of an official checkpoint file (or its state dict).
+    """An :class:`MAE` with an official checkpoint's weights (file or state dict), every shape checked.
 
-    The architecture comes from the tensors; heads are not in the file: ``num_heads`` (default by
-    width) and ``decoder_num_heads`` (official 16). Encoder-only files (``mae_pretrain_vit_*``) give
-    ``has_decoder = False`` (a fresh decoder: features only). Every shape is checked.
+    The architecture comes from the tensors, the heads from ``num_heads`` (default by width) and
+    ``decoder_num_heads``. Encoder-only files give ``has_decoder = False`` (features only).
     """
-    sd = _read_checkpoint(path_or_sd)
+    if not isinstance(path_or_sd, dict):
+        path_or_sd = Path(path_or_sd).expanduser()
+        if not path_or_sd.is_file():
+            raise FileNotFoundError(f"MAE checkpoint not found: {path_or_sd}")
+    sd = read_state_dict(path_or_sd)
     arch = _official_arch(sd, num_heads)
     has_decoder = "decoder_embed.weight" in sd
     dec_dim = int(sd["decoder_embed.weight"].shape[0]) if has_decoder else 512

@@ -1,6 +1,5 @@
-"""Masked forwards of a timm ViT for mask-eval and the masking explorer (Sec 5.1): ``fill`` sets the
-masked patches' pixels to the normalisation mean, ``drop`` removes their tokens before the first
-block. Masks are (B, M) patch indices, row-major over the grid (see :mod:`vitsift_core.method.masking`).
+"""Masked forwards of a timm ViT (Sec 5.1): ``fill`` sets the masked patches' pixels to the
+normalisation mean, ``drop`` removes their tokens. Masks are (B, M) row-major patch indices.
 """
 from __future__ import annotations
 
@@ -19,40 +18,27 @@ def keep_indices(masked: np.ndarray, n_patches: int) -> np.ndarray:
     return np.nonzero(keep)[1].reshape(b, n_patches - masked.shape[1])
 
 
-def patch_mask(masked: np.ndarray | torch.Tensor, n_patches: int) -> torch.Tensor:
-    """(B, M) indices -> (B, N) bool, True = masked."""
-    idx = torch.as_tensor(np.asarray(masked), dtype=torch.long)
-    out = torch.zeros((idx.shape[0], n_patches), dtype=torch.bool)
-    if idx.numel():
-        out.scatter_(1, idx, True)
-    return out
-
-
 def fill_patches(x: torch.Tensor, masked: np.ndarray | torch.Tensor, grid: tuple[int, int],
                  patch_size: int, value: float = 0.0) -> torch.Tensor:
-    """``fill`` mode: a copy of ``x`` (B, 3, S, S) with the masked patches' pixels set to ``value``.
-
-    On the normalised input 0 is the normalisation mean (the default, DESIGN.md section 3).
-    Pixels outside the masked patches are untouched.
-    """
+    """``fill`` mode: a copy of ``x`` (B, 3, S, S) with the masked patches' pixels set to ``value``
+    (0: the normalisation mean)."""
     gr, gc = int(grid[0]), int(grid[1])
     p = int(patch_size)
     if x.shape[-2] != gr * p or x.shape[-1] != gc * p:
         raise ValueError(f"input {tuple(x.shape[-2:])} is not a {gr}x{gc} grid of {p}px patches")
-    pm = patch_mask(masked, gr * gc).to(x.device).reshape(-1, 1, gr, gc)
+    idx = torch.as_tensor(np.asarray(masked), dtype=torch.long)
+    pm = torch.zeros((idx.shape[0], gr * gc), dtype=torch.bool)
+    if idx.numel():
+        pm.scatter_(1, idx, True)
+    pm = pm.to(x.device).reshape(-1, 1, gr, gc)
     pix = pm.repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)
     return torch.where(pix, torch.as_tensor(value, dtype=x.dtype, device=x.device), x)
 
 
-def forward_drop(model: torch.nn.Module, x: torch.Tensor, keep: np.ndarray | torch.Tensor | None) -> torch.Tensor:
-    """``drop`` mode: ``forward_features`` of a timm ViT on only the kept patch tokens.
-
-    x: (B, 3, S, S); keep: (B, K) patch indices to keep (same K for every image; None keeps all).
-    Patch embedding and position embedding are computed for the full grid (both are per token),
-    then the prefix tokens (CLS, registers) and the kept patch tokens are gathered, so each kept
-    token carries its own position; the blocks and the final norm see T = prefix + K tokens.
-    Returns (B, prefix + K, D), the same layout as ``forward_features`` (classifier heads that pool
-    the CLS token or average the patch tokens work unchanged on it).
+def forward_drop(model: torch.nn.Module, x: torch.Tensor,
+                 keep: np.ndarray | torch.Tensor | None) -> torch.Tensor:
+    """``drop`` mode: ``forward_features`` on the prefix and the kept patch tokens (each with its
+    own position embedding). x: (B, 3, S, S); keep: (B, K) indices (None: all) -> (B, prefix + K, D).
     """
     t = model.patch_embed(x)
     t = model._pos_embed(t)

@@ -1,9 +1,9 @@
 """Model registry: a spec string -> a ready timm ViT plus what the analysis needs (:class:`LoadedModel`).
 
-Specs: ``"embedded"`` (the offline default, model.embedded), a timm name with or without a pretrained
-tag or ``"hf-hub:org/repo"`` (weights from the hub or its local cache), ``"ARCH@PATH"`` (a local
-state dict). ``control="random-init"``: the same architecture, seeded; otherwise missing weights
-raise :class:`ModelWeightsUnavailable`, never fall back to random ones.
+Specs: ``"embedded"`` (the offline default), a timm name with or without a pretrained tag or
+``"hf-hub:org/repo"`` (hub or its local cache), ``"ARCH@PATH"`` (a local state dict).
+``control="random-init"``: the same architecture, seeded; otherwise missing weights raise
+:class:`ModelWeightsUnavailable`, never fall back to random ones.
 """
 from __future__ import annotations
 
@@ -24,23 +24,20 @@ from vitsift_core.model.embedded import ModelWeightsUnavailable
 
 CONTROLS = ("none", "random-init")
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+_HUB = ("hf-hub:", "hf_hub:")
 
 
 @dataclass
 class LoadedModel:
-    """A loaded ViT and the facts about it that the analysis needs.
-
-    ``model`` takes (B, 3, H, W) with H, W = ``data_config['input_size'][1:]``; its token
-    sequence is (B, num_prefix_tokens + num_patches, D), prefix tokens (CLS, registers,
-    distillation token) first, then patches in row-major order over ``grid``.
-    """
+    """A loaded ViT: (B, 3, H, W) with H, W = ``data_config['input_size'][1:]`` -> tokens
+    (B, num_prefix_tokens + num_patches, D), prefix first, then patches row-major over ``grid``."""
 
     model: torch.nn.Module  # timm VisionTransformer-family, eval mode, on device
     spec: str  # what the user asked for
     arch: str  # timm architecture name (no pretrained tag)
     source: str  # 'embedded' | 'timm-pretrained' | 'checkpoint:<path>' | 'random-init(seed=S)'
     data_config: dict  # timm data config (input_size, interpolation, mean, std, crop_pct, crop_mode)
-    patch_size: int  # pixels per patch side
+    patch_size: int
     grid: tuple[int, int]  # (rows, cols) of the patch grid
     num_prefix_tokens: int  # CLS + registers (+ distillation token)
 
@@ -51,33 +48,21 @@ class LoadedModel:
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """``'auto'`` -> ``cuda`` when available, else ``cpu``; anything else as given (checked)."""
-    if isinstance(device, torch.device):
-        dev = device
-    elif device == "auto":
+    if not isinstance(device, torch.device) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        dev = torch.device(device)
+    dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {str(dev)!r} requested but CUDA is not available here; "
                            "use device='cpu' or 'auto'")
     return dev
 
 
-def load_model(
-    spec: str,
-    *,
-    control: str = "none",
-    device: str = "cpu",
-    seed: int = 0,
-    img_size: int | None = None,
-    model_kwargs: dict | None = None,
-) -> LoadedModel:
-    """Build the model named by ``spec`` (see module docstring), eval mode, on ``device``.
+def load_model(spec: str, *, control: str = "none", device: str = "cpu", seed: int = 0,
+               img_size: int | None = None, model_kwargs: dict | None = None) -> LoadedModel:
+    """The model named by ``spec`` (module docstring), eval mode, on ``device``.
 
-    ``img_size``: input resolution (timm resamples pretrained position embeddings); default is
-    the architecture's own. ``model_kwargs``: extra ``timm.create_model`` arguments for the
-    architecture (e.g. ``reg_tokens=4``), needed when a checkpoint was trained with them.
-    ``control="random-init"``: same architecture, seeded random weights, no weights file read.
+    ``img_size``: input resolution (timm resamples position embeddings); ``model_kwargs``: extra
+    ``timm.create_model`` arguments a checkpoint was trained with (e.g. ``reg_tokens=4``).
     """
     if control not in CONTROLS:
         raise ValueError(f"control must be one of {CONTROLS}, got {control!r}")
@@ -85,50 +70,50 @@ def load_model(
         raise ValueError(f"model spec must be a non-empty string, got {spec!r}")
     spec = spec.strip()
     dev = resolve_device(device)
-    random_init = control == "random-init"
+    seed_if_random = seed if control == "random-init" else None
     kwargs = dict(model_kwargs or {})
     if img_size is not None:
         kwargs["img_size"] = img_size
-
     if spec == "embedded":
-        loaded = _load_embedded(spec, random_init, seed, img_size, kwargs)
-    elif "@" in spec and not spec.startswith(("hf-hub:", "hf_hub:")):
-        arch, path = spec.split("@", 1)
-        loaded = _load_checkpoint(spec, arch.strip(), path.strip(), random_init, seed, kwargs)
+        loaded = _load_embedded(seed_if_random, img_size, kwargs)
+    elif "@" in spec and not spec.startswith(_HUB):
+        arch, path = (s.strip() for s in spec.split("@", 1))
+        if not arch or not path:
+            raise ValueError(f"checkpoint spec must be 'ARCH@PATH', got {spec!r}")
+        _check_arch_name(arch)
+        if seed_if_random is None:
+            loaded = _load_checkpoint(spec, arch, Path(path).expanduser(), kwargs)
+        else:
+            loaded = _load_timm(spec, arch, seed_if_random, kwargs)
     else:
-        loaded = _load_timm(spec, random_init, seed, kwargs)
+        _check_arch_name(spec)
+        loaded = _load_timm(spec, spec, seed_if_random, kwargs)
     loaded.model.to(dev).eval()
     return loaded
 
 
-# --------------------------------------------------------------------------- builders
-
-
-def _load_embedded(spec, random_init, seed, img_size, kwargs) -> LoadedModel:
+def _load_embedded(seed, img_size, kwargs) -> LoadedModel:
     if img_size is not None and img_size != embedded.IMG_SIZE:
         raise ValueError(f"the embedded model is converted at {embedded.IMG_SIZE} px only; "
                          f"got img_size={img_size}")
     if set(kwargs) - {"img_size"}:
         raise ValueError("model_kwargs are not supported for the embedded model")
-    if random_init:
-        model = _seeded(seed, embedded._new_timm_model)
-        source = f"random-init(seed={seed})"
+    if seed is None:
+        model, source = embedded.create_embedded_model(), "embedded"
     else:
-        model = embedded.create_embedded_model()
-        source = "embedded"
+        model, source = seeded(seed, embedded._new_timm_model), f"random-init(seed={seed})"
     _check_vit(model, embedded.ARCH)
-    return _describe(model, spec, embedded.ARCH, source, dict(embedded.DATA_CONFIG))
+    return _describe(model, "embedded", embedded.ARCH, source, dict(embedded.DATA_CONFIG))
 
 
-def _load_timm(name, random_init, seed, kwargs) -> LoadedModel:
-    _check_arch_name(name)
-    if random_init:
+def _load_timm(spec, name, seed, kwargs) -> LoadedModel:
+    """timm's pretrained ``name`` (seed None), or the architecture with seeded random weights."""
+    if seed is not None:
         # pretrained=False still reads the model config from the hub for 'hf-hub:' names
-        model = _seeded(seed, lambda: _create_or_unavailable(name, False, kwargs))
+        model = seeded(seed, lambda: _create_or_unavailable(name, False, kwargs))
         source = f"random-init(seed={seed})"
     else:
-        # Reject non-ViT architectures before any download: build the skeleton on the meta
-        # device (no memory, no init cost) and look for blocks[i].attn.qkv.
+        # reject non-ViT architectures before any download, on a meta-device skeleton
         try:
             with torch.device("meta"):
                 skeleton = timm.create_model(name, pretrained=False, **kwargs)
@@ -140,19 +125,10 @@ def _load_timm(name, random_init, seed, kwargs) -> LoadedModel:
         source = "timm-pretrained"
     arch = _arch_of(model, name)
     _check_vit(model, name)
-    return _describe(model, name, arch, source, _data_config(model))
+    return _describe(model, spec, arch, source, _data_config(model))
 
 
-def _load_checkpoint(spec, arch, path, random_init, seed, kwargs) -> LoadedModel:
-    if not arch or not path:
-        raise ValueError(f"checkpoint spec must be 'ARCH@PATH', got {spec!r}")
-    _check_arch_name(arch)
-    if random_init:
-        model = _seeded(seed, lambda: timm.create_model(arch, pretrained=False, **kwargs))
-        _check_vit(model, arch)
-        return _describe(model, spec, _arch_of(model, arch), f"random-init(seed={seed})",
-                         _data_config(model))
-    p = Path(path).expanduser()
+def _load_checkpoint(spec, arch, p: Path, kwargs) -> LoadedModel:
     if not p.is_file():
         raise ModelWeightsUnavailable(
             f"checkpoint file for {arch!r} not found: {p} (spec {spec!r}). "
@@ -162,9 +138,6 @@ def _load_checkpoint(spec, arch, path, random_init, seed, kwargs) -> LoadedModel
     _check_vit(model, arch)
     _strict_load(model, state_dict, arch, p)
     return _describe(model, spec, _arch_of(model, arch), f"checkpoint:{p}", _data_config(model))
-
-
-# --------------------------------------------------------------------------- helpers
 
 
 def _create_or_unavailable(name: str, pretrained: bool, kwargs: dict) -> torch.nn.Module:
@@ -177,15 +150,15 @@ def _create_or_unavailable(name: str, pretrained: bool, kwargs: dict) -> torch.n
         raise
 
 
-def _seeded(seed: int, build):
-    """Run ``build()`` under ``torch.manual_seed(seed)`` without disturbing the caller's RNG."""
+def seeded(seed: int, build):
+    """``build()`` under ``torch.manual_seed(seed)``, the caller's RNG untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
 
 
 def _check_arch_name(name: str) -> None:
-    if name.startswith(("hf-hub:", "hf_hub:")):
+    if name.startswith(_HUB):
         return
     base = name.split(".", 1)[0]
     if timm.is_model(name):
@@ -219,8 +192,8 @@ def _arch_of(model: torch.nn.Module, fallback: str) -> str:
 
 
 def _data_config(model: torch.nn.Module) -> dict:
-    """timm's data config for the model, with ``input_size`` set to the size it was built at
-    (timm reports the pretrained default even when ``img_size`` was overridden)."""
+    """timm's data config with ``input_size`` the size the model was built at (timm reports the
+    pretrained default even when ``img_size`` was overridden)."""
     cfg = dict(resolve_data_config({}, model=model))
     img = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if img is not None:
@@ -230,21 +203,18 @@ def _data_config(model: torch.nn.Module) -> dict:
 
 
 def _describe(model, spec, arch, source, data_config) -> LoadedModel:
-    pe = model.patch_embed
-    ps = pe.patch_size
+    ps = model.patch_embed.patch_size
     ps = (ps, ps) if isinstance(ps, int) else tuple(ps)
     if ps[0] != ps[1]:
         raise ValueError(f"non-square patches {ps} are not supported ({spec!r})")
-    grid = tuple(int(g) for g in pe.grid_size)
-    npt = int(getattr(model, "num_prefix_tokens", 1))
-    return LoadedModel(model=model.eval(), spec=spec, arch=arch, source=source,
-                       data_config=data_config, patch_size=int(ps[0]), grid=grid,
-                       num_prefix_tokens=npt)
+    return LoadedModel(model=model.eval(), spec=spec, arch=arch, source=source, data_config=data_config,
+                       patch_size=int(ps[0]), grid=tuple(int(g) for g in model.patch_embed.grid_size),
+                       num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)))
 
 
 def read_state_dict(checkpoint) -> dict[str, torch.Tensor]:
-    """A state dict (name -> tensor) from a checkpoint file or an already loaded checkpoint dict:
-    unwrapped from 'model' / 'state_dict', DDP's 'module.' prefix dropped."""
+    """A state dict from a checkpoint file or a loaded checkpoint dict: unwrapped from 'model' /
+    'state_dict', DDP's 'module.' prefix dropped."""
     path = "the given checkpoint" if isinstance(checkpoint, dict) else Path(checkpoint)
     obj = checkpoint if isinstance(checkpoint, dict) else _load_file(path)
     if isinstance(obj, dict):
@@ -255,7 +225,6 @@ def read_state_dict(checkpoint) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"checkpoint {path} is not a state dict (name -> tensor), nor a dict "
                          "holding one under 'model' or 'state_dict'")
-    # DataParallel / DDP checkpoints prefix every key with 'module.'
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
@@ -277,24 +246,16 @@ def _load_file(path: Path):
 
 def _strict_load(model, state_dict, arch, path) -> None:
     own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
     shapes = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
                     for k in set(own) & set(state_dict) if state_dict[k].shape != own[k].shape)
-    if missing or unexpected or shapes:
-        def show(xs):
-            return ", ".join(xs[:8]) + (f", ... ({len(xs)} in all)" if len(xs) > 8 else "")
-
-        parts = [f"checkpoint {path} does not match timm architecture {arch!r}:"]
-        if missing:
-            parts.append(f"missing keys: {show(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {show(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatches: {show(shapes)}")
-        parts.append("(was it trained with other settings, e.g. img_size or reg_tokens? pass them "
-                     "as img_size= / model_kwargs=)")
-        raise ValueError(" ".join(parts))
+    problems = {"missing keys": sorted(set(own) - set(state_dict)),
+                "unexpected keys": sorted(set(state_dict) - set(own)), "shape mismatches": shapes}
+    parts = [f"{what}: " + ", ".join(xs[:8]) + (f", ... ({len(xs)} in all)" if len(xs) > 8 else "")
+             for what, xs in problems.items() if xs]
+    if parts:
+        raise ValueError(" ".join([f"checkpoint {path} does not match timm architecture {arch!r}:", *parts,
+                                   "(was it trained with other settings, e.g. img_size or reg_tokens? "
+                                   "pass them as img_size= / model_kwargs=)"]))
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -309,28 +270,25 @@ def _is_unavailable_error(e: BaseException) -> bool:
     return cause is not None and cause is not e and _is_unavailable_error(cause)
 
 
-def _weights_locations(name: str) -> str:
-    """Where timm would look for ``name``'s pretrained weights (hub repo and cache, URL)."""
+def _unavailable_message(name: str, e: BaseException) -> str:
+    """Where timm would look for ``name``'s weights (hub repo and cache, URL), and how to get them."""
     try:
         cfg = timm.models.get_pretrained_cfg(name) or {}
         cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     except Exception:  # noqa: BLE001 - only for the message
         cfg = {}
-    hub_id = name.split(":", 1)[1] if name.startswith(("hf-hub:", "hf_hub:")) else cfg.get("hf_hub_id")
+    hub_id = name.split(":", 1)[1] if name.startswith(_HUB) else cfg.get("hf_hub_id")
     where = []
     if hub_id:
         where.append(f"Hugging Face hub repo {hub_id!r}, cached as "
                      f"{Path(constants.HF_HUB_CACHE) / ('models--' + hub_id.replace('/', '--'))}")
     if cfg.get("url"):
         where.append(f"URL {cfg['url']} (torch hub cache {Path(torch.hub.get_dir()) / 'checkpoints'})")
-    return "; ".join(where) if where else "timm lists no pretrained weights for it"
-
-
-def _unavailable_message(name: str, e: BaseException) -> str:
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return (
         f"pretrained weights for model {name!r} are not available here ({type(e).__name__}: {first}). "
-        f"Looked for: {_weights_locations(name)}. To get them: on a machine with internet run "
+        f"Looked for: {'; '.join(where) if where else 'timm lists no pretrained weights for it'}. "
+        f"To get them: on a machine with internet run "
         f"`python -c \"import timm; timm.create_model('{name}', pretrained=True)\"` with "
         f"HF_HUB_CACHE set to a folder, copy that folder here and point HF_HUB_CACHE at it; "
         f"or pass a local checkpoint file as '{name.split('.', 1)[0]}@/path/to/weights.safetensors'. "
