@@ -1,8 +1,9 @@
-"""Figure data -> pixels for the explorers: numpy/PIL overlays (a few ms) and matplotlib plots
-whose data artists are redrawn over a cached background. Colours as :mod:`vitsift_core.report.figures`.
+"""Figure data -> pixels for the explorers: numpy/PIL overlays (a few ms) and matplotlib plots whose
+data artists are redrawn over a cached background. Colours as :mod:`vitsift_core.report.figures`.
 """
 from __future__ import annotations
 
+import functools
 import io
 
 import matplotlib
@@ -17,8 +18,6 @@ from vitsift_core.method.stages import STAGE_NAMES, zscore
 from vitsift_core.report import figures as plots
 from vitsift_core.widgets.core import AttentionView, StageView
 
-_LUT: np.ndarray | None = None
-
 
 def _rgb255(color) -> tuple[int, int, int]:
     return tuple(int(round(255 * v)) for v in to_rgb(color))
@@ -29,11 +28,9 @@ NON_RGB = _rgb255(plots.COLORS["NK"])
 KP_RGB = _rgb255(plots.PALETTE[8])
 
 
+@functools.cache
 def _lut() -> np.ndarray:
-    global _LUT
-    if _LUT is None:
-        _LUT = (matplotlib.colormaps["magma"](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
-    return _LUT
+    return (matplotlib.colormaps["magma"](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
 
 
 def png(arr_or_img, compress_level: int = 1) -> bytes:
@@ -43,19 +40,16 @@ def png(arr_or_img, compress_level: int = 1) -> bytes:
     return buf.getvalue()
 
 
-def _upscale(crop: np.ndarray, scale: int) -> Image.Image:
+def upscale(crop: np.ndarray, scale: int) -> Image.Image:
     im = Image.fromarray(crop)
     return im if scale == 1 else im.resize((crop.shape[1] * scale, crop.shape[0] * scale), Image.BILINEAR)
 
 
 def _grid_lines(a: np.ndarray, grid, step: int, strength: float = 0.35) -> None:
-    """Lighten the pixel rows/columns on patch borders in place (uint8 (H, W, 3))."""
-    ys = np.arange(1, grid[0]) * step
-    xs = np.arange(1, grid[1]) * step
-    for idx, axis in ((ys, 0), (xs, 1)):
-        sl = (idx, slice(None)) if axis == 0 else (slice(None), idx)
-        v = a[sl].astype(np.float32)
-        a[sl] = (v * (1 - strength) + 255 * strength).astype(np.uint8)
+    """Lighten the pixel rows, then columns, on patch borders in place (uint8 (H, W, 3))."""
+    rows, cols = np.arange(1, grid[0]) * step, np.arange(1, grid[1]) * step
+    for sl in ((rows, slice(None)), (slice(None), cols)):
+        a[sl] = (a[sl].astype(np.float32) * (1 - strength) + 255 * strength).astype(np.uint8)
 
 
 def _rect(draw: ImageDraw.ImageDraw, j: int, grid, step: int, color, width: int) -> None:
@@ -65,11 +59,10 @@ def _rect(draw: ImageDraw.ImageDraw, j: int, grid, step: int, color, width: int)
 
 def overlay_image(view: AttentionView, crop: np.ndarray, grid, patch_size: int, scale: int = 2,
                   alpha: float = 0.55, show_keypoints: bool = True, show_grid: bool = True) -> np.ndarray:
-    """The query's attention over the crop: heat map (magma, row scaled to its maximum), patch
-    grid, SIFT keypoints (dots), the attended set S_i outlined in the KK colour (patch holds
-    keypoints) or the NK colour (no keypoint), the query patch in white. -> (S*scale, S*scale, 3)."""
+    """The query's attention over the crop (magma, row scaled to its maximum), patch grid, keypoints,
+    S_i outlined in the KK (keypoint patch) or NK colour, the query in white -> (S*scale, S*scale, 3)."""
     step = patch_size * scale
-    base = np.asarray(_upscale(crop, scale), dtype=np.float32)
+    base = np.asarray(upscale(crop, scale), dtype=np.float32)
     h = np.asarray(view.row, dtype=np.float32).reshape(grid)
     top = float(h.max())
     idx = np.clip(h / top * 255 if top > 0 else h * 0, 0, 255).astype(np.uint8)
@@ -96,10 +89,6 @@ def overlay_image(view: AttentionView, crop: np.ndarray, grid, patch_size: int, 
     return np.asarray(im)
 
 
-def masked_image(masked_crop: np.ndarray, scale: int = 2) -> np.ndarray:
-    return np.asarray(_upscale(masked_crop, scale))
-
-
 def _canvas(figsize, dpi) -> Figure:
     fig = Figure(figsize=figsize, dpi=dpi, layout="none")
     FigureCanvasAgg(fig)
@@ -113,10 +102,8 @@ def fig_png(fig: Figure) -> bytes:
 
 
 class _BlitPlot:
-    """A figure whose static parts (axes, ticks, labels, legend) are rendered once and cached; the
-    data artists are drawn over that background on every frame (``blit=True``), so a frame costs a
-    few artists, not a whole matplotlib draw. With ``blit=False`` (figures that are saved) every
-    artist is an ordinary one."""
+    """A figure whose static parts (axes, labels, legend) are rendered once; with ``blit`` the data
+    artists are drawn over that cached background each frame (figures that are saved: blit=False)."""
 
     def __init__(self, fig: Figure, blit: bool):
         self.fig = fig
@@ -124,6 +111,7 @@ class _BlitPlot:
         self._bg = None
         self._bg_key = None
         self._dynamic: list = []
+        self._limits = None
 
     def _dyn(self, artist):
         if self.blit:
@@ -131,11 +119,10 @@ class _BlitPlot:
         self._dynamic.append(artist)
         return artist
 
-    def _clear_dynamic(self, keep=()) -> None:
+    def _clear_dynamic(self) -> None:
         for a in self._dynamic:
-            if a not in keep:
-                a.remove()
-        self._dynamic = [a for a in self._dynamic if a in keep]
+            a.remove()
+        self._dynamic = []
 
     def frame(self, bg_key) -> np.ndarray:
         """(H, W, 3) uint8 of the current state."""
@@ -151,6 +138,9 @@ class _BlitPlot:
             for a in self._dynamic:
                 a.axes.draw_artist(a) if a.axes is not None else self.fig.draw_artist(a)
         return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+    def png(self) -> bytes:
+        return png(self.frame(self._limits))
 
 
 class LayerCurvesPlot(_BlitPlot):
@@ -181,7 +171,6 @@ class LayerCurvesPlot(_BlitPlot):
         self.ax_f.set_title("0 = one patch, log N = uniform", fontsize=7, loc="right", pad=2)
         self.ax.grid(alpha=0.3)
         self.ax_f.grid(alpha=0.3)
-        self._limits = None
 
     def update(self, view: AttentionView, image_id: str = "") -> None:
         cv = view.curves
@@ -204,9 +193,6 @@ class LayerCurvesPlot(_BlitPlot):
         self.mark.set_data([layer], [cv["theta_kk"][layer - 1]])
         name = image_id.rsplit("/", 1)[-1]
         self.title.set_text(f"{name[:40]} | {view.head_label} | layer {layer} marked")
-
-    def png(self) -> bytes:
-        return png(self.frame(self._limits))
 
 
 class StagePlot(_BlitPlot):
@@ -234,7 +220,6 @@ class StagePlot(_BlitPlot):
         for ax in self.axes:
             ax.set_xlabel("layer")
             ax.grid(alpha=0.3)
-        self._limits = None
 
     def update(self, sv: StageView) -> None:
         a0, a1 = self.axes
@@ -248,13 +233,13 @@ class StagePlot(_BlitPlot):
             a0.set_ylim(*lim[1])
             a1.set_ylim(*self.Z_LIM)
             self._limits = lim
-        if sv.fit is not None:
-            names = sv.fit.names or [f"segment {k + 1}" for k in range(3)]
-            for ax in self.axes:
-                for k, (a, b) in enumerate(sv.fit.segments):
-                    self._dyn(ax.axvspan(a - 0.5, b + 0.5, color=plots.STAGE_COLORS[k % 3], alpha=0.15, lw=0))
-                    self._dyn(ax.text((a + b) / 2, 1.0, names[k], transform=ax.get_xaxis_transform(),
-                                      ha="center", va="bottom", fontsize=8))
+        for ax in self.axes:
+            if sv.fit is not None:                  # plots.shade_stages's spans and labels are data
+                before = set(ax.get_children())
+                plots.shade_stages(ax, sv.fit.segments, sv.fit.names)
+                for a in ax.get_children():
+                    if a not in before:
+                        self._dyn(a)
         self._dyn(a0.plot(x, sv.theta_kk, color=c["KK"], lw=2, marker="o", ms=3)[0])
         self._dyn(a0.plot(x, sv.theta_nk, color=c["NK"], lw=2, marker="o", ms=3)[0])
         self._dyn(a0.plot(x, sv.theta_chance, color=c["chance"], lw=1.2, ls="--")[0])
@@ -273,9 +258,6 @@ class StagePlot(_BlitPlot):
                    else "shape tests fail" if sv.fit is not None else "no fit")
         self._dyn(self.fig.text(0.5, 0.97, f"{sv.n_images} images | gamma={sv.gamma:g} | SIFT threshold="
                                 f"{sv.threshold:g} | {verdict}", ha="center", va="top", fontsize=10))
-
-    def png(self) -> bytes:
-        return png(self.frame(self._limits))
 
 
 def attention_figure(view: AttentionView, crop: np.ndarray, grid, patch_size: int, image_id: str) -> Figure:
