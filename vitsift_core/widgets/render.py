@@ -33,10 +33,14 @@ def _lut() -> np.ndarray:
     return (matplotlib.colormaps["magma"](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
 
 
-def png(arr_or_img, compress_level: int = 1) -> bytes:
-    im = arr_or_img if isinstance(arr_or_img, Image.Image) else Image.fromarray(np.asarray(arr_or_img))
+def png(img) -> bytes:
+    """PNG of an (H, W, 3) uint8 array, a PIL image (fast compression) or a Figure (at its dpi)."""
     buf = io.BytesIO()
-    im.save(buf, format="PNG", compress_level=compress_level)
+    if isinstance(img, Figure):
+        img.savefig(buf, format="png", dpi=img.dpi)
+    else:
+        im = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
+        im.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
@@ -52,9 +56,10 @@ def _grid_lines(a: np.ndarray, grid, step: int, strength: float = 0.35) -> None:
         a[sl] = (a[sl].astype(np.float32) * (1 - strength) + 255 * strength).astype(np.uint8)
 
 
-def _rect(draw: ImageDraw.ImageDraw, j: int, grid, step: int, color, width: int) -> None:
+def _rect(draw: ImageDraw.ImageDraw, j: int, grid, step: int, color, width: int, inset: int = 0) -> None:
     r, c = divmod(int(j), int(grid[1]))
-    draw.rectangle([c * step, r * step, (c + 1) * step - 1, (r + 1) * step - 1], outline=color, width=width)
+    draw.rectangle([c * step + inset, r * step + inset, (c + 1) * step - 1 - inset, (r + 1) * step - 1 - inset],
+                   outline=color, width=width)
 
 
 def overlay_image(view: AttentionView, crop: np.ndarray, grid, patch_size: int, scale: int = 2,
@@ -83,9 +88,7 @@ def overlay_image(view: AttentionView, crop: np.ndarray, grid, patch_size: int, 
     for j in np.flatnonzero(view.attended):
         _rect(d, j, grid, step, KEY_RGB if key[j] else NON_RGB, max(2, scale))
     _rect(d, view.query, grid, step, (255, 255, 255), 2 * scale)
-    r, c = divmod(view.query, int(grid[1]))
-    d.rectangle([c * step + 2 * scale, r * step + 2 * scale, (c + 1) * step - 1 - 2 * scale,
-                 (r + 1) * step - 1 - 2 * scale], outline=(0, 0, 0), width=1)
+    _rect(d, view.query, grid, step, (0, 0, 0), 1, inset=2 * scale)
     return np.asarray(im)
 
 
@@ -93,12 +96,6 @@ def _canvas(figsize, dpi) -> Figure:
     fig = Figure(figsize=figsize, dpi=dpi, layout="none")
     FigureCanvasAgg(fig)
     return fig
-
-
-def fig_png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=fig.dpi)
-    return buf.getvalue()
 
 
 class _BlitPlot:
@@ -117,7 +114,6 @@ class _BlitPlot:
         if self.blit:
             artist.set_animated(True)
         self._dynamic.append(artist)
-        return artist
 
     def _clear_dynamic(self) -> None:
         for a in self._dynamic:

@@ -84,7 +84,7 @@ class _Explorer:
         return True
 
     def static_png(self) -> bytes:
-        return R.fig_png(self.figure())
+        return R.png(self.figure())
 
     def _repr_mimebundle_(self, **kwargs):
         bundle = self.widget._repr_mimebundle_(**kwargs) or {}
@@ -154,20 +154,15 @@ class AttentionExplorer(_Explorer):
         self.redraw()
 
     def _on_click(self, event: dict) -> None:
-        """ipyevents click on the overlay: dataX/dataY are in the PNG's pixels."""
-        if "dataX" in event:
-            self.click(event["dataX"], event["dataY"])
-        else:
-            self.click(event["relativeX"], event["relativeY"], event.get("boundingRectWidth"),
-                       event.get("boundingRectHeight"))
-
-    def click(self, x: float, y: float, width: float | None = None, height: float | None = None) -> int:
-        """Pick the query patch under (x, y) of the overlay shown width x height (default: the PNG's size)."""
+        """ipyevents click on the overlay: dataX/dataY in the PNG's pixels, else relative to its shown size."""
         img = self.lib.get(self.state.image)
         size = img.crop.shape[0] * self.scale
-        q = C.patch_at(x, y, width or size, height or size, img.grid)
-        self.update(query=q)
-        return q
+        if "dataX" in event:
+            x, y, w, h = event["dataX"], event["dataY"], size, size
+        else:
+            x, y = event["relativeX"], event["relativeY"]
+            w, h = event.get("boundingRectWidth") or size, event.get("boundingRectHeight") or size
+        self.update(query=C.patch_at(x, y, w, h, img.grid))
 
     def _on_image(self, image_id: str) -> None:
         if image_id != self.state.image and self._analysed(image_id):
