@@ -237,7 +237,8 @@ def attention_view(img: ImageData, st: AttentionState) -> AttentionView:
         kk, nk, fo = (hc[k][:, st.head - 1] for k in ("theta_kk", "theta_nk", "focus"))
     curves = {"layer": np.arange(1, img.n_layers + 1), "theta_kk": kk, "theta_nk": nk, "focus": fo,
               "theta_chance": hc["theta_chance"]}
-    return AttentionView(st, q, a[q], qv["attended"], qv["line"], qv["theta"], qv["chance"], counts, kps, curves)
+    return AttentionView(st, q, a[q], qv["attended"], qv["line"], qv["theta"], qv["chance"], counts, kps,
+                         curves)
 
 
 def patch_at(x: float, y: float, width: float, height: float, grid: tuple[int, int]) -> int:

@@ -143,7 +143,8 @@ class LayerCurvesPlot(_BlitPlot):
     """theta_KK / theta_NK / theta_chance (top) and the focus index (bottom) per layer for one
     image, with the current layer marked."""
 
-    def __init__(self, figsize=(5.2, 4.2), dpi: int = 80, fig: Figure | None = None, axes=None, blit: bool = True):
+    def __init__(self, figsize=(5.2, 4.2), dpi: int = 80, fig: Figure | None = None, axes=None,
+                 blit: bool = True):
         super().__init__(fig if fig is not None else _canvas(figsize, dpi), blit)
         if axes is None:
             axes = self.fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})

@@ -1,6 +1,5 @@
-"""The explorers' ipywidgets: attention, stages and masking, wired to :mod:`.core` (computation) and
-:mod:`.render` (drawing). Each displays as its widget plus a static PNG of its state, so a notebook
-run headless by papermill still shows a figure.
+"""The explorers' ipywidgets (attention, stages, masking) on :mod:`.core` and :mod:`.render`. Each shows
+its widget plus a static PNG of its state, so a notebook run headless by papermill still has a figure.
 """
 from __future__ import annotations
 
@@ -43,45 +42,57 @@ def _legend() -> str:
     def sw(rgb, text, extra=""):
         return (f'<span style="display:inline-block;width:12px;height:12px;border:2px solid rgb{rgb};'
                 f'margin:0 4px 0 10px;vertical-align:middle;{extra}"></span>{text}')
+    dot = f"background:rgb{R.KP_RGB};border-radius:50%;width:6px;height:6px"
     return ("<div style='font-size:12px'>" + sw(R.KEY_RGB, "attended, keypoint patch")
-            + sw(R.NON_RGB, "attended, no keypoint") + sw((255, 255, 255), "query patch (click another)", "outline:1px solid #000")
-            + sw(R.KP_RGB, "SIFT keypoint", f"background:rgb{R.KP_RGB};border-radius:50%;width:6px;height:6px") + "</div>")
-
-
-def _metric_controls(gamma: float, threshold: float, layout) -> tuple:
-    """The gamma and SIFT threshold sliders and the exclude-self box."""
-    return (W.FloatSlider(value=gamma, min=0.25, max=4.0, step=0.05, description="gamma",
-                          continuous_update=False, style=_STYLE, layout=layout),
-            W.FloatSlider(value=threshold, min=0.005, max=0.2, step=0.005, readout_format=".3f",
-                          description="SIFT contrast", continuous_update=False, style=_STYLE, layout=layout),
-            W.Checkbox(value=False, description="exclude the query's own patch (j != i)", indent=False))
+            + sw(R.NON_RGB, "attended, no keypoint")
+            + sw((255, 255, 255), "query patch (click another)", "outline:1px solid #000")
+            + sw(R.KP_RGB, "SIFT keypoint", dot) + "</div>")
 
 
 class _Explorer:
     """Common logic: the image library, status line, timings, and widget + static PNG in one output."""
 
     widget: W.Widget
+    NEW_IMAGE: dict = {}            # state changes that come with another image
 
     def __init__(self, library: C.ImageLibrary):
         self.lib = library
         self.timings: list[tuple[str, float]] = []
         self.status = _tagged(W.HTML(), "vitsift-status")
 
+    def _metric_controls(self, gamma: float, threshold: float, layout) -> tuple:
+        """The gamma and SIFT threshold sliders and the exclude-self box, wired to ``update``."""
+        ws = (W.FloatSlider(value=gamma, min=0.25, max=4.0, step=0.05, description="gamma",
+                            continuous_update=False, style=_STYLE, layout=layout),
+              W.FloatSlider(value=threshold, min=0.005, max=0.2, step=0.005, readout_format=".3f",
+                            description="SIFT contrast", continuous_update=False, style=_STYLE, layout=layout),
+              W.Checkbox(value=False, description="exclude the query's own patch (j != i)", indent=False))
+        for w, key in zip(ws, ("gamma", "threshold", "exclude_self")):
+            w.observe(lambda ch, key=key: self.update(**{key: ch["new"]}), names="value")
+        return ws
+
     def _lap(self, what: str, t0: float) -> float:
         ms = 1000 * (time.perf_counter() - t0)
         self.timings.append((what, ms))
         return ms
 
-    def _analysed(self, image_id: str) -> bool:
-        """Run the model on ``image_id`` unless cached; False (error shown) if that fails."""
+    def _image_picker(self, image: str, layout) -> W.Dropdown:
+        w = W.Dropdown(options=self.lib.ids(), value=image, description="image", style=_STYLE, layout=layout)
+        w.observe(lambda ch: self._on_image(ch["new"]), names="value")
+        return w
+
+    def _on_image(self, image_id: str) -> None:
+        """Run the model on a newly picked image unless cached (errors shown), then redraw."""
+        if image_id == self.state.image:
+            return
         if not self.lib.is_cached(image_id):
             self.status.value = f"running the model on {html.escape(image_id)} (once per image) ..."
         try:
             self.lib.get(image_id)
         except Exception as e:
             self.status.value = _error(f"cannot analyse {image_id}: {e}")
-            return False
-        return True
+            return
+        self.update(image=image_id, **self.NEW_IMAGE)
 
     def static_png(self) -> bytes:
         return R.png(self.figure())
@@ -103,6 +114,8 @@ class AttentionExplorer(_Explorer):
     the image -> overlay with S_i outlined, theta_i / theta_chance readout and this image's
     theta_KK / theta_NK / focus curves with the current layer marked."""
 
+    NEW_IMAGE = {"query": None}
+
     def __init__(self, library: C.ImageLibrary, image: str | None = None, layer: int | None = None,
                  head: int | None = None, gamma: float = 1.0, threshold: float = C.SIFT_DEFAULT,
                  query: int | None = None, scale: int = 2, uploads: bool = True):
@@ -115,17 +128,16 @@ class AttentionExplorer(_Explorer):
         self.scale = int(scale)
         layer = layer or (img.n_layers + 1) // 2
         self.state = C.AttentionState(image, int(layer), head, float(gamma), float(threshold), query)
-        self.view: C.AttentionView | None = None
         self._plot = R.LayerCurvesPlot()
 
         lay = W.Layout(width="330px")
-        self.w_image = W.Dropdown(options=ids, value=image, description="image", style=_STYLE, layout=lay)
+        self.w_image = self._image_picker(image, lay)
         self.w_upload = W.FileUpload(accept="image/*", multiple=False, description="upload image")
         self.w_layer = _tagged(W.IntSlider(value=self.state.layer, min=1, max=img.n_layers, description="layer",
                                            style=_STYLE, layout=lay), "vitsift-layer")
-        self.w_head = W.Dropdown(options=[("mean over heads", 0)] + [(f"head {h}", h) for h in range(1, img.n_heads + 1)],
-                                 value=head or 0, description="head", style=_STYLE, layout=lay)
-        self.w_gamma, self.w_threshold, self.w_xself = _metric_controls(gamma, threshold, lay)
+        heads = [("mean over heads", 0)] + [(f"head {h}", h) for h in range(1, img.n_heads + 1)]
+        self.w_head = W.Dropdown(options=heads, value=head or 0, description="head", style=_STYLE, layout=lay)
+        self.w_gamma, self.w_threshold, self.w_xself = self._metric_controls(gamma, threshold, lay)
         self.w_kp = W.Checkbox(value=True, description="show SIFT keypoints", indent=False)
         self.w_reset = W.Button(description="query: densest keypoint patch", layout=W.Layout(width="330px"))
         s = img.crop.shape[0] * self.scale
@@ -136,12 +148,8 @@ class AttentionExplorer(_Explorer):
         self.events = ipyevents.Event(source=self.overlay, watched_events=["click"])
         self.events.on_dom_event(self._on_click)
 
-        self.w_image.observe(lambda ch: self._on_image(ch["new"]), names="value")
         self.w_layer.observe(lambda ch: self.update(layer=int(ch["new"])), names="value")
         self.w_head.observe(lambda ch: self.update(head=int(ch["new"]) or None), names="value")
-        self.w_gamma.observe(lambda ch: self.update(gamma=float(ch["new"])), names="value")
-        self.w_threshold.observe(lambda ch: self.update(threshold=float(ch["new"])), names="value")
-        self.w_xself.observe(lambda ch: self.update(exclude_self=bool(ch["new"])), names="value")
         self.w_kp.observe(lambda ch: self.redraw(curves=False, what="keypoints shown"), names="value")
         self.w_reset.on_click(lambda _: self.update(query=None))
         self.w_upload.observe(self._on_upload, names="value")
@@ -163,10 +171,6 @@ class AttentionExplorer(_Explorer):
             x, y = event["relativeX"], event["relativeY"]
             w, h = event.get("boundingRectWidth") or size, event.get("boundingRectHeight") or size
         self.update(query=C.patch_at(x, y, w, h, img.grid))
-
-    def _on_image(self, image_id: str) -> None:
-        if image_id != self.state.image and self._analysed(image_id):
-            self.update(image=image_id, query=None)
 
     def _on_upload(self, change) -> None:
         if not change["new"]:
@@ -209,7 +213,8 @@ class AttentionExplorer(_Explorer):
         th = "undefined (S_i empty)" if np.isnan(v.theta) else f"{v.theta:.4f}"
         n_key = int((v.attended & (v.counts > 0)).sum())
         kk, nk = (v.curves[k][v.state.layer - 1] for k in ("theta_kk", "theta_nk"))
-        return (f"<div><b>query patch {v.query}</b> (row {row}, col {col}; {int(v.counts[v.query])} keypoints) | "
+        return (f"<div><b>query patch {v.query}</b> (row {row}, col {col}; "
+                f"{int(v.counts[v.query])} keypoints) | "
                 f"layer {v.state.layer}, {v.head_label}, gamma {v.state.gamma:g}</div>"
                 f"<div><b>theta_i = <span class='vitsift-theta'>{th}</span></b> vs "
                 f"theta_chance = <span class='vitsift-chance'>{v.chance:.4f}</span> | "
@@ -219,8 +224,7 @@ class AttentionExplorer(_Explorer):
     def figure(self):
         """A matplotlib Figure of the current state (for notebooks run headless / saving)."""
         img = self.lib.get(self.state.image)
-        v = self.view or C.attention_view(img, self.state)
-        return R.attention_figure(v, img.crop, img.grid, img.patch_size, img.id)
+        return R.attention_figure(self.view, img.crop, img.grid, img.patch_size, img.id)
 
 
 # ----------------------------------------------------------------------------------- stages
@@ -238,15 +242,12 @@ class StageExplorer(_Explorer):
         self.images = library.get_many(ids)        # one batched forward for the images not seen yet
         self.gamma, self.threshold, self.exclude_self = float(gamma), float(threshold), False
         self._plot = R.StagePlot()
-        self.w_gamma, self.w_threshold, self.w_xself = _metric_controls(gamma, threshold, W.Layout(width="360px"))
+        lay = W.Layout(width="360px")
+        self.w_gamma, self.w_threshold, self.w_xself = self._metric_controls(gamma, threshold, lay)
         self.plot = _tagged(W.Image(format="png"), "vitsift-stages")
         self.summary = _tagged(W.HTML(), "vitsift-stage-summary")
-        self.w_gamma.observe(lambda ch: self.update(gamma=float(ch["new"])), names="value")
-        self.w_threshold.observe(lambda ch: self.update(threshold=float(ch["new"])), names="value")
-        self.w_xself.observe(lambda ch: self.update(exclude_self=bool(ch["new"])), names="value")
         self.widget = _tagged(W.VBox([W.HBox([self.w_gamma, self.w_threshold, self.w_xself]), self.plot,
                                       self.summary, self.status]), "vitsift-stage-explorer")
-        self.view: C.StageView | None = None
         self.redraw()
 
     def update(self, **changes) -> C.StageView:
@@ -261,7 +262,8 @@ class StageExplorer(_Explorer):
         self.plot.value = self._plot.png()
         self.summary.value = f"<div><b>{html.escape(sv.summary())}</b></div>"
         if sv.fit is not None:
-            cells = "".join(f"<li>{'pass' if ok else '<b>FAIL</b>'}: {html.escape(k)}</li>" for k, ok in sv.fit.tests.items())
+            cells = "".join(f"<li>{'pass' if ok else '<b>FAIL</b>'}: {html.escape(k)}</li>"
+                            for k, ok in sv.fit.tests.items())
             self.summary.value += f"<ul style='margin:2px 0;font-size:12px'>{cells}</ul>"
         ms = self._lap(what, t0)
         self.status.value = f"refitted in {ms:.0f} ms from cached attention of {len(self.images)} images"
@@ -310,10 +312,9 @@ class MaskingExplorer(_Explorer):
         if classifier is not None:
             self._use(classifier)
         self._loader, self._hint = load_classifier, load_hint
-        self.view: C.MaskingView | None = None
 
         lay = W.Layout(width="360px")
-        self.w_image = W.Dropdown(options=library.ids(), value=image, description="image", style=_STYLE, layout=lay)
+        self.w_image = self._image_picker(image, lay)
         self.w_order = W.ToggleButtons(options=list(MK.SINGLE_IMAGE_ORDERS), value=order, description="order",
                                        style=_STYLE)
         self.w_ratio = W.IntSlider(value=int(ratio), min=0, max=90, step=5, description="ratio (%)",
@@ -321,15 +322,14 @@ class MaskingExplorer(_Explorer):
         self.w_mode = W.ToggleButtons(options=list(MK.MODES), value=mode, description="mode", style=_STYLE)
         self.w_layer = W.IntSlider(value=self.state.layer, min=1, max=img.n_layers, description="score layer",
                                    continuous_update=False, style=_STYLE, layout=lay)
-        self.picture = _tagged(W.Image(format="png", layout=W.Layout(width=f"{img.crop.shape[0] * self.scale}px")),
-                               "vitsift-masked")
+        width = f"{img.crop.shape[0] * self.scale}px"
+        self.picture = _tagged(W.Image(format="png", layout=W.Layout(width=width)), "vitsift-masked")
         self.caption = W.HTML()
         self.table = _tagged(W.HTML(), "vitsift-top5")
         self.w_load = W.Button(description="load / train classifier", layout=W.Layout(width="360px"))
         self.w_load.on_click(lambda _: self._load())
         self.w_load.layout.display = "none" if (self.predictor is not None or load_classifier is None) else None
 
-        self.w_image.observe(lambda ch: self._on_image(ch["new"]), names="value")
         self.w_order.observe(lambda ch: self.update(order=ch["new"]), names="value")
         self.w_ratio.observe(lambda ch: self.update(ratio=float(ch["new"])), names="value")
         self.w_mode.observe(lambda ch: self.update(mode=ch["new"]), names="value")
@@ -343,10 +343,6 @@ class MaskingExplorer(_Explorer):
     def _use(self, classifier) -> None:
         self.predictor = C.Predictor(classifier)
         self._names = C.class_names(classifier.classes)
-
-    def _on_image(self, image_id: str) -> None:
-        if image_id != self.state.image and self._analysed(image_id):
-            self.update(image=image_id)
 
     def _load(self) -> None:
         if self._loader is None:
@@ -375,7 +371,8 @@ class MaskingExplorer(_Explorer):
         st = self.state
         v = self.view = C.masking_view(img, st, self.fill_rgb if st.mode == "fill" else (0, 0, 0))
         self.picture.value = R.png(R.upscale(v.image, self.scale))
-        fill = "filled with the normalisation mean" if st.mode == "fill" else "dropped from the token sequence (shown black)"
+        fill = ("filled with the normalisation mean" if st.mode == "fill"
+                else "dropped from the token sequence (shown black)")
         self.caption.value = (f"<div style='font-size:12px'>{len(v.masked)} of {img.n} patches masked "
                               f"({st.ratio:g}%, {self.HOW[st.order]}; s_i from layer {st.layer}), {fill}</div>")
         fwd = "no classifier"
@@ -408,10 +405,12 @@ class MaskingExplorer(_Explorer):
         body = "".join(
             f"<tr><td>{r['rank']}</td><td>{name(r['clean'])}</td><td>{r['p_clean']:.3f}</td>"
             f"<td>{name(r['masked'])}</td><td>{r['p_masked']:.3f}</td>"
-            f"<td>{'=' if r['masked_rank_before'] == r['rank'] else r['masked_rank_before']}</td></tr>" for r in rows)
+            f"<td>{'=' if r['masked_rank_before'] == r['rank'] else r['masked_rank_before']}</td></tr>"
+            for r in rows)
         verdict = "top-1 unchanged" if rows[0]["clean"] == rows[0]["masked"] else "<b>top-1 changed</b>"
+        bold = " (bold: the image's label)" if target is not None else ""
         note = (f"<div style='font-size:12px'>{verdict}; clean top-1 probability {rows[0]['p_clean']:.3f} -> "
-                f"{rows[0]['p_clean_after']:.3f}" + (" (bold: the image's label)" if target is not None else "") + "</div>")
+                f"{rows[0]['p_clean_after']:.3f}{bold}</div>")
         return ("<table style='font-size:12px;border-collapse:collapse' cellpadding='3'>"
                 "<tr><th>#</th><th>clean</th><th>p</th><th>masked</th><th>p</th><th>clean rank</th></tr>"
                 + body + "</table>" + note)
@@ -420,7 +419,7 @@ class MaskingExplorer(_Explorer):
         """Static figure: the masked image and the clean vs masked top-5 probabilities."""
         img = self.lib.get(self.state.image)
         st = self.state
-        v = self.view or C.masking_view(img, st, self.fill_rgb)
+        v = self.view
         fig = R._canvas((10, 3.8), 100)
         a0, a1 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.6]})
         a0.imshow(v.image)
@@ -428,8 +427,9 @@ class MaskingExplorer(_Explorer):
         a0.set_title(f"{len(v.masked)} patches masked: {st.order}, {st.ratio:g}%, {st.mode}", fontsize=9)
         if self.predictor is None:
             a1.axis("off")
-            a1.text(0.5, 0.5, "no classifier loaded:\nthe linear probe is not cached yet\n(the explorer's button, "
-                    "or `vitsift mask-eval`,\ntrains it)", ha="center", va="center", fontsize=10)
+            a1.text(0.5, 0.5, "no classifier loaded:\nthe linear probe is not cached yet\n"
+                    "(the explorer's button, or `vitsift mask-eval`,\ntrains it)", ha="center", va="center",
+                    fontsize=10)
         else:
             clean, masked = self._probs(img, v)
             idx = [i for i, _ in C.top_k(clean)]
