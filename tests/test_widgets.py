@@ -356,7 +356,7 @@ def test_masking_explorer(library, lm):
     assert e._repr_mimebundle_()["image/png"]
 
 
-def test_probe_files_match_the_probe_cache(lm, tmp_path, kp_cache_dir):
+def test_probe_paths_match_the_probe_cache(lm, tmp_path, kp_cache_dir):
     from PIL import Image
 
     from vitsift_core.experiments.probe import ProbeSettings, probe_paths, train_or_load_probe
