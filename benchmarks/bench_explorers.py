@@ -59,8 +59,7 @@ def main(argv=None) -> int:
     from vitsift_core.model.registry import load_model
     from vitsift_core.experiments.study import choose_images
     from vitsift_core.widgets import core as C
-    from vitsift_core.widgets.masking_ui import MaskingExplorer, probe_classifier
-    from vitsift_core.widgets.ui import AttentionExplorer, StageExplorer
+    from vitsift_core.widgets.ui import AttentionExplorer, MaskingExplorer, StageExplorer, probe_classifier
 
     spec = a.images
     if spec == "auto":

@@ -18,7 +18,6 @@ from vitsift_core.experiments import study as study
 from vitsift_core.data.sources import resolve_images
 from vitsift_core.model.registry import load_model
 from vitsift_core.widgets import core as C
-from vitsift_core.widgets import masking_core as MC
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +130,7 @@ def test_explorer_numbers_are_the_core_metrics(lm, img, gamma, xself):
     assert hc["theta_chance"] == float(M.theta_chance(c))
     for layer in (1, 6, 12):
         ref = M.patch_scores(maps[layer - 1][None], c[None], gamma)[0]
-        np.testing.assert_array_equal(MC.patch_scores(img, layer, gamma), ref.numpy())
+        np.testing.assert_array_equal(C.patch_scores(img, layer, gamma), ref.numpy())
     col = MetricCollector(img.n_layers, gamma=gamma)
     col.start_batch({"real": (c[None], xself)})
     with torch.inference_mode(), capture_attention(lm.model, lm.num_prefix_tokens, col):
@@ -183,7 +182,7 @@ def test_patch_scores_equal_metrics(img):
     counts, _ = img.keypoints()
     for layer in (1, 7):
         ref = M.patch_scores(torch.from_numpy(img.maps[layer - 1])[None], torch.from_numpy(counts)[None])[0]
-        np.testing.assert_allclose(MC.patch_scores(img, layer), ref.numpy(), rtol=1e-5, equal_nan=True)
+        np.testing.assert_allclose(C.patch_scores(img, layer), ref.numpy(), rtol=1e-5, equal_nan=True)
 
 
 def test_masking_view_orders_and_ratios(img):
@@ -192,26 +191,26 @@ def test_masking_view_orders_and_ratios(img):
     counts, _ = img.keypoints()
     prev = set()
     for ratio in (0, 10, 30, 60):
-        v = MC.masking_view(img, MC.MaskingState(img.id, "keypoints", ratio), fill_rgb=(1, 2, 3))
+        v = C.masking_view(img, C.MaskingState(img.id, "keypoints", ratio), fill_rgb=(1, 2, 3))
         assert len(v.masked) == MK.n_masked_pct(ratio, img.n)
         assert prev <= set(v.masked.tolist())                      # nested across ratios
         prev = set(v.masked.tolist())
         for j in v.masked:
             r, c = divmod(int(j), img.grid[1])
             assert (v.image[r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] == (1, 2, 3)).all()
-    v = MC.masking_view(img, MC.MaskingState(img.id, "keypoints", 10))
+    v = C.masking_view(img, C.MaskingState(img.id, "keypoints", 10))
     assert counts[v.ranking[0]] == counts.max()
-    top = MC.masking_view(img, MC.MaskingState(img.id, "top", 20))
+    top = C.masking_view(img, C.MaskingState(img.id, "top", 20))
     s = top.scores
     assert np.nanmin(s[top.masked]) >= np.nanmax(np.delete(s, top.masked)) - 1e-7
     with pytest.raises(ValueError):
-        MC.masking_view(img, MC.MaskingState(img.id, "sideways", 20))
+        C.masking_view(img, C.MaskingState(img.id, "sideways", 20))
 
 
 def test_top5_change():
     clean = np.array([0.1, 0.5, 0.2, 0.05, 0.15])
     masked = np.array([0.6, 0.1, 0.1, 0.1, 0.1])
-    rows = MC.top5_change(clean, masked, k=3)
+    rows = C.top5_change(clean, masked, k=3)
     assert [r["clean"] for r in rows] == [1, 2, 4] and rows[0]["masked"] == 0
     assert rows[0]["clean_rank_after"] == 2 and rows[0]["masked_rank_before"] == 4
     assert rows[0]["p_clean_after"] == pytest.approx(0.1)
@@ -331,7 +330,7 @@ class _FakeClassifier:
 
 
 def test_masking_explorer(library, lm):
-    from vitsift_core.widgets.masking_ui import MaskingExplorer
+    from vitsift_core.widgets.ui import MaskingExplorer
 
     e = MaskingExplorer(library, ratio=0, load_classifier=lambda: _FakeClassifier(lm), load_hint="click load")
     assert e.predictor is None and "No classifier" in e.table.value
@@ -357,11 +356,10 @@ def test_masking_explorer(library, lm):
     assert e._repr_mimebundle_()["image/png"]
 
 
-def test_probe_files_match_the_probe_cache(lm, tmp_path, kp_cache_dir):
+def test_probe_paths_match_the_probe_cache(lm, tmp_path, kp_cache_dir):
     from PIL import Image
 
-    from vitsift_core.experiments.probe import ProbeSettings, train_or_load_probe
-    from vitsift_core.widgets.masking_ui import probe_files
+    from vitsift_core.experiments.probe import ProbeSettings, probe_paths, train_or_load_probe
 
     for cls in ("a", "b"):
         d = tmp_path / "train" / cls
@@ -369,7 +367,7 @@ def test_probe_files_match_the_probe_cache(lm, tmp_path, kp_cache_dir):
         for i in range(2):
             Image.fromarray(np.full((40, 40, 3), 60 * i + (100 if cls == "a" else 0), np.uint8)).save(d / f"{i}.png")
     s = ProbeSettings(train_images=str(tmp_path / "train"), per_class=2, max_iter=5)
-    w, j = probe_files(lm, s)
+    w, j = probe_paths(lm, s)
     assert not w.exists()
     train_or_load_probe(lm, s, batch_size=4, num_workers=0, progress=False)
     assert w.exists() and j.exists()

@@ -1,8 +1,9 @@
-"""Figure data -> pixels for the explorers: numpy/PIL overlays (a few ms) and matplotlib plots
-whose data artists are redrawn over a cached background. Colours as :mod:`vitsift_core.report.figures`.
+"""Figure data -> pixels for the explorers: numpy/PIL overlays (a few ms) and matplotlib plots whose
+data artists are redrawn over a cached background. Colours as :mod:`vitsift_core.report.figures`.
 """
 from __future__ import annotations
 
+import functools
 import io
 
 import matplotlib
@@ -17,8 +18,6 @@ from vitsift_core.method.stages import STAGE_NAMES, zscore
 from vitsift_core.report import figures as plots
 from vitsift_core.widgets.core import AttentionView, StageView
 
-_LUT: np.ndarray | None = None
-
 
 def _rgb255(color) -> tuple[int, int, int]:
     return tuple(int(round(255 * v)) for v in to_rgb(color))
@@ -29,47 +28,46 @@ NON_RGB = _rgb255(plots.COLORS["NK"])
 KP_RGB = _rgb255(plots.PALETTE[8])
 
 
+@functools.cache
 def _lut() -> np.ndarray:
-    global _LUT
-    if _LUT is None:
-        _LUT = (matplotlib.colormaps["magma"](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
-    return _LUT
+    return (matplotlib.colormaps["magma"](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
 
 
-def png(arr_or_img, compress_level: int = 1) -> bytes:
-    im = arr_or_img if isinstance(arr_or_img, Image.Image) else Image.fromarray(np.asarray(arr_or_img))
+def png(img) -> bytes:
+    """PNG of an (H, W, 3) uint8 array, a PIL image (fast compression) or a Figure (at its dpi)."""
     buf = io.BytesIO()
-    im.save(buf, format="PNG", compress_level=compress_level)
+    if isinstance(img, Figure):
+        img.savefig(buf, format="png", dpi=img.dpi)
+    else:
+        im = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
+        im.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
-def _upscale(crop: np.ndarray, scale: int) -> Image.Image:
+def upscale(crop: np.ndarray, scale: int) -> Image.Image:
     im = Image.fromarray(crop)
     return im if scale == 1 else im.resize((crop.shape[1] * scale, crop.shape[0] * scale), Image.BILINEAR)
 
 
 def _grid_lines(a: np.ndarray, grid, step: int, strength: float = 0.35) -> None:
-    """Lighten the pixel rows/columns on patch borders in place (uint8 (H, W, 3))."""
-    ys = np.arange(1, grid[0]) * step
-    xs = np.arange(1, grid[1]) * step
-    for idx, axis in ((ys, 0), (xs, 1)):
-        sl = (idx, slice(None)) if axis == 0 else (slice(None), idx)
-        v = a[sl].astype(np.float32)
-        a[sl] = (v * (1 - strength) + 255 * strength).astype(np.uint8)
+    """Lighten the pixel rows, then columns, on patch borders in place (uint8 (H, W, 3))."""
+    rows, cols = np.arange(1, grid[0]) * step, np.arange(1, grid[1]) * step
+    for sl in ((rows, slice(None)), (slice(None), cols)):
+        a[sl] = (a[sl].astype(np.float32) * (1 - strength) + 255 * strength).astype(np.uint8)
 
 
-def _rect(draw: ImageDraw.ImageDraw, j: int, grid, step: int, color, width: int) -> None:
+def _rect(draw: ImageDraw.ImageDraw, j: int, grid, step: int, color, width: int, inset: int = 0) -> None:
     r, c = divmod(int(j), int(grid[1]))
-    draw.rectangle([c * step, r * step, (c + 1) * step - 1, (r + 1) * step - 1], outline=color, width=width)
+    draw.rectangle([c * step + inset, r * step + inset, (c + 1) * step - 1 - inset, (r + 1) * step - 1 - inset],
+                   outline=color, width=width)
 
 
 def overlay_image(view: AttentionView, crop: np.ndarray, grid, patch_size: int, scale: int = 2,
                   alpha: float = 0.55, show_keypoints: bool = True, show_grid: bool = True) -> np.ndarray:
-    """The query's attention over the crop: heat map (magma, row scaled to its maximum), patch
-    grid, SIFT keypoints (dots), the attended set S_i outlined in the KK colour (patch holds
-    keypoints) or the NK colour (no keypoint), the query patch in white. -> (S*scale, S*scale, 3)."""
+    """The query's attention over the crop (magma, row scaled to its maximum), patch grid, keypoints,
+    S_i outlined in the KK (keypoint patch) or NK colour, the query in white -> (S*scale, S*scale, 3)."""
     step = patch_size * scale
-    base = np.asarray(_upscale(crop, scale), dtype=np.float32)
+    base = np.asarray(upscale(crop, scale), dtype=np.float32)
     h = np.asarray(view.row, dtype=np.float32).reshape(grid)
     top = float(h.max())
     idx = np.clip(h / top * 255 if top > 0 else h * 0, 0, 255).astype(np.uint8)
@@ -90,14 +88,8 @@ def overlay_image(view: AttentionView, crop: np.ndarray, grid, patch_size: int, 
     for j in np.flatnonzero(view.attended):
         _rect(d, j, grid, step, KEY_RGB if key[j] else NON_RGB, max(2, scale))
     _rect(d, view.query, grid, step, (255, 255, 255), 2 * scale)
-    r, c = divmod(view.query, int(grid[1]))
-    d.rectangle([c * step + 2 * scale, r * step + 2 * scale, (c + 1) * step - 1 - 2 * scale,
-                 (r + 1) * step - 1 - 2 * scale], outline=(0, 0, 0), width=1)
+    _rect(d, view.query, grid, step, (0, 0, 0), 1, inset=2 * scale)
     return np.asarray(im)
-
-
-def masked_image(masked_crop: np.ndarray, scale: int = 2) -> np.ndarray:
-    return np.asarray(_upscale(masked_crop, scale))
 
 
 def _canvas(figsize, dpi) -> Figure:
@@ -106,17 +98,9 @@ def _canvas(figsize, dpi) -> Figure:
     return fig
 
 
-def fig_png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=fig.dpi)
-    return buf.getvalue()
-
-
 class _BlitPlot:
-    """A figure whose static parts (axes, ticks, labels, legend) are rendered once and cached; the
-    data artists are drawn over that background on every frame (``blit=True``), so a frame costs a
-    few artists, not a whole matplotlib draw. With ``blit=False`` (figures that are saved) every
-    artist is an ordinary one."""
+    """A figure whose static parts (axes, labels, legend) are rendered once; with ``blit`` the data
+    artists are drawn over that cached background each frame (figures that are saved: blit=False)."""
 
     def __init__(self, fig: Figure, blit: bool):
         self.fig = fig
@@ -124,18 +108,17 @@ class _BlitPlot:
         self._bg = None
         self._bg_key = None
         self._dynamic: list = []
+        self._limits = None
 
     def _dyn(self, artist):
         if self.blit:
             artist.set_animated(True)
         self._dynamic.append(artist)
-        return artist
 
-    def _clear_dynamic(self, keep=()) -> None:
+    def _clear_dynamic(self) -> None:
         for a in self._dynamic:
-            if a not in keep:
-                a.remove()
-        self._dynamic = [a for a in self._dynamic if a in keep]
+            a.remove()
+        self._dynamic = []
 
     def frame(self, bg_key) -> np.ndarray:
         """(H, W, 3) uint8 of the current state."""
@@ -152,12 +135,16 @@ class _BlitPlot:
                 a.axes.draw_artist(a) if a.axes is not None else self.fig.draw_artist(a)
         return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
+    def png(self) -> bytes:
+        return png(self.frame(self._limits))
+
 
 class LayerCurvesPlot(_BlitPlot):
     """theta_KK / theta_NK / theta_chance (top) and the focus index (bottom) per layer for one
     image, with the current layer marked."""
 
-    def __init__(self, figsize=(5.2, 4.2), dpi: int = 80, fig: Figure | None = None, axes=None, blit: bool = True):
+    def __init__(self, figsize=(5.2, 4.2), dpi: int = 80, fig: Figure | None = None, axes=None,
+                 blit: bool = True):
         super().__init__(fig if fig is not None else _canvas(figsize, dpi), blit)
         if axes is None:
             axes = self.fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
@@ -181,7 +168,6 @@ class LayerCurvesPlot(_BlitPlot):
         self.ax_f.set_title("0 = one patch, log N = uniform", fontsize=7, loc="right", pad=2)
         self.ax.grid(alpha=0.3)
         self.ax_f.grid(alpha=0.3)
-        self._limits = None
 
     def update(self, view: AttentionView, image_id: str = "") -> None:
         cv = view.curves
@@ -204,9 +190,6 @@ class LayerCurvesPlot(_BlitPlot):
         self.mark.set_data([layer], [cv["theta_kk"][layer - 1]])
         name = image_id.rsplit("/", 1)[-1]
         self.title.set_text(f"{name[:40]} | {view.head_label} | layer {layer} marked")
-
-    def png(self) -> bytes:
-        return png(self.frame(self._limits))
 
 
 class StagePlot(_BlitPlot):
@@ -234,7 +217,6 @@ class StagePlot(_BlitPlot):
         for ax in self.axes:
             ax.set_xlabel("layer")
             ax.grid(alpha=0.3)
-        self._limits = None
 
     def update(self, sv: StageView) -> None:
         a0, a1 = self.axes
@@ -248,13 +230,13 @@ class StagePlot(_BlitPlot):
             a0.set_ylim(*lim[1])
             a1.set_ylim(*self.Z_LIM)
             self._limits = lim
-        if sv.fit is not None:
-            names = sv.fit.names or [f"segment {k + 1}" for k in range(3)]
-            for ax in self.axes:
-                for k, (a, b) in enumerate(sv.fit.segments):
-                    self._dyn(ax.axvspan(a - 0.5, b + 0.5, color=plots.STAGE_COLORS[k % 3], alpha=0.15, lw=0))
-                    self._dyn(ax.text((a + b) / 2, 1.0, names[k], transform=ax.get_xaxis_transform(),
-                                      ha="center", va="bottom", fontsize=8))
+        for ax in self.axes:
+            if sv.fit is not None:                  # plots.shade_stages's spans and labels are data
+                before = set(ax.get_children())
+                plots.shade_stages(ax, sv.fit.segments, sv.fit.names)
+                for a in ax.get_children():
+                    if a not in before:
+                        self._dyn(a)
         self._dyn(a0.plot(x, sv.theta_kk, color=c["KK"], lw=2, marker="o", ms=3)[0])
         self._dyn(a0.plot(x, sv.theta_nk, color=c["NK"], lw=2, marker="o", ms=3)[0])
         self._dyn(a0.plot(x, sv.theta_chance, color=c["chance"], lw=1.2, ls="--")[0])
@@ -273,9 +255,6 @@ class StagePlot(_BlitPlot):
                    else "shape tests fail" if sv.fit is not None else "no fit")
         self._dyn(self.fig.text(0.5, 0.97, f"{sv.n_images} images | gamma={sv.gamma:g} | SIFT threshold="
                                 f"{sv.threshold:g} | {verdict}", ha="center", va="top", fontsize=10))
-
-    def png(self) -> bytes:
-        return png(self.frame(self._limits))
 
 
 def attention_figure(view: AttentionView, crop: np.ndarray, grid, patch_size: int, image_id: str) -> Figure:

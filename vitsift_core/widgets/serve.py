@@ -1,11 +1,6 @@
-"""``make explore``: the explorers notebook as a stand-alone page, served by Voila on localhost.
+"""``make explore``: Voila serves notebooks/08_explorers.ipynb (outputs only) on localhost.
 
-    python -m vitsift_core.widgets.serve [--port 0] [--images samples] [--n 12] [--stage-images 6]
-
-Voila runs ``notebooks/08_explorers.ipynb`` in a fresh kernel and shows its outputs only (markdown
-and widgets, no code cells). ``--port 0`` (the default) takes a free port. The address is printed
-once the server answers; Ctrl-C stops it. The options become the ``VITSIFT_EXPLORE_*`` variables
-that the notebook reads in place of its parameters (Voila cannot pass papermill parameters).
+The options reach the notebook as ``VITSIFT_EXPLORE_*`` variables (Voila takes no papermill parameters).
 """
 from __future__ import annotations
 
@@ -33,6 +28,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def voila_command(notebook: Path, port: int, host: str = "127.0.0.1") -> list[str]:
+    """Voila on ``notebook``: no browser, no code cells."""
     voila = Path(sys.executable).with_name("voila")
     exe = [str(voila)] if voila.exists() else [sys.executable, "-m", "voila"]
     return exe + [str(notebook), f"--port={port}", "--no-browser", f"--Voila.ip={host}",
@@ -41,6 +37,7 @@ def voila_command(notebook: Path, port: int, host: str = "127.0.0.1") -> list[st
 
 def explore_env(images: str | None = None, n: int | None = None, stage_images: int | None = None,
                 model: str | None = None, base: dict | None = None) -> dict:
+    """``base`` (default: this environment) with the page's ``VITSIFT_EXPLORE*`` variables."""
     env = dict(os.environ if base is None else base)
     env["VITSIFT_EXPLORE"] = "1"
     for key, val in (("VITSIFT_EXPLORE_IMAGES", images), ("VITSIFT_EXPLORE_N", n),
@@ -67,8 +64,7 @@ def wait_until_up(url: str, proc: subprocess.Popen | None = None, timeout: float
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vitsift_core.widgets.serve", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m vitsift_core.widgets.serve", description=__doc__)
     ap.add_argument("--port", type=int, default=0, help="0: a free port")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--notebook", default=str(NOTEBOOK))
