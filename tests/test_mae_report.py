@@ -10,7 +10,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from vitsift_core.experiments.recovery import recovery_summary  # noqa: E402
-from vitsift_core.method import stats as C  # noqa: E402
+from vitsift_core.report import convergence as C  # noqa: E402
 from vitsift_core.report import mae as R  # noqa: E402
 
 
