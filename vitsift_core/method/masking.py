@@ -64,7 +64,7 @@ def donor_rows(ids: Sequence[str], seed: int = 0) -> np.ndarray:
 
 
 def donor_scores(scores: np.ndarray, ids: Sequence[str], orders: Sequence[str], seed: int = 0) -> np.ndarray | None:
-    """scores (n, N) -> the donors' maps (n, N) for :func:`rank_patches`; None without ``*_other`` orders."""
+    """scores (n, N) -> the donors' maps (n, N); None without ``*_other`` orders."""
     if not any(o in DONOR_ORDERS for o in orders):
         return None
     return np.asarray(scores)[donor_rows(ids, seed)]
@@ -83,24 +83,18 @@ def rank_patches(order: str, *, scores: torch.Tensor | np.ndarray | None = None,
             raise ValueError(f"order {order!r} needs other_scores: the score maps of each image's donor "
                              "(see donor_rows)")
         return rank_patches(DONOR_ORDERS[order], scores=other_scores, ids=ids, seed=seed, tiebreak=tiebreak)
-    ref = scores if scores is not None else counts
-    if order in ("top", "bottom"):
-        if scores is None:
-            raise ValueError(f"order {order!r} needs scores")
-        s = np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64)
-    elif order == "keypoints":
-        if counts is None:
-            raise ValueError("order 'keypoints' needs counts")
-        s = np.asarray(counts.detach().cpu() if isinstance(counts, torch.Tensor) else counts, dtype=np.float64)
-    elif order == "random":
-        if ids is None:
-            raise ValueError("order 'random' needs image ids")
-        n = np.asarray(ref).shape[-1] if ref is not None else None
-        if n is None:
-            raise ValueError("order 'random' needs scores or counts for the number of patches")
-        return np.stack([_image_rng(seed, i, 1).permutation(n) for i in ids]).astype(np.int64)
-    else:
+    if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    if order == "random":
+        ref = scores if scores is not None else counts
+        if ids is None or ref is None:
+            raise ValueError("order 'random' needs image ids, and scores or counts for the number of patches")
+        n = np.asarray(ref).shape[-1]
+        return np.stack([_image_rng(seed, i, 1).permutation(n) for i in ids]).astype(np.int64)
+    src = counts if order == "keypoints" else scores
+    if src is None:
+        raise ValueError(f"order {order!r} needs {'counts' if order == 'keypoints' else 'scores'}")
+    s = np.asarray(src.detach().cpu() if isinstance(src, torch.Tensor) else src, dtype=np.float64)
     if s.ndim != 2:
         raise ValueError(f"expected (B, N) scores/counts, got shape {s.shape}")
     b, n = s.shape

@@ -75,15 +75,11 @@ def fit_stages(theta_curve, focus_curve, min_len: int = 2, flat_tol: float = 0.0
         raise ValueError("curves contain NaN; drop undefined layers before fitting")
     ys = np.stack([zscore(th), zscore(fo)])
     x = np.arange(1, n + 1, dtype=np.float64)
-
     best = None
     for b1 in range(min_len, n - 2 * min_len + 1):
         for b2 in range(b1 + min_len, n - min_len + 1):
-            sse = 0.0
-            for lo, hi in ((0, b1), (b1, b2), (b2, n)):
-                sse += _line_fit(x[lo:hi], ys[:, lo:hi])[1]
-            # strict < keeps the earliest breakpoints on exact ties: deterministic
-            if best is None or sse < best[0] - 1e-12:
+            sse = sum(_line_fit(x[lo:hi], ys[:, lo:hi])[1] for lo, hi in ((0, b1), (b1, b2), (b2, n)))
+            if best is None or sse < best[0] - 1e-12:       # exact ties: the earliest breakpoints
                 best = (sse, b1, b2)
     sse, b1, b2 = best
     segs = [(1, b1), (b1 + 1, b2), (b2 + 1, n)]
