@@ -51,8 +51,8 @@ def zscore(y: np.ndarray) -> np.ndarray:
     return (y - y.mean()) / sd if sd > 0 else np.zeros_like(y)
 
 
-def _line_fit(x: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, float]:
-    """Least-squares lines for several curves over the same x. ys: (C, n) -> slopes (C,), sse."""
+def line_fit(x: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, float]:
+    """Least-squares lines of several curves over the same x: x (n,), ys (C, n) -> slopes (C,), sse."""
     xc = x - x.mean()
     denom = (xc ** 2).sum()
     yc = ys - ys.mean(axis=1, keepdims=True)
@@ -78,14 +78,14 @@ def fit_stages(theta_curve, focus_curve, min_len: int = 2, flat_tol: float = 0.0
     best = None
     for b1 in range(min_len, n - 2 * min_len + 1):
         for b2 in range(b1 + min_len, n - min_len + 1):
-            sse = sum(_line_fit(x[lo:hi], ys[:, lo:hi])[1] for lo, hi in ((0, b1), (b1, b2), (b2, n)))
+            sse = sum(line_fit(x[lo:hi], ys[:, lo:hi])[1] for lo, hi in ((0, b1), (b1, b2), (b2, n)))
             if best is None or sse < best[0] - 1e-12:       # exact ties: the earliest breakpoints
                 best = (sse, b1, b2)
     sse, b1, b2 = best
     segs = [(1, b1), (b1 + 1, b2), (b2 + 1, n)]
     slopes, means = [], []
     for lo, hi in ((0, b1), (b1, b2), (b2, n)):
-        s, _ = _line_fit(x[lo:hi], ys[:, lo:hi])
+        s, _ = line_fit(x[lo:hi], ys[:, lo:hi])
         slopes.append({"theta": float(s[0]), "focus": float(s[1])})
         means.append({"theta": float(ys[0, lo:hi].mean()), "focus": float(ys[1, lo:hi].mean())})
     tests = {

@@ -8,7 +8,7 @@ import pandas as pd
 
 from vitsift_core.experiments.study import Variant, heads, per_image_layer
 from vitsift_core.method import stats as S
-from vitsift_core.method.stages import fit_recipe, fit_stages, stage_curves
+from vitsift_core.method.stages import fit_recipe, fit_stages, line_fit, stage_curves
 
 
 @dataclass
@@ -28,16 +28,10 @@ class Claim:
                 "holds": "yes" if self.holds else "no"}
 
 
-def _slope_rows(m: np.ndarray) -> np.ndarray:
-    """Least-squares slope over layers 1..L: m (R, L) -> (R,)."""
-    x = np.arange(1, m.shape[1] + 1, dtype=np.float64)
-    xc = x - x.mean()
-    return (m - m.mean(axis=-1, keepdims=True)) @ xc / (xc ** 2).sum()
-
-
 def kk_rise(m: np.ndarray, axis: int = 0) -> float:
-    """Sec 4.1: trend slope of the mean curve of m (I, L)."""
-    return _slope_rows(np.nanmean(m, axis=0)[None])[0]
+    """Sec 4.1: trend slope over layers 1..L of the mean curve of m (I, L)."""
+    c = np.nanmean(m, axis=0)
+    return line_fit(np.arange(1, len(c) + 1, dtype=np.float64), c[None])[0][0]
 
 
 def focus_dip(m: np.ndarray, axis: int = 0) -> float:
