@@ -114,11 +114,7 @@ class RunFolder:
 
     def __init__(self, path: str | Path, params: Params):
         self.path, self.params = Path(path), params
-        self.parts = self.path / "parts"
-
-    @property
-    def params_json(self) -> Path:
-        return self.path / "params.json"
+        self.parts, self.params_json = self.path / "parts", self.path / "params.json"
 
     def prepare(self, n_images: int, **extra) -> None:
         """Create the folder with its params.json, or check that it holds this identity."""
