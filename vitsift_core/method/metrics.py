@@ -39,7 +39,7 @@ def theta_rows(attn: torch.Tensor, counts: torch.Tensor, gamma: float = 1.0, wei
 
 def theta_from_mask(mask: torch.Tensor, counts: torch.Tensor, weighted: bool = True,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """theta_i from attended sets: mask (..., N, N), counts (..., N) -> (..., N) ``dtype``; NaN if S_i = {}."""
+    """theta_i from attended sets mask (..., N, N) and counts (..., N) -> (..., N); NaN if S_i is empty."""
     m = mask.to(dtype)
     t = counts.to(dtype=dtype, device=m.device)
     if weighted:
