@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 from vitsift_core.experiments import study as study
 from vitsift_core.method import stats as S
+from vitsift_core.method.stages import line_fit
 from vitsift_core.report import claims as RC
 from vitsift_core.experiments.analysis import AnalysisParams
 
@@ -26,9 +27,10 @@ def test_bootstrap_ci_basic():
 
 
 def test_trend_rules():
-    """The slope and dip rules of the claims table (the unused study.trend copy of the slope was
-    deleted): hand-made (images, layers) tables -> expected statistics."""
-    assert RC._slope_rows(np.array([[1.0, 3.0, 5.0], [2.0, 2.0, 2.0]])).tolist() == pytest.approx([2.0, 0.0])
+    """The slope and dip rules of the claims table (the slope is the stage fit's line_fit):
+    hand-made (images, layers) tables -> expected statistics."""
+    slopes, _ = line_fit(np.arange(1.0, 4.0), np.array([[1.0, 3.0, 5.0], [2.0, 2.0, 2.0]]))
+    assert slopes.tolist() == pytest.approx([2.0, 0.0])
     assert RC.kk_rise(np.array([[1.0, 3.0, 5.0], [1.0, np.nan, 5.0]])) == pytest.approx(2.0)
     assert RC.focus_dip(np.array([[3.0, 1.0, 2.0], [3.0, 1.0, 4.0]])) == pytest.approx(2.0)   # curve 3, 1, 3
     assert RC.focus_dip(np.array([[1.0, 2.0, 3.0]])) == 0.0                                     # no dip

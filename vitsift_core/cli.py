@@ -59,7 +59,7 @@ def _params(a, **kw) -> AnalysisParams:
 
 
 def _rank_params(params: AnalysisParams) -> tuple[AnalysisParams, int, int, object]:
-    """(params on this process's device, rank, world, barrier): torchrun joined when launched by it."""
+    """(params on this process's device, rank, world, barrier), joining torchrun when launched by it."""
     rank, world, barrier = distributed()
     return params.replace(device=rank_device(params.device, world)), rank, world, barrier
 
@@ -87,29 +87,23 @@ def cmd_analyze(a) -> int:
     return 0
 
 
+COMMANDS = {"analyze": (_add_analyze, cmd_analyze), "suite": (_add_suite, cmd_suite),
+            "mask-eval": (_add_mask_eval, cmd_mask_eval), "pretrain": (_add_pretrain, cmd_pretrain)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vitsift", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    _add_analyze(sub)
-    _add_suite(sub)
-    _add_mask_eval(sub)
-    _add_pretrain(sub)
+    for add, _ in COMMANDS.values():
+        add(sub)
     a = parser.parse_args(argv)
     try:
-        if a.cmd == "analyze":
-            return cmd_analyze(a)
-        if a.cmd == "suite":
-            return cmd_suite(a)
-        if a.cmd == "mask-eval":
-            return cmd_mask_eval(a)
-        if a.cmd == "pretrain":
-            return cmd_pretrain(a)
+        return COMMANDS[a.cmd][1](a)
     except (RunMismatch, ValueError, FileNotFoundError, ModelWeightsUnavailable) as e:
         print(f"vitsift {a.cmd}: error: {e}", file=sys.stderr)
         return 2
     finally:
         end_distributed()
-    return 1
 
 
 if __name__ == "__main__":

@@ -1,10 +1,5 @@
-"""One place for every path the project uses, and the one atomic file write.
-
-All paths derive from the project root (this checkout) or from two environment settings:
-
-- ``VITSIFT_DATA``: folder holding data sets (``imagenette2-160/`` ...). Default: ``<root>/data``.
-- ``VITSIFT_CACHE``: user cache for converted weights, keypoint caches, trained probes.
-  Default: ``$XDG_CACHE_HOME/vitsift`` or ``~/.cache/vitsift``.
+"""Every path the project uses (from the checkout or VITSIFT_DATA / _CACHE / _RESULTS / _REPORTS), and
+the one atomic file write.
 """
 from __future__ import annotations
 
@@ -21,12 +16,9 @@ def data_dir() -> Path:
 
 
 def cache_dir() -> Path:
+    xdg = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     env = os.environ.get("VITSIFT_CACHE")
-    if env:
-        p = Path(env).expanduser()
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-        p = base / "vitsift"
+    p = Path(env).expanduser() if env else xdg / "vitsift"
     p.mkdir(parents=True, exist_ok=True)
     return p
 
@@ -46,9 +38,8 @@ def tmp_path(path: str | Path) -> Path:
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, then move it in place (``os.replace``):
-    a reader sees the old file or the whole new one, never a half-written one. ``write`` must open
-    the path it is given as is (``np.save`` appends ``.npy`` to a name: give it an open file)."""
+    """``write(tmp)`` beside ``path``, then ``os.replace``: readers never see a half-written file.
+    ``write`` must use the path as is (give ``np.save`` an open file)."""
     path = Path(path)
     tmp = tmp_path(path)
     try:

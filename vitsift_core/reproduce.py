@@ -1,21 +1,5 @@
-"""`make reproduce`: run every notebook headless with one profile's parameters.
-
-A profile (``params/<name>.yaml``) is::
-
-    description: one line shown in reports/index.md
-    parameters:            # given to every notebook that declares the key
-      model: embedded
-      limit: 1000
-    notebooks:             # optional per-notebook overrides / extras
-      06_spurious_masking:
-        limit: 300
-    only: [02_sift_keypoints]   # optional: run just these notebooks
-
-Before anything runs, every key is checked against the parameters the notebooks declare
-(papermill reads the cell tagged ``parameters``): a key no notebook declares is an error
-naming it, never a silently ignored value. Each notebook also receives ``profile``.
-Executed notebooks go to ``reports/``, figures to ``reports/figures/``, tables to
-``reports/tables/``, and ``reports/index.md`` lists them.
+"""`make reproduce`: run every notebook headless with one profile's parameters (``params/<name>.yaml``,
+checked key by key against the notebooks' parameters cells first; README "Layout").
 """
 from __future__ import annotations
 
@@ -32,11 +16,10 @@ from vitsift_core.paths import ROOT, reports_dir
 
 NOTEBOOKS = ROOT / "notebooks"
 PARAMS = ROOT / "params"
-ALWAYS = ("profile",)
 
 
 class ProfileError(ValueError):
-    pass
+    """A profile key that no notebook declares, or a malformed profile."""
 
 
 def notebook_paths(folder: Path = NOTEBOOKS) -> list[Path]:
@@ -61,46 +44,33 @@ def load_profile(name_or_path: str) -> dict:
     if unknown_top:
         raise ProfileError(f"{p}: unknown top-level keys {sorted(unknown_top)} "
                            "(allowed: description, parameters, notebooks, only)")
-    d.setdefault("parameters", {})
-    d.setdefault("notebooks", {})
-    d["name"] = p.stem
-    d["path"] = str(p)
-    return d
+    return {"parameters": {}, "notebooks": {}, **d, "name": p.stem, "path": str(p)}
 
 
 def plan(profile: dict, notebooks: list[Path]) -> list[tuple[Path, dict]]:
     """-> [(notebook, parameters to pass)]; raises ProfileError on any unknown key."""
     declared = {nb.stem: declared_parameters(nb) for nb in notebooks}
-    errors = []
-    for nb, decl in declared.items():
-        if "profile" not in decl:
-            errors.append(f"{nb}.ipynb does not declare 'profile' in its parameters cell")
-    all_keys = set().union(*[set(d) for d in declared.values()]) if declared else set()
-    for k in profile["parameters"]:
-        if k not in all_keys:
-            errors.append(f"{profile['path']}: parameter {k!r} is declared by no notebook")
+    where = profile["path"]
+    errors = [f"{nb}.ipynb does not declare 'profile' in its parameters cell"
+              for nb, decl in declared.items() if "profile" not in decl]
+    all_keys = set().union(*declared.values())
+    errors += [f"{where}: parameter {k!r} is declared by no notebook" for k in profile["parameters"]
+               if k not in all_keys]
     for nb, over in profile["notebooks"].items():
         if nb not in declared:
-            errors.append(f"{profile['path']}: notebooks.{nb}: no notebook {nb}.ipynb "
-                          f"(have: {', '.join(declared)})")
+            errors.append(f"{where}: notebooks.{nb}: no notebook {nb}.ipynb (have: {', '.join(declared)})")
             continue
-        for k in over or {}:
-            if k not in declared[nb]:
-                errors.append(f"{profile['path']}: notebooks.{nb}.{k}: not a parameter of {nb}.ipynb "
-                              f"(it declares: {', '.join(declared[nb])})")
+        errors += [f"{where}: notebooks.{nb}.{k}: not a parameter of {nb}.ipynb "
+                   f"(it declares: {', '.join(declared[nb])})" for k in over or {} if k not in declared[nb]]
     only = profile.get("only")
-    if only:
-        for nb in only:
-            if nb not in declared:
-                errors.append(f"{profile['path']}: only: no notebook {nb}")
+    errors += [f"{where}: only: no notebook {nb}" for nb in only or () if nb not in declared]
     if errors:
         raise ProfileError("profile does not match the notebooks:\n  " + "\n  ".join(errors))
     out = []
     for nbp in notebooks:
         if only and nbp.stem not in only:
             continue
-        decl = declared[nbp.stem]
-        params = {k: v for k, v in profile["parameters"].items() if k in decl}
+        params = {k: v for k, v in profile["parameters"].items() if k in declared[nbp.stem]}
         params.update(profile["notebooks"].get(nbp.stem) or {})
         params["profile"] = profile["name"]
         out.append((nbp, params))
@@ -127,11 +97,10 @@ def write_index(reports: Path, profile: dict, ran: list[dict]) -> Path:
 
 def run(profile_name: str, notebooks: list[Path] | None = None, kernel: str | None = None,
         log_output: bool = False) -> list[dict]:
+    """Check the profile against every notebook, then run ``notebooks`` (default all) into reports/."""
     import papermill as pm
 
     profile = load_profile(profile_name)
-    # validate the profile against every notebook, then keep the requested ones: a profile's
-    # overrides for the other notebooks are not errors when running a subset
     jobs = plan(profile, notebook_paths())
     if notebooks is not None:
         wanted = {Path(nb).stem for nb in notebooks}
@@ -140,21 +109,21 @@ def run(profile_name: str, notebooks: list[Path] | None = None, kernel: str | No
         print("no notebooks to run")
         return []
     reports = reports_dir()
-    (reports / "figures").mkdir(parents=True, exist_ok=True)
-    (reports / "tables").mkdir(parents=True, exist_ok=True)
+    for sub in ("figures", "tables"):
+        (reports / sub).mkdir(parents=True, exist_ok=True)
     ran = []
     t_all = time.perf_counter()
+    tag = f"[reproduce:{profile['name']}]"
     for nb, params in jobs:
-        print(f"[reproduce:{profile['name']}] {nb.name} {json.dumps(params)}", flush=True)
+        print(f"{tag} {nb.name} {json.dumps(params)}", flush=True)
         t0 = time.perf_counter()
         pm.execute_notebook(str(nb), str(reports / nb.name), parameters=params, cwd=str(ROOT),
                             kernel_name=kernel or "python3", progress_bar=False, log_output=log_output)
         dt = time.perf_counter() - t0
-        print(f"[reproduce:{profile['name']}] {nb.name} done in {dt:.1f} s", flush=True)
+        print(f"{tag} {nb.name} done in {dt:.1f} s", flush=True)
         ran.append({"notebook": nb.stem, "seconds": dt, "params": params})
     idx = write_index(reports, profile, ran)
-    print(f"[reproduce:{profile['name']}] all {len(ran)} notebooks in {time.perf_counter() - t_all:.1f} s; "
-          f"see {idx}")
+    print(f"{tag} all {len(ran)} notebooks in {time.perf_counter() - t_all:.1f} s; see {idx}")
     return ran
 
 
@@ -167,14 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         if a.check:
-            profile = load_profile(a.profile)
-            for nb, params in plan(profile, notebook_paths()):
+            for nb, params in plan(load_profile(a.profile), notebook_paths()):
                 print(f"{nb.name}: {params}")
-            return 0
-        nbs = notebook_paths()
-        if a.notebook:
-            nbs = [p for p in nbs if p.stem in a.notebook]
-        run(a.profile, nbs)
+        else:
+            run(a.profile, a.notebook)
     except ProfileError as e:
         print(f"reproduce: error: {e}", file=sys.stderr)
         return 2

@@ -1,9 +1,5 @@
-"""The run store: parameter sets with an identity and a key, resumable run folders, atomic writes,
-and the torchrun helper every experiment uses.
-
-A run folder holds ``params.json`` (identity, key, runtime, versions), ``parts/`` (finished chunks,
-each written whole) and ``run.json`` (the complete flag); README "Run folders" lists each
-experiment's files.
+"""The run store: parameter sets (identity, key), resumable run folders (``params.json``, ``parts/``,
+``run.json``), atomic writes, and the torchrun helper every experiment uses.
 """
 from __future__ import annotations
 
@@ -21,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from vitsift_core import __version__
-from vitsift_core.paths import atomic_write, tmp_path  # noqa: F401 (the store's writers; tmp_path for callers)
+from vitsift_core.paths import atomic_write
 
 DEFAULT_CHUNK = 64      # images per resumable chunk; part of a run's identity ("chunk")
 
@@ -30,7 +26,6 @@ class RunMismatch(RuntimeError):
     """The output folder holds a run made with other parameters."""
 
 
-# ------------------------------------------------------------------------------ atomic writes
 def write_json(path: str | Path, obj) -> None:
     """``obj`` as indented JSON (``default=str``), atomically."""
     atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=str)))
@@ -41,7 +36,7 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def savez(path: str | Path, **arrays) -> None:
-    """``np.savez`` atomically (the file name is kept as given: no ``.npz`` appended)."""
+    """``np.savez`` atomically, to the name as given (no ``.npz`` appended)."""
     def write(p: Path) -> None:
         with open(p, "wb") as f:
             np.savez(f, **arrays)
@@ -52,7 +47,6 @@ def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
 
 
-# ------------------------------------------------------------------------------ parameter sets
 def key_of(obj) -> str:
     """12 hex digits naming ``obj``: sha1 of its sorted JSON (``default=str``)."""
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -60,13 +54,11 @@ def key_of(obj) -> str:
 
 @dataclasses.dataclass
 class Params:
-    """Base of the dataclasses that decide a run's numbers (``identity``) plus how to run it
-    (``RUNTIME_KEYS``, left out of the identity). Keys name result folders: never change them."""
-
+    """What decides a run's numbers (``identity``) plus how to run it (``RUNTIME_KEYS``, not in it)."""
     RUNTIME_KEYS: ClassVar[tuple] = ()
 
     def _identity(self, d: dict) -> dict:
-        """Hook: a subclass edits the identity (drops keys that mean nothing, adds a format)."""
+        """Hook: a subclass edits the identity."""
         return d
 
     def identity(self) -> dict:
@@ -93,8 +85,7 @@ def at_least_one(**values) -> None:
 
 
 def check_identity(params_json: Path, ident: dict, what: str = "run") -> bool:
-    """True when ``params_json`` exists and records ``ident``; RunMismatch naming every differing
-    key when it records another; False when there is none yet (a new run)."""
+    """True if ``params_json`` records ``ident``, False if absent; RunMismatch naming the differences."""
     if not Path(params_json).exists():
         return False
     old = read_json(params_json).get("identity", {})
@@ -107,33 +98,26 @@ def check_identity(params_json: Path, ident: dict, what: str = "run") -> bool:
 
 
 def versions() -> dict:
-    import cv2      # slow imports, needed only when a run folder is created
+    import cv2      # slow imports: only when a run folder is created
     import timm
     return {"vitsift": __version__, "torch": torch.__version__, "timm": timm.__version__,
             "opencv": cv2.__version__, "numpy": np.__version__}
 
 
-# ------------------------------------------------------------------------------ run folders
 def n_chunks(n: int, chunk: int) -> int:
     return (n + chunk - 1) // chunk
 
 
 class RunFolder:
     """One resumable run: ``params.json``, chunk parts under ``parts/``, ``run.json``."""
-
     what = "run"        # named in RunMismatch
 
     def __init__(self, path: str | Path, params: Params):
         self.path, self.params = Path(path), params
-        self.parts = self.path / "parts"
-
-    @property
-    def params_json(self) -> Path:
-        return self.path / "params.json"
+        self.parts, self.params_json = self.path / "parts", self.path / "params.json"
 
     def prepare(self, n_images: int, **extra) -> None:
-        """Create the folder, or check that it holds this identity (:class:`RunMismatch` if not).
-        A new folder's params.json: identity, key, runtime, n_images, ``extra``, versions, created."""
+        """Create the folder with its params.json, or check that it holds this identity."""
         self.parts.mkdir(parents=True, exist_ok=True)
         ident = self.params.identity()
         if check_identity(self.params_json, ident, self.what):
@@ -153,8 +137,7 @@ class RunFolder:
         return self.parts / f"{prefix}{k:05d}.{ext}"
 
     def siblings(self, project: Callable[[dict], dict]) -> list[Path]:
-        """Run folders beside this one whose identity, seen through ``project``, is this one's:
-        their finished parts can be copied instead of recomputed."""
+        """Run folders beside this one whose identity seen through ``project`` is this one's."""
         mine = project(self.params.identity())
         out = []
         for pj in sorted(self.path.parent.glob("*/params.json")):
@@ -176,11 +159,9 @@ class RunFolder:
         return rj.exists() and read_json(rj).get("complete", False)
 
 
-# ------------------------------------------------------------------------------ torchrun
 @dataclasses.dataclass
 class Dist:
     """This process's place under torchrun: rank, world size, barrier (None alone)."""
-
     rank: int = 0
     world: int = 1
     barrier: Callable | None = None
@@ -190,7 +171,7 @@ class Dist:
             self.barrier()
 
     def rank0_first(self, fn: Callable):
-        """fn() on rank 0, then (after a barrier) on the other ranks: rank 0 writes, they read."""
+        """fn() on rank 0, then, after a barrier, on the other ranks."""
         if self.rank == 0:
             out = fn()
         self.sync()
@@ -202,12 +183,8 @@ class Dist:
 
 
 def distributed() -> Dist:
-    """Join the torchrun process group when WORLD_SIZE > 1, else ``Dist()`` (rank 0 of 1).
-
-    gloo on CPU, nccl on CUDA with process LOCAL_RANK on GPU LOCAL_RANK. The timeout
-    (VITSIFT_DIST_TIMEOUT seconds, default 12 h) bounds how long a rank waits at a barrier
-    (rank 0 finalising, a cold decode): torch's default (30 min) is too short for a large run.
-    """
+    """Join the torchrun group (gloo, or nccl on GPU LOCAL_RANK) when WORLD_SIZE > 1, else ``Dist()``;
+    barrier timeout VITSIFT_DIST_TIMEOUT seconds (12 h)."""
     if dist.is_available() and dist.is_initialized():
         return Dist(dist.get_rank(), dist.get_world_size(), dist.barrier)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:

@@ -1,9 +1,5 @@
-"""Which patches an MAE hides: uniform random, keypoint-guided (with a beta curriculum), or a given set.
-
-Masks are (N,) bool numpy arrays, True = masked, drawn from an explicit Generator that
-:func:`sample_rng` derives from (seed, epoch, image index) only: never from the batch, the rank, the
-workers or a resume. The guided rule (M = round(r N), m_K = round(beta M) keypoint patches, fill-in
-from the other list) is DESIGN.md section 3, "Guided MAE mask".
+"""Which patches an MAE hides: random, keypoint-guided (beta curriculum) or a given set; (N,) bool
+masks, True = masked, drawn from :func:`sample_rng` (seed, epoch, image index only).
 """
 from __future__ import annotations
 
@@ -48,7 +44,7 @@ def guided_quota(n_key: int, n_patches: int, ratio: float, beta: float) -> tuple
 
 
 def _ordered(idx: np.ndarray, rng: np.random.Generator, scores: np.ndarray | None, descending: bool) -> np.ndarray:
-    """``idx`` shuffled; with scores, then stably sorted by score (so ties stay in random order)."""
+    """``idx`` shuffled, then (with scores) stably sorted by score."""
     idx = idx[rng.permutation(len(idx))]
     if scores is None:
         return idx
@@ -58,9 +54,8 @@ def _ordered(idx: np.ndarray, rng: np.random.Generator, scores: np.ndarray | Non
 
 def guided_mask(counts: np.ndarray, ratio: float, beta: float, rng: np.random.Generator,
                 order: str = "random", scores: np.ndarray | None = None) -> np.ndarray:
-    """The guided mask of one image. counts: (N,) keypoints per patch. ``order='random'`` draws each
-    list uniformly; ``order='score'`` (scores (N,), NaN last) takes keypoint patches by descending,
-    the others by ascending score, ties at random. ``guided_quota`` gives the counts."""
+    """counts (N,) -> (N,) bool, :func:`guided_quota` patches of each kind, drawn at random or
+    (``order='score'``, scores (N,)) keypoint patches by descending, the others by ascending score."""
     counts = np.asarray(counts)
     n = counts.shape[0]
     if order not in ("random", "score"):
@@ -80,7 +75,6 @@ def guided_mask(counts: np.ndarray, ratio: float, beta: float, rng: np.random.Ge
 @dataclass(frozen=True)
 class BetaSchedule:
     """beta for epoch ``e`` (0-based): ``betas[min(e // every, len(betas) - 1)]``."""
-
     betas: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
     every: int = 10
 
@@ -99,7 +93,6 @@ class BetaSchedule:
         return np.array([self(e) for e in range(int(epochs))])
 
 
-# ---------------------------------------------------------------------- arbitrary patch sets
 def patch_set_mask(indices: Sequence[int] | np.ndarray, n_patches: int) -> np.ndarray:
     """Mask exactly the given patch indices (duplicates allowed; out-of-range raises)."""
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -111,9 +104,7 @@ def patch_set_mask(indices: Sequence[int] | np.ndarray, n_patches: int) -> np.nd
 
 
 def top_keypoint_patches(counts: np.ndarray, k: int, rng: np.random.Generator | None = None) -> np.ndarray | None:
-    """The ``k`` keypoint-densest patches (largest ``t_j``; ties at random with ``rng``, else by
-    index). None when the image has fewer than ``k`` keypoint patches (so only keypoint patches are
-    ever chosen)."""
+    """The ``k`` patches with most keypoints (ties by ``rng`` or index); None if fewer than k have any."""
     counts = np.asarray(counts)
     idx = np.arange(len(counts)) if rng is None else rng.permutation(len(counts))
     idx = idx[np.argsort(-counts[idx], kind="stable")]
@@ -132,8 +123,7 @@ def random_nonkeypoint_patches(counts: np.ndarray, k: int, rng: np.random.Genera
 
 
 def square_region(grid: tuple[int, int], center: tuple[int, int], size: int) -> np.ndarray:
-    """Patch indices of a ``size x size`` square (clipped to stay inside the grid) whose
-    top-left is placed so that ``center`` (row, col) is as central as possible."""
+    """Patch indices of a ``size x size`` square around ``center`` (row, col), kept inside the grid."""
     g_r, g_c = int(grid[0]), int(grid[1])
     size = int(size)
     if not 1 <= size <= min(g_r, g_c):
@@ -145,8 +135,7 @@ def square_region(grid: tuple[int, int], center: tuple[int, int], size: int) -> 
 
 
 def densest_window(counts: np.ndarray, grid: tuple[int, int], size: int) -> tuple[int, int]:
-    """(row, col) centre of the ``size x size`` window holding the most keypoints (first in
-    row-major order on ties): where an object's most textured part is, e.g. the fox's face."""
+    """(row, col) centre of the ``size x size`` window with the most keypoints (first on ties)."""
     g_r, g_c = int(grid[0]), int(grid[1])
     t = np.asarray(counts, dtype=np.float64).reshape(g_r, g_c)
     ii = np.pad(t.cumsum(0).cumsum(1), ((1, 0), (1, 0)))

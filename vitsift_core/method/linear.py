@@ -1,7 +1,4 @@
-"""Label-free evaluation of an encoder's features (DESIGN.md "Convergence"): cosine k-NN (k = 20,
-votes weighted by exp(cos / T), T = 0.07 as in DINO) and the one logistic fit, full-batch L-BFGS
-on standardised features (the linear probe, and mask-eval's classifier).
-"""
+"""Encoder features evaluated: cosine k-NN (DINO's exp(cos / 0.07) votes) and the one logistic fit."""
 from __future__ import annotations
 
 import torch
@@ -35,12 +32,8 @@ def knn_accuracy(train_feats, train_labels, query_feats, query_labels, n_classes
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decay: float, max_iter: int,
                  init_std: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """The one logistic fit: multinomial logistic regression on standardised features.
-
-    x: (n, D) float64; y: (n,) int64. Minimises mean cross-entropy + weight_decay * |W|^2 with
-    full-batch L-BFGS from W = init_std * N(0, 1) (seeded; 0: zeros) and b = 0.
-    -> (w (C, D), b (C,), mu (D,), sd (D,)), float64, W and b on the standardised features.
-    """
+    """Multinomial logistic regression on standardised x (n, D) float64, y (n,): full-batch L-BFGS
+    from W = init_std * N(0, 1) (0: zeros) -> (w (C, D), b (C,), mu (D,), sd (D,))."""
     mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
     z = (x - mu) / sd
     if init_std:

@@ -1,9 +1,5 @@
-"""Masking orders at inference (Sec 5.1, DESIGN.md section 3 "Patch score for masking").
-
-Batches of patch indices ``r * G_c + c`` (row-major, as keypoint counts and attention rows): how
-many patches a ratio masks, the orders (top, bottom, random, keypoints and the donor controls
-top_other / bottom_other; ties broken by a seeded per-image permutation), the score layer, and
-small views for figures. The masked forwards themselves are :mod:`vitsift_core.model.masked`.
+"""Masking orders at inference (Sec 5.1): mask sizes, the orders over row-major patch indices (ties by
+a seeded per-image permutation), donors, the score layer, views for figures.
 """
 from __future__ import annotations
 
@@ -19,19 +15,15 @@ import torch
 from vitsift_core.method.metrics import attended_mask
 
 ORDERS = ("top", "bottom", "random", "keypoints", "top_other", "bottom_other")
-# orders that rank a donor image's score map as the named order would rank the image's own
 DONOR_ORDERS = {"top_other": "top", "bottom_other": "bottom"}
 SINGLE_IMAGE_ORDERS = tuple(o for o in ORDERS if o not in DONOR_ORDERS)
-# mask-eval's default: the paper's two orders, the two plain controls and the shape-matched Top control
-# (bottom_other costs another 25 % of masked forwards and is there on request)
 DEFAULT_ORDERS = ("top", "bottom", "random", "keypoints", "top_other")
 MODES = ("fill", "drop")
 TIEBREAKS = ("random", "index")
 
 
-# ----------------------------------------------------------------------------------- counting
 def n_masked_pct(ratio_pct: float, n_patches: int) -> int:
-    """Mask-eval's mask size ``ceil(r N)``, r = ``ratio_pct`` / 100, exact (no 7.000001 -> 8).
+    """Mask-eval's mask size ``ceil(r N)``, r = ``ratio_pct`` / 100, in exact fractions.
 
     >>> n_masked_pct(5, 256), n_masked_pct(10, 196), n_masked_pct(0, 256), n_masked_pct(100, 256)
     (13, 20, 0, 256)
@@ -43,25 +35,21 @@ def n_masked_pct(ratio_pct: float, n_patches: int) -> int:
 
 
 def _image_rng(seed: int, image_id: str, stream: int) -> np.random.Generator:
-    """A generator that depends only on (seed, image id, stream): resume- and batch-independent."""
+    """A generator that depends only on (seed, image id, stream)."""
     return np.random.default_rng([int(seed), zlib.crc32(str(image_id).encode()), int(stream)])
 
 
-def _tiebreak_keys(ids: Sequence[str], n: int, tiebreak: str, seed: int) -> np.ndarray:
-    """(B, N) secondary sort keys: a seeded permutation per image, or the patch index."""
-    if tiebreak == "index":
-        return np.broadcast_to(np.arange(n), (len(ids), n))
-    if tiebreak == "random":
-        return np.stack([_image_rng(seed, i, 2).permutation(n) for i in ids])
-    raise ValueError(f"tiebreak must be one of {TIEBREAKS}, got {tiebreak!r}")
+def _tiebreak_keys(ids: Sequence[str] | None, b: int, n: int, tiebreak: str, seed: int) -> np.ndarray:
+    """(B, N) secondary sort keys: a seeded permutation per image, else the patch index."""
+    if tiebreak not in TIEBREAKS:
+        raise ValueError(f"tiebreak must be one of {TIEBREAKS}, got {tiebreak!r}")
+    if ids is None or tiebreak == "index":
+        return np.broadcast_to(np.arange(n), (b, n))
+    return np.stack([_image_rng(seed, i, 2).permutation(n) for i in ids])
 
 
 def donor_rows(ids: Sequence[str], seed: int = 0) -> np.ndarray:
-    """(n,) int64: for each image, the row of the image whose score map its ``*_other`` mask uses.
-
-    A seeded random derangement -- one cycle through all images, so no image is its own donor --
-    that depends only on the set of ids and the seed (not on their order, batches or ranks).
-    """
+    """(n,) int64: each image's donor row, one seeded cycle through the sorted ids (no image its own)."""
     ids = [str(i) for i in ids]
     n = len(ids)
     if n < 2:
@@ -76,9 +64,7 @@ def donor_rows(ids: Sequence[str], seed: int = 0) -> np.ndarray:
 
 
 def donor_scores(scores: np.ndarray, ids: Sequence[str], orders: Sequence[str], seed: int = 0) -> np.ndarray | None:
-    """scores (n, N) of a run's images -> (n, N): row b the score map of image b's donor
-    (:func:`donor_rows`), the ``other_scores`` of :func:`rank_patches`; None when ``orders`` hold
-    no ``*_other`` order (so a single image needs no donor)."""
+    """scores (n, N) -> the donors' maps (n, N); None without ``*_other`` orders."""
     if not any(o in DONOR_ORDERS for o in orders):
         return None
     return np.asarray(scores)[donor_rows(ids, seed)]
@@ -90,47 +76,31 @@ def rank_patches(order: str, *, scores: torch.Tensor | np.ndarray | None = None,
                  other_scores: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
     """Masking order of every patch of every image: (B, N) int64, first = masked first.
 
-    order ``top`` / ``bottom`` need ``scores`` (B, N) (NaN allowed: ranked last); ``keypoints`` needs
-    ``counts`` (B, N); ``random`` needs only ``ids`` and ``seed``; ``top_other`` / ``bottom_other``
-    need ``other_scores`` (B, N), row b the score map of image b's donor (:func:`donor_rows`), ranked
-    as ``top`` / ``bottom`` would rank it. ``ids`` (B image ids) key the random order and the random
-    tie-break, so an image gets the same masks in any batch or run; without ids the tie-break falls
-    back to the patch index. Deterministic for given inputs.
-    """
+    top / bottom: ``scores`` (B, N), NaN last; keypoints: ``counts``; random: ``ids``; *_other:
+    ``other_scores`` (:func:`donor_scores`). ``ids`` key the random order and tie-break (else index)."""
     if order in DONOR_ORDERS:
         if other_scores is None:
             raise ValueError(f"order {order!r} needs other_scores: the score maps of each image's donor "
                              "(see donor_rows)")
         return rank_patches(DONOR_ORDERS[order], scores=other_scores, ids=ids, seed=seed, tiebreak=tiebreak)
-    ref = scores if scores is not None else counts
-    if order in ("top", "bottom"):
-        if scores is None:
-            raise ValueError(f"order {order!r} needs scores")
-        s = np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64)
-    elif order == "keypoints":
-        if counts is None:
-            raise ValueError("order 'keypoints' needs counts")
-        s = np.asarray(counts.detach().cpu() if isinstance(counts, torch.Tensor) else counts, dtype=np.float64)
-    elif order == "random":
-        if ids is None:
-            raise ValueError("order 'random' needs image ids")
-        n = np.asarray(ref).shape[-1] if ref is not None else None
-        if n is None:
-            raise ValueError("order 'random' needs scores or counts for the number of patches")
-        return np.stack([_image_rng(seed, i, 1).permutation(n) for i in ids]).astype(np.int64)
-    else:
+    if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    if order == "random":
+        ref = scores if scores is not None else counts
+        if ids is None or ref is None:
+            raise ValueError("order 'random' needs image ids, and scores or counts for the number of patches")
+        n = np.asarray(ref).shape[-1]
+        return np.stack([_image_rng(seed, i, 1).permutation(n) for i in ids]).astype(np.int64)
+    src = counts if order == "keypoints" else scores
+    if src is None:
+        raise ValueError(f"order {order!r} needs {'counts' if order == 'keypoints' else 'scores'}")
+    s = np.asarray(src.detach().cpu() if isinstance(src, torch.Tensor) else src, dtype=np.float64)
     if s.ndim != 2:
         raise ValueError(f"expected (B, N) scores/counts, got shape {s.shape}")
     b, n = s.shape
-    if ids is None:
-        if tiebreak not in TIEBREAKS:
-            raise ValueError(f"tiebreak must be one of {TIEBREAKS}, got {tiebreak!r}")
-        tie = np.broadcast_to(np.arange(n), (b, n))
-    else:
-        if len(ids) != b:
-            raise ValueError(f"{len(ids)} ids for {b} images")
-        tie = _tiebreak_keys(ids, n, tiebreak, seed)
+    if ids is not None and len(ids) != b:
+        raise ValueError(f"{len(ids)} ids for {b} images")
+    tie = _tiebreak_keys(ids, b, n, tiebreak, seed)
     nan = np.isnan(s)
     primary = -s if order in ("top", "keypoints") else s
     primary = np.where(nan, 0.0, primary)
@@ -148,8 +118,7 @@ def mask_indices(ranking: np.ndarray, ratio_pct: float) -> np.ndarray:
 
 
 def mask_adjacency(masked: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """How clumped a mask is: masked (B, M) patch indices on ``grid`` (gh, gw) -> (B,) share of the
-    masked patches' in-image 4-neighbours masked too (NaN when M = 0; random ~ (M-1)/(N-1), a blob ~ 1)."""
+    """masked (B, M) on ``grid`` -> (B,): share of masked patches' in-image 4-neighbours also masked."""
     gh, gw = grid
     b, m = masked.shape
     if m == 0:
@@ -168,7 +137,6 @@ def mask_adjacency(masked: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return hit / np.maximum(tot, 1)
 
 
-# ----------------------------------------------------------------------------------- score layer
 def parse_layers(spec: str | int | Sequence[int], n_layers: int) -> list[int] | str:
     """'auto' -> 'auto'; 7 or '7' -> [7]; '7-9' -> [7, 8, 9]; '5,7' -> [5, 7]. Layers are 1-based."""
     if isinstance(spec, str) and spec.strip().lower() == "auto":
@@ -191,9 +159,8 @@ def parse_layers(spec: str | int | Sequence[int], n_layers: int) -> list[int] | 
 
 
 def default_score_layer(stage_fit: dict | None, n_layers: int) -> tuple[list[int], str]:
-    """DESIGN.md section 3: the last layer of the Capture stage when the stage fit holds, else the
-    middle layer ``ceil(L / 2)``. ``stage_fit`` is a ``stages.json`` dict (``runs.stage_fit_json``)
-    or ``StageFit.to_dict()``. Returns ([layer], why) with 1-based layers."""
+    """([layer], why): Capture's last layer when the stage fit (a ``stages.json`` dict) holds, else
+    the middle layer ``ceil(L / 2)``."""
     if stage_fit and stage_fit.get("fitted", True) and stage_fit.get("holds"):
         a, b = stage_fit["segments"][1]
         return [int(b)], f"last layer of the Capture stage (layers {a}-{b}; stage fit holds)"
@@ -209,8 +176,7 @@ def default_score_layer(stage_fit: dict | None, n_layers: int) -> tuple[list[int
 
 def combine_layer_scores(layer_scores: torch.Tensor | np.ndarray, pick: Sequence[int],
                          captured: Sequence[int]) -> np.ndarray:
-    """Mean over the picked layers of head-mean theta_i (NaN-skipping): layer_scores
-    (B, len(captured), N) of the ``captured`` 1-based layers -> (B, N)."""
+    """NaN-skipping mean over the ``pick`` layers: layer_scores (B, len(captured), N) -> (B, N)."""
     arr = np.asarray(layer_scores, dtype=np.float32)
     pos = [list(captured).index(l) for l in pick]
     sel = arr[:, pos, :]
@@ -219,10 +185,8 @@ def combine_layer_scores(layer_scores: torch.Tensor | np.ndarray, pick: Sequence
         return np.nanmean(sel, axis=1).astype(np.float32)
 
 
-# ----------------------------------------------------------------------------------- spurious view
 def spurious_patches(scores: np.ndarray, counts: np.ndarray, k: int) -> np.ndarray:
-    """The ``k`` keypoint patches (t > 0) with the lowest defined s_i, lowest first, ties by index:
-    scores, counts (N,) -> (<= k,) patch indices. Their attention goes mostly to keypoint-free patches."""
+    """scores, counts (N,) -> the <= k keypoint patches with the lowest defined s_i, lowest first."""
     s = np.asarray(scores, dtype=np.float64)
     key = (np.asarray(counts) > 0) & ~np.isnan(s)
     idx = np.nonzero(key)[0]

@@ -1,8 +1,5 @@
-"""The paper's patch-interrelation metrics (Eq. 2-5 and the patch score s_i), DESIGN.md section 3.
-
-``attn``: post-softmax attention of the patch block (prefix tokens removed), (..., N, N), rows =
-query patch i, columns = key patch j; ``counts``: SIFT keypoints per patch, (..., N), broadcast
-against attn's leading dims. Every metric is invariant to a per-row scale of attn; undefined is NaN.
+"""The paper's metrics (Eq. 2-5, patch score s_i; DESIGN.md section 3). ``attn``: (..., N, N) patch
+block, rows = query i; ``counts``: keypoints per patch (..., N). Undefined values are NaN.
 """
 from __future__ import annotations
 
@@ -16,11 +13,8 @@ FOCUS_KINDS = ("minmax", "softmax")
 
 def attended_mask(attn: torch.Tensor, gamma: float = 1.0, exclude_self: bool = False,
                   dtype: torch.dtype = torch.bool, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Attended sets S_i of Eq. 2: ``alpha_ij >= gamma * sum_j alpha_ij / N``.
-
-    attn: (..., N, N) -> (..., N, N) of ``dtype`` (bool, or 0/1 floats written in one pass, into
-    ``out`` when given). The line counts all N keys even when ``exclude_self`` drops j = i from S_i.
-    """
+    """Eq. 2, ``alpha_ij >= gamma * sum_j alpha_ij / N``: attn (..., N, N) -> (..., N, N) ``dtype``
+    (bool or 0/1 floats, into ``out``). The line counts all N keys even with ``exclude_self``."""
     n = attn.shape[-1]
     line = gamma * (attn.sum(dim=-1, keepdim=True) / n)
     if dtype == torch.bool:
@@ -38,20 +32,14 @@ def attended_mask(attn: torch.Tensor, gamma: float = 1.0, exclude_self: bool = F
 
 def theta_rows(attn: torch.Tensor, counts: torch.Tensor, gamma: float = 1.0, weighted: bool = True,
                exclude_self: bool = False) -> torch.Tensor:
-    """theta_i of Eq. 3 for every query patch: attn (..., N, N), counts (..., N) -> (..., N) float32
-    (float64 for float64 maps); NaN where S_i is empty (only with gamma > 1 or exclude_self).
-
-    weighted:   sum_{j in S_i^Key} t_j / (|S_i^Non| + sum_{j in S_i^Key} t_j)
-    unweighted: |S_i^Key| / |S_i|
-    """
+    """Eq. 3: attn (..., N, N), counts (..., N) -> theta_i (..., N) float32 (float64 for float64 maps)."""
     return theta_from_mask(attended_mask(attn, gamma, exclude_self), counts, weighted,
                            torch.float64 if attn.dtype == torch.float64 else torch.float32)
 
 
 def theta_from_mask(mask: torch.Tensor, counts: torch.Tensor, weighted: bool = True,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """theta_i from attended sets (so keypoint variants share one mask): mask (..., N, N) bool or
-    0/1, counts (..., N) -> (..., N) in ``dtype``. Sums of integer counts: exact in float32."""
+    """theta_i from attended sets mask (..., N, N) and counts (..., N) -> (..., N); NaN if S_i is empty."""
     m = mask.to(dtype)
     t = counts.to(dtype=dtype, device=m.device)
     if weighted:
@@ -82,10 +70,7 @@ def _masked_nanmean(values: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
 
 
 def aggregate_theta(theta: torch.Tensor, counts: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Eq. 4: theta_KK / KN / NK / NN from theta (..., N) -> four (...) tensors.
-
-    theta_KK (theta_NK) averages theta_i over keypoint (keypoint-free) query patches, NaN rows
-    skipped; NaN when the image has no such patch."""
+    """Eq. 4: theta (..., N) -> theta_kk/kn/nk/nn (...), NaN-skipping means over (non-)keypoint queries."""
     key = (counts > 0).expand_as(theta)
     kk = _masked_nanmean(theta, key)
     nk = _masked_nanmean(theta, ~key)
@@ -93,8 +78,7 @@ def aggregate_theta(theta: torch.Tensor, counts: torch.Tensor) -> dict[str, torc
 
 
 def theta_chance(counts: torch.Tensor, weighted: bool = True) -> torch.Tensor:
-    """theta_i with S_i = every patch, counts (..., N) -> (...): sum t / (#Non + sum t) weighted,
-    #Key / N unweighted."""
+    """theta_i with S_i = every patch: counts (..., N) -> (...)."""
     t = counts.to(torch.float32)
     key = t > 0
     if weighted:
@@ -118,11 +102,8 @@ def _log_(t: torch.Tensor) -> torch.Tensor:
 
 def row_entropy(attn: torch.Tensor, kind: str = "minmax",
                 work: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Entropy (nats) of each query row, the per-row term of Eq. 5: attn (..., N, N) -> (..., N).
-
-    kind='minmax': q_j = (a_j - min) / sum_k (a_k - min) (min-max normalised, renormalised; a
-    constant row gives NaN); 'softmax': the row renormalised to sum 1. ``work``: two scratch
-    tensors of attn's shape and dtype."""
+    """Row entropy (nats) of Eq. 5, attn (..., N, N) -> (..., N); rows min-max shifted ('minmax')
+    or as is ('softmax'), renormalised. ``work``: two scratch tensors like attn."""
     if kind not in FOCUS_KINDS:
         raise ValueError(f"focus kind must be one of {FOCUS_KINDS}, got {kind!r}")
     w1, w2 = work if work is not None else (None, None)
@@ -132,8 +113,7 @@ def row_entropy(attn: torch.Tensor, kind: str = "minmax",
     else:
         shifted = attn
     total = shifted.sum(dim=-1)
-    # -sum q log q = log(total) - sum s log s / total: one log pass, no division over the map;
-    # s_j = 0 contributes 0 * log(tiny) = 0
+    # -sum q log q = log(total) - sum s log s / total (s_j = 0 adds 0 * log(tiny) = 0)
     tiny = torch.finfo(shifted.dtype).tiny
     slogs = torch.clamp_min(shifted, tiny, out=w2) if w2 is not None else shifted.clamp_min(tiny)
     _log_(slogs)
@@ -144,21 +124,19 @@ def row_entropy(attn: torch.Tensor, kind: str = "minmax",
 
 def focus_index(attn: torch.Tensor, kind: str = "minmax",
                 work: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 5: attn (..., N, N) -> (mean row entropy (...), the same / log N); lower = more focused.
-    Undefined rows are skipped (NaN if all are). ``work``: see :func:`row_entropy`."""
+    """Eq. 5: attn (..., N, N) -> (mean row entropy, the same / log N), each (...)."""
     return focus_from_rows(row_entropy(attn, kind, work))
 
 
 def focus_from_rows(ent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`focus_index` from the row entropies (..., N) of :func:`row_entropy` -> (...)."""
+    """:func:`focus_index` from row entropies (..., N)."""
     mean = _masked_nanmean(ent, torch.ones_like(ent, dtype=torch.bool))
     return mean, mean / math.log(ent.shape[-1])
 
 
 def head_metrics(attn: torch.Tensor, counts: torch.Tensor, gamma: float = 1.0, weighted: bool = True,
                  exclude_self: bool = False, focus_kind: str = "minmax") -> dict[str, torch.Tensor]:
-    """All per-head metrics of one layer: attn (B, H, N, N), counts (B, N) -> (B, H) float32 tensors
-    theta_kk, theta_kn, theta_nk, theta_nn, theta_chance, focus, focus_norm (float32 for any attn)."""
+    """attn (B, H, N, N), counts (B, N) -> (B, H) float32: theta_kk/kn/nk/nn/chance, focus, focus_norm."""
     attn = attn.float()
     b, h = attn.shape[:2]
     c = counts.reshape(b, 1, -1)
@@ -171,8 +149,7 @@ def head_metrics(attn: torch.Tensor, counts: torch.Tensor, gamma: float = 1.0, w
 
 def patch_scores(attn: torch.Tensor, counts: torch.Tensor, gamma: float = 1.0,
                  weighted: bool = True, exclude_self: bool = False) -> torch.Tensor:
-    """Patch score s_i (Sec 5.1): theta_i averaged over heads, NaN-skipping. attn (B, H, N, N),
-    counts (B, N) -> (B, N); NaN only where theta_i is NaN in every head."""
+    """Patch score s_i (Sec 5.1), head-mean theta_i: attn (B, H, N, N), counts (B, N) -> (B, N)."""
     b = attn.shape[0]
-    theta = theta_rows(attn.float(), counts.reshape(b, 1, -1), gamma, weighted, exclude_self)
-    return _masked_nanmean(theta.transpose(1, 2), torch.ones_like(theta.transpose(1, 2), dtype=torch.bool))
+    theta = theta_rows(attn.float(), counts.reshape(b, 1, -1), gamma, weighted, exclude_self).transpose(1, 2)
+    return _masked_nanmean(theta, torch.ones_like(theta, dtype=torch.bool))

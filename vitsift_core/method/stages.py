@@ -1,7 +1,5 @@
-"""Retrieval / Capture / Coach stages (Sec 4.3, DESIGN.md section 3): the z-scored theta_KK - chance
-and focus curves over layers fitted jointly with three free line segments (exhaustive breakpoints,
-least squares), named only when their shapes agree with the paper; and the one recipe (which
-images, which curves, which guards) that every caller uses.
+"""Retrieval / Capture / Coach (Sec 4.3): a joint 3-segment fit of the z-scored curves over layers,
+and the one recipe (which images, curves and guards) every caller uses.
 """
 from __future__ import annotations
 
@@ -14,9 +12,7 @@ STAGE_NAMES = ("Retrieval", "Capture", "Coach")
 
 @dataclass
 class StageFit:
-    """Result of :func:`fit_stages`: segments [(first, last)] * 3 (1-based, inclusive); per segment
-    slopes and means {"theta", "focus"} of the z-scored curves; the shape tests; names when all pass."""
-
+    """Segments [(first, last)] * 3 (1-based), per-segment slopes and means, shape tests, names."""
     boundaries: tuple[int, int]
     segments: list[tuple[int, int]]
     slopes: list[dict[str, float]]
@@ -55,8 +51,8 @@ def zscore(y: np.ndarray) -> np.ndarray:
     return (y - y.mean()) / sd if sd > 0 else np.zeros_like(y)
 
 
-def _line_fit(x: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, float]:
-    """Least-squares lines for several curves over the same x. ys: (C, n) -> slopes (C,), sse."""
+def line_fit(x: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, float]:
+    """Least-squares lines of several curves over the same x: x (n,), ys (C, n) -> slopes (C,), sse."""
     xc = x - x.mean()
     denom = (xc ** 2).sum()
     yc = ys - ys.mean(axis=1, keepdims=True)
@@ -66,11 +62,8 @@ def _line_fit(x: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def fit_stages(theta_curve, focus_curve, min_len: int = 2, flat_tol: float = 0.05) -> StageFit:
-    """Fit three segments to theta_curve (L,) and focus_curve (L,) jointly (no NaN).
-
-    Shape tests for the paper's names: Capture's theta slope > 0 and focus slope < 0; Coach's theta
-    slope <= flat_tol and focus slope >= -flat_tol (z-units per layer); Retrieval's mean theta below
-    and mean focus above Capture's."""
+    """Exhaustive least-squares fit of three segments to theta_curve and focus_curve (L,), then the
+    shape tests (DESIGN.md section 3) that name them."""
     th = np.asarray(theta_curve, dtype=np.float64)
     fo = np.asarray(focus_curve, dtype=np.float64)
     if th.shape != fo.shape or th.ndim != 1:
@@ -82,22 +75,17 @@ def fit_stages(theta_curve, focus_curve, min_len: int = 2, flat_tol: float = 0.0
         raise ValueError("curves contain NaN; drop undefined layers before fitting")
     ys = np.stack([zscore(th), zscore(fo)])
     x = np.arange(1, n + 1, dtype=np.float64)
-
     best = None
-    # b1, b2 are the last layers of segments 1 and 2 (1-based).
     for b1 in range(min_len, n - 2 * min_len + 1):
         for b2 in range(b1 + min_len, n - min_len + 1):
-            sse = 0.0
-            for lo, hi in ((0, b1), (b1, b2), (b2, n)):
-                sse += _line_fit(x[lo:hi], ys[:, lo:hi])[1]
-            # strict < keeps the earliest breakpoints on exact ties: deterministic
-            if best is None or sse < best[0] - 1e-12:
+            sse = sum(line_fit(x[lo:hi], ys[:, lo:hi])[1] for lo, hi in ((0, b1), (b1, b2), (b2, n)))
+            if best is None or sse < best[0] - 1e-12:       # exact ties: the earliest breakpoints
                 best = (sse, b1, b2)
     sse, b1, b2 = best
     segs = [(1, b1), (b1 + 1, b2), (b2 + 1, n)]
     slopes, means = [], []
     for lo, hi in ((0, b1), (b1, b2), (b2, n)):
-        s, _ = _line_fit(x[lo:hi], ys[:, lo:hi])
+        s, _ = line_fit(x[lo:hi], ys[:, lo:hi])
         slopes.append({"theta": float(s[0]), "focus": float(s[1])})
         means.append({"theta": float(ys[0, lo:hi].mean()), "focus": float(ys[1, lo:hi].mean())})
     tests = {
@@ -113,18 +101,13 @@ def fit_stages(theta_curve, focus_curve, min_len: int = 2, flat_tol: float = 0.0
     return StageFit((b1, b2), segs, slopes, means, float(sse), tests, names, flat_tol)
 
 
-# ----------------------------------------------------------------------------- the one recipe
 MIN_LAYERS = 6                  # three segments of >= 2 layers
 CURVES = {"theta": "theta_kk - theta_chance (head mean)", "focus": "focus (head mean)"}
 
 
 def stage_curves(kk, nk, chance, focus) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The recipe's images and curves from per-image head means, each (I, L).
-
-    Images count when theta_KK and theta_NK are defined in every layer (a keypoint and a
-    keypoint-free patch). -> (keep (I,) bool, theta curve (L,) = mean over the kept images of
-    theta_KK - theta_chance, focus curve (L,)), NaN-skipping means in the arrays' dtype.
-    """
+    """Per-image head means, each (I, L) -> (keep (I,): KK and NK defined in every layer, mean of
+    KK - chance over kept images (L,), their mean focus (L,))."""
     kk, nk, chance, focus = (np.asarray(a) for a in (kk, nk, chance, focus))
     keep = ~np.isnan(kk).any(axis=1) & ~np.isnan(nk).any(axis=1)
     if not keep.any():

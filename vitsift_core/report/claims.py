@@ -1,6 +1,4 @@
-"""The claims of Sec 4.1-4.3 and their verdicts: each measured over images with a bootstrap 95 % CI
-(a claim holds when the CI excludes the null), and the stage fit with its bootstrap stability.
-"""
+"""The claims of Sec 4.1-4.3: each with a bootstrap 95 % CI over images (holds when it excludes 0)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,10 +8,9 @@ import pandas as pd
 
 from vitsift_core.experiments.study import Variant, heads, per_image_layer
 from vitsift_core.method import stats as S
-from vitsift_core.method.stages import fit_recipe, fit_stages, stage_curves
+from vitsift_core.method.stages import fit_recipe, fit_stages, line_fit, stage_curves
 
 
-# --------------------------------------------------------------------------- claims (Sec 4.1-4.3)
 @dataclass
 class Claim:
     section: str
@@ -31,21 +28,14 @@ class Claim:
                 "holds": "yes" if self.holds else "no"}
 
 
-def _slope_rows(m: np.ndarray) -> np.ndarray:
-    """Least-squares slope over layers 1..L of each row. m: (R, L) -> (R,)."""
-    x = np.arange(1, m.shape[1] + 1, dtype=np.float64)
-    xc = x - x.mean()
-    return (m - m.mean(axis=-1, keepdims=True)) @ xc / (xc ** 2).sum()
-
-
 def kk_rise(m: np.ndarray, axis: int = 0) -> float:
-    """Sec 4.1 "KK rises with depth": trend slope of the mean (over images) curve. m: (I, L)."""
-    return _slope_rows(np.nanmean(m, axis=0)[None])[0]
+    """Sec 4.1: trend slope over layers 1..L of the mean curve of m (I, L)."""
+    c = np.nanmean(m, axis=0)
+    return line_fit(np.arange(1, len(c) + 1, dtype=np.float64), c[None])[0][0]
 
 
 def focus_dip(m: np.ndarray, axis: int = 0) -> float:
-    """Sec 4.2 "focus falls, then rises": min(first, last layer) - min of the mean focus curve
-    (> 0: a dip). m: (I, L)."""
+    """Sec 4.2: min(first, last) - min of the mean curve of m (I, L); > 0 is a dip."""
     c = np.nanmean(m, axis=0)
     return min(c[0], c[-1]) - c.min()
 
@@ -62,8 +52,7 @@ GAP_CONTROLS = {
 
 
 def stage_stability(stage, theta: np.ndarray, focus: np.ndarray, n_boot: int, seed: int) -> dict:
-    """The stage fit and how often bootstrap resamples of the images (rows of theta, focus: (I, L))
-    give the same boundaries and pass every shape test."""
+    """The fit and how often resampled images (theta, focus: (I, L)) give its boundaries / pass."""
     same, holds = 0, 0
     for i in S.resamples(len(theta), n_boot, seed):
         b = fit_stages(np.nanmean(theta[i], axis=0), np.nanmean(focus[i], axis=0))
@@ -74,9 +63,7 @@ def stage_stability(stage, theta: np.ndarray, focus: np.ndarray, n_boot: int, se
 
 
 def claims(runs: dict[Variant, object], n_boot: int = 1000, seed: int = 0) -> tuple[pd.DataFrame, dict]:
-    """The table of Sec 4.1-4.3 claims over the runs of ``study.suite``: what was measured, its
-    bootstrap 95% CI over images, whether the claim holds (the CI excludes 0); and the stage fit
-    with its bootstrap stability (:func:`stage_stability`)."""
+    """Sec 4.1-4.3 claims over ``study.suite``'s runs, and the stage fit with :func:`stage_stability`."""
     real = heads(runs[("none", False)])
     kk, nk, ch, fo = (per_image_layer(real, m) for m in ("theta_kk", "theta_nk", "theta_chance", "focus"))
     # the stage recipe's images (KK and NK both defined) and curves serve every claim

@@ -1,9 +1,4 @@
-"""Convergence of random- vs guided-mask MAE pre-training (paper Fig. 9, DESIGN.md "Convergence").
-
-Epochs-to-threshold per seed (threshold: that seed's best random-mask k-NN accuracy minus a
-margin), runs paired by seed, guided - random summarised by a t interval over seeds. A guided run
-that never reaches the threshold is censored at ``epochs + 1`` (a lower bound) and counted.
-"""
+"""Convergence of random- vs guided-mask MAE (Fig. 9): epochs-to-threshold per seed, paired by seed."""
 from __future__ import annotations
 
 import numpy as np
@@ -22,19 +17,14 @@ def epochs_to_threshold(acc, threshold: float, epochs=None) -> int | None:
 
 def curves(runs: dict[tuple[str, int], pd.DataFrame]) -> pd.DataFrame:
     """Long table of every run's metrics: mask, seed + the metrics columns."""
-    frames = []
-    for (mask, seed), df in sorted(runs.items()):
-        d = df.copy()
-        d.insert(0, "seed", int(seed))
-        d.insert(0, "mask", mask)
-        frames.append(d)
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat([df.assign(mask=mask, seed=int(seed))[["mask", "seed", *df.columns]]
+                      for (mask, seed), df in sorted(runs.items())], ignore_index=True)
 
 
 def convergence_table(runs: dict[tuple[str, int], pd.DataFrame], margin: float = 0.01,
                       metric: str = "knn_acc") -> pd.DataFrame:
-    """One row per run: mask, seed, threshold (from that seed's random run), epochs_to_threshold
-    (censored runs: epochs + 1, ``reached`` False), best / final ``metric``, final probe."""
+    """One row per run: threshold (the seed's best random ``metric`` - margin), epochs_to_threshold
+    (epochs + 1 when not ``reached``), best / final metrics."""
     rows = []
     runs = {k: d[d[metric].notna()] for k, d in runs.items()}   # e.g. probes every k epochs
     seeds = sorted({s for _, s in runs})
@@ -59,8 +49,7 @@ def convergence_table(runs: dict[tuple[str, int], pd.DataFrame], margin: float =
 
 def paired_differences(table: pd.DataFrame, a: str = "guided", b: str = "random",
                        level: float = 0.95) -> pd.DataFrame:
-    """Per quantity of a :func:`convergence_table`: mean over seeds of (a - b) with a t confidence
-    interval, and the per-seed values. Accuracies in percentage points, epochs in epochs."""
+    """Per quantity: mean over seeds of (a - b) with its t interval and the per-seed values."""
     ta = table[table["mask"] == a].set_index("seed")
     tb = table[table["mask"] == b].set_index("seed")
     seeds = sorted(set(ta.index) & set(tb.index))

@@ -1,11 +1,9 @@
-"""Figure conventions shared by every notebook: palette, labels, where figures go.
-
-Colour-blind-safe palette (seaborn 'colorblind', i.e. Okabe-Ito-like); every figure is saved
-as PNG and SVG under ``reports/figures/`` by :func:`save_figure`, and tables under
-``reports/tables/`` by :func:`save_table`.
+"""Figure conventions of every notebook (colour-blind-safe palette, saving under reports/) and the
+image and layer panels.
 """
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import cv2
@@ -19,7 +17,6 @@ import seaborn as sns
 from vitsift_core.paths import reports_dir
 
 PALETTE = sns.color_palette("colorblind")
-#: one colour per series name, stable across notebooks
 COLORS = {
     "KK": PALETTE[0], "NK": PALETTE[1], "chance": "0.35", "shuffle-keypoints": PALETTE[2],
     "random-init": PALETTE[7], "mean-attention": PALETTE[4], "semantic": PALETTE[3],
@@ -37,37 +34,30 @@ def style() -> None:
                                 "figure.constrained_layout.use": True})
 
 
+def _out_dir(folder: Path | None, sub: str) -> Path:
+    d = Path(folder) if folder is not None else reports_dir() / sub
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
 def save_figure(fig: plt.Figure, name: str, folder: Path | None = None) -> list[Path]:
     """Write ``name``.png and ``name``.svg to reports/figures/ (or ``folder``); returns the paths."""
-    d = Path(folder) if folder is not None else reports_dir() / "figures"
-    d.mkdir(parents=True, exist_ok=True)
-    out = []
-    for ext in ("png", "svg"):
-        p = d / f"{name}.{ext}"
+    out = [_out_dir(folder, "figures") / f"{name}.{ext}" for ext in ("png", "svg")]
+    for p in out:
         fig.savefig(p)
-        out.append(p)
     return out
 
 
 def save_table(df: pd.DataFrame, name: str, folder: Path | None = None) -> list[Path]:
-    """Write ``name``.csv and ``name``.md to reports/tables/ (or ``folder``)."""
-    d = Path(folder) if folder is not None else reports_dir() / "tables"
-    d.mkdir(parents=True, exist_ok=True)
+    """Write ``name``.csv and ``name``.md (Markdown with tabulate) to reports/tables/ (or ``folder``)."""
+    d = _out_dir(folder, "tables")
     csv, md = d / f"{name}.csv", d / f"{name}.md"
     df.to_csv(csv, index=False)
-    md.write_text(df.to_markdown(index=False) if _has_tabulate() else df.to_string(index=False))
+    has_tabulate = importlib.util.find_spec("tabulate") is not None
+    md.write_text(df.to_markdown(index=False) if has_tabulate else df.to_string(index=False))
     return [csv, md]
 
 
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-# --------------------------------------------------------------------------- image panels
 def draw_patch_grid(ax, grid: tuple[int, int], patch_size: int, color: str = "white", lw: float = 0.3) -> None:
     rows, cols = grid
     for r in range(1, rows):
@@ -109,8 +99,7 @@ def _patch_rect(ax, idx: int, grid, patch_size, **kw) -> None:
 
 def attention_overlay(ax, crop, row, grid, patch_size, query: int, attended=None, counts=None,
                       title: str | None = None):
-    """One query's attention row (N,) over the image; attended patches outlined (keypoint patches
-    in one colour, non-keypoint in another), the query patch marked."""
+    """One query's attention row (N,) over the crop, attended patches outlined by kind, query dashed."""
     s = crop.shape[0]
     heat = np.asarray(row, dtype=np.float32).reshape(grid)
     heat = cv2.resize(heat, (crop.shape[1], s), interpolation=cv2.INTER_NEAREST)
@@ -128,8 +117,7 @@ def attention_overlay(ax, crop, row, grid, patch_size, query: int, attended=None
 
 
 def attention_bars(ax, row, line: float, attended, counts, title: str | None = None) -> None:
-    """Fig. 4b as bars: alpha_ij per key patch j, the detection line, attended bars coloured by
-    whether patch j holds keypoints."""
+    """Fig. 4b: alpha_ij per key patch j, the detection line, attended bars coloured by kind."""
     row = np.asarray(row)
     key = np.asarray(counts) > 0
     colors = np.where(np.asarray(attended), np.where(key, "KK", "NK"), "none")
@@ -147,11 +135,9 @@ def attention_bars(ax, row, line: float, attended, counts, title: str | None = N
         ax.set_title(title)
 
 
-# --------------------------------------------------------------------------- layer curves
 def heads_by_layer(ax, heads: pd.DataFrame, metric: str, color, label: str, trend: bool = True,
                    points: bool = True) -> None:
-    """Fig. 5/6 style: every head as a point (mean over images), head mean as a line, trend
-    line dashed. heads: heads.parquet rows."""
+    """Fig. 5/6: each head a point (mean over images), head mean a line, trend dotted."""
     per_head = heads.groupby(["layer", "head"])[metric].mean().reset_index()
     mean = per_head.groupby("layer")[metric].mean()
     if points:

@@ -1,5 +1,4 @@
-"""Figures and verdicts of the MAE notebooks: 07 (accuracy per epoch, Fig. 9; paired by seed; the
-epochs-to-threshold verdict) and 01 (recovery examples, Fig. 2; error vs k; the recovery verdict)."""
+"""Figures and verdicts of the MAE notebooks: 07 (Fig. 9, paired seeds) and 01 (recovery, Fig. 2)."""
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
@@ -10,12 +9,9 @@ from vitsift_core.method.guided import BetaSchedule
 from vitsift_core.method.stats import mean_ci
 from vitsift_core.report.figures import COLORS
 
-__all__ = ["has_probe_curves", "epochs_verdict", "guided_mae_verdict", "accuracy_figure", "paired_figure",
-           "recovery_examples_figure", "recovery_error_figure", "recovery_verdict"]
-
 
 def _row(diffs: pd.DataFrame, quantity: str) -> pd.Series:
-    """The row of :func:`paired_differences`' table for ``quantity`` (e.g. 'epochs_to_threshold')."""
+    """The row of a ``paired_differences`` table for ``quantity``."""
     return diffs[diffs["quantity"].str.startswith(quantity)].iloc[0]
 
 
@@ -25,8 +21,7 @@ def has_probe_curves(curves: pd.DataFrame) -> bool:
 
 
 def epochs_verdict(e: pd.Series) -> str:
-    """Guided - random epochs-to-threshold (a paired_differences row): sooner / later when the 95%
-    interval excludes 0, else no difference shown."""
+    """The verdict on a guided - random epochs-to-threshold row."""
     if np.isfinite(e.ci_high) and e.ci_high < 0:
         return "guided reaches the threshold **sooner**, and the interval excludes no difference"
     if np.isfinite(e.ci_low) and e.ci_low > 0:
@@ -36,8 +31,7 @@ def epochs_verdict(e: pd.Series) -> str:
 
 def guided_mae_verdict(diffs: pd.DataFrame, diffs_p: pd.DataFrame | None, curves: pd.DataFrame,
                        table: pd.DataFrame, init: pd.DataFrame, mask_ratio: float, epochs: int) -> str:
-    """Notebook 07's verdict (Markdown): the paired differences, the realised keypoint share, and a
-    caveat when the untrained encoders' k-NN accuracy is at least every trained epoch's mean."""
+    """Notebook 07's verdict (Markdown): the paired differences, keypoint share, and the k-NN caveat."""
     e, f, p = _row(diffs, "epochs_to_threshold"), _row(diffs, "final_knn_acc"), _row(diffs, "final_probe_acc")
     n_cens = int(e[[c for c in diffs.columns if c.startswith("censored")][0]])
     share = curves.groupby("mask")["key_share"].mean()
@@ -73,7 +67,7 @@ def guided_mae_verdict(diffs: pd.DataFrame, diffs_p: pd.DataFrame | None, curves
 
 
 def _seed_band(ax, curves: pd.DataFrame, mask: str, value: str, singles: bool, label: str) -> None:
-    """Mean over seeds (line), range over seeds (band) and, if ``singles``, each seed (thin lines)."""
+    """Mean over seeds (line), their range (band) and, if ``singles``, each seed."""
     c = curves[(curves["mask"] == mask) & curves[value].notna()]
     piv = c.pivot(index="epoch", columns="seed", values=value) * 100
     col = COLORS[mask]
@@ -86,9 +80,8 @@ def _seed_band(ax, curves: pd.DataFrame, mask: str, value: str, singles: bool, l
 
 def accuracy_figure(curves: pd.DataFrame, table: pd.DataFrame, init: pd.DataFrame, betas, beta_every: int,
                     epochs: int, margin: float, title: str = "") -> plt.Figure:
-    """Fig. 9: k-NN accuracy per epoch (mean and range over seeds, epochs-to-threshold marks, the
-    untrained encoders at epoch 0, beta and the realised keypoint share on the right axis) and,
-    when fitted per epoch, the linear probe."""
+    """Fig. 9: k-NN accuracy per epoch over seeds, thresholds, beta and keypoint share; the probe too
+    when fitted per epoch."""
     probe = has_probe_curves(curves)
     fig, axes = plt.subplots(1, 2 if probe else 1, figsize=(13 if probe else 7.5, 5.4), squeeze=False,
                              layout="constrained")
@@ -161,8 +154,7 @@ _PANELS = [("original", "small", "original"), ("masked", "small", "masked: small
 
 
 def recovery_examples_figure(examples: list[dict], small: int, large: int, title: str = "") -> plt.Figure:
-    """Fig. 2: per image (rows of :func:`region_examples`), original / masked / reconstruction for
-    the small and the large region."""
+    """Fig. 2: per image, original / masked / reconstruction for the small and the large region."""
     by_img = {}
     for e in examples:
         by_img.setdefault(e["index"], {})[e["region"]] = e
@@ -210,8 +202,7 @@ def recovery_error_figure(errs: pd.DataFrame, title: str = "") -> plt.Figure:
 
 
 def recovery_verdict(summ: pd.DataFrame, summ_rel: pd.DataFrame) -> str:
-    """Notebook 01's verdict (Markdown): per k the paired difference keypoint-dense - non-keypoint
-    with its interval, ratio and share, and whether every interval is above 0."""
+    """Notebook 01's verdict (Markdown): keypoint-dense - non-keypoint per k, and if all CIs are > 0."""
     lines = []
     for s_, name in ((summ, "error"), (summ_rel, "relative error")):
         dcol = [c for c in s_.columns if c.startswith("diff (")][0]

@@ -1,7 +1,4 @@
-"""Figures and small helpers for notebook 06 (spurious-correlation discovery, "mask as prompt").
-
-The numbers come from :mod:`vitsift_core.experiments.maskeval` runs; this module only lays them out.
-"""
+"""Figures and helpers of notebook 06 (spurious correlations, "mask as prompt") from mask-eval runs."""
 from __future__ import annotations
 
 import shutil
@@ -29,12 +26,8 @@ MODE_LABELS = {"fill": "fill: masked pixels = mean", "drop": "drop: masked token
 
 
 def choose_labelled_images(images: str, probe_train: str, folder: Path) -> tuple[str, str, str]:
-    """(eval spec, probe-training spec, sentence).
-
-    Imagenette (or any labelled folder) as asked when present. ``samples`` -- asked for, or the
-    fallback when Imagenette is absent -- has no labels, so it becomes a folder of scikit-image's
-    bundled photos with one class per photo (written once to ``folder``), used for both training
-    and evaluation: the notebook then runs end to end and says that its numbers mean nothing."""
+    """(eval spec, probe-training spec, sentence): ``images`` when labelled; for ``samples`` a folder
+    of the bundled photos, one class each, for training and evaluation (a smoke check, not a result)."""
     used, note = choose_images(images)
     if used != "samples":
         return used, probe_train, note
@@ -54,8 +47,7 @@ def choose_labelled_images(images: str, probe_train: str, folder: Path) -> tuple
 
 def class_names(classes: list[str]) -> dict[str, str]:
     """wnid -> short readable name (Imagenette names, else timm's ImageNet descriptions)."""
-    out = {}
-    info = None
+    out, info = {}, None
     for c in classes:
         if c in IMAGENETTE_CLASSES:
             out[c] = IMAGENETTE_CLASSES[c]
@@ -71,7 +63,7 @@ def class_names(classes: list[str]) -> dict[str, str]:
 
 
 def accuracy_figure(acc: pd.DataFrame, title: str) -> plt.Figure:
-    """Top-1 vs mask ratio, one panel per mode, one line per order with its bootstrap 95% CI as error bars."""
+    """Top-1 vs mask ratio with bootstrap 95% CIs: a panel per mode, a line per order."""
     modes = [m for m in MK.MODES if m in set(acc["mode"])]
     fig, axes = plt.subplots(1, len(modes), figsize=(6.2 * len(modes), 4.4), sharey=True, squeeze=False,
                              layout="constrained")
@@ -98,8 +90,7 @@ def accuracy_figure(acc: pd.DataFrame, title: str) -> plt.Figure:
 
 
 def paired_figure(paired: pd.DataFrame, title: str, order: str = "bottom", highlight=(5, 10)) -> plt.Figure:
-    """Masked-minus-clean accuracy (percentage points) with 95% CI, per ratio and mode, for ``order``;
-    the ``highlight`` ratios annotated with images gained / lost and the McNemar p."""
+    """``order`` minus clean accuracy (points) with CIs per ratio and mode; ``highlight`` ratios annotated."""
     d = paired[paired.order == order]
     modes = [m for m in MK.MODES if m in set(d["mode"])]
     fig, ax = plt.subplots(figsize=(7.5, 4.2), layout="constrained")
@@ -125,9 +116,8 @@ def paired_figure(paired: pd.DataFrame, title: str, order: str = "bottom", highl
 
 def mask_grid_figure(examples: list[dict], ratios, orders, pred: pd.DataFrame, names: dict, classes: list[str],
                      grid, patch_size, fill_rgb, title: str, mode: str = "fill") -> plt.Figure:
-    """Fig. 8 style: for each example image, one row per order, one column per ratio; the masked
-    patches painted with the fill colour (what ``fill`` feeds the model); each panel titled with the
-    classifier's prediction under that mask (tick = correct)."""
+    """Fig. 8: a row per (example, order), a column per ratio; masked patches in the fill colour,
+    titled with the prediction."""
     rows = [(ex, o) for ex in examples for o in orders]
     fig, axes = plt.subplots(len(rows), len(ratios), figsize=(1.9 * len(ratios), 2.15 * len(rows)),
                              squeeze=False, layout="constrained")
@@ -152,10 +142,8 @@ def mask_grid_figure(examples: list[dict], ratios, orders, pred: pd.DataFrame, n
 
 
 def spurious_figure(examples: list[dict], grid, patch_size, names: dict, title: str, k: int = 5) -> plt.Figure:
-    """One row per example: (a) the image, keypoint patches outlined white, the ``k`` keypoint
-    patches with the lowest s_i in red; (b) s_i per patch with the same marks; (c) for the lowest
-    one (dashed), the share of heads whose attended set S_i contains each patch, keypoint patches
-    outlined -- where its attention goes."""
+    """Per example: the ``k`` lowest-s_i keypoint patches on the image and on the s_i map, and where
+    the lowest one attends (share of heads with j in S_i)."""
     fig, axes = plt.subplots(len(examples), 3, figsize=(15, 4.6 * len(examples)), squeeze=False,
                              layout="constrained")
     s_px = examples[0]["crop"].shape[0]
@@ -194,9 +182,8 @@ def spurious_figure(examples: list[dict], grid, patch_size, names: dict, title: 
 
 
 def score_distribution(scores: np.ndarray, counts: np.ndarray) -> pd.DataFrame:
-    """Per image: mean s_i over keypoint and over keypoint-free patches, theta_chance (the s_i of a
-    head attending to every patch), and the share of keypoint patches whose weighted theta is below
-    0.5 (attention mostly on keypoint-free patches) and below chance."""
+    """Per image: mean s_i of keypoint / keypoint-free patches, theta_chance, and the share of
+    keypoint patches with s_i below 0.5 and below chance."""
     chance = theta_chance(torch.from_numpy(np.asarray(counts))).numpy()
     key = counts > 0
     with np.errstate(invalid="ignore"):
@@ -214,8 +201,7 @@ def score_distribution(scores: np.ndarray, counts: np.ndarray) -> pd.DataFrame:
 
 def masked_crop(crop: np.ndarray, masked: Sequence[int], grid: tuple[int, int], patch_size: int,
                 color: Sequence[float]) -> np.ndarray:
-    """For figures: the (S, S, 3) uint8 crop with the masked patches painted ``color`` (0-255 RGB,
-    e.g. the normalisation mean x 255, which is what ``fill`` feeds the model)."""
+    """The (S, S, 3) uint8 crop with the masked patches painted ``color`` (0-255 RGB)."""
     out = np.array(crop, copy=True)
     gc, p = int(grid[1]), int(patch_size)
     for j in masked:

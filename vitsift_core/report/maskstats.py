@@ -1,8 +1,5 @@
-"""Mask-eval's summaries for the report: the ordering Top < Random < Bottom (point estimates and
-paired per-image contrasts), Top's damage split into content and shape, and the masks' shape.
-
-Inputs are a run's tables (``maskeval.summarize``'s accuracy table, the predictions, the scores);
-the resampling statistics are :mod:`vitsift_core.method.stats`'.
+"""Mask-eval's summaries: Top < Random < Bottom (point estimates and paired per image), Top's damage
+split into content and shape, the masks' shape, and notebook 06's verdict sentences.
 """
 from __future__ import annotations
 
@@ -15,8 +12,7 @@ from vitsift_core.method import stats as S
 
 
 def ordering_check(acc: pd.DataFrame) -> pd.DataFrame:
-    """Per mode and ratio > 0: does Top < Random < Bottom hold (point estimates), and do the CIs
-    of neighbours overlap? Columns: mode, ratio, top, random, bottom, holds, separated."""
+    """Per mode and ratio > 0: Top < Random < Bottom on point estimates (holds) and CIs (separated)."""
     rows = []
     for (mode, ratio), g in acc[acc.ratio > 0].groupby(["mode", "ratio"]):
         g = g.set_index("order")
@@ -34,14 +30,8 @@ CONTRAST_COLS = ["mode", "ratio", "a", "b", "n", "diff", "ci_low", "ci_high", "n
 
 def order_contrasts(pred: pd.DataFrame, pairs=(("top", "random"), ("random", "bottom")),
                     n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """Paired per-image accuracy differences between two orders at the same mode and ratio > 0.
-
-    Top < Random < Bottom is a claim about the same images masked three ways, so it is tested
-    per image (more power than comparing three separate CIs): diff = accuracy(a) - accuracy(b) in
-    percentage points, a percentile bootstrap CI over images (the resamples of ``maskeval.summarize``),
-    the images right only under a / only under b, and the exact McNemar p on those.
-    Returns one row per (mode, ratio, pair) with columns ``CONTRAST_COLS``.
-    """
+    """Per (mode, ratio > 0, pair): accuracy(a) - accuracy(b) per image in points, its bootstrap CI,
+    images right only under a / b, McNemar p (columns ``CONTRAST_COLS``)."""
     if pred.empty:
         return pd.DataFrame(columns=CONTRAST_COLS)
     wide = wide_correct(pred).astype(np.float64)
@@ -64,20 +54,25 @@ def order_contrasts(pred: pd.DataFrame, pairs=(("top", "random"), ("random", "bo
     return pd.DataFrame(rows, columns=CONTRAST_COLS)
 
 
-def paired_ordering(contrasts: pd.DataFrame) -> pd.DataFrame:
-    """From :func:`order_contrasts` (pairs top-random and random-bottom): per mode and ratio, the two
-    differences and whether Top < Random and Random < Bottom hold with CIs excluding 0.
-    Columns: mode, ratio, top_minus_random, tr_ci, random_minus_bottom, rb_ci, top_below_random,
-    random_below_bottom, holds."""
-    rows = []
+def _cells(contrasts: pd.DataFrame, pairs):
+    """(mode, ratio, the rows of ``pairs``) for every cell of :func:`order_contrasts` holding them all."""
     for (mode, ratio), g in contrasts.groupby(["mode", "ratio"], sort=False):
         g = g.set_index(["a", "b"])
-        if ("top", "random") not in g.index or ("random", "bottom") not in g.index:
-            continue
-        tr, rb = g.loc[("top", "random")], g.loc[("random", "bottom")]
+        if all(pair in g.index for pair in pairs):
+            yield mode, ratio, [g.loc[pair] for pair in pairs]
+
+
+def _ci(r) -> str:
+    return f"[{r.ci_low:.1f}, {r.ci_high:.1f}]"
+
+
+def paired_ordering(contrasts: pd.DataFrame) -> pd.DataFrame:
+    """Per mode and ratio: Top - Random and Random - Bottom, and whether their CIs lie below 0."""
+    rows = []
+    for mode, ratio, (tr, rb) in _cells(contrasts, (("top", "random"), ("random", "bottom"))):
         rows.append({"mode": mode, "ratio": ratio, "top_minus_random": tr["diff"],
-                     "tr_ci": f"[{tr.ci_low:.1f}, {tr.ci_high:.1f}]", "random_minus_bottom": rb["diff"],
-                     "rb_ci": f"[{rb.ci_low:.1f}, {rb.ci_high:.1f}]", "top_below_random": bool(tr.ci_high < 0),
+                     "tr_ci": _ci(tr), "random_minus_bottom": rb["diff"],
+                     "rb_ci": _ci(rb), "top_below_random": bool(tr.ci_high < 0),
                      "random_below_bottom": bool(rb.ci_high < 0),
                      "holds": bool(tr.ci_high < 0 and rb.ci_high < 0)})
     return pd.DataFrame(rows)
@@ -87,38 +82,20 @@ CONTENT_SHAPE_PAIRS = (("top", "random"), ("top", "top_other"), ("top_other", "r
 
 
 def content_vs_shape(contrasts: pd.DataFrame) -> pd.DataFrame:
-    """Split Top's damage over Random into *content* and *shape and place*, per mode and ratio.
-
-    Top − Random = (Top − top_other) + (top_other − Random), image by image (accuracy differences
-    are linear), so from :func:`order_contrasts` with :data:`CONTENT_SHAPE_PAIRS`: ``content`` is
-    Top − top_other (this image's own high-score patches against the same mask shape and place
-    taken from another image), ``shape_place`` is top_other − Random (a Top-shaped, Top-placed
-    mask that knows nothing of the image, against scattered patches). Differences in percentage
-    points with their paired 95 % CIs; ``content_share`` = content / (Top − Random), NaN when
-    Top − Random is 0.
-    Columns: mode, ratio, top_minus_random, content, content_ci, shape_place, shape_place_ci,
-    content_share.
-    """
+    """Top - Random = content (Top - top_other) + shape and place (top_other - Random), per mode and
+    ratio, with CIs and content_share = content / (Top - Random) (NaN when that is 0)."""
     rows = []
-    for (mode, ratio), g in contrasts.groupby(["mode", "ratio"], sort=False):
-        g = g.set_index(["a", "b"])
-        if not all(pair in g.index for pair in CONTENT_SHAPE_PAIRS):
-            continue
-        tr, tt, orr = (g.loc[pair] for pair in CONTENT_SHAPE_PAIRS)
+    for mode, ratio, (tr, tt, orr) in _cells(contrasts, CONTENT_SHAPE_PAIRS):
         rows.append({"mode": mode, "ratio": ratio, "top_minus_random": tr["diff"],
-                     "content": tt["diff"], "content_ci": f"[{tt.ci_low:.1f}, {tt.ci_high:.1f}]",
-                     "shape_place": orr["diff"], "shape_place_ci": f"[{orr.ci_low:.1f}, {orr.ci_high:.1f}]",
+                     "content": tt["diff"], "content_ci": _ci(tt),
+                     "shape_place": orr["diff"], "shape_place_ci": _ci(orr),
                      "content_share": tt["diff"] / tr["diff"] if tr["diff"] != 0 else float("nan")})
     return pd.DataFrame(rows)
 
 
 def mask_shape(scores: dict, params, grid: tuple[int, int]) -> pd.DataFrame:
-    """How clumped each order's masks are and what they cover: for every order and ratio > 0 of
-    ``params``, means over images of :func:`masking.mask_adjacency` (share of masked patches'
-    neighbours also masked) and of the share of masked patches holding at least one keypoint.
-    ``params``: the run's MaskEvalParams; ``scores``: ``MaskEvalRun.scores()`` (ids, scores (n, N),
-    counts (n, N)); the masks are rebuilt exactly as the mask pass built them.
-    Columns: order, ratio, n_masked, adjacency, keypoint_share."""
+    """Per order and ratio > 0 of ``params`` (MaskEvalParams): mean mask adjacency and keypoint share
+    of the masks rebuilt from ``scores`` (``MaskEvalRun.scores()``)."""
     ids = [str(i) for i in scores["ids"]]
     other = MK.donor_scores(scores["scores"], ids, params.orders, params.seed)
     has_kp = np.asarray(scores["counts"]) > 0                                   # (n, N)
@@ -135,7 +112,6 @@ def mask_shape(scores: dict, params, grid: tuple[int, int]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["order", "ratio", "n_masked", "adjacency", "keypoint_share"])
 
 
-# ----------------------------------------------------------------------------------- verdicts (notebook 06)
 def change_verdict(ci_low: float, ci_high: float) -> str:
     """A paired difference's verdict from its 95 % CI."""
     if ci_low > 0:
@@ -146,8 +122,7 @@ def change_verdict(ci_low: float, ci_high: float) -> str:
 
 
 def paired_verdicts(paired: pd.DataFrame, order: str = "bottom", ratios=(5, 10)) -> tuple[pd.DataFrame, list[str]]:
-    """The rows of ``paired.parquet`` (masked minus clean) for ``order`` at ``ratios``, and one line
-    per row: difference, CI, images gained / lost, McNemar p and :func:`change_verdict`."""
+    """The ``paired.parquet`` rows for ``order`` at ``ratios`` and one verdict line per row."""
     key = paired[(paired.order == order) & paired.ratio.isin(list(ratios))]
     lines = [f"- {r['mode']}, r = {r.ratio:g} %: {r['diff']:+.2f} points (95 % CI {r.ci_low:+.2f} to "
              f"{r.ci_high:+.2f}), {r.n_gain} images gained / {r.n_loss} lost, McNemar p = {r.p_mcnemar:.3g}: "
@@ -156,8 +131,7 @@ def paired_verdicts(paired: pd.DataFrame, order: str = "bottom", ratios=(5, 10))
 
 
 def ordering_summary(check: pd.DataFrame, paired: pd.DataFrame) -> str:
-    """In how many (mode, ratio) cells Top < Random < Bottom holds: point estimates and separated
-    CIs (:func:`ordering_check`), and per image (:func:`paired_ordering`). "" without cells."""
+    """In how many cells Top < Random < Bottom holds, from both checks ("" without cells)."""
     if not len(check):
         return ""
     count = (lambda col: int(paired[col].sum())) if len(paired) else (lambda col: 0)
@@ -168,8 +142,7 @@ def ordering_summary(check: pd.DataFrame, paired: pd.DataFrame) -> str:
 
 
 def top_vs_top_other(contrasts: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """The Top - top_other rows of :func:`order_contrasts` and a sentence: in how many cells its CI
-    lies below 0 (this image's own high-score patches hurt more than the same mask shape)."""
+    """The Top - top_other rows of :func:`order_contrasts` and in how many cells its CI is below 0."""
     t = contrasts[(contrasts.a == "top") & (contrasts.b == "top_other")].reset_index(drop=True)
     if not len(t):
         return t, ""
