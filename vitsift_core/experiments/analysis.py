@@ -1,7 +1,5 @@
 """The analysis suite (``vitsift analyze|suite``): SIFT x attention metrics per image, layer and head,
-resumable in chunks, the controls (DESIGN.md section 3) sharing one forward pass. A run folder
-(README "Run folders"): params.json, parts/, heads.parquet, layers.parquet, stages.json,
-keypoints.npz, skipped.csv, run.json.
+resumable in chunks, the controls (DESIGN.md section 3) sharing one forward pass.
 """
 from __future__ import annotations
 
@@ -35,13 +33,8 @@ METRIC_COLS = HEAD_COLS[3:10]
 
 def batch_metrics(lm, collector: MetricCollector, x: torch.Tensor,
                   variants: dict, precision: str = "auto") -> dict:
-    """One batch of the analysis: the forward pass with capture, every layer and head reduced to
-    metrics for every variant (name -> (counts (B, N), exclude_self)) as it goes.
-
-    Returns variant -> metric -> (B, L, H) float32 on CPU (``MetricCollector.finish_batch``).
-    This is the whole per-batch cost of ``vitsift analyze`` besides writing rows; the
-    benchmarks time exactly this function.
-    """
+    """One batch's forward pass with capture, reduced to metrics for every variant (name -> (counts
+    (B, N), exclude_self)) -> variant -> metric -> (B, L, H) float32 on CPU. The benchmarks time it."""
     collector.start_batch(variants)
     infer(lm, x, collector=collector, precision=precision, micro_batch="auto", stop_early=True)
     return collector.finish_batch()
@@ -67,8 +60,7 @@ class AnalysisParams(Params):
     batch_size: int = 32
     device: str = "auto"
     num_workers: int = 1
-    # bf16 autocast or fp32 forward (forward_precision); recorded per run folder, never mixed in one
-    precision: str = "auto"
+    precision: str = "auto"             # infer.PRECISIONS; recorded per run folder, never mixed in one
 
     RUNTIME_KEYS = ("batch_size", "device", "num_workers", "precision")
 
@@ -85,12 +77,8 @@ class AnalysisParams(Params):
         self.sift = dataclasses.asdict(SiftParams(**self.sift))   # validates the keys
 
 
-# ------------------------------------------------------------------------------- helpers
 def shuffled_counts(counts: np.ndarray, ids: list[str], seed: int) -> np.ndarray:
-    """Permute each image's counts across patches; the permutation depends only on (seed, id).
-
-    counts: (B, N) -> (B, N). Keyed by id so resume and sharding give the same control.
-    """
+    """Each image's counts (B, N) permuted across patches by (seed, id) only: resume-safe."""
     out = np.empty_like(counts)
     for i, image_id in enumerate(ids):
         rng = np.random.default_rng([seed, zlib.crc32(image_id.encode())])
@@ -151,7 +139,6 @@ def mean_attention_heads(run: RunDir, ids, counts, n_layers: int) -> pd.DataFram
     return head_rows(list(ids), res, np.asarray(counts))
 
 
-# ------------------------------------------------------------------------------- the engine
 def _weights(v: tuple[str, bool]) -> str:
     """The weights a variant's forward pass needs: 'random-init' or the real ones ('none')."""
     return "random-init" if v[0] == "random-init" else "none"
@@ -200,7 +187,6 @@ def _write_variant(r: RunDir, k: int, chunk: tuple, collector: MetricCollector, 
         r.add_mean(k, s, collector.n_summed)
     else:
         rows = pd.concat(results[v], ignore_index=True) if results[v] else pd.DataFrame(columns=HEAD_COLS)
-        # a shuffled run keeps the real counts on disk; its rows carry n_key of the permutation (same)
         r.write_chunk(k, ids, counts, skipped, rows)
 
 
@@ -249,13 +235,9 @@ def _finalize(r: RunDir, n: int, n_layers: int, stats: dict | None) -> None:
 def run_suite(base: AnalysisParams, variants: dict[tuple[str, bool], Path], *,
               progress: bool = True, rank: int = 0, world: int = 1,
               barrier=None, on_chunk=None) -> dict[tuple[str, bool], RunDir]:
-    """Run several (control, exclude_self) variants of ``base``, sharing forward passes.
-
-    variants: (control, exclude_self) -> output dir. Chunks already finished in a variant's
-    dir are skipped. With ``world > 1`` this process handles chunks k with k % world == rank;
-    rank 0 finalises after ``barrier()`` (torch.distributed's, under torchrun).
-    ``on_chunk(k)`` is called after each chunk this process finishes.
-    """
+    """Run (or resume) the variants {(control, exclude_self): folder} of ``base``, sharing forward
+    passes. Under torchrun this process does chunks k % world == rank; rank 0 finalises after
+    ``barrier()``. ``on_chunk(k)`` is called after each chunk this process finishes."""
     records = resolve_images(base.images, base.limit)
     if not records:
         raise ValueError(f"no images found for {base.images!r}")
@@ -287,7 +269,7 @@ def run_suite(base: AnalysisParams, variants: dict[tuple[str, bool], Path], *,
 
 
 def analyze(params: AnalysisParams, out: str | Path, progress: bool = True, **kw) -> RunDir:
-    """One variant (``params.control``, ``params.exclude_self``) into ``out``; see module doc."""
+    """One variant (``params.control``, ``params.exclude_self``) into ``out``."""
     v = (params.control, params.exclude_self)
     return run_suite(params, {v: Path(out)}, progress=progress, **kw)[v]
 

@@ -10,54 +10,56 @@ import pandas as pd
 from vitsift_core.store import Params, RunFolder, RunMismatch, atomic_write, read_json, savez, write_json
 
 
+def recorded_forward(run: RunFolder, default: str | None = "fp32") -> str | None:
+    """The forward precision recorded in a run's params.json (``default`` when none is)."""
+    pj = run.params_json
+    return (read_json(pj).get("model") or {}).get("forward", default) if pj.exists() else default
+
+
+def check_forward(run: RunFolder, forward: str, parts: str = "*", default: str | None = "fp32") -> None:
+    """Refuse to add chunks computed in another forward precision than the finished ``parts`` (a glob)."""
+    before = recorded_forward(run, default)
+    if before and forward and before != forward and any(run.parts.glob(parts)):
+        raise RunMismatch(f"{run.path} holds chunks computed with a {before} forward pass; this "
+                          f"process runs it as {forward} (another kind of device or another "
+                          "--precision). Finish it as it was begun, or use another output folder")
+
+
 class RunDir(RunFolder):
     """One variant's output folder: its finished chunks and, for mean-attention, the running sums."""
 
     def __init__(self, path: Path, params: Params, rank: int = 0):
         super().__init__(path, params)
-        self.rank = rank      # under torchrun: which process; each keeps its own mean-attention sum
+        self.rank = rank      # under torchrun each process keeps its own mean-attention sum
 
     def set_model_info(self, info: dict) -> None:
-        """Record the loaded model (and ``info["forward"]``, its forward precision). Refuses,
-        before anything is computed, to add chunks in another precision than the finished ones:
-        a run begun on a GPU (bf16 autocast) and resumed on a CPU (fp32), or resumed with another
-        ``precision``, would mix the two."""
-        before = (read_json(self.params_json).get("model") or {}).get("forward")
-        if before and info.get("forward") and before != info["forward"] and any(self.parts.glob("*.npz")):
-            raise RunMismatch(f"{self.path} holds chunks computed with a {before} forward pass; this "
-                              f"process runs it as {info['forward']} (another kind of device or another "
-                              "--precision). Finish it as it was begun, or use another output folder")
+        """Record the loaded model; refuses to mix forward precisions (``info["forward"]``) in one run."""
+        check_forward(self, info.get("forward"), "*.npz", default=None)
         self.set_info(model=info)
 
     def chunk_done(self, k: int) -> bool:
         if self.params.control == "mean-attention":
-            return self.part(k).exists() and k in self._mean_chunks()
+            return self.part(k).exists() and k in self._read_means()[2]
         return self.part(k).exists()
 
-    # mean-attention bookkeeping: the running sum lists the chunks it includes. Each torchrun rank
-    # keeps its own file (rank 0: mean_attention_sum.npz, rank r: mean_attention_sum.rank<r>.npz),
-    # so ranks never read-modify-write the same file; a chunk is in exactly one of them.
+    # mean-attention: rank r keeps its running sum (and the chunks it includes) in its own file
     def _mean_file(self) -> Path:
         return self.path / ("mean_attention_sum.npz" if self.rank == 0 else
                             f"mean_attention_sum.rank{self.rank}.npz")
 
-    def _mean_files(self) -> list[Path]:
-        return sorted(self.path.glob("mean_attention_sum*.npz"))
-
-    def _mean_chunks(self) -> set[int]:
-        out: set[int] = set()
-        for f in self._mean_files():
-            with np.load(f) as z:
-                out |= set(int(c) for c in z["chunks"])
-        return out
-
-    def mean_sum(self) -> tuple[np.ndarray, int]:
-        """(sum of attention over every image so far (L, H, N, N), number of images)."""
-        total, count = None, 0
-        for f in self._mean_files():
+    def _read_means(self) -> tuple[np.ndarray | None, int, set[int]]:
+        """(sum of attention (L, H, N, N) or None, images, chunks) over every rank's file."""
+        total, count, chunks = None, 0, set()
+        for f in sorted(self.path.glob("mean_attention_sum*.npz")):
             with np.load(f) as z:
                 total = z["sum"] if total is None else total + z["sum"]
                 count += int(z["n"])
+                chunks |= set(int(c) for c in z["chunks"])
+        return total, count, chunks
+
+    def mean_sum(self) -> tuple[np.ndarray, int]:
+        """(sum of attention over every image so far (L, H, N, N), number of images)."""
+        total, count, _ = self._read_means()
         if total is None:
             raise FileNotFoundError(f"no mean_attention_sum*.npz in {self.path}")
         return total, count
@@ -98,7 +100,7 @@ class RunDir(RunFolder):
 
     def write_results(self, heads: pd.DataFrame, layers: pd.DataFrame, stages: dict, ids: list,
                       counts: np.ndarray, skipped: list, stats: dict | None = None) -> None:
-        """The run's tables (README "Run folders"), then the complete flag."""
+        """The run's tables, then the complete flag."""
         atomic_write(self.path / "heads.parquet", lambda p: heads.to_parquet(p, index=False))
         atomic_write(self.path / "layers.parquet", lambda p: layers.to_parquet(p, index=False))
         write_json(self.path / "stages.json", stages)

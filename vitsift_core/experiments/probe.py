@@ -1,9 +1,5 @@
-"""Linear probe on a frozen backbone's CLS token: the embedded tier's classifier (Sec 5.1).
-
-One ``Linear(D, C)`` on ``forward_features(x)[:, 0]``, trained on (a per-class subset of) Imagenette
-train with the backbone frozen. Cached under ``cache_dir()/probes/<features key>/``: ``parts/NNNNN.npz``
-(CLS features per chunk, resumable; per-class subsets are prefixes, so they share chunks) and
-``probe-<key>.safetensors`` / ``.json``.
+"""Linear probe on a frozen backbone's CLS token, the embedded tier's classifier (Sec 5.1): features
+cached per chunk, the fit under ``cache_dir()/probes/<features key>/``.
 """
 from __future__ import annotations
 
@@ -63,7 +59,7 @@ def cls_features(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def model_identity(lm) -> dict:
-    """What identifies a LoadedModel's weights, for cache keys (file identity for checkpoints)."""
+    """What identifies a LoadedModel's weights, for cache keys."""
     ident = {"spec": lm.spec, "arch": lm.arch, "source": lm.source,
              "input_size": list(lm.data_config["input_size"]),
              "mean": list(lm.data_config["mean"]), "std": list(lm.data_config["std"]),
@@ -78,8 +74,7 @@ def model_identity(lm) -> dict:
 
 
 def probe_paths(lm, settings: ProbeSettings, root: Path | None = None) -> tuple[Path, Path]:
-    """(weights, json) files of the probe for backbone ``lm`` and ``settings``, in the folder named by
-    the features key (backbone, training images, chunk size); the probe key adds ``settings``."""
+    """(weights, json) files of the probe for backbone ``lm`` and ``settings``."""
     feat_key = key_of({"format": FEATURE_FORMAT, "model": model_identity(lm), "images": settings.train_images,
                        "chunk": DEFAULT_CHUNK})
     folder = Path(root or cache_dir() / "probes") / feat_key
@@ -100,12 +95,8 @@ def _records(settings: ProbeSettings):
 
 def extract_features(lm, records, folder: Path, *, batch_size: int = 32, num_workers: int = 1,
                      progress: bool = True, chunk: int = DEFAULT_CHUNK) -> tuple[list[str], list[str], np.ndarray]:
-    """CLS features of ``records`` with ``lm`` (frozen), cached in ``folder/parts`` chunk by chunk.
-
-    A chunk file is reused when it holds every id of its chunk (a chunk written for a shorter
-    record list is recomputed once). Returns (ids, labels, features (n, D) float32), skipped
-    (undecodable) images left out.
-    """
+    """(ids, labels, CLS features (n, D) float32) of ``records``, cached in ``folder/parts`` per chunk;
+    a chunk file is reused when it holds every id of its chunk."""
     parts = Path(folder) / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     n_chunks = (len(records) + chunk - 1) // chunk
@@ -129,7 +120,6 @@ def extract_features(lm, records, folder: Path, *, batch_size: int = 32, num_wor
     for k in todo:
         recs = records[k * chunk:(k + 1) * chunk]
         ids, labels, feats = [], [], []
-        # counts are not needed here; the pipeline computes them anyway (cached on disk for later)
         for batch, skipped in iter_batches(recs, lm.data_config, lm.grid, lm.patch_size, batch_size=batch_size,
                                            num_workers=num_workers, cache=cache, progress=False):
             if batch is not None:
@@ -158,8 +148,7 @@ def extract_features(lm, records, folder: Path, *, batch_size: int = 32, num_wor
 
 def fit_linear(feats: np.ndarray, y: np.ndarray, n_classes: int, weight_decay: float = 1e-3,
                max_iter: int = 500, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """:func:`linear.fit_logistic` from a small seeded random start, the standardisation then
-    folded into the weights. Returns (weight (C, D), bias (C,), info)."""
+    """:func:`linear.fit_logistic`, standardisation folded in -> (weight (C, D), bias (C,), info)."""
     x = torch.from_numpy(np.asarray(feats, dtype=np.float64))
     t = torch.from_numpy(np.asarray(y, dtype=np.int64))
     w, b, mu, sd = fit_logistic(x, t, n_classes, weight_decay, max_iter, init_std=0.01, seed=seed)
@@ -174,8 +163,7 @@ def fit_linear(feats: np.ndarray, y: np.ndarray, n_classes: int, weight_decay: f
 
 def train_or_load_probe(lm, settings: ProbeSettings = ProbeSettings(), *, batch_size: int = 32,
                         num_workers: int = 1, progress: bool = True, root: Path | None = None) -> Probe:
-    """The probe for backbone ``lm`` and ``settings``: loaded from the cache, else trained (with a
-    progress bar over feature extraction, the expensive part) and cached."""
+    """The probe for backbone ``lm`` and ``settings``: from the cache, else trained and cached."""
     from safetensors.torch import load_file, save_file
 
     records, classes = _records(settings)
