@@ -16,7 +16,7 @@ from vitsift_core.data.batches import iter_batches
 from vitsift_core.data.keypoints import KeypointCache, SiftParams
 from vitsift_core.data.sources import resolve_images
 from vitsift_core.paths import cache_dir, data_dir, tmp_path
-from vitsift_core.store import key_of
+from vitsift_core.store import Dist, key_of
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -117,16 +117,12 @@ def load_train_data(cfg, patch: int, progress: bool, rank: int = 0, barrier=None
         return prepare_arrays(images, limit, cfg.img_size, patch, cfg.crop_pct, cfg.sift,
                               num_workers=cfg.num_workers, progress=progress and rank == 0)
 
-    if rank == 0:
-        train, val = prep(cfg.train_images, cfg.train_limit), prep(cfg.val_images, cfg.val_limit)
-    if barrier is not None:
-        barrier()
-    if rank != 0:
-        train, val = prep(cfg.train_images, cfg.train_limit), prep(cfg.val_images, cfg.val_limit)
+    train, val = Dist(rank, barrier=barrier).rank0_first(
+        lambda: (prep(cfg.train_images, cfg.train_limit), prep(cfg.val_images, cfg.val_limit)))
     classes = sorted({str(l) for l in train.labels})
     mem = len(train) if cfg.knn_memory is None else min(int(cfg.knn_memory), len(train))
     return TrainData(train, val, classes, _labels_to_int([str(l) for l in train.labels], classes),
-                 _labels_to_int([str(l) for l in val.labels], classes), mem)
+                     _labels_to_int([str(l) for l in val.labels], classes), mem)
 
 
 def _labels_to_int(labels: list, classes: list[str]) -> np.ndarray:

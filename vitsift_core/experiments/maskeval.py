@@ -22,8 +22,8 @@ from vitsift_core.data.batches import Skipped, iter_batches
 from vitsift_core.data.keypoints import KeypointCache, SiftParams
 from vitsift_core.data.sources import resolve_images
 from vitsift_core.store import Dist, atomic_write, n_chunks, savez, write_json
-from vitsift_core.experiments.analysis import METRIC_COLS, head_rows, layer_table, stage_fit_json
-from vitsift_core.experiments.analysis_run import check_forward, recorded_forward
+from vitsift_core.experiments.analysis import (METRIC_COLS, check_forward, head_rows, layer_table,
+                                              recorded_forward, stage_fit_json)
 from vitsift_core.experiments.probe import ProbeSettings, model_identity
 from vitsift_core.experiments.maskeval_run import (  # noqa: F401 (mask_eval_dir: for callers)
     MASK_PART_DTYPES, MaskEvalParams, MaskEvalRun, load_scores, mask_eval_dir, sibling_mask_rows)
@@ -86,23 +86,21 @@ class _Call:
     p: MaskEvalParams
     run: MaskEvalRun
     records: list              # the images the classifier can score, in run order
-    chunk: int
     lm: object                 # scoring model (LoadedModel)
     clf: object                # classifier; clf.lm is lm when it is a probe on the same ViT
-    sift: SiftParams
     cache: KeypointCache
     progress: bool
 
     @property
     def n_chunks(self) -> int:
-        return n_chunks(len(self.records), self.chunk)
+        return n_chunks(len(self.records), self.p.chunk)
 
     @property
     def dev(self) -> torch.device:
         return next(self.lm.model.parameters()).device
 
     def chunk_records(self, k: int) -> list:
-        return self.records[k * self.chunk:(k + 1) * self.chunk]
+        return self.records[k * self.p.chunk:(k + 1) * self.p.chunk]
 
     def n_images(self, chunks) -> int:
         return sum(len(self.chunk_records(k)) for k in chunks)
@@ -110,8 +108,8 @@ class _Call:
     def batches(self, k: int):
         """(Batch or None, [Skipped]) of chunk k."""
         return iter_batches(self.chunk_records(k), self.lm.data_config, self.lm.grid, self.lm.patch_size,
-                            batch_size=self.p.batch_size, sift=self.sift, num_workers=self.p.num_workers,
-                            cache=self.cache, progress=False)
+                            batch_size=self.p.batch_size, sift=SiftParams(**self.p.sift),
+                            num_workers=self.p.num_workers, cache=self.cache, progress=False)
 
 
 def _score_chunk(c: _Call, k: int, col: PatchScoreCollector, captured: list[int], bar) -> dict:
@@ -121,7 +119,8 @@ def _score_chunk(c: _Call, k: int, col: PatchScoreCollector, captured: list[int]
     ids, labels, targets, skipped = [], [], [], []
     # each list starts with an empty array of its shape: a chunk of unreadable files still saves
     parts = {"counts": [np.zeros((0, n_p), np.int32)],
-             "layer_scores": [np.zeros((0, len(captured), n_p), np.float32)], "clean_pred": [np.zeros(0, np.int64)]}
+             "layer_scores": [np.zeros((0, len(captured), n_p), np.float32)],
+             "clean_pred": [np.zeros(0, np.int64)]}
     if col.metrics is not None:
         shape = (0, len(lm.model.blocks), lm.model.blocks[0].attn.num_heads)
         parts.update({f"m_{key}": [np.zeros(shape, np.float32)] for key in METRIC_COLS})
@@ -318,7 +317,7 @@ def _open(p: MaskEvalParams, out: str | Path, dist: Dist, progress: bool) -> tup
     skipped_label = [Skipped(r.id, str(r.path or ""), f"label {r.label!r} is not a class of {clf.spec}")
                      for r in records if clf.target(r.label) is None]
     records = [r for r in records if clf.target(r.label) is not None]
-    c = _Call(p, run, records, p.chunk, lm, clf, SiftParams(**p.sift), KeypointCache(), progress)
+    c = _Call(p, run, records, lm, clf, KeypointCache(), progress)
     return c, skipped_label, forward
 
 

@@ -316,7 +316,8 @@ def run_pretrain(cfg: PretrainConfig, out: str | Path, *, progress: bool = True,
     """Train (or resume, or return at once if complete) the run ``cfg`` in folder ``out``;
     ``on_step(global_step)`` is called before every optimiser step."""
     out = Path(out)
-    rank, world, barrier = distributed()
+    procs = distributed()
+    rank, world, barrier = procs
     dist = torch.distributed if world > 1 else None
     if cfg.batch_size % world:
         raise ValueError(f"global batch {cfg.batch_size} is not divisible by {world} processes")
@@ -352,14 +353,14 @@ def run_pretrain(cfg: PretrainConfig, out: str | Path, *, progress: bool = True,
                 history.append(row)
                 _save_epoch(out, model, opt, cfg, history, step_rows, data.classes)
                 if progress:
-                    bar.write(_epoch_line(out, cfg, row))
-            if dist is not None:
-                dist.barrier()
+                    beta = f", beta {row['beta']:.2f}" if cfg.mask == "guided" else ""
+                    bar.write(f"[{out.name}] epoch {row['epoch']}/{cfg.epochs}: loss {row['train_loss']:.4f}, "
+                              f"k-NN {row['knn_acc']:.3f}{beta}, keypoint share of masked {row['key_share']:.2f}")
+            procs.sync()
         bar.close()
         if rank == 0:
             _finish(out, cfg, data, steps, start_epoch, times, device, world)
-    if dist is not None:
-        dist.barrier()
+    procs.sync()
     return out
 
 
@@ -384,12 +385,6 @@ def _finish(out: Path, cfg: PretrainConfig, data: TrainData, steps: int, start_e
         "data_s": round(times["data_s"], 2), "train_s_this_process": round(t_train, 2),
         "train_img_per_s": round(n_seen / t_train, 1) if t_train else None, "device": str(device),
         "world": world, "threads": torch.get_num_threads(), "resumed_from_epoch": start_epoch})
-
-
-def _epoch_line(out: Path, cfg: PretrainConfig, row: dict) -> str:
-    return (f"[{out.name}] epoch {row['epoch']}/{cfg.epochs}: loss {row['train_loss']:.4f}, "
-            f"k-NN {row['knn_acc']:.3f}" + (f", beta {row['beta']:.2f}" if cfg.mask == "guided" else "")
-            + f", keypoint share of masked {row['key_share']:.2f}")
 
 
 def _check_identity(cfg: PretrainConfig, out: Path, rank: int) -> None:

@@ -99,29 +99,27 @@ def extract_features(lm, records, folder: Path, *, batch_size: int = 32, num_wor
     a chunk file is reused when it holds every id of its chunk."""
     parts = Path(folder) / "parts"
     parts.mkdir(parents=True, exist_ok=True)
-    n_chunks = (len(records) + chunk - 1) // chunk
+    chunks = [records[s:s + chunk] for s in range(0, len(records), chunk)]
 
     def load(k):
+        """Chunk k's (ids, labels, feats) when its file holds every id of the chunk, else None."""
         f = parts / f"{k:05d}.npz"
         if not f.exists():
             return None
         with np.load(f) as z:
-            got = {"ids": list(z["ids"]), "labels": list(z["labels"]), "feats": z["feats"],
-                   "seen": set(z["seen"])}
-        want = {r.id for r in records[k * chunk:(k + 1) * chunk]}
-        return got if want <= got["seen"] else None
+            got, seen = (list(z["ids"]), list(z["labels"]), z["feats"]), set(z["seen"])
+        return got if {r.id for r in chunks[k]} <= seen else None
 
-    todo = [k for k in range(n_chunks) if load(k) is None]
+    todo = [k for k in range(len(chunks)) if load(k) is None]
     dev = next(lm.model.parameters()).device
-    n_todo = sum(len(records[k * chunk:(k + 1) * chunk]) for k in todo)
-    bar = tqdm(total=n_todo, unit="img", desc=f"probe features ({lm.spec})", disable=not progress or not todo,
-               dynamic_ncols=True)
+    bar = tqdm(total=sum(len(chunks[k]) for k in todo), unit="img", desc=f"probe features ({lm.spec})",
+               disable=not progress or not todo, dynamic_ncols=True)
     cache = KeypointCache()
     for k in todo:
-        recs = records[k * chunk:(k + 1) * chunk]
         ids, labels, feats = [], [], []
-        for batch, skipped in iter_batches(recs, lm.data_config, lm.grid, lm.patch_size, batch_size=batch_size,
-                                           num_workers=num_workers, cache=cache, progress=False):
+        for batch, skipped in iter_batches(chunks[k], lm.data_config, lm.grid, lm.patch_size,
+                                           batch_size=batch_size, num_workers=num_workers, cache=cache,
+                                           progress=False):
             if batch is not None:
                 with torch.inference_mode():
                     f = cls_features(lm.model.forward_features(batch.tensors.to(dev)))
@@ -132,18 +130,14 @@ def extract_features(lm, records, folder: Path, *, batch_size: int = 32, num_wor
         d = feats[0].shape[1] if feats else 0
         savez(parts / f"{k:05d}.npz", ids=np.asarray(ids, dtype=str), labels=np.asarray(labels, dtype=str),
               feats=np.concatenate(feats) if feats else np.zeros((0, d), np.float32),
-              seen=np.asarray([r.id for r in recs], dtype=str))
+              seen=np.asarray([r.id for r in chunks[k]], dtype=str))
     bar.close()
     want = {r.id for r in records}
-    ids, labels, feats = [], [], []
-    for k in range(n_chunks):
-        z = load(k)
-        for i, lab, f in zip(z["ids"], z["labels"], z["feats"]):
-            if i in want:
-                ids.append(i)
-                labels.append(lab)
-                feats.append(f)
-    return ids, labels, (np.stack(feats).astype(np.float32) if feats else np.zeros((0, 0), np.float32))
+    rows = [row for k in range(len(chunks)) for row in zip(*load(k)) if row[0] in want]
+    if not rows:
+        return [], [], np.zeros((0, 0), np.float32)
+    ids, labels, feats = zip(*rows)
+    return list(ids), list(labels), np.stack(feats).astype(np.float32)
 
 
 def fit_linear(feats: np.ndarray, y: np.ndarray, n_classes: int, weight_decay: float = 1e-3,
