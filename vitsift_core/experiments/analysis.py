@@ -1,6 +1,5 @@
 """The analysis suite (``vitsift analyze|suite``): SIFT x attention metrics per image, layer and head,
-resumable in chunks (:class:`RunDir`), the controls (DESIGN.md section 3) sharing one forward pass.
-"""
+resumable in chunks (:class:`RunDir`), the controls (DESIGN.md section 3) sharing one forward pass."""
 from __future__ import annotations
 
 import dataclasses

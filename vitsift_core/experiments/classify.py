@@ -1,12 +1,12 @@
 """Classifiers for the masking experiment (Sec 5.1): a backbone plus a head, tokens (B, T, D) -> logits:
-``embedded-probe`` (a linear probe on the CLS token) or a timm ImageNet-1k classifier (paper tier).
-"""
+``embedded-probe`` (a linear probe on the CLS token) or a timm ImageNet-1k classifier (paper tier)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from timm.data import ImageNetInfo
 
 from vitsift_core.experiments.probe import ProbeSettings, cls_features, model_identity, train_or_load_probe
 from vitsift_core.model.registry import load_model
@@ -45,8 +45,6 @@ class Classifier:
 
 def imagenet_classes() -> list[str]:
     """The 1000 ImageNet-1k wnids in timm's class-index order."""
-    from timm.data import ImageNetInfo
-
     return list(ImageNetInfo("imagenet-1k").label_names())
 
 

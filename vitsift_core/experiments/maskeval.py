@@ -1,6 +1,5 @@
 """``vitsift mask-eval``: accuracy under theta-ranked patch masking (Sec 5.1), resumable. Pass 1 scores
-every image (patch scores, stage metrics, clean prediction), pass 2 classifies each masked input.
-"""
+every image (patch scores, stage metrics, clean prediction), pass 2 classifies each masked input."""
 from __future__ import annotations
 
 import shutil

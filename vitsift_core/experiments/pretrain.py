@@ -1,6 +1,5 @@
 """MAE pre-training with random or keypoint-guided masks (paper Sec. 5.2): one run = one
-:class:`PretrainConfig` in one resumable folder, k-NN evaluated every epoch, DDP under torchrun.
-"""
+:class:`PretrainConfig` in one resumable folder, k-NN evaluated every epoch, DDP under torchrun."""
 from __future__ import annotations
 
 import dataclasses

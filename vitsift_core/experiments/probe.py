@@ -1,6 +1,5 @@
 """Linear probe on a frozen backbone's CLS token, the embedded tier's classifier (Sec 5.1): features
-cached per chunk, the fit under ``cache_dir()/probes/<features key>/``.
-"""
+cached per chunk, the fit under ``cache_dir()/probes/<features key>/``."""
 from __future__ import annotations
 
 import json
@@ -10,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from vitsift_core.method.linear import fit_logistic
+from vitsift_core.model.embedded import embedded_weights
 from vitsift_core.paths import cache_dir
 from vitsift_core.data.batches import iter_batches
 from vitsift_core.data.keypoints import KeypointCache
@@ -65,7 +66,6 @@ def model_identity(lm) -> dict:
              "mean": list(lm.data_config["mean"]), "std": list(lm.data_config["std"]),
              "crop_pct": lm.data_config.get("crop_pct"), "interpolation": lm.data_config.get("interpolation")}
     if lm.source == "embedded":
-        from vitsift_core.model.embedded import embedded_weights
         ident["weights"] = embedded_weights().name       # carries the ONNX hash + conversion version
     elif lm.source.startswith("checkpoint:"):
         st = Path(lm.source.split(":", 1)[1]).stat()
@@ -158,8 +158,6 @@ def fit_linear(feats: np.ndarray, y: np.ndarray, n_classes: int, weight_decay: f
 def train_or_load_probe(lm, settings: ProbeSettings = ProbeSettings(), *, batch_size: int = 32,
                         num_workers: int = 1, progress: bool = True, root: Path | None = None) -> Probe:
     """The probe for backbone ``lm`` and ``settings``: from the cache, else trained and cached."""
-    from safetensors.torch import load_file, save_file
-
     records, classes = _records(settings)
     wfile, jfile = probe_paths(lm, settings, root)
     folder = wfile.parent

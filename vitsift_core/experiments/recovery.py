@@ -1,11 +1,11 @@
 """Image recovery with an MAE (paper Sec. 2.1, Fig. 2): regions around the keypoint-densest spot, and
-the error of masking the k keypoint-densest patches vs k non-keypoint ones, paired by image.
-"""
+the error of masking the k keypoint-densest patches vs k non-keypoint ones, paired by image."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from vitsift_core.method import guided as MM
 from vitsift_core.method.stats import mean_ci
@@ -50,8 +50,6 @@ def recovery_errors(mae, arrays: ArraySet, ks=(1, 2, 4, 8), *, seed: int = 0, ba
                     device: str | torch.device = "cpu", progress: bool = True) -> pd.DataFrame:
     """Rows (image, k, condition, error, rel_error, n_key) of images with >= k keypoint and >= k
     non-keypoint patches."""
-    from tqdm.auto import tqdm
-
     mae = mae.to(device).eval()
     n = mae.num_patches
     if arrays.counts.shape[1] != n:
