@@ -116,13 +116,14 @@ def _score_chunk(c: _Call, k: int, col: PatchScoreCollector, captured: list[int]
     (n, L_captured, N), clean_pred (n,), skipped (s, 2), and m_<metric> (n, L, H) for the stage fit."""
     lm, n_p = c.lm, c.lm.num_patches
     ids, labels, targets, skipped = [], [], [], []
-    # each list starts with an empty array of its shape: a chunk of unreadable files still saves
+    # every list starts with an empty array of its shape: a chunk of unreadable files still saves
     parts = {"counts": [np.zeros((0, n_p), np.int32)],
              "layer_scores": [np.zeros((0, len(captured), n_p), np.float32)],
              "clean_pred": [np.zeros(0, np.int64)]}
+    metrics = {}
     if col.metrics is not None:
         shape = (0, len(lm.model.blocks), lm.model.blocks[0].attn.num_heads)
-        parts.update({f"m_{key}": [np.zeros(shape, np.float32)] for key in METRIC_COLS})
+        metrics = {key: [np.zeros(shape, np.float32)] for key in METRIC_COLS}
     for batch, sk in c.batches(k):
         skipped += sk
         if batch is not None:
@@ -139,14 +140,13 @@ def _score_chunk(c: _Call, k: int, col: PatchScoreCollector, captured: list[int]
             parts["counts"].append(batch.counts.numpy().astype(np.int32))
             parts["layer_scores"].append(sc.numpy().astype(np.float32))
             parts["clean_pred"].append(logits.argmax(-1).cpu().numpy().astype(np.int64))
-            for key in METRIC_COLS if met else ():
-                parts[f"m_{key}"].append(met[key].numpy().astype(np.float32))
+            for key in metrics:
+                metrics[key].append(met[key].numpy().astype(np.float32))
         bar.update(len(sk) + (len(batch) if batch is not None else 0))
-    arrays = {"ids": np.asarray(ids, dtype=str), "labels": np.asarray(labels, dtype=str),
-              "targets": np.asarray(targets, dtype=np.int64)}
-    arrays.update({key: np.concatenate(v) for key, v in parts.items()})
-    arrays["skipped"] = np.asarray([(s.path or s.id, s.reason) for s in skipped], dtype=str).reshape(-1, 2)
-    return arrays
+    return {"ids": np.asarray(ids, dtype=str), "labels": np.asarray(labels, dtype=str),
+            "targets": np.asarray(targets, dtype=np.int64), **{key: np.concatenate(v) for key, v in parts.items()},
+            "skipped": np.asarray([(s.path or s.id, s.reason) for s in skipped], dtype=str).reshape(-1, 2),
+            **{f"m_{key}": np.concatenate(v) for key, v in metrics.items()}}
 
 
 def _score_pass(c: _Call, mine: list[int], siblings: list[MaskEvalRun], captured: list[int],
