@@ -1,8 +1,5 @@
 """The analysis suite (``vitsift analyze|suite``): SIFT x attention metrics per image, layer and head,
-resumable in chunks, the controls (DESIGN.md section 3) sharing one forward pass. A run folder
-(README "Run folders"): params.json, parts/, heads.parquet, layers.parquet, stages.json,
-keypoints.npz, skipped.csv, run.json.
-"""
+resumable in chunks (:class:`RunDir`), the controls (DESIGN.md section 3) sharing one forward pass."""
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +21,8 @@ from vitsift_core.model.registry import load_model
 from vitsift_core.data.batches import iter_batches
 from vitsift_core.data.keypoints import KeypointCache, SiftParams
 from vitsift_core.data.sources import resolve_images
-from vitsift_core.store import DEFAULT_CHUNK, Params, at_least_one, n_chunks
-from vitsift_core.experiments.analysis_run import RunDir
+from vitsift_core.store import (DEFAULT_CHUNK, Params, RunFolder, RunMismatch, at_least_one, atomic_write,
+                                n_chunks, read_json, savez, write_json)
 
 CONTROLS = ("none", "shuffle-keypoints", "random-init", "mean-attention")
 HEAD_COLS = ["image", "layer", "head", "theta_kk", "theta_kn", "theta_nk", "theta_nn",
@@ -35,13 +32,8 @@ METRIC_COLS = HEAD_COLS[3:10]
 
 def batch_metrics(lm, collector: MetricCollector, x: torch.Tensor,
                   variants: dict, precision: str = "auto") -> dict:
-    """One batch of the analysis: the forward pass with capture, every layer and head reduced to
-    metrics for every variant (name -> (counts (B, N), exclude_self)) as it goes.
-
-    Returns variant -> metric -> (B, L, H) float32 on CPU (``MetricCollector.finish_batch``).
-    This is the whole per-batch cost of ``vitsift analyze`` besides writing rows; the
-    benchmarks time exactly this function.
-    """
+    """One batch's forward pass with capture, reduced to metrics for every variant (name -> (counts
+    (B, N), exclude_self)) -> variant -> metric -> (B, L, H) float32 on CPU. The benchmarks time it."""
     collector.start_batch(variants)
     infer(lm, x, collector=collector, precision=precision, micro_batch="auto", stop_early=True)
     return collector.finish_batch()
@@ -67,8 +59,7 @@ class AnalysisParams(Params):
     batch_size: int = 32
     device: str = "auto"
     num_workers: int = 1
-    # bf16 autocast or fp32 forward (forward_precision); recorded per run folder, never mixed in one
-    precision: str = "auto"
+    precision: str = "auto"             # infer.PRECISIONS; recorded per run folder, never mixed in one
 
     RUNTIME_KEYS = ("batch_size", "device", "num_workers", "precision")
 
@@ -85,12 +76,108 @@ class AnalysisParams(Params):
         self.sift = dataclasses.asdict(SiftParams(**self.sift))   # validates the keys
 
 
-# ------------------------------------------------------------------------------- helpers
-def shuffled_counts(counts: np.ndarray, ids: list[str], seed: int) -> np.ndarray:
-    """Permute each image's counts across patches; the permutation depends only on (seed, id).
+def recorded_forward(run: RunFolder, default: str | None = "fp32") -> str | None:
+    """The forward precision recorded in a run's params.json (``default`` when none is)."""
+    pj = run.params_json
+    return (read_json(pj).get("model") or {}).get("forward", default) if pj.exists() else default
 
-    counts: (B, N) -> (B, N). Keyed by id so resume and sharding give the same control.
-    """
+
+def check_forward(run: RunFolder, forward: str, parts: str = "*", default: str | None = "fp32") -> None:
+    """Refuse to add chunks computed in another forward precision than the finished ``parts`` (a glob)."""
+    before = recorded_forward(run, default)
+    if before and forward and before != forward and any(run.parts.glob(parts)):
+        raise RunMismatch(f"{run.path} holds chunks computed with a {before} forward pass; this "
+                          f"process runs it as {forward} (another kind of device or another "
+                          "--precision). Finish it as it was begun, or use another output folder")
+
+
+class RunDir(RunFolder):
+    """One variant's output folder: its finished chunks and, for mean-attention, the running sums."""
+
+    def __init__(self, path: Path, params: Params, rank: int = 0):
+        super().__init__(path, params)
+        self.rank = rank      # under torchrun each process keeps its own mean-attention sum
+
+    def set_model_info(self, info: dict) -> None:
+        """Record the loaded model; refuses to mix forward precisions (``info["forward"]``) in one run."""
+        check_forward(self, info.get("forward"), "*.npz", default=None)
+        self.set_info(model=info)
+
+    def chunk_done(self, k: int) -> bool:
+        if self.params.control == "mean-attention":
+            return self.part(k).exists() and k in self._read_means()[2]
+        return self.part(k).exists()
+
+    # mean-attention: rank r keeps its running sum (and the chunks it includes) in its own file
+    def _mean_file(self) -> Path:
+        return self.path / ("mean_attention_sum.npz" if self.rank == 0 else
+                            f"mean_attention_sum.rank{self.rank}.npz")
+
+    def _read_means(self) -> tuple[np.ndarray | None, int, set[int]]:
+        """(sum of attention (L, H, N, N) or None, images, chunks) over every rank's file."""
+        total, count, chunks = None, 0, set()
+        for f in sorted(self.path.glob("mean_attention_sum*.npz")):
+            with np.load(f) as z:
+                total = z["sum"] if total is None else total + z["sum"]
+                count += int(z["n"])
+                chunks |= set(int(c) for c in z["chunks"])
+        return total, count, chunks
+
+    def mean_sum(self) -> tuple[np.ndarray, int]:
+        """(sum of attention over every image so far (L, H, N, N), number of images)."""
+        total, count, _ = self._read_means()
+        if total is None:
+            raise FileNotFoundError(f"no mean_attention_sum*.npz in {self.path}")
+        return total, count
+
+    def add_mean(self, k: int, attn_sum: np.ndarray, n: int) -> None:
+        f = self._mean_file()
+        if f.exists():
+            with np.load(f) as z:
+                total, count, chunks = z["sum"], int(z["n"]), list(z["chunks"])
+            total = total + attn_sum
+        else:
+            total, count, chunks = attn_sum, 0, []
+        savez(f, sum=total, n=count + n, chunks=np.asarray(chunks + [k], dtype=np.int64))
+
+    def write_chunk(self, k: int, ids, counts, skipped, rows: pd.DataFrame | None) -> None:
+        if rows is not None:
+            atomic_write(self.part(k, ext="parquet"), lambda p: rows.to_parquet(p, index=False))
+        sk = np.asarray([(s.path, s.reason) for s in skipped], dtype=object).reshape(-1, 2)
+        # the .npz is written last: its presence marks the chunk finished
+        savez(self.part(k), ids=np.asarray(ids, dtype=str), counts=counts.astype(np.int32), skipped=sk.astype(str))
+
+    def read_chunks(self, n_chunks: int) -> tuple[list, np.ndarray, list, list[pd.DataFrame]]:
+        """(ids, counts (n, N), skipped, head-row frames) of chunks 0..n_chunks-1."""
+        ids, counts, skipped, frames = [], [], [], []
+        for k in range(n_chunks):
+            with np.load(self.part(k)) as z:
+                ids += list(z["ids"])
+                counts.append(z["counts"])
+                skipped += [tuple(r) for r in z["skipped"]]
+            pq = self.part(k, ext="parquet")
+            if pq.exists():
+                df = pd.read_parquet(pq)
+                if len(df):   # a chunk of unreadable files only has no rows (and untyped columns)
+                    frames.append(df)
+        n_patches = counts[0].shape[1] if counts and counts[0].ndim == 2 else 0
+        counts = np.concatenate(counts) if counts else np.zeros((0, n_patches), np.int32)
+        return ids, counts, skipped, frames
+
+    def write_results(self, heads: pd.DataFrame, layers: pd.DataFrame, stages: dict, ids: list,
+                      counts: np.ndarray, skipped: list, stats: dict | None = None) -> None:
+        """The run's tables, then the complete flag."""
+        atomic_write(self.path / "heads.parquet", lambda p: heads.to_parquet(p, index=False))
+        atomic_write(self.path / "layers.parquet", lambda p: layers.to_parquet(p, index=False))
+        write_json(self.path / "stages.json", stages)
+        savez(self.path / "keypoints.npz", ids=np.asarray(ids, dtype=str), counts=counts)
+        atomic_write(self.path / "skipped.csv", lambda p: pd.DataFrame(
+            skipped, columns=["path", "reason"]).to_csv(p, index=False))
+        self.mark_complete(n_images=len(ids), n_skipped=len(skipped), **(stats or {}))
+
+
+def shuffled_counts(counts: np.ndarray, ids: list[str], seed: int) -> np.ndarray:
+    """Each image's counts (B, N) permuted across patches by (seed, id) only: resume-safe."""
     out = np.empty_like(counts)
     for i, image_id in enumerate(ids):
         rng = np.random.default_rng([seed, zlib.crc32(image_id.encode())])
@@ -151,7 +238,6 @@ def mean_attention_heads(run: RunDir, ids, counts, n_layers: int) -> pd.DataFram
     return head_rows(list(ids), res, np.asarray(counts))
 
 
-# ------------------------------------------------------------------------------- the engine
 def _weights(v: tuple[str, bool]) -> str:
     """The weights a variant's forward pass needs: 'random-init' or the real ones ('none')."""
     return "random-init" if v[0] == "random-init" else "none"
@@ -200,7 +286,6 @@ def _write_variant(r: RunDir, k: int, chunk: tuple, collector: MetricCollector, 
         r.add_mean(k, s, collector.n_summed)
     else:
         rows = pd.concat(results[v], ignore_index=True) if results[v] else pd.DataFrame(columns=HEAD_COLS)
-        # a shuffled run keeps the real counts on disk; its rows carry n_key of the permutation (same)
         r.write_chunk(k, ids, counts, skipped, rows)
 
 
@@ -249,13 +334,9 @@ def _finalize(r: RunDir, n: int, n_layers: int, stats: dict | None) -> None:
 def run_suite(base: AnalysisParams, variants: dict[tuple[str, bool], Path], *,
               progress: bool = True, rank: int = 0, world: int = 1,
               barrier=None, on_chunk=None) -> dict[tuple[str, bool], RunDir]:
-    """Run several (control, exclude_self) variants of ``base``, sharing forward passes.
-
-    variants: (control, exclude_self) -> output dir. Chunks already finished in a variant's
-    dir are skipped. With ``world > 1`` this process handles chunks k with k % world == rank;
-    rank 0 finalises after ``barrier()`` (torch.distributed's, under torchrun).
-    ``on_chunk(k)`` is called after each chunk this process finishes.
-    """
+    """Run (or resume) the variants {(control, exclude_self): folder} of ``base``, sharing forward
+    passes. Under torchrun this process does chunks k % world == rank; rank 0 finalises after
+    ``barrier()``. ``on_chunk(k)`` is called after each chunk this process finishes."""
     records = resolve_images(base.images, base.limit)
     if not records:
         raise ValueError(f"no images found for {base.images!r}")
@@ -287,7 +368,7 @@ def run_suite(base: AnalysisParams, variants: dict[tuple[str, bool], Path], *,
 
 
 def analyze(params: AnalysisParams, out: str | Path, progress: bool = True, **kw) -> RunDir:
-    """One variant (``params.control``, ``params.exclude_self``) into ``out``; see module doc."""
+    """One variant (``params.control``, ``params.exclude_self``) into ``out``."""
     v = (params.control, params.exclude_self)
     return run_suite(params, {v: Path(out)}, progress=progress, **kw)[v]
 

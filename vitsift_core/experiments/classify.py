@@ -1,20 +1,17 @@
-"""Classifiers for the masking experiment (Sec 5.1): a backbone plus a head mapping its tokens
-(B, T, D) -- clean or masked -- to logits. ``embedded-probe``: a trained linear probe on the CLS token
-(experiments.probe; classes: the training labels); a timm ImageNet-1k classifier (paper tier): its own
-head over the 1000 classes, ImageNet wnid labels mapped with timm's ImageNet info.
-"""
+"""Classifiers for the masking experiment (Sec 5.1): a backbone plus a head, tokens (B, T, D) -> logits:
+``embedded-probe`` (a linear probe on the CLS token) or a timm ImageNet-1k classifier (paper tier)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from timm.data import ImageNetInfo
 
 from vitsift_core.experiments.probe import ProbeSettings, cls_features, model_identity, train_or_load_probe
 from vitsift_core.model.registry import load_model
 
 PROBE_SPECS = ("embedded-probe", "probe")
-PAPER_CLASSIFIER = "vit_base_patch16_224.augreg2_in21k_ft_in1k"
 
 
 @dataclass
@@ -48,20 +45,14 @@ class Classifier:
 
 def imagenet_classes() -> list[str]:
     """The 1000 ImageNet-1k wnids in timm's class-index order."""
-    from timm.data import ImageNetInfo
-
     return list(ImageNetInfo("imagenet-1k").label_names())
 
 
 def load_classifier(spec: str, model: str | None = None, *, device: str = "cpu", probe=None,
                     batch_size: int = 32, num_workers: int = 1, progress: bool = True,
                     backbone=None) -> Classifier:
-    """Build the classifier named by ``spec`` (module doc).
-
-    ``model``: for ``embedded-probe`` the backbone spec (default 'embedded'); ignored otherwise.
-    ``probe``: :class:`vitsift_core.experiments.probe.ProbeSettings` (default settings when None).
-    ``backbone``: an already loaded ``LoadedModel`` for the probe (saves loading it twice).
-    """
+    """The classifier named by ``spec``. ``model``: the probe's backbone spec; ``probe``: ProbeSettings;
+    ``backbone``: an already loaded LoadedModel to reuse."""
     spec = str(spec).strip()
     if spec in PROBE_SPECS:
         lm = backbone if backbone is not None else load_model(model or "embedded", device=device)

@@ -1,7 +1,5 @@
-"""MAE pre-training data: each split decoded once to the model's eval crop (timm's resize + centre
-crop) beside its SIFT counts per patch, through the study's own loader (:func:`iter_batches`), and
-kept as uint8 arrays under ``cache_dir()/mae_arrays``.
-"""
+"""MAE pre-training data: each split decoded once to the eval crop beside its SIFT counts per patch,
+kept as uint8 arrays under ``cache_dir()/mae_arrays``."""
 from __future__ import annotations
 
 import hashlib
@@ -18,10 +16,8 @@ from vitsift_core.data.batches import iter_batches
 from vitsift_core.data.keypoints import KeypointCache, SiftParams
 from vitsift_core.data.sources import resolve_images
 from vitsift_core.paths import cache_dir, data_dir, tmp_path
-from vitsift_core.store import key_of
+from vitsift_core.store import Dist, key_of
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ArraySet", "TrainData", "data_config", "prepare_arrays",
-           "load_train_data", "to_input"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,12 +48,8 @@ def data_config(img_size: int, crop_pct: float = 0.875) -> dict:
 def prepare_arrays(images: str, limit: int | None, img_size: int, patch_size: int,
                    crop_pct: float = 0.875, sift: SiftParams | dict = SiftParams(), *,
                    num_workers: int = 1, progress: bool = True, root: Path | None = None) -> ArraySet:
-    """Decode ``resolve_images(images, limit)`` to model crops and SIFT counts, once.
-
-    Cached under ``root`` (default ``cache_dir()/mae_arrays``) in a folder keyed by the record ids,
-    the data folder, the crop and the SIFT parameters; a second call loads the arrays (memory
-    mapped). Keypoints also go through the shared :class:`KeypointCache`.
-    """
+    """``resolve_images(images, limit)`` as model crops and SIFT counts, decoded once (cached under
+    ``root``, later calls memory-map it)."""
     sift = sift if isinstance(sift, SiftParams) else SiftParams(**sift)
     if img_size % patch_size:
         raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
@@ -120,22 +112,17 @@ class TrainData:
 
 
 def load_train_data(cfg, patch: int, progress: bool, rank: int = 0, barrier=None) -> TrainData:
-    """The arrays of ``cfg`` (a PretrainConfig); under torchrun rank 0 decodes first, the others
-    then read its cache."""
+    """The arrays of ``cfg`` (a PretrainConfig); under torchrun rank 0 decodes first."""
     def prep(images, limit):
         return prepare_arrays(images, limit, cfg.img_size, patch, cfg.crop_pct, cfg.sift,
                               num_workers=cfg.num_workers, progress=progress and rank == 0)
 
-    if rank == 0:
-        train, val = prep(cfg.train_images, cfg.train_limit), prep(cfg.val_images, cfg.val_limit)
-    if barrier is not None:
-        barrier()
-    if rank != 0:
-        train, val = prep(cfg.train_images, cfg.train_limit), prep(cfg.val_images, cfg.val_limit)
+    train, val = Dist(rank, barrier=barrier).rank0_first(
+        lambda: (prep(cfg.train_images, cfg.train_limit), prep(cfg.val_images, cfg.val_limit)))
     classes = sorted({str(l) for l in train.labels})
     mem = len(train) if cfg.knn_memory is None else min(int(cfg.knn_memory), len(train))
     return TrainData(train, val, classes, _labels_to_int([str(l) for l in train.labels], classes),
-                 _labels_to_int([str(l) for l in val.labels], classes), mem)
+                     _labels_to_int([str(l) for l in val.labels], classes), mem)
 
 
 def _labels_to_int(labels: list, classes: list[str]) -> np.ndarray:

@@ -1,6 +1,5 @@
-"""MAE pre-training runs around :func:`run_pretrain`: a profile's recipe (``params/<profile>.yaml``),
-where runs live (``results/mae/<recipe key>/<mask>-seed<seed>``), training every run of a recipe,
-reading runs back, and ``vitsift pretrain``."""
+"""MAE pre-training runs around :func:`run_pretrain`: a profile's recipe, where runs live, training every
+run of a recipe, reading runs back, and ``vitsift pretrain``."""
 from __future__ import annotations
 
 import argparse
@@ -13,34 +12,31 @@ import yaml
 
 from vitsift_core.data.keypoints import SiftParams
 from vitsift_core.experiments import pretrain
+from vitsift_core.experiments.cli_options import add_run_options
 from vitsift_core.experiments.pretrain import PretrainConfig, build_model, is_complete, run_pretrain
 from vitsift_core.paths import ROOT, results_dir
 from vitsift_core.store import distributed, key_of
 
-__all__ = ["RECIPE_SECTION", "config_from_params", "mae_recipe", "experiment_dir", "run_dir", "run_experiment",
-           "load_metrics", "load_steps", "load_pretrained_mae", "add_cli", "cmd_pretrain"]
 
-#: the profile section holding the MAE recipe (notebook 07 trains it, notebook 01 reuses its MAE);
-#: its ``mae_batch_size`` is the global batch (the profiles' shared ``batch_size`` is an inference batch)
+#: the profile section holding the MAE recipe; its ``mae_batch_size`` is the global batch
 RECIPE_SECTION = "07_guided_mae"
 
 
 def config_from_params(params: dict, **override) -> PretrainConfig:
-    """A config from a parameter dict (keys that are not fields are ignored); 0 / "" mean None for
-    the optional sizes and limits."""
+    """A config from a parameter dict (other keys ignored); 0 / "" mean None for sizes and limits."""
     names = {f.name for f in dataclasses.fields(PretrainConfig)}
     kw = {k: v for k, v in params.items() if k in names}
     kw.update(override)
     for k in ("patch_size", "depth", "embed_dim", "num_heads", "train_limit", "val_limit",
               "knn_memory", "score_layer", "threads"):
         if k in kw and kw[k] in (0, "", "none", "None"):
-            kw[k] = None   # notebooks and the command line use 0 for "the default / all"
+            kw[k] = None
     return PretrainConfig(**kw)
 
 
 def mae_recipe(profile: str, **override) -> PretrainConfig:
-    """PretrainConfig's defaults, then ``params/<profile>.yaml``'s shared runtime keys (device,
-    num_workers, threads), then its :data:`RECIPE_SECTION`, then ``override``."""
+    """PretrainConfig's defaults, then ``params/<profile>.yaml``'s runtime keys and
+    :data:`RECIPE_SECTION`, then ``override``."""
     d = yaml.safe_load((ROOT / "params" / f"{profile}.yaml").read_text()) or {}
     params = {k: v for k, v in (d.get("parameters") or {}).items() if k in PretrainConfig.RUNTIME_KEYS}
     params.update((d.get("notebooks") or {}).get(RECIPE_SECTION) or {})
@@ -119,8 +115,8 @@ def add_cli(sub) -> None:
         typ = typ or (type(default) if default is not None else str)
         hint = " (0: all / the architecture's own)" if str(f.type).endswith("| None") else ""
         p.add_argument(name, type=typ, default=default, help=f"(default {default}){hint}")
-    p.add_argument("--out", default=None, help="run folder (default: results/mae/<recipe>/<mask>-seed<seed>)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_options(p, runtime=False, out_required=False,
+                    out_help="run folder (default: results/mae/<recipe>/<mask>-seed<seed>)")
 
 
 def cmd_pretrain(a) -> int:
@@ -135,6 +131,3 @@ def cmd_pretrain(a) -> int:
         last = m.iloc[-1]
         print(f"wrote {out}: {len(m)} epochs, k-NN {last.knn_acc:.4f}, probe {last.probe_acc:.4f}")
     return 0
-
-
-

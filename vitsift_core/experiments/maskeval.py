@@ -1,9 +1,5 @@
-"""``vitsift mask-eval``: accuracy under theta-ranked patch masking (Sec 5.1), resumable like ``analyze``.
-
-Pass 1 scores every image once (patch scores s_i of every captured layer, the stage metrics for
-``layer='auto'``, the clean prediction); the score layer is then chosen. Pass 2 runs one classifier
-forward per (mode, order, ratio > 0) on the masked input. README "Run folders" lists the files.
-"""
+"""``vitsift mask-eval``: accuracy under theta-ranked patch masking (Sec 5.1), resumable. Pass 1 scores
+every image (patch scores, stage metrics, clean prediction), pass 2 classifies each masked input."""
 from __future__ import annotations
 
 import shutil
@@ -14,17 +10,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from vitsift_core.method import masking as MK
 from vitsift_core.model.collectors import MetricCollector, PatchScoreCollector
 from vitsift_core.model.infer import forward_precision, infer
 from vitsift_core.experiments.classify import load_classifier
 from vitsift_core.model.registry import load_model
-from vitsift_core.data.batches import Skipped
+from vitsift_core.data.batches import Skipped, iter_batches
 from vitsift_core.data.keypoints import KeypointCache, SiftParams
 from vitsift_core.data.sources import resolve_images
-from vitsift_core.store import Dist, RunMismatch, atomic_write, read_json, savez, write_json
-from vitsift_core.experiments.analysis import head_rows, layer_table, stage_fit_json
+from vitsift_core.store import Dist, atomic_write, n_chunks, savez, write_json
+from vitsift_core.experiments.analysis import (METRIC_COLS, check_forward, head_rows, layer_table,
+                                              recorded_forward, stage_fit_json)
 from vitsift_core.experiments.probe import ProbeSettings, model_identity
 from vitsift_core.experiments.maskeval_run import (  # noqa: F401 (mask_eval_dir: for callers)
     MASK_PART_DTYPES, MaskEvalParams, MaskEvalRun, load_scores, mask_eval_dir, sibling_mask_rows)
@@ -36,7 +34,6 @@ ACC_COLS = ["order", "mode", "ratio", "n", "top1", "ci_low", "ci_high", "n_maske
 PAIRED_COLS = ["order", "mode", "ratio", "n", "diff", "ci_low", "ci_high", "n_gain", "n_loss", "p_mcnemar"]
 
 
-# ----------------------------------------------------------------------------------- statistics
 def wide_correct(pred: pd.DataFrame) -> pd.DataFrame:
     """predictions -> (images, (order, mode, ratio)) 0/1 correctness, columns sorted."""
     return pred.pivot_table(index="image", columns=["order", "mode", "ratio"], values="correct",
@@ -44,7 +41,7 @@ def wide_correct(pred: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarize(pred: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """predictions -> (accuracy table, paired masked-minus-clean table); see module doc."""
+    """predictions -> (accuracy table, paired masked-minus-clean table), bootstrap CIs over images."""
     if pred.empty:
         return pd.DataFrame(columns=ACC_COLS), pd.DataFrame(columns=PAIRED_COLS)
     wide = wide_correct(pred)
@@ -67,7 +64,6 @@ def summarize(pred: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> tuple[pd
     return key(acc)[ACC_COLS].reset_index(drop=True), key(paired)[PAIRED_COLS].reset_index(drop=True)
 
 
-# ----------------------------------------------------------------------------------- the run
 def _choose_layers(params: MaskEvalParams, captured: list[int], sc: dict, n_layers: int) -> dict:
     spec = MK.parse_layers(params.layer, n_layers)
     if spec != "auto":
@@ -84,48 +80,50 @@ def _choose_layers(params: MaskEvalParams, captured: list[int], sc: dict, n_laye
 
 @dataclass
 class _Call:
-    """What one ``run_mask_eval`` call's passes share: parameters, images, models and caches."""
+    """What one ``run_mask_eval`` call's passes share."""
 
     p: MaskEvalParams
     run: MaskEvalRun
     records: list              # the images the classifier can score, in run order
-    chunk: int                 # images per chunk
     lm: object                 # scoring model (LoadedModel)
     clf: object                # classifier; clf.lm is lm when it is a probe on the same ViT
-    sift: SiftParams
-    cache: object              # KeypointCache
+    cache: KeypointCache
     progress: bool
 
     @property
     def n_chunks(self) -> int:
-        return (len(self.records) + self.chunk - 1) // self.chunk
+        return n_chunks(len(self.records), self.p.chunk)
 
     @property
     def dev(self) -> torch.device:
         return next(self.lm.model.parameters()).device
 
     def chunk_records(self, k: int) -> list:
-        return self.records[k * self.chunk:(k + 1) * self.chunk]
+        return self.records[k * self.p.chunk:(k + 1) * self.p.chunk]
 
     def n_images(self, chunks) -> int:
         return sum(len(self.chunk_records(k)) for k in chunks)
 
     def batches(self, k: int):
-        """(Batch or None, [Skipped]) of chunk k: decoded, model input, per-patch keypoint counts."""
-        from vitsift_core.data.batches import iter_batches
+        """(Batch or None, [Skipped]) of chunk k."""
         return iter_batches(self.chunk_records(k), self.lm.data_config, self.lm.grid, self.lm.patch_size,
-                            batch_size=self.p.batch_size, sift=self.sift, num_workers=self.p.num_workers,
-                            cache=self.cache, progress=False)
+                            batch_size=self.p.batch_size, sift=SiftParams(**self.p.sift),
+                            num_workers=self.p.num_workers, cache=self.cache, progress=False)
 
 
 def _score_chunk(c: _Call, k: int, col: PatchScoreCollector, captured: list[int], bar) -> dict:
-    """Pass 1 on chunk k: the arrays of its score part (ids, labels, targets, counts (n, N),
-    layer_scores (n, L_captured, N), clean_pred (n,), skipped (s, 2), and m_<metric> (n, L, H)
-    when the stage fit needs them)."""
+    """Pass 1 on chunk k -> its score part: ids, labels, targets, counts (n, N), layer_scores
+    (n, L_captured, N), clean_pred (n,), skipped (s, 2), and m_<metric> (n, L, H) for the stage fit."""
     lm, n_p = c.lm, c.lm.num_patches
-    acc = {"ids": [], "labels": [], "targets": [], "counts": [], "layer_scores": [], "clean_pred": []}
-    met_acc: dict[str, list] = {}
-    skipped = []
+    ids, labels, targets, skipped = [], [], [], []
+    # every list starts with an empty array of its shape: a chunk of unreadable files still saves
+    parts = {"counts": [np.zeros((0, n_p), np.int32)],
+             "layer_scores": [np.zeros((0, len(captured), n_p), np.float32)],
+             "clean_pred": [np.zeros(0, np.int64)]}
+    metrics = {}
+    if col.metrics is not None:
+        shape = (0, len(lm.model.blocks), lm.model.blocks[0].attn.num_heads)
+        metrics = {key: [np.zeros(shape, np.float32)] for key in METRIC_COLS}
     for batch, sk in c.batches(k):
         skipped += sk
         if batch is not None:
@@ -135,40 +133,25 @@ def _score_chunk(c: _Call, k: int, col: PatchScoreCollector, captured: list[int]
                            precision=c.p.precision, head=c.clf.logits if same else None)
             if not same:
                 logits = infer(c.clf.lm, batch.tensors, precision=c.p.precision, head=c.clf.logits)
-            pred = logits.argmax(-1).cpu().numpy()
             sc, met = col.finish_batch()
-            acc["ids"] += batch.ids
-            acc["labels"] += [str(l) for l in batch.labels]
-            acc["targets"] += [c.clf.target(l) for l in batch.labels]
-            acc["counts"].append(batch.counts.numpy().astype(np.int32))
-            acc["layer_scores"].append(sc.numpy().astype(np.float32))
-            acc["clean_pred"].append(pred.astype(np.int64))
-            for key, v in (met or {}).items():
-                met_acc.setdefault(key, []).append(v.numpy().astype(np.float32))
+            ids += batch.ids
+            labels += [str(l) for l in batch.labels]
+            targets += [c.clf.target(l) for l in batch.labels]
+            parts["counts"].append(batch.counts.numpy().astype(np.int32))
+            parts["layer_scores"].append(sc.numpy().astype(np.float32))
+            parts["clean_pred"].append(logits.argmax(-1).cpu().numpy().astype(np.int64))
+            for key in metrics:
+                metrics[key].append(met[key].numpy().astype(np.float32))
         bar.update(len(sk) + (len(batch) if batch is not None else 0))
-    arrays = {
-        "ids": np.asarray(acc["ids"], dtype=str), "labels": np.asarray(acc["labels"], dtype=str),
-        "targets": np.asarray(acc["targets"], dtype=np.int64),
-        "counts": np.concatenate(acc["counts"]) if acc["counts"] else np.zeros((0, n_p), np.int32),
-        "layer_scores": np.concatenate(acc["layer_scores"]) if acc["layer_scores"] else
-        np.zeros((0, len(captured), n_p), np.float32),
-        "clean_pred": np.concatenate(acc["clean_pred"]) if acc["clean_pred"] else np.zeros(0, np.int64),
-        "skipped": np.asarray([(s.path or s.id, s.reason) for s in skipped], dtype=str).reshape(-1, 2),
-    }
-    if col.metrics is not None:
-        n_layers, h = len(lm.model.blocks), lm.model.blocks[0].attn.num_heads
-        for key in ("theta_kk", "theta_kn", "theta_nk", "theta_nn", "theta_chance", "focus", "focus_norm"):
-            arrays[f"m_{key}"] = np.concatenate(met_acc[key]) if key in met_acc else \
-                np.zeros((0, n_layers, h), np.float32)
-    return arrays
+    return {"ids": np.asarray(ids, dtype=str), "labels": np.asarray(labels, dtype=str),
+            "targets": np.asarray(targets, dtype=np.int64), **{key: np.concatenate(v) for key, v in parts.items()},
+            "skipped": np.asarray([(s.path or s.id, s.reason) for s in skipped], dtype=str).reshape(-1, 2),
+            **{f"m_{key}": np.concatenate(v) for key, v in metrics.items()}}
 
 
 def _score_pass(c: _Call, mine: list[int], siblings: list[MaskEvalRun], captured: list[int],
                 stage_metrics: bool) -> dict:
-    """Pass 1 over this rank's unfinished chunks: copies a sibling's part where one exists,
-    computes the rest. Returns its timings."""
-    from tqdm.auto import tqdm
-
+    """Pass 1 over this rank's unfinished chunks (copied from a sibling where one has it) -> timings."""
     p, run = c.p, c.run
     todo, reused = [], 0
     for k in mine:
@@ -186,9 +169,7 @@ def _score_pass(c: _Call, mine: list[int], siblings: list[MaskEvalRun], captured
     metrics = MetricCollector(len(c.lm.model.blocks), p.gamma, p.weighted, "minmax") if stage_metrics else None
     col = PatchScoreCollector([l - 1 for l in captured], p.gamma, p.weighted, p.exclude_self, metrics)
     for k in todo:
-        arrays = _score_chunk(c, k, col, captured, bar)
-        # written last and whole: its presence marks the chunk finished
-        savez(run.score_file(k), **arrays)
+        savez(run.score_file(k), **_score_chunk(c, k, col, captured, bar))
     bar.close()
     return {"score_chunks_reused": reused, "score_seconds": round(time.perf_counter() - t0, 2),
             "score_images": c.n_images(todo)}
@@ -196,11 +177,9 @@ def _score_pass(c: _Call, mine: list[int], siblings: list[MaskEvalRun], captured
 
 def _mask_chunk(c: _Call, k: int, need: list[tuple], frames: list[pd.DataFrame], sc: dict, row_of: dict,
                 scores: np.ndarray, donors: np.ndarray | None, cond_index: dict, bar) -> pd.DataFrame:
-    """Pass 2 on chunk k: the conditions in ``need`` (mode, order, ratio) computed, added to
-    ``frames`` (rows copied from a sibling), in one row order: condition, then image.
-
-    scores: (n, N) of every scored image, rows as ``sc["ids"]`` (``row_of``: id -> row); donors:
-    (n, N) the donor map of each row, or None without a *_other order."""
+    """Pass 2 on chunk k: the (mode, order, ratio) conditions ``need`` computed, added to ``frames``
+    (copied from a sibling), rows sorted by condition, then image. scores, donors: (n, N), rows as
+    ``sc["ids"]`` (``row_of``: id -> row); donors None without a *_other order."""
     p, lm, model = c.p, c.lm, c.clf.lm.model
     frames = list(frames)
     for batch, _sk in (c.batches(k) if need else ()):
@@ -233,10 +212,7 @@ def _mask_chunk(c: _Call, k: int, need: list[tuple], frames: list[pd.DataFrame],
 
 def _mask_pass(c: _Call, mine: list[int], siblings: list[MaskEvalRun], sc: dict, scores: np.ndarray,
                donors: np.ndarray | None) -> dict:
-    """Pass 2 over this rank's unfinished chunks: (mode, order, ratio) conditions a sibling has
-    are copied, the others computed. Returns its timings."""
-    from tqdm.auto import tqdm
-
+    """Pass 2 over this rank's unfinished chunks (conditions a sibling has are copied) -> timings."""
     p, run = c.p, c.run
     conds = p.conditions()
     cond_index = {cond: i for i, cond in enumerate(conds)}
@@ -253,7 +229,6 @@ def _mask_pass(c: _Call, mine: list[int], siblings: list[MaskEvalRun], sc: dict,
         atomic_write(run.mask_file(k), lambda f: df.to_parquet(f, index=False))
     bar.close()
     return {"mask_seconds": round(time.perf_counter() - t0, 2), "mask_forwards": n_fwd,
-            # (chunk, condition) pairs copied
             "mask_conditions_reused": sum(len(reuse[k][1]) for k in todo)}
 
 
@@ -275,7 +250,6 @@ def _finalize(c: _Call, sc: dict, choice: dict, skipped_label: list, stats: dict
     pred = pred[PRED_COLS]
     atomic_write(run.path / "predictions.parquet", lambda f: pred.to_parquet(f, index=False))
     if not zero:
-        # the paired table needs clean predictions: add them for the summary only
         extra = clean.assign(order=p.orders[0], mode=p.modes[0], ratio=0.0, n_masked=0).merge(meta, on="image")
         extra["correct"] = extra["pred"] == extra["target"]
         acc, paired = summarize(pd.concat([pred, extra[PRED_COLS]], ignore_index=True), p.n_boot, p.seed)
@@ -294,12 +268,10 @@ def _finalize(c: _Call, sc: dict, choice: dict, skipped_label: list, stats: dict
 
 
 def _load_models(p: MaskEvalParams, progress: bool, rank0_first):
-    """(scoring model, classifier). The probe's backbone is the scoring model; a timm classifier
-    must share its input so that a patch means the same pixels in both."""
+    """(scoring model, classifier); a timm classifier must share the scoring model's input."""
     score_lm = load_model(p.model, device=p.device)
     probe = ProbeSettings(train_images=p.probe_train, per_class=p.probe_per_class,
                           weight_decay=p.probe_weight_decay, seed=p.seed)
-    # rank 0 trains (or loads) the probe first; the other ranks then find it in the cache
     clf = rank0_first(lambda: load_classifier(p.classifier, p.model, device=p.device, probe=probe,
                                               batch_size=p.batch_size, num_workers=p.num_workers,
                                               progress=progress, backbone=score_lm))
@@ -331,43 +303,27 @@ def _require(run: MaskEvalRun, part_file, n_chunks: int, what: str) -> None:
 
 
 def _open(p: MaskEvalParams, out: str | Path, dist: Dist, progress: bool) -> tuple[_Call, list, str]:
-    """The run folder (rank 0 creates it, the others check it), the models, the images the
-    classifier can score (the others are returned as skipped), the forward precision."""
+    """(the call's shared state, images the classifier cannot score, the forward precision)."""
     records = _records(p)
     run = MaskEvalRun(out, p)
     dist.rank0_first(lambda: run.prepare(len(records)))   # the other ranks only check the identity
     lm, clf = _load_models(p, progress and dist.rank == 0, dist.rank0_first)
     forward = forward_precision(next(lm.model.parameters()).device, p.precision)
-    before = recorded_forward(run)
-    if before != forward and any(run.parts.iterdir()):
-        raise RunMismatch(f"{run.path} holds chunks computed with a {before} forward pass; this process "
-                          f"runs it as {forward}. Finish it as it was begun, or use another output folder")
+    check_forward(run, forward)
     if dist.rank == 0:
         run.set_info(model={**model_identity(lm), "forward": forward},
                      classifier={**clf.identity(), "info": clf.info, "n_classes": len(clf.classes)})
     skipped_label = [Skipped(r.id, str(r.path or ""), f"label {r.label!r} is not a class of {clf.spec}")
                      for r in records if clf.target(r.label) is None]
     records = [r for r in records if clf.target(r.label) is not None]
-    c = _Call(p, run, records, p.chunk, lm, clf, SiftParams(**p.sift), KeypointCache(), progress)
+    c = _Call(p, run, records, lm, clf, KeypointCache(), progress)
     return c, skipped_label, forward
-
-
-def recorded_forward(run: MaskEvalRun) -> str:
-    """The forward precision a run's parts were computed in ('fp32' before runs recorded it)."""
-    pj = run.path / "params.json"
-    return (read_json(pj).get("model") or {}).get("forward", "fp32") if pj.exists() else "fp32"
 
 
 def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = True,
                   rank: int = 0, world: int = 1, barrier=None) -> MaskEvalRun:
-    """Run (or resume) mask-eval into ``out``; returns the :class:`MaskEvalRun`.
-
-    With ``world > 1`` (torchrun) this process handles the chunks k with k % world == rank in both
-    passes and writes only its own part files; ``barrier()`` separates the steps: rank 0 writes
-    params.json and trains the probe (the others then load it from the cache), every rank reads
-    all score parts and chooses the same layer (a deterministic function of them), and after pass
-    2 rank 0 alone merges the parts into the tables -- the same files a single process writes.
-    """
+    """Run (or resume) mask-eval into ``out``. Under torchrun this process does chunks k % world ==
+    rank of both passes; every rank chooses the same layer, rank 0 alone writes the tables."""
     t_start = time.perf_counter()
     p, dist = params, Dist(rank, world, barrier)
     c, skipped_label, forward = _open(p, out, dist, progress)
@@ -377,13 +333,11 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
     spec = MK.parse_layers(p.layer, n_layers)
     captured = list(range(1, n_layers + 1)) if spec == "auto" else spec
 
-    # a run beside this one that differs only in orders / modes / ratios: its finished score chunks
-    # and masked conditions are copied (looked up once, only when something is left to do)
+    # runs beside this one differing only in orders / modes / ratios: their finished parts are copied
     siblings = run.score_siblings() if any(not f(k).exists() for k in mine
                                            for f in (run.score_file, run.mask_file)) else []
     siblings = [s for s in siblings if recorded_forward(s) == forward]
 
-    # ---- pass 1: scores, stage metrics, clean predictions; then the score layer
     stats = _score_pass(c, mine, siblings, captured, stage_metrics=spec == "auto")
     dist.sync()
     _require(run, run.score_file, c.n_chunks, "score")
@@ -395,11 +349,9 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
         savez(run.path / "scores.npz", ids=sc["ids"], labels=sc["labels"], counts=sc["counts"], scores=scores,
               layer_scores=sc["layer_scores"].astype(np.float16), captured=np.asarray(captured),
               layers=np.asarray(choice["layers"]))
-    # the *_other orders mask by another image's map: donors drawn over all scored images, so every
-    # rank and every resumed call agrees
+    # donor maps (*_other orders) drawn over all scored images: every rank and resumed call agrees
     donors = MK.donor_scores(scores, sc["ids"], p.orders, p.seed)
 
-    # ---- pass 2: masked forwards
     stats.update(_mask_pass(c, mine, siblings, sc, scores, donors))
     if world > 1:
         stats["world"] = world   # the timings above are rank 0's share

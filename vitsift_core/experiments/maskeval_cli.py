@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 
 from vitsift_core.method import masking as MK
-from vitsift_core.model.infer import PRECISION_HELP, PRECISIONS
-from vitsift_core.store import DEFAULT_CHUNK, distributed, rank_device, read_json
+from vitsift_core.store import distributed, rank_device, read_json
+from vitsift_core.experiments.cli_options import add_run_options
 from vitsift_core.experiments.maskeval import MaskEvalParams, run_mask_eval
 
 
@@ -36,14 +36,7 @@ def add_cli(sub) -> None:
     p.add_argument("--probe-per-class", default="100", help="probe training images per class, or 'all'")
     p.add_argument("--probe-weight-decay", type=float, default=1e-3)
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the CIs")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=1, help="decoding/SIFT worker processes")
-    p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
-                   help="images per resumable chunk (part of the identity)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--out", required=True, help="output folder (re-running resumes)")
+    add_run_options(p)
 
 
 def _csv(s: str) -> list[str]:

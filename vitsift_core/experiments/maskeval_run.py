@@ -1,6 +1,5 @@
-"""mask-eval's parameters (:class:`MaskEvalParams`) and run folder (:class:`MaskEvalRun`): score parts
-and mask parts, each chunk written whole, copied from a sibling folder that differs only in orders,
-modes or ratios."""
+"""mask-eval's parameters (:class:`MaskEvalParams`) and run folder (:class:`MaskEvalRun`): score and mask
+parts per chunk, copied from a sibling folder that differs only in orders, modes or ratios."""
 from __future__ import annotations
 
 import dataclasses
@@ -78,8 +77,7 @@ class MaskEvalParams(Params):
                 d.pop(k)
         return d
 
-    # what the masked forwards add; the score pass (scores, stage metrics, clean predictions)
-    # depends on everything else only, so runs that differ in these share its parts
+    # only the masked forwards depend on these: runs differing in them share the score parts
     MASK_ONLY_KEYS = ("orders", "modes", "ratios")
 
     def score_identity(self) -> dict:
@@ -100,7 +98,7 @@ def mask_eval_dir(root: str | Path, params: MaskEvalParams) -> Path:
 
 
 class MaskEvalRun(RunFolder):
-    """A mask-eval output folder: score parts, mask parts, the tables (README "Run folders")."""
+    """A mask-eval output folder: score parts, mask parts, the tables."""
 
     what = "mask-eval run"
 
@@ -111,11 +109,9 @@ class MaskEvalRun(RunFolder):
         return self.part(k, "mask-", "parquet")
 
     def score_siblings(self) -> list["MaskEvalRun"]:
-        """Other run folders beside this one whose score pass is this one's (same parameters but for
-        orders, modes and ratios): their finished score chunks can be copied instead of recomputed."""
+        """Run folders beside this one with the same score pass (all but orders, modes, ratios)."""
         return [MaskEvalRun(d, self.params) for d in self.siblings(MaskEvalParams.without_mask_keys)]
 
-    # readers for notebooks
     def accuracy(self) -> pd.DataFrame:
         return pd.read_parquet(self.path / "accuracy.parquet")
 
@@ -141,9 +137,8 @@ MASK_PART_DTYPES = (("image", object), ("order", object), ("mode", object), ("ra
 
 
 def sibling_mask_rows(siblings: list[MaskEvalRun], k: int, cond_index: dict) -> tuple[list[pd.DataFrame], set]:
-    """Frames of rows from chunk k's finished mask parts in ``siblings`` for the conditions (mode,
-    order, ratio) in ``cond_index``, each condition from the first sibling that has it; and the set
-    of those conditions."""
+    """(frames, conditions): chunk k's rows of the (mode, order, ratio) conditions in ``cond_index``
+    found in ``siblings``, each from the first sibling that has it."""
     got, frames = set(), []
     for sib in siblings:
         f = sib.mask_file(k)
@@ -173,6 +168,5 @@ def load_scores(run: MaskEvalRun, n_chunks: int) -> dict:
                     met.setdefault(key[2:], []).append(z[key])
     res = {k: np.concatenate(v) for k, v in out.items()}
     res["metrics"] = {k: np.concatenate(v) for k, v in met.items()}
-    res["skipped"] = skipped            # (path or id, reason) of the images the score pass left out
+    res["skipped"] = skipped            # (path or id, reason)
     return res
-

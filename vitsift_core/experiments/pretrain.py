@@ -1,8 +1,5 @@
 """MAE pre-training with random or keypoint-guided masks (paper Sec. 5.2): one run = one
-:class:`PretrainConfig` in one folder (config.json, checkpoint.pt, metrics.csv, steps.csv, run.json),
-resumable to identical files, evaluated by k-NN every epoch, DDP under torchrun. README "MAE
-pre-training" and DESIGN.md "Convergence" give the recipe; ``vitsift pretrain --help`` the options.
-"""
+:class:`PretrainConfig` in one resumable folder, k-NN evaluated every epoch, DDP under torchrun."""
 from __future__ import annotations
 
 import dataclasses
@@ -27,8 +24,6 @@ from vitsift_core.experiments.mae_data import TrainData, load_train_data, to_inp
 from vitsift_core.model.mae import build_mae
 from vitsift_core.store import Params, atomic_write, check_identity, distributed, key_of, read_json, write_json
 
-__all__ = ["PretrainConfig", "run_pretrain", "initial_accuracy", "evaluate", "train_step", "epoch_batch",
-           "save_checkpoint", "load_checkpoint", "is_complete"]
 
 METRIC_COLS = ["epoch", "beta", "key_share", "train_loss", "lr", "knn_acc", "probe_acc"]
 STEP_COLS = ["epoch", "step", "loss", "lr"]
@@ -38,19 +33,16 @@ STEP_COLS = ["epoch", "step", "loss", "lr"]
 class PretrainConfig(Params):
     """Everything that decides a pre-training run's numbers (plus runtime keys that do not)."""
 
-    # encoder: a timm architecture, with optional overrides (None keeps the architecture's value)
     encoder: str = "vit_tiny_patch16_224"
     img_size: int = 64
     patch_size: int | None = 8
     depth: int | None = 4
     embed_dim: int | None = 128
     num_heads: int | None = 4
-    # decoder (official MAE: 512, 8, 16)
     decoder_dim: int = 64
     decoder_depth: int = 1
     decoder_heads: int = 4
     norm_pix_loss: bool = False
-    # data
     train_images: str = "imagenette:train"
     train_limit: int | None = 2000
     val_images: str = "imagenette:val"
@@ -59,14 +51,12 @@ class PretrainConfig(Params):
     crop_pct: float = 0.875
     flip: bool = True
     sift: dict = field(default_factory=lambda: dataclasses.asdict(SiftParams()))
-    # masking
     mask: str = "random"               # 'random' | 'guided'
     mask_ratio: float = 0.75
     betas: tuple = (0.1, 0.2, 0.3, 0.4, 0.5)
     beta_every: int = 10
     order: str = "random"              # guided only: 'random' | 'score' (theta score of score_layer)
     score_layer: int | None = None     # 0-based encoder block for order='score' (None: the middle one)
-    # optimisation
     epochs: int = 10
     batch_size: int = 64               # global batch
     blr: float = 1.5e-4                # lr = blr * batch_size / 256
@@ -74,7 +64,6 @@ class PretrainConfig(Params):
     warmup_epochs: float = 1.0
     weight_decay: float = 0.05
     seed: int = 0
-    # evaluation
     knn_k: int = 20
     knn_t: float | None = 0.07
     probe: bool = True                 # linear probe after the last epoch
@@ -95,7 +84,7 @@ class PretrainConfig(Params):
             raise ValueError(f"order must be 'random' or 'score', got {self.order!r}")
         self.betas = tuple(float(b) for b in self.betas)
         MM.BetaSchedule(self.betas, self.beta_every)        # validates
-        MM.mae_mask_count(16, self.mask_ratio)                    # validates
+        MM.mae_mask_count(16, self.mask_ratio)              # validates
         if self.batch_size < 1 or self.epochs < 1:
             raise ValueError("batch_size and epochs must be >= 1")
         self.sift = dataclasses.asdict(SiftParams(**self.sift))
@@ -122,7 +111,6 @@ class PretrainConfig(Params):
         return MM.BetaSchedule(self.betas, self.beta_every)
 
 
-# ---------------------------------------------------------------------- helpers
 def build_model(cfg: PretrainConfig):
     return build_mae(cfg.encoder, img_size=cfg.img_size, patch_size=cfg.patch_size, depth=cfg.depth,
                      embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, decoder_embed_dim=cfg.decoder_dim,
@@ -139,12 +127,9 @@ def lr_at(cfg: PretrainConfig, it: float, total: int, warmup: int) -> float:
 
 
 def _param_groups(model, weight_decay: float):
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay}]
 
 
 @torch.no_grad()
@@ -163,8 +148,7 @@ def encode(model, images: np.ndarray, device, batch_size: int = 256, amp: bool =
 
 def theta_scores(model, images: np.ndarray, counts: np.ndarray, layer: int, device,
                  batch_size: int = 256, precision: str = "auto") -> np.ndarray:
-    """Per-patch theta score s_i (heads of ``layer`` averaged; metrics.patch_scores) for all
-    images with the current encoder, (n, N) float32; ``precision``: infer.PRECISIONS."""
+    """Per-patch theta score s_i of ``layer`` (heads averaged) of every image: (n, N) float32."""
     was = model.training
     model.eval()
     out = []
@@ -187,7 +171,6 @@ def _resolve_device(cfg: PretrainConfig, rank: int, world: int) -> torch.device:
     return dev
 
 
-# ---------------------------------------------------------------------- the run
 def is_complete(out: str | Path) -> bool:
     p = Path(out) / "run.json"
     return p.exists() and read_json(p).get("complete", False)
@@ -195,8 +178,7 @@ def is_complete(out: str | Path) -> bool:
 
 @contextmanager
 def _runtime(cfg: PretrainConfig, device: torch.device, tf32: bool = True):
-    """torch threads (``cfg.threads``) and, on CUDA with ``tf32``, TF32 matmuls for the block; both
-    restored after."""
+    """torch threads (``cfg.threads``) and, on CUDA with ``tf32``, TF32 matmuls; both restored after."""
     threads = torch.get_num_threads()
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     if cfg.threads:
@@ -211,8 +193,7 @@ def _runtime(cfg: PretrainConfig, device: torch.device, tf32: bool = True):
 
 
 def evaluate(model, data: TrainData, cfg: PretrainConfig, device, probe: bool) -> tuple[float, float]:
-    """(k-NN accuracy, linear-probe accuracy or NaN) of the encoder's CLS features: memory = the
-    first ``data.mem`` train images, queries = the val images."""
+    """(k-NN accuracy, linear-probe accuracy or NaN) of the CLS features: memory ``data.mem``, queries val."""
     f_mem = encode(model, data.train.images[:data.mem], device, cfg.eval_batch_size, cfg.amp)
     f_val = encode(model, data.val.images, device, cfg.eval_batch_size, cfg.amp)
     y_mem, n_cls = data.y_train[:data.mem], len(data.classes)
@@ -242,8 +223,8 @@ def load_checkpoint(path: Path, model, opt, cfg: PretrainConfig) -> tuple[int, l
 
 def epoch_batch(cfg: PretrainConfig, data: TrainData, epoch: int, idx: np.ndarray, grid, beta: float,
                 scores: np.ndarray | None):
-    """Images (B, S, S, 3) uint8, counts (B, N) and masks (B, N) bool of train images ``idx`` in
-    ``epoch``: flips and masks are functions of (seed, epoch, image index) only."""
+    """Images (B, S, S, 3) uint8, counts (B, N), masks (B, N) bool of train images ``idx``; flips and
+    masks depend on (seed, epoch, image index) only."""
     imgs = np.asarray(data.train.images[idx])
     counts = data.train.counts[idx].copy()
     masks = np.zeros(counts.shape, bool)
@@ -331,11 +312,11 @@ def _train_epoch(ddp, opt, cfg: PretrainConfig, data: TrainData, epoch: int, dev
 
 def run_pretrain(cfg: PretrainConfig, out: str | Path, *, progress: bool = True, desc: str | None = None,
                  on_step=None) -> Path:
-    """Train (or resume, or return at once if complete) the run ``cfg`` in folder ``out``.
-
-    ``on_step(global_step)`` is called before every optimiser step (tests use it to kill the run)."""
+    """Train (or resume, or return at once if complete) the run ``cfg`` in folder ``out``;
+    ``on_step(global_step)`` is called before every optimiser step."""
     out = Path(out)
-    rank, world, barrier = distributed()
+    procs = distributed()
+    rank, world, barrier = procs
     dist = torch.distributed if world > 1 else None
     if cfg.batch_size % world:
         raise ValueError(f"global batch {cfg.batch_size} is not divisible by {world} processes")
@@ -371,14 +352,14 @@ def run_pretrain(cfg: PretrainConfig, out: str | Path, *, progress: bool = True,
                 history.append(row)
                 _save_epoch(out, model, opt, cfg, history, step_rows, data.classes)
                 if progress:
-                    bar.write(_epoch_line(out, cfg, row))
-            if dist is not None:
-                dist.barrier()
+                    beta = f", beta {row['beta']:.2f}" if cfg.mask == "guided" else ""
+                    bar.write(f"[{out.name}] epoch {row['epoch']}/{cfg.epochs}: loss {row['train_loss']:.4f}, "
+                              f"k-NN {row['knn_acc']:.3f}{beta}, keypoint share of masked {row['key_share']:.2f}")
+            procs.sync()
         bar.close()
         if rank == 0:
             _finish(out, cfg, data, steps, start_epoch, times, device, world)
-    if dist is not None:
-        dist.barrier()
+    procs.sync()
     return out
 
 
@@ -405,12 +386,6 @@ def _finish(out: Path, cfg: PretrainConfig, data: TrainData, steps: int, start_e
         "world": world, "threads": torch.get_num_threads(), "resumed_from_epoch": start_epoch})
 
 
-def _epoch_line(out: Path, cfg: PretrainConfig, row: dict) -> str:
-    return (f"[{out.name}] epoch {row['epoch']}/{cfg.epochs}: loss {row['train_loss']:.4f}, "
-            f"k-NN {row['knn_acc']:.3f}" + (f", beta {row['beta']:.2f}" if cfg.mask == "guided" else "")
-            + f", keypoint share of masked {row['key_share']:.2f}")
-
-
 def _check_identity(cfg: PretrainConfig, out: Path, rank: int) -> None:
     """Rank 0: write ``config.json`` in a new folder, refuse a folder holding another config."""
     if rank == 0:
@@ -421,13 +396,9 @@ def _check_identity(cfg: PretrainConfig, out: Path, rank: int) -> None:
 
 
 def initial_accuracy(cfg: PretrainConfig, progress: bool = False) -> dict:
-    """Epoch 0: k-NN and linear-probe accuracy of the *untrained* encoder of ``cfg``'s seed (the
-    weights every run with that seed starts from), on the same memory and queries as the runs."""
+    """Epoch 0: k-NN and probe accuracy of ``cfg``'s untrained encoder (every run's start)."""
     device = _resolve_device(cfg, 0, 1)
     with _runtime(cfg, device, tf32=False):
         model = build_model(cfg).to(device)
         knn, probe = evaluate(model, load_train_data(cfg, model.patch_size, progress), cfg, device, probe=True)
     return {"knn_acc": knn, "probe_acc": probe}
-
-
-# ---------------------------------------------------------------------- experiments and results

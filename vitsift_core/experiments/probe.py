@@ -1,10 +1,5 @@
-"""Linear probe on a frozen backbone's CLS token: the embedded tier's classifier (Sec 5.1).
-
-One ``Linear(D, C)`` on ``forward_features(x)[:, 0]``, trained on (a per-class subset of) Imagenette
-train with the backbone frozen. Cached under ``cache_dir()/probes/<features key>/``: ``parts/NNNNN.npz``
-(CLS features per chunk, resumable; per-class subsets are prefixes, so they share chunks) and
-``probe-<key>.safetensors`` / ``.json``.
-"""
+"""Linear probe on a frozen backbone's CLS token, the embedded tier's classifier (Sec 5.1): features
+cached per chunk, the fit under ``cache_dir()/probes/<features key>/``."""
 from __future__ import annotations
 
 import json
@@ -14,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from vitsift_core.method.linear import fit_logistic
+from vitsift_core.model.embedded import embedded_weights
 from vitsift_core.paths import cache_dir
 from vitsift_core.data.batches import iter_batches
 from vitsift_core.data.keypoints import KeypointCache
@@ -63,13 +60,12 @@ def cls_features(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def model_identity(lm) -> dict:
-    """What identifies a LoadedModel's weights, for cache keys (file identity for checkpoints)."""
+    """What identifies a LoadedModel's weights, for cache keys."""
     ident = {"spec": lm.spec, "arch": lm.arch, "source": lm.source,
              "input_size": list(lm.data_config["input_size"]),
              "mean": list(lm.data_config["mean"]), "std": list(lm.data_config["std"]),
              "crop_pct": lm.data_config.get("crop_pct"), "interpolation": lm.data_config.get("interpolation")}
     if lm.source == "embedded":
-        from vitsift_core.model.embedded import embedded_weights
         ident["weights"] = embedded_weights().name       # carries the ONNX hash + conversion version
     elif lm.source.startswith("checkpoint:"):
         st = Path(lm.source.split(":", 1)[1]).stat()
@@ -78,8 +74,7 @@ def model_identity(lm) -> dict:
 
 
 def probe_paths(lm, settings: ProbeSettings, root: Path | None = None) -> tuple[Path, Path]:
-    """(weights, json) files of the probe for backbone ``lm`` and ``settings``, in the folder named by
-    the features key (backbone, training images, chunk size); the probe key adds ``settings``."""
+    """(weights, json) files of the probe for backbone ``lm`` and ``settings``."""
     feat_key = key_of({"format": FEATURE_FORMAT, "model": model_identity(lm), "images": settings.train_images,
                        "chunk": DEFAULT_CHUNK})
     folder = Path(root or cache_dir() / "probes") / feat_key
@@ -100,38 +95,31 @@ def _records(settings: ProbeSettings):
 
 def extract_features(lm, records, folder: Path, *, batch_size: int = 32, num_workers: int = 1,
                      progress: bool = True, chunk: int = DEFAULT_CHUNK) -> tuple[list[str], list[str], np.ndarray]:
-    """CLS features of ``records`` with ``lm`` (frozen), cached in ``folder/parts`` chunk by chunk.
-
-    A chunk file is reused when it holds every id of its chunk (a chunk written for a shorter
-    record list is recomputed once). Returns (ids, labels, features (n, D) float32), skipped
-    (undecodable) images left out.
-    """
+    """(ids, labels, CLS features (n, D) float32) of ``records``, cached in ``folder/parts`` per chunk;
+    a chunk file is reused when it holds every id of its chunk."""
     parts = Path(folder) / "parts"
     parts.mkdir(parents=True, exist_ok=True)
-    n_chunks = (len(records) + chunk - 1) // chunk
+    chunks = [records[s:s + chunk] for s in range(0, len(records), chunk)]
 
     def load(k):
+        """Chunk k's (ids, labels, feats) when its file holds every id of the chunk, else None."""
         f = parts / f"{k:05d}.npz"
         if not f.exists():
             return None
         with np.load(f) as z:
-            got = {"ids": list(z["ids"]), "labels": list(z["labels"]), "feats": z["feats"],
-                   "seen": set(z["seen"])}
-        want = {r.id for r in records[k * chunk:(k + 1) * chunk]}
-        return got if want <= got["seen"] else None
+            got, seen = (list(z["ids"]), list(z["labels"]), z["feats"]), set(z["seen"])
+        return got if {r.id for r in chunks[k]} <= seen else None
 
-    todo = [k for k in range(n_chunks) if load(k) is None]
+    todo = [k for k in range(len(chunks)) if load(k) is None]
     dev = next(lm.model.parameters()).device
-    n_todo = sum(len(records[k * chunk:(k + 1) * chunk]) for k in todo)
-    bar = tqdm(total=n_todo, unit="img", desc=f"probe features ({lm.spec})", disable=not progress or not todo,
-               dynamic_ncols=True)
+    bar = tqdm(total=sum(len(chunks[k]) for k in todo), unit="img", desc=f"probe features ({lm.spec})",
+               disable=not progress or not todo, dynamic_ncols=True)
     cache = KeypointCache()
     for k in todo:
-        recs = records[k * chunk:(k + 1) * chunk]
         ids, labels, feats = [], [], []
-        # counts are not needed here; the pipeline computes them anyway (cached on disk for later)
-        for batch, skipped in iter_batches(recs, lm.data_config, lm.grid, lm.patch_size, batch_size=batch_size,
-                                           num_workers=num_workers, cache=cache, progress=False):
+        for batch, skipped in iter_batches(chunks[k], lm.data_config, lm.grid, lm.patch_size,
+                                           batch_size=batch_size, num_workers=num_workers, cache=cache,
+                                           progress=False):
             if batch is not None:
                 with torch.inference_mode():
                     f = cls_features(lm.model.forward_features(batch.tensors.to(dev)))
@@ -142,24 +130,19 @@ def extract_features(lm, records, folder: Path, *, batch_size: int = 32, num_wor
         d = feats[0].shape[1] if feats else 0
         savez(parts / f"{k:05d}.npz", ids=np.asarray(ids, dtype=str), labels=np.asarray(labels, dtype=str),
               feats=np.concatenate(feats) if feats else np.zeros((0, d), np.float32),
-              seen=np.asarray([r.id for r in recs], dtype=str))
+              seen=np.asarray([r.id for r in chunks[k]], dtype=str))
     bar.close()
     want = {r.id for r in records}
-    ids, labels, feats = [], [], []
-    for k in range(n_chunks):
-        z = load(k)
-        for i, lab, f in zip(z["ids"], z["labels"], z["feats"]):
-            if i in want:
-                ids.append(i)
-                labels.append(lab)
-                feats.append(f)
-    return ids, labels, (np.stack(feats).astype(np.float32) if feats else np.zeros((0, 0), np.float32))
+    rows = [row for k in range(len(chunks)) for row in zip(*load(k)) if row[0] in want]
+    if not rows:
+        return [], [], np.zeros((0, 0), np.float32)
+    ids, labels, feats = zip(*rows)
+    return list(ids), list(labels), np.stack(feats).astype(np.float32)
 
 
 def fit_linear(feats: np.ndarray, y: np.ndarray, n_classes: int, weight_decay: float = 1e-3,
                max_iter: int = 500, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """:func:`linear.fit_logistic` from a small seeded random start, the standardisation then
-    folded into the weights. Returns (weight (C, D), bias (C,), info)."""
+    """:func:`linear.fit_logistic`, standardisation folded in -> (weight (C, D), bias (C,), info)."""
     x = torch.from_numpy(np.asarray(feats, dtype=np.float64))
     t = torch.from_numpy(np.asarray(y, dtype=np.int64))
     w, b, mu, sd = fit_logistic(x, t, n_classes, weight_decay, max_iter, init_std=0.01, seed=seed)
@@ -174,10 +157,7 @@ def fit_linear(feats: np.ndarray, y: np.ndarray, n_classes: int, weight_decay: f
 
 def train_or_load_probe(lm, settings: ProbeSettings = ProbeSettings(), *, batch_size: int = 32,
                         num_workers: int = 1, progress: bool = True, root: Path | None = None) -> Probe:
-    """The probe for backbone ``lm`` and ``settings``: loaded from the cache, else trained (with a
-    progress bar over feature extraction, the expensive part) and cached."""
-    from safetensors.torch import load_file, save_file
-
+    """The probe for backbone ``lm`` and ``settings``: from the cache, else trained and cached."""
     records, classes = _records(settings)
     wfile, jfile = probe_paths(lm, settings, root)
     folder = wfile.parent

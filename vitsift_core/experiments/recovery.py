@@ -1,13 +1,11 @@
-"""Image recovery with an MAE (paper Sec. 2.1, Fig. 2; DESIGN.md "Image recovery"): reconstruct a
-small and a large region around each image's keypoint-densest spot (:func:`region_examples`), and
-the error of masking the k keypoint-densest patches vs k non-keypoint ones, raw and relative to a
-mean-colour fill, paired by image (:func:`recovery_errors`, :func:`recovery_summary`).
-"""
+"""Image recovery with an MAE (paper Sec. 2.1, Fig. 2): regions around the keypoint-densest spot, and
+the error of masking the k keypoint-densest patches vs k non-keypoint ones, paired by image."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from vitsift_core.method import guided as MM
 from vitsift_core.method.stats import mean_ci
@@ -16,8 +14,6 @@ from vitsift_core.experiments.mae_runs import load_pretrained_mae, mae_recipe, r
 from vitsift_core.experiments.pretrain import is_complete, run_pretrain
 from vitsift_core.model.mae import load_official_mae
 
-__all__ = ["recovery_errors", "recovery_summary", "region_examples", "to_display",
-           "mae_for_recovery", "CONDITIONS"]
 
 CONDITIONS = ("keypoint-dense", "non-keypoint", "random")
 
@@ -33,8 +29,7 @@ def to_display(x: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def _masked_errors(mae, images: np.ndarray, masks: np.ndarray, device, batch_size: int):
-    """Per image: mean loss-space error over its masked patches, and that error relative to the
-    baseline that fills every masked patch with the mean colour of the image's visible pixels."""
+    """Per image: mean error over its masked patches, and relative to a visible-mean-colour fill."""
     err_out, rel_out = [], []
     for s in range(0, len(images), batch_size):
         x = to_input(images[s:s + batch_size], device)
@@ -53,11 +48,8 @@ def _masked_errors(mae, images: np.ndarray, masks: np.ndarray, device, batch_siz
 
 def recovery_errors(mae, arrays: ArraySet, ks=(1, 2, 4, 8), *, seed: int = 0, batch_size: int = 64,
                     device: str | torch.device = "cpu", progress: bool = True) -> pd.DataFrame:
-    """One row per (image, k, condition): error, rel_error, plus n_key (keypoint patches).
-
-    Only images with >= k keypoint and >= k non-keypoint patches enter the table for that k."""
-    from tqdm.auto import tqdm
-
+    """Rows (image, k, condition, error, rel_error, n_key) of images with >= k keypoint and >= k
+    non-keypoint patches."""
     mae = mae.to(device).eval()
     n = mae.num_patches
     if arrays.counts.shape[1] != n:
@@ -90,8 +82,7 @@ def recovery_errors(mae, arrays: ArraySet, ks=(1, 2, 4, 8), *, seed: int = 0, ba
 
 def recovery_summary(df: pd.DataFrame, value: str = "error", a: str = "keypoint-dense",
                      b: str = "non-keypoint") -> pd.DataFrame:
-    """Per k: images, mean ``value`` with 95% t CI per condition, and the paired difference a - b
-    (mean, CI), the ratio of means, and the share of images where a > b."""
+    """Per k: mean ``value`` (95% t CI) per condition, paired a - b, ratio of means, share a > b."""
     out = []
     for k, g in df.groupby("k"):
         w = g.pivot(index="image", columns="condition", values=value)
@@ -111,9 +102,8 @@ def recovery_summary(df: pd.DataFrame, value: str = "error", a: str = "keypoint-
 @torch.no_grad()
 def region_examples(mae, arrays: ArraySet, indices, small: int, large: int,
                     device: str | torch.device = "cpu") -> list[dict]:
-    """For each image index: small and large square regions (side in patches) centred on the
-    ``small x small`` window with the most keypoints; ``original``, ``masked`` (masked patches
-    grey), ``reconstruction`` (visible pixels pasted back) as uint8, and the error on the region."""
+    """Per image index, small and large square regions on the keypoint-densest window: original,
+    masked, reconstruction (uint8) and the region's error."""
     mae = mae.to(device).eval()
     out = []
     for i in indices:
@@ -139,13 +129,8 @@ def region_examples(mae, arrays: ArraySet, indices, small: int, large: int,
 
 def mae_for_recovery(checkpoint: str = "", *, profile: str = "embedded", mask: str = "random", seed: int = 0,
                      device: str = "cpu", progress: bool = True, **override):
-    """The MAE used for recovery, and a line saying where it comes from.
-
-    ``checkpoint`` non-empty: an official MAE checkpoint file (``mae_visualize_vit_base.pth`` ...).
-    Otherwise the ``mask``/``seed`` run of ``profile``'s MAE recipe (:func:`mae_recipe`; its results
-    folder, keyed by the recipe), trained now if it is not there yet. ``override``: runtime keys
-    (threads, num_workers, device) for that training.
-    """
+    """(MAE, where it comes from): an official ``checkpoint`` file, else the ``mask``/``seed`` run of
+    ``profile``'s recipe, trained now if missing (``override``: its runtime keys)."""
     if checkpoint:
         m = load_official_mae(checkpoint, device=device)
         if not m.has_decoder:

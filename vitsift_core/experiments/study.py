@@ -1,7 +1,5 @@
-"""What the section notebooks (02-05) compute: the analysis suite's runs read back (keyed by every
-parameter that changes a number, under ``results/analysis/``), per-layer curves, the sensitivity
-runs, and single images as the model sees them (query views, SIFT threshold effect).
-"""
+"""What the section notebooks (02-05) compute: the analysis suite's runs read back, per-layer curves,
+the sensitivity runs, and single images as the model sees them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,16 +21,8 @@ from vitsift_core.experiments.analysis import CONTROLS, AnalysisParams, RunDir, 
 Variant = tuple[str, bool]   # (control, exclude_self)
 
 
-def analysis_root() -> Path:
-    return results_dir() / "analysis"
-
-
 def choose_images(images: str, fallback: str = "samples") -> tuple[str, str]:
-    """(spec to use, a sentence saying what was used and why).
-
-    Imagenette specs fall back to ``fallback`` (scikit-image's bundled photos) only when the
-    data set is absent, and the sentence says so: the notebook prints it, nothing is silent.
-    """
+    """(spec to use, a sentence saying which): Imagenette falls back to ``fallback`` when absent."""
     if images.startswith("imagenette"):
         try:
             root = imagenette_root()
@@ -46,7 +36,7 @@ def choose_images(images: str, fallback: str = "samples") -> tuple[str, str]:
 def suite(base: AnalysisParams, controls=CONTROLS, exclude_self=(False, True),
           root: Path | None = None, progress: bool = True) -> dict[Variant, RunDir]:
     """Run (or read back) every requested (control, exclude_self) variant of ``base``."""
-    root = Path(root) if root is not None else analysis_root()
+    root = Path(root) if root is not None else results_dir() / "analysis"
     variants = {(c, x): variant_dir(root, base.replace(control=c, exclude_self=x))
                 for c in controls for x in exclude_self}
     runs = {v: RunDir(d, base.replace(control=v[0], exclude_self=v[1])) for v, d in variants.items()}
@@ -71,11 +61,8 @@ def per_image_layer(run_or_heads, metric: str) -> pd.DataFrame:
 
 
 def layer_curves(runs: dict[Variant, RunDir], exclude_self: bool = False) -> pd.DataFrame:
-    """Per layer: the real run's KK, NK, chance and each control's KK, plus the semantic part.
-
-    -> columns layer, kk, nk, chance, kk_<control> for every other control present,
-    semantic = kk - kk_mean-attention (when that control ran).
-    """
+    """Per layer: the real run's kk, nk, chance, focus, each other control's kk_/nk_/focus_<control>,
+    and semantic = kk - kk_mean-attention (when that control ran)."""
     real = layers(runs[("none", exclude_self)])
     out = pd.DataFrame({"layer": real.layer, "kk": real.theta_kk, "nk": real.theta_nk,
                         "chance": real.theta_chance, "focus": real.focus, "focus_norm": real.focus_norm})
@@ -91,7 +78,6 @@ def layer_curves(runs: dict[Variant, RunDir], exclude_self: bool = False) -> pd.
     return out
 
 
-# --------------------------------------------------------------------------- single images
 @dataclass
 class Example:
     """One image as the model sees it. crop: (S, S, 3) uint8; x: (3, S, S); counts: (N,);
@@ -153,10 +139,7 @@ def keypoint_share(run: RunDir) -> pd.DataFrame:
 
 
 def threshold_effect(lm, records, thresholds, progress: bool = True) -> pd.DataFrame:
-    """SIFT contrast threshold vs keypoints per image and keypoint-patch share.
-
-    -> rows (threshold, image, n_keypoints, key_share); SIFT on the exact model input crop.
-    """
+    """Rows (threshold, image, n_keypoints, key_share): SIFT on the model's input crop per threshold."""
     crops = []
     for r in records:
         try:
@@ -175,11 +158,7 @@ def threshold_effect(lm, records, thresholds, progress: bool = True) -> pd.DataF
 
 def sensitivity(base: AnalysisParams, gammas=(0.5, 1.0, 2.0), weighted=(True, False),
                 limit: int | None = None, root: Path | None = None, progress: bool = True) -> pd.DataFrame:
-    """Per-layer KK / NK / chance for each gamma and weighting (real model, exclude_self off).
-
-    Each setting is its own cached run (on the first ``limit`` images) -> rows (gamma, weighted,
-    layer, kk, nk, chance, kk_minus_nk).
-    """
+    """Rows (gamma, weighted, layer, kk, nk, chance, kk_minus_nk): one cached real run per setting."""
     rows = []
     for w in weighted:
         for g in gammas:
