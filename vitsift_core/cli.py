@@ -6,9 +6,9 @@ import dataclasses
 import sys
 
 from vitsift_core.data.keypoints import SiftParams
-from vitsift_core.store import DEFAULT_CHUNK, RunMismatch, distributed, end_distributed, rank_device, read_json
-from vitsift_core.model.infer import PRECISION_HELP, PRECISIONS
+from vitsift_core.store import RunMismatch, distributed, end_distributed, rank_device, read_json
 from vitsift_core.experiments.analysis import CONTROLS, AnalysisParams, analyze, run_suite, variant_dir
+from vitsift_core.experiments.cli_options import add_run_options
 from vitsift_core.experiments.maskeval_cli import add_cli as _add_mask_eval, cli_main as cmd_mask_eval
 from vitsift_core.experiments.mae_runs import add_cli as _add_pretrain, cmd_pretrain
 from vitsift_core.model.registry import ModelWeightsUnavailable
@@ -30,14 +30,7 @@ def _add_analyze(sub) -> None:
     p.add_argument("--contrast-threshold", type=float, default=0.04, help="SIFT contrast threshold")
     p.add_argument("--seed", type=int, default=0, help="seed for shuffled keypoints / random init")
     p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=1, help="SIFT/decoding worker processes")
-    p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
-                   help="images per resumable chunk (part of the identity)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--out", required=True, help="output folder (re-running resumes)")
+    add_run_options(p)
 
 
 def _add_suite(sub) -> None:
