@@ -92,8 +92,8 @@ def file_hash(p: Path) -> str | None:
         for k, a in sorted(load_file(str(p)).items()):
             h.update(k.encode() + a.tobytes())
     elif p.name == "checkpoint.pt":
-        import torch
-        state = torch.load(p, map_location="cpu", weights_only=False)
+        from vitsift_core.model.registry import load_weights_only   # nothing in it may run code
+        state = load_weights_only(p)
         for k, t in sorted(state["model"].items()):
             h.update(k.encode() + t.numpy().tobytes())
     else:

@@ -144,6 +144,26 @@ def sharp_test_vit(reg_tokens: int = 0, seed: int = 0):
     return m
 
 
+class _RunsCode:
+    """Pickles as ``os.system("touch MARKER")``: loading it with plain pickle runs the command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import shlex
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+def write_malicious_checkpoint(path: Path, marker: Path, **plain) -> Path:
+    """A torch checkpoint holding ``plain`` items and, under "model", an object whose unpickling
+    creates ``marker`` (the hostile file of issue 15, case 1)."""
+    import torch
+
+    torch.save({**plain, "model": _RunsCode(marker)}, path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """``test_vit@<file>``: :func:`sharp_test_vit` written as safetensors, loaded by spec."""

@@ -299,3 +299,20 @@ def test_knn_and_probe_on_separable_clusters():
     torch.testing.assert_close(knn_predict(xtr, ytr, xva * 7, 3), knn_predict(xtr, ytr, xva, 3))
     res = linear_probe(xtr, ytr, xva, yva, 3)
     assert res["val_acc"] == 1.0
+
+
+def test_official_checkpoint_loads_weights_only(tmp_path):
+    """Issue 15, case 1: an official training checkpoint's argparse ``args`` is the one class
+    allowed; any other pickled object is refused without running it."""
+    import argparse
+    from conftest import write_malicious_checkpoint
+    torch.manual_seed(3)
+    sd = OfficialLayoutMAE().eval().state_dict()
+    torch.save({"model": sd, "epoch": 799, "args": argparse.Namespace(blr=1.5e-4, model="tiny")},
+               tmp_path / "mae_full.pth")
+    assert load_official_mae(tmp_path / "mae_full.pth", num_heads=3, decoder_num_heads=4).has_decoder
+    marker = tmp_path / "ran"
+    evil = write_malicious_checkpoint(tmp_path / "evil.pth", marker)
+    with pytest.raises(ValueError, match=r"evil\.pth holds objects other than tensors"):
+        load_official_mae(evil, num_heads=3)
+    assert not marker.exists()

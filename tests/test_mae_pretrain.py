@@ -269,3 +269,22 @@ def test_arrays_are_the_study_loaders_crops_and_counts(synth, tmp_path):
         np.testing.assert_array_equal(a.counts[j], keypoint_counts(crop, (4, 4), 8, SiftParams())[0])
     again = prepare_arrays(str(synth), None, 32, 8, num_workers=0, progress=False, root=tmp_path / "arr")
     assert again.path == a.path and again.ids == a.ids      # the second call reads the cache
+
+
+def test_malicious_checkpoint_in_a_run_folder_is_refused_not_run(synth, tmp_path, capsys):
+    """Issue 15, case 1: a handed-over folder's checkpoint.pt never runs code, through
+    ``vitsift pretrain --out DIR`` (resume) nor :func:`load_pretrained_mae` (notebook 01)."""
+    from conftest import write_malicious_checkpoint
+    from vitsift_core.cli import main
+    cfg = tiny_cfg(synth, epochs=1)
+    out, marker = tmp_path / "handed-over", tmp_path / "ran"
+    out.mkdir()
+    write_malicious_checkpoint(out / "checkpoint.pt", marker, key=cfg.key(), epoch=0)
+    assert main(["pretrain"] + cli_args(cfg, out)) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    assert "checkpoint.pt holds objects other than tensors" in err and "posix.system" in err, err
+    assert len(err.strip().splitlines()) == 1, err                    # one line, no traceback
+    with pytest.raises(ValueError, match="checkpoint.pt holds objects other than tensors"):
+        load_pretrained_mae(out)
+    assert not marker.exists()

@@ -141,3 +141,14 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA"):
             resolve_device("cuda")
+
+
+def test_malicious_pth_checkpoint_is_refused_not_run(tmp_path):
+    """Issue 15, case 1: ARCH@file.pth holding a pickled object never runs it; one clear error."""
+    from conftest import write_malicious_checkpoint
+    marker = tmp_path / "ran"
+    p = write_malicious_checkpoint(tmp_path / "evil.pth", marker)
+    with pytest.raises(ValueError, match=r"evil\.pth holds objects other than tensors") as e:
+        load_model(f"test_vit@{p}")
+    assert not marker.exists()
+    assert "\n" not in str(e.value) and "posix.system" in str(e.value)

@@ -7,7 +7,6 @@ import dataclasses
 from pathlib import Path
 
 import pandas as pd
-import torch
 import yaml
 
 from vitsift_core.data.keypoints import SiftParams
@@ -62,7 +61,9 @@ def run_experiment(base: PretrainConfig, masks=("random", "guided"), seeds=(0, 1
 def load_pretrained_mae(out: str | Path, device: str = "cpu"):
     """The MAE of a finished (or checkpointed) run folder, eval mode."""
     out = Path(out)
-    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    if not (out / "checkpoint.pt").is_file():
+        raise FileNotFoundError(f"no checkpoint.pt in {out}: not a pre-training run folder")
+    state = pretrain.read_checkpoint(out / "checkpoint.pt")
     cfg = PretrainConfig(**{k: v for k, v in state["config"].items()
                             if k in {f.name for f in dataclasses.fields(PretrainConfig)}})
     model = build_model(cfg)

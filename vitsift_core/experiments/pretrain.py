@@ -22,7 +22,8 @@ from vitsift_core.method.linear import knn_accuracy, linear_probe
 from vitsift_core.data.keypoints import SiftParams
 from vitsift_core.experiments.mae_data import TrainData, load_train_data, to_input
 from vitsift_core.model.mae import build_mae
-from vitsift_core.store import Params, atomic_write, check_identity, distributed, key_of, read_json, write_json
+from vitsift_core.model.registry import load_weights_only
+from vitsift_core.store import Params, RunMismatch, atomic_write, check_identity, distributed, key_of, read_json, write_json
 
 
 METRIC_COLS = ["epoch", "beta", "key_share", "train_loss", "lr", "knn_acc", "probe_acc"]
@@ -203,19 +204,45 @@ def evaluate(model, data: TrainData, cfg: PretrainConfig, device, probe: bool) -
 
 def save_checkpoint(path: Path, model, opt, cfg: PretrainConfig, epoch: int, history: list,
                     step_rows: list, classes: list[str]) -> None:
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-             "history": history, "steps": step_rows, "key": cfg.key(), "classes": classes,
-             "config": {**dataclasses.asdict(cfg), "betas": list(cfg.betas)}}
+    """Tensors, containers, numbers and strings only, so :func:`read_checkpoint` loads it weights-only."""
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": int(epoch),
+             "history": _plain(history), "steps": _plain(step_rows), "key": cfg.key(),
+             "classes": _plain(classes), "config": _plain({**dataclasses.asdict(cfg), "betas": list(cfg.betas)})}
     atomic_write(path, lambda p: torch.save(state, p))
+
+
+def _plain(obj):
+    """``obj`` with numpy scalars as Python numbers; any other non-plain value is an error."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"checkpoint value of type {type(obj).__name__} is not plain data")
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history", "steps", "key", "classes", "config")
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A run folder's ``checkpoint.pt``, loaded weights-only: nothing in a handed-over folder runs
+    code (UnsafeCheckpoint, a ValueError, otherwise)."""
+    state = load_weights_only(path)
+    if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
+        raise ValueError(f"{path} is not a vitsift pre-training checkpoint (expected keys {CHECKPOINT_KEYS})")
+    return state
 
 
 def load_checkpoint(path: Path, model, opt, cfg: PretrainConfig) -> tuple[int, list, list]:
     """Restore model and optimiser from ``path`` if it exists -> (epochs done, history, step rows)."""
     if not path.exists():
         return 0, [], []
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint(path)
     if state["key"] != cfg.key():
-        raise RuntimeError(f"{path} belongs to another config ({state['key']} != {cfg.key()})")
+        raise RunMismatch(f"{path} belongs to another config ({state['key']} != {cfg.key()})")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     return state["epoch"], state["history"], state["steps"]

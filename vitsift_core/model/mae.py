@@ -3,6 +3,7 @@ the official checkpoints' loader. Masks are (B, N) bool, True = masked, the same
 """
 from __future__ import annotations
 
+import argparse
 import re
 from functools import partial
 from pathlib import Path
@@ -273,6 +274,10 @@ def build_mae(encoder: str = "vit_tiny_patch16_224", *, img_size: int | None = N
     return make() if seed is None else seeded(int(seed), make)
 
 
+#: the one class an official checkpoint may hold beyond tensors and plain data: training checkpoints
+#: of facebookresearch/mae (``misc.save_model``) carry the run's ``args``, an attribute bag whose
+#: values still pass torch's weights-only checks; anything else is refused (model.registry)
+OFFICIAL_ALLOWED_CLASSES = (argparse.Namespace,)
 _HEADS_BY_DIM = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 
 
@@ -347,7 +352,7 @@ def load_official_mae(path_or_sd, *, num_heads: int | None = None, decoder_num_h
         path_or_sd = Path(path_or_sd).expanduser()
         if not path_or_sd.is_file():
             raise FileNotFoundError(f"MAE checkpoint not found: {path_or_sd}")
-    sd = read_state_dict(path_or_sd)
+    sd = read_state_dict(path_or_sd, allow=OFFICIAL_ALLOWED_CLASSES)
     arch = _official_arch(sd, num_heads)
     has_decoder = "decoder_embed.weight" in sd
     dec_dim = int(sd["decoder_embed.weight"].shape[0]) if has_decoder else 512

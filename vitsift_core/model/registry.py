@@ -8,6 +8,8 @@ Specs: ``"embedded"`` (the offline default), a timm name with or without a pretr
 from __future__ import annotations
 
 import difflib
+import pickle
+import re
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,11 +214,11 @@ def _describe(model, spec, arch, source, data_config) -> LoadedModel:
                        num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)))
 
 
-def read_state_dict(checkpoint) -> dict[str, torch.Tensor]:
+def read_state_dict(checkpoint, allow: tuple = ()) -> dict[str, torch.Tensor]:
     """A state dict from a checkpoint file or a loaded checkpoint dict: unwrapped from 'model' /
-    'state_dict', DDP's 'module.' prefix dropped."""
+    'state_dict', DDP's 'module.' prefix dropped; ``allow``: see :func:`load_weights_only`."""
     path = "the given checkpoint" if isinstance(checkpoint, dict) else Path(checkpoint)
-    obj = checkpoint if isinstance(checkpoint, dict) else _load_file(path)
+    obj = checkpoint if isinstance(checkpoint, dict) else _load_file(path, allow)
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):
             if isinstance(obj.get(key), dict):
@@ -230,16 +232,36 @@ def read_state_dict(checkpoint) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _load_file(path: Path):
+def load_weights_only(path: str | Path, allow: tuple = ()):
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors, containers, numbers, strings
+    and None, plus the classes in ``allow``; nothing in the file can run code. A file holding other
+    pickled objects raises :class:`UnsafeCheckpoint` (one line), any unreadable file ValueError."""
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        if isinstance(e, pickle.UnpicklingError) and "weights only load failed" in str(e).lower():
+            glob = re.search(r"GLOBAL (\S+)", str(e))
+            raise UnsafeCheckpoint(f"{path} holds objects other than tensors and plain data"
+                                   f"{f' ({glob.group(1)})' if glob else ''}: not loaded, since unpickling "
+                                   "them could run code") from None
+        msg = " ".join(str(e).split())
+        raise ValueError(f"could not read checkpoint {path}: {type(e).__name__}: {msg}") from None
+
+
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint file holds pickled objects beyond tensors and plain data: refused, not run."""
+
+
+def _load_file(path: Path, allow: tuple = ()):
     suffix = path.suffix.lower()
     if suffix not in _CHECKPOINT_SUFFIXES:
         raise ValueError(f"unsupported checkpoint file type {suffix!r} for {path}; "
                          f"expected one of {', '.join(_CHECKPOINT_SUFFIXES)}")
+    if suffix != ".safetensors":
+        return load_weights_only(path, allow)
     try:
-        if suffix == ".safetensors":
-            return load_file(str(path))
-        # weights_only: a checkpoint is data, never code to run
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        return load_file(str(path))
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"could not read checkpoint {path}: {type(e).__name__}: {e}") from e
 
