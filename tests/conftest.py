@@ -89,6 +89,37 @@ def write_bad_images(d: Path) -> Path:
     return d
 
 
+# hostile folder (issue 15): name -> why it must be listed in skipped.csv (a word of the reason);
+# a.png and b.jpg are the only real images, x.jpg/ is a folder and loop -> . a symlink loop
+HOSTILE_SKIPPED = {"broken.jpg": "broken symbolic link", "photo.heic": ".heic", "s.webp": "socket",
+                   "same.png": "same file as a.png", "self.png": "symbolic link loop", "y.png": "FIFO"}
+
+
+def write_hostile_images(d: Path) -> Path:
+    """Two real images among a FIFO, a UNIX socket, a symlink loop, a broken link, a self-looping
+    link, a link to a real image, a folder named x.jpg and a .heic file; return ``d``."""
+    import socket
+
+    d.mkdir(parents=True, exist_ok=True)
+    _photo("astronaut", (64, 48)).save(d / "a.png")
+    _photo("coffee", (64, 48)).save(d / "b.jpg", quality=90)
+    os.mkfifo(d / "y.png")
+    cwd = os.getcwd()
+    try:  # bind by a relative name: AF_UNIX paths are limited to ~100 characters
+        os.chdir(d)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind("s.webp")
+    finally:
+        os.chdir(cwd)
+    (d / "loop").symlink_to(".")
+    (d / "broken.jpg").symlink_to("missing.jpg")
+    (d / "self.png").symlink_to("self.png")
+    (d / "same.png").symlink_to("a.png")
+    (d / "x.jpg").mkdir()
+    (d / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
+    return d
+
+
 @pytest.fixture
 def bad_images_dir(tmp_path: Path) -> Path:
     """Folder of awkward image files (table in this module's docstring)."""

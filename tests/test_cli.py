@@ -23,7 +23,7 @@ from vitsift_core.data.keypoints import keypoint_counts
 from vitsift_core.method import metrics as M
 from vitsift_core.model.registry import load_model
 
-from conftest import DECODABLE, UNDECODABLE
+from conftest import DECODABLE, HOSTILE_SKIPPED, UNDECODABLE, write_hostile_images
 
 
 @pytest.fixture(autouse=True)
@@ -80,6 +80,25 @@ def test_end_to_end_bad_inputs(tmp_path, tiny_ckpt, bad_images_dir):
         ref = M.head_metrics(maps[l], torch.from_numpy(t)[None])
         for k, v in ref.items():
             np.testing.assert_allclose(got.loc[(l + 1,), k].to_numpy(), v[0].numpy(), atol=1e-5)
+
+
+def test_hostile_folder_finishes_and_lists_what_it_skipped(tmp_path, tiny_ckpt):
+    """Issue 15 cases 2, 4, 8 (.heic): a FIFO, a socket, links (loop, broken, self, duplicate), a folder
+    named x.jpg and a .heic file: the run ends, each real image is analysed once, the rest is listed."""
+    imgs = write_hostile_images(tmp_path / "imgs")
+    out = tmp_path / "o"
+    args = [sys.executable, "-m", "vitsift_core.cli", "analyze", "--quiet", "--num-workers", "0",
+            "--device", "cpu", "--model", tiny_ckpt, "--images", str(imgs), "--out", str(out)]
+    proc = subprocess.run(args, env=dict(os.environ), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    heads = pd.read_parquet(out / "heads.parquet")
+    assert sorted(heads.image.unique()) == ["a.png", "b.jpg"] and len(heads) == 2 * 6 * 2
+    skipped = pd.read_csv(out / "skipped.csv")
+    got = dict(zip((os.path.basename(p) for p in skipped.path), skipped.reason))
+    assert sorted(got) == sorted(HOSTILE_SKIPPED)
+    for name, why in HOSTILE_SKIPPED.items():
+        assert why in got[name], (name, got[name])
+    assert json.loads((out / "run.json").read_text())["n_skipped"] == len(HOSTILE_SKIPPED)
 
 
 def test_all_controls(tmp_path, tiny_ckpt):

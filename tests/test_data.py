@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import vitsift_core.data.sources as data
-from conftest import DECODABLE, UNDECODABLE
+from conftest import DECODABLE, HOSTILE_SKIPPED, UNDECODABLE, write_hostile_images
 from vitsift_core.data.sources import (
     IMAGENETTE_CLASSES,
     ImageRecord,
@@ -85,6 +85,26 @@ def test_folder_recursive_case_insensitive_and_labels(tmp_path):
     assert [r.id for r in recs] == [
         "a/deep/UPPER.JPG", "a/img00.png", "a/x.Tiff", "b/img00.png", "b/img01.png", "img00.png"]
     assert [r.label for r in recs] == ["a", "a", "a", "b", "b", None]
+
+
+@pytest.mark.timeout(60)
+def test_hostile_folder_records(tmp_path):
+    """Issue 15 case 4: a link loop (and a linked folder) is walked once per real folder, each real
+    file gives one image; special files, bad links and .heic are records that say why, never opened."""
+    d = write_hostile_images(tmp_path / "imgs")
+    (d / "sub").mkdir()
+    (d / "sub" / "c.png").write_bytes((d / "a.png").read_bytes())   # a copy: a file of its own
+    (d / "sub" / "up").symlink_to("..")                              # a loop through a subfolder
+    recs = resolve_images(str(d))
+    assert [r.id for r in recs] == sorted(["a.png", "b.jpg", "sub/c.png", *HOSTILE_SKIPPED])
+    assert {r.id: r.skip is None for r in recs} == {r.id: r.id in ("a.png", "b.jpg", "sub/c.png") for r in recs}
+    for r in recs:
+        if r.skip is not None:
+            assert HOSTILE_SKIPPED[r.id] in r.skip, r.skip
+            with pytest.raises(ImageDecodeError, match=HOSTILE_SKIPPED[r.id].replace(".", r"\.")):
+                read_record(r)                                      # the FIFO would block here
+    assert [r.id for r in resolve_images(str(d), limit=6)] == [     # before: 5 copies of a.png, b.jpg
+        "a.png", "sub/c.png", "b.jpg", "broken.jpg", "photo.heic", "s.webp"]
 
 
 def test_limit_round_robin_over_classes(tmp_path):

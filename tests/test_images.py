@@ -63,6 +63,18 @@ def test_missing_file_and_directory_raise_decode_error(tmp_path):
         load_rgb(b"")
 
 
+@pytest.mark.timeout(60)
+def test_special_files_are_refused_without_blocking(tmp_path):
+    """Issue 15 case 2: load_rgb on a FIFO (reading would wait for a writer for ever) or a device."""
+    import os
+
+    os.mkfifo(tmp_path / "y.png")
+    with pytest.raises(ImageDecodeError, match="FIFO"):
+        load_rgb(tmp_path / "y.png")
+    with pytest.raises(ImageDecodeError, match="character device"):
+        load_rgb("/dev/zero")                                   # would read for ever as well
+
+
 def test_16bit_gray_is_scaled_not_clipped(bad_images_dir):
     a = load_rgb(bad_images_dir / "gray16.png")
     ramp = np.linspace(0, 65535, 64).round()

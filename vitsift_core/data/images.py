@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import stat
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -26,18 +28,44 @@ class ImageDecodeError(ValueError):
     """The source is not a decodable image. The message says why (empty, truncated, not an image...)."""
 
 
+def file_kind(mode: int) -> str:
+    """What a non-regular ``st_mode`` is, for messages ("a FIFO (named pipe)", "a socket", ...)."""
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _not_regular(path: Path, mode: int) -> ImageDecodeError:
+    return ImageDecodeError(f"{path}: is {file_kind(mode)}, not an image file (never opened)")
+
+
+def _read_regular(path: Path) -> bytes:
+    """The bytes of a regular file; anything else (FIFO, socket, device, folder) is refused from its
+    ``stat`` before opening (a FIFO would block for ever), and again from the open descriptor."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(path, st.st_mode)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if not stat.S_ISREG(mode):  # swapped after the stat above
+            raise _not_regular(path, mode)
+        return f.read()
+
+
 def _read_bytes(src: str | Path | bytes | bytearray | memoryview) -> tuple[bytes, str]:
     """(data, name for messages); reading up front keeps file handles short-lived in workers."""
     if isinstance(src, (bytes, bytearray, memoryview)):
         return bytes(src), "<bytes>"
     path = Path(src)
     try:
-        return path.read_bytes(), str(path)
+        return _read_regular(path), str(path)
     except FileNotFoundError:
         raise ImageDecodeError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise ImageDecodeError(f"{path}: is a directory, not an image file") from None
-    except OSError as e:  # permission denied, I/O error...
+    except OSError as e:  # permission denied, I/O error, link loop...
         raise ImageDecodeError(f"{path}: cannot read file ({e.strerror or e})") from None
 
 

@@ -6,9 +6,12 @@ Specs: ``samples`` (photos inside the scikit-image wheel), ``imagenette:val`` / 
 """
 from __future__ import annotations
 
+import dataclasses
+import errno
 import hashlib
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -16,7 +19,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from vitsift_core.data.images import as_rgb_uint8, load_rgb
+from vitsift_core.data.images import ImageDecodeError, as_rgb_uint8, file_kind, load_rgb
 from vitsift_core.paths import atomic_write, data_dir
 
 # Imagenette's 10 ImageNet-1k classes, wnid -> name.
@@ -38,6 +41,12 @@ DOWNLOAD_COMMAND = "python -m vitsift_core.data.sources download-imagenette"
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm"}
 )
+# image formats vitsift does not decode: listed as skipped with the reason, never silently dropped
+UNREAD_IMAGE_EXTENSIONS = frozenset(
+    {".heic", ".heif", ".avif", ".jxl", ".svg", ".psd", ".jp2", ".j2k",
+     ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf"}
+)
+_LISTED_EXTENSIONS = IMAGE_EXTENSIONS | UNREAD_IMAGE_EXTENSIONS
 # natural photos in the scikit-image wheel that load offline (0.26); synthetic or drawn images, tiny
 # crops and those needing a download are left out
 SAMPLE_NAMES: tuple[str, ...] = (
@@ -50,11 +59,13 @@ _ALLOWED_SPECS = "'samples', 'imagenette:val', 'imagenette:train', or a path to 
 @dataclass(frozen=True)
 class ImageRecord:
     """One image: ``id`` unique within a spec (path relative to the folder or Imagenette root, or
-    ``samples/<name>``); ``path`` None for samples; ``label`` the first-level subfolder (the wnid)."""
+    ``samples/<name>``); ``path`` None for samples; ``label`` the first-level subfolder (the wnid);
+    ``skip`` why an entry found in a folder is listed but never opened (FIFO, broken link, .heic...)."""
 
     id: str
     path: Path | None
     label: str | None = None
+    skip: str | None = None
 
 
 def resolve_images(spec: str, limit: int | None = None) -> list[ImageRecord]:
@@ -82,19 +93,59 @@ def resolve_images(spec: str, limit: int | None = None) -> list[ImageRecord]:
 
 
 def _folder_records(folder: Path, id_base: Path) -> list[ImageRecord]:
-    """Image files below ``folder`` (recursive, hidden files and folders skipped), sorted by id."""
-    out = []
+    """Files with an image name below ``folder`` (recursive, hidden names skipped), sorted by id.
+
+    Linked folders are followed once per real folder (a link loop ends) and each real file is
+    analysed once, under its first id. What cannot be an image (FIFO, socket, device, broken or
+    looping link, a second name for a file, a format vitsift does not read) is kept with a ``skip``
+    reason, so it reaches skipped.csv without ever being opened.
+    """
+    found, seen_dirs = [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real_dir = os.path.realpath(dirpath)
+        if real_dir in seen_dirs:  # reached again through a link: a loop or a second name
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real_dir)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for fn in filenames:
-            if fn.startswith(".") or Path(fn).suffix.lower() not in IMAGE_EXTENSIONS:
+            ext = Path(fn).suffix.lower()
+            if fn.startswith(".") or ext not in _LISTED_EXTENSIONS:
                 continue
             path = Path(dirpath) / fn
             rel_folder = path.relative_to(folder)
             label = rel_folder.parts[0] if len(rel_folder.parts) > 1 else None
-            out.append(ImageRecord(path.relative_to(id_base).as_posix(), path, label))
-    out.sort(key=lambda r: r.id)
+            real, skip = _examine(path, os.path.join(real_dir, fn))
+            if skip is None and ext in UNREAD_IMAGE_EXTENSIONS:
+                skip = f"{path}: {ext} images are not read by vitsift (it reads " \
+                       f"{', '.join(sorted(IMAGE_EXTENSIONS))}); convert it to PNG or JPEG"
+            found.append((ImageRecord(path.relative_to(id_base).as_posix(), path, label, skip), real))
+    found.sort(key=lambda t: t[0].id)
+    out, first = [], {}
+    for rec, real in found:
+        if rec.skip is None and first.setdefault(real, rec.id) != rec.id:
+            rec = dataclasses.replace(rec, skip=f"{rec.path}: same file as {first[real]} (analysed once)")
+        out.append(rec)
     return out
+
+
+def _examine(path: Path, real: str) -> tuple[str, str | None]:
+    """(real path, None) for a regular file, else (path, why it is skipped); ``real`` is the
+    resolved folder joined with the name. Only ``stat``s: nothing here is opened."""
+    try:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            real = os.path.realpath(path)
+            st = os.stat(path)
+    except OSError as e:
+        if not os.path.islink(path):
+            return str(path), f"{path}: cannot read file ({e.strerror or e})"
+        if e.errno == errno.ELOOP:
+            return str(path), f"{path}: symbolic link loop"
+        return str(path), f"{path}: broken symbolic link (to {os.readlink(path)})"
+    if not stat.S_ISREG(st.st_mode):
+        return str(path), f"{path}: is {file_kind(st.st_mode)}, not an image file (never opened)"
+    return real, None
 
 
 def _round_robin(recs: list[ImageRecord], limit: int) -> list[ImageRecord]:
@@ -107,7 +158,10 @@ def _round_robin(recs: list[ImageRecord], limit: int) -> list[ImageRecord]:
 
 
 def read_record(rec: ImageRecord) -> np.ndarray:
-    """``(H, W, 3) uint8`` RGB for a record; raises ``images.ImageDecodeError`` for bad files."""
+    """``(H, W, 3) uint8`` RGB for a record; raises ``images.ImageDecodeError`` for bad files and
+    for records found with a ``skip`` reason (never opened)."""
+    if rec.skip is not None:
+        raise ImageDecodeError(rec.skip)
     if rec.path is not None:
         return load_rgb(rec.path)
     if not rec.id.startswith("samples/"):
