@@ -145,6 +145,7 @@ def n_chunks(n: int, chunk: int) -> int:
 class RunFolder:
     """One resumable run: ``params.json``, chunk parts under ``parts/``, ``run.json``."""
     what = "run"        # named in RunMismatch
+    outputs: tuple = ()  # the tables a finished run holds beside run.json
 
     def __init__(self, path: str | Path, params: Params):
         self.path, self.params = Path(path), params
@@ -187,8 +188,9 @@ class RunFolder:
         return out
 
     def finished(self) -> bool:
-        """True if the folder holds this identity's complete run (read only, never written)."""
-        return check_identity(self.params_json, self.params.identity(), self.what) and self.is_complete()
+        """True if the folder holds this identity's complete run with every file of ``outputs`` (read only)."""
+        return check_identity(self.params_json, self.params.identity(), self.what) and self.is_complete() \
+            and all((self.path / f).exists() for f in self.outputs)
 
     @contextlib.contextmanager
     def lock(self):

@@ -18,7 +18,7 @@ from vitsift_core.method import metrics as M
 from vitsift_core.method.stages import recipe_json
 from vitsift_core.model.collectors import MetricCollector
 from vitsift_core.model.infer import PRECISIONS, forward_precision, infer
-from vitsift_core.model.registry import load_model
+from vitsift_core.model.registry import load_model, resolve_device
 from vitsift_core.data.batches import iter_batches
 from vitsift_core.data.keypoints import KeypointCache, SiftParams
 from vitsift_core.data.sources import resolve_images
@@ -92,8 +92,18 @@ def check_forward(run: RunFolder, forward: str, parts: str = "*", default: str |
                           "--precision). Finish it as it was begun, or use another output folder")
 
 
+def finished(run: RunFolder, device: str, precision: str) -> bool:
+    """True if ``run`` is finished (then only read), in the forward precision this process would use
+    (RunMismatch if not)."""
+    if not run.finished():
+        return False
+    check_forward(run, forward_precision(resolve_device(device), precision), default=None)
+    return True
+
+
 class RunDir(RunFolder):
     """One variant's output folder: its finished chunks and, for mean-attention, the running sums."""
+    outputs = ("heads.parquet", "layers.parquet", "stages.json", "keypoints.npz", "skipped.csv")
 
     def __init__(self, path: Path, params: Params, rank: int = 0):
         super().__init__(path, params)
@@ -387,7 +397,7 @@ def run_suite(base: AnalysisParams, variants: dict[tuple[str, bool], Path], *,
     n = n_chunks(len(records), base.chunk)
     mine = [k for k in range(n) if k % world == rank]
     runs = {v: RunDir(d, base.replace(control=v[0], exclude_self=v[1]), rank=rank) for v, d in variants.items()}
-    todo = {v: r for v, r in runs.items() if not r.finished()}
+    todo = {v: r for v, r in runs.items() if not finished(r, base.device, base.precision)}
     if not todo:
         return runs
     with contextlib.ExitStack() as held:

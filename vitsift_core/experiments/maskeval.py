@@ -22,7 +22,7 @@ from vitsift_core.data.batches import Skipped, iter_batches
 from vitsift_core.data.keypoints import KeypointCache, SiftParams
 from vitsift_core.data.sources import resolve_images
 from vitsift_core.store import Dist, atomic_write, n_chunks, savez, write_json
-from vitsift_core.experiments.analysis import (METRIC_COLS, check_forward, head_rows, layer_table,
+from vitsift_core.experiments.analysis import (METRIC_COLS, check_forward, finished, head_rows, layer_table,
                                               recorded_forward, stage_fit_json)
 from vitsift_core.experiments.probe import ProbeSettings, model_identity
 from vitsift_core.experiments.maskeval_run import (  # noqa: F401 (mask_eval_dir: for callers)
@@ -334,7 +334,7 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
     rank of both passes; every rank chooses the same layer, rank 0 alone writes the tables."""
     t_start = time.perf_counter()
     run, dist = MaskEvalRun(out, params), Dist(rank, world, barrier)
-    if run.finished():
+    if finished(run, params.device, params.precision):
         return run                      # a finished folder is read, never rewritten
     with contextlib.ExitStack() as held:
         _passes(*_open(run, dist, progress, held), dist, t_start)

@@ -102,6 +102,8 @@ class MaskEvalRun(RunFolder):
     """A mask-eval output folder: score parts, mask parts, the tables."""
 
     what = "mask-eval run"
+    outputs = ("predictions.parquet", "accuracy.parquet", "paired.parquet", "scores.npz", "layer.json",
+               "skipped.csv")
 
     def score_file(self, k: int) -> Path:
         return self.part(k, "score-")
