@@ -405,6 +405,7 @@ def run_suite(base: AnalysisParams, variants: dict[tuple[str, bool], Path], *,
             for r in todo.values():
                 held.enter_context(r.lock())
         Dist(rank, world, barrier).sync()
+        todo = {v: r for v, r in todo.items() if not r.finished()}    # finished by a process that held it
         cache, stats, models = KeypointCache(), {}, {}
         groups = {w: {v: r for v, r in todo.items() if _weights(v) == w} for w in dict.fromkeys(map(_weights, todo))}
         for weights, group in groups.items():

@@ -308,12 +308,10 @@ def _require(run: MaskEvalRun, fault, n_chunks: int, what: str) -> None:
                            "run the command again to recompute them")
 
 
-def _open(run: MaskEvalRun, dist: Dist, progress: bool, held: contextlib.ExitStack) -> tuple[_Call, list, str]:
-    """(the call's shared state, images the classifier cannot score, the forward precision); rank 0
-    holds the folder's lock in ``held``."""
+def _open(run: MaskEvalRun, dist: Dist, progress: bool) -> tuple[_Call, list, str]:
+    """(the call's shared state, images the classifier cannot score, the forward precision)."""
     p = run.params
     records = _records(p)
-    dist.rank0_first(lambda: held.enter_context(run.lock()) if dist.rank == 0 else None)
     lm, clf = _load_models(p, progress and dist.rank == 0, dist.rank0_first)
     forward = forward_precision(next(lm.model.parameters()).device, p.precision)
     check_forward(run, forward)
@@ -337,7 +335,9 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
     if finished(run, params.device, params.precision):
         return run                      # a finished folder is read, never rewritten
     with contextlib.ExitStack() as held:
-        _passes(*_open(run, dist, progress, held), dist, t_start)
+        dist.rank0_first(lambda: held.enter_context(run.lock()) if rank == 0 else None)
+        if not run.finished():          # finished by a process that held the lock before this one
+            _passes(*_open(run, dist, progress), dist, t_start)
     return run
 
 
