@@ -1,5 +1,6 @@
 """`vitsift mask-eval` end to end on tiny models: probe tier, ImageNet-classifier tier, resume."""
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -272,3 +273,23 @@ def test_precision_is_recorded_not_part_of_the_key_and_never_mixed(tmp_path, bac
     info = {**json.loads((out / "params.json").read_text()), **json.loads((out / "run.json").read_text())}
     assert info["model"]["forward"] == "bf16-autocast" and info["runtime"]["precision"] == "bf16"
     assert info["key"] == a.params.key() and info["score_chunks_reused"] == 0
+
+
+def test_damaged_parts_are_recomputed_never_merged(tmp_path, backbone, capsys):
+    train = labelled(tmp_path / "train", ["a", "b"], 2)
+    val = labelled(tmp_path / "val", ["a", "b"], 3, seed=2)
+    p = MaskEvalParams(classifier="embedded-probe", model=backbone, images=str(val), probe_train=str(train),
+                       probe_per_class=2, ratios=[0, 30], orders=["top", "random"], modes=["fill"],
+                       batch_size=2, num_workers=0, device="cpu", n_boot=50, chunk=2)
+    a = run_mask_eval(p, tmp_path / "a", progress=False)
+    want = {f: (a.path / f).read_bytes() for f in ("predictions.parquet", "accuracy.parquet", "scores.npz")}
+    parts = a.path / "parts"
+    for f in ("mask-00001.parquet", "score-00002.npz"):                 # truncated
+        (parts / f).write_bytes((parts / f).read_bytes()[:100])
+    shutil.copyfile(parts / "mask-00000.parquet", parts / "mask-00002.parquet")   # another chunk's rows
+    (a.path / "run.json").unlink()                                      # as if killed before finishing
+    capsys.readouterr()
+    b = run_mask_eval(p, tmp_path / "a", progress=False)
+    assert {f: (b.path / f).read_bytes() for f in want} == want
+    err = [l for l in capsys.readouterr().err.splitlines() if "damaged" in l]
+    assert len(err) == 2 and "chunks 2 (unreadable .npz)" in err[0] and "chunks 1 (" in err[1] and "; 2 (" in err[1]

@@ -6,7 +6,7 @@ import dataclasses
 import sys
 
 from vitsift_core.data.keypoints import SiftParams
-from vitsift_core.store import RunMismatch, distributed, end_distributed, rank_device, read_json
+from vitsift_core.store import RunBusy, RunMismatch, distributed, end_distributed, rank_device, read_json
 from vitsift_core.experiments.analysis import CONTROLS, AnalysisParams, analyze, run_suite, variant_dir
 from vitsift_core.experiments.cli_options import add_run_options
 from vitsift_core.experiments.maskeval_cli import add_cli as _add_mask_eval, cli_main as cmd_mask_eval
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parser.parse_args(argv)
     try:
         return COMMANDS[a.cmd][1](a)
-    except (RunMismatch, ValueError, FileNotFoundError, ModelWeightsUnavailable) as e:
+    except (RunMismatch, RunBusy, ValueError, FileNotFoundError, ModelWeightsUnavailable) as e:
         print(f"vitsift {a.cmd}: error: {e}", file=sys.stderr)
         return 2
     finally:

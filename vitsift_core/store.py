@@ -3,16 +3,22 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import json
 import os
+import socket
+import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Callable, ClassVar
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 
@@ -24,6 +30,10 @@ DEFAULT_CHUNK = 64      # images per resumable chunk; part of a run's identity (
 
 class RunMismatch(RuntimeError):
     """The output folder holds a run made with other parameters."""
+
+
+class RunBusy(RuntimeError):
+    """Another process holds the run folder's lock."""
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -45,6 +55,30 @@ def savez(path: str | Path, **arrays) -> None:
 
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
+
+
+def load_npz(path: str | Path, keys: tuple = ()) -> dict | None:
+    """The arrays of an ``.npz`` (only ``keys`` when given), or None when it is missing, unreadable
+    (truncated, not a zip) or lacks one of ``keys``."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in (keys or z.files)}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+        return None
+
+
+def load_parquet(path: str | Path) -> pd.DataFrame | None:
+    """A parquet table, or None when it is missing or unreadable."""
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError):       # pyarrow's ArrowInvalid is a ValueError
+        return None
+
+
+def ids_of_chunk(ids, n_skipped: int, records: list) -> bool:
+    """True if ``ids`` are the ids of ``records`` (in order) less ``n_skipped`` skipped ones."""
+    left = iter(r.id for r in records)
+    return len(ids) + n_skipped == len(records) and all(i in left for i in ids)
 
 
 def key_of(obj) -> str:
@@ -111,13 +145,15 @@ def n_chunks(n: int, chunk: int) -> int:
 class RunFolder:
     """One resumable run: ``params.json``, chunk parts under ``parts/``, ``run.json``."""
     what = "run"        # named in RunMismatch
+    outputs: tuple = ()  # the tables a finished run holds beside run.json
 
     def __init__(self, path: str | Path, params: Params):
         self.path, self.params = Path(path), params
         self.parts, self.params_json = self.path / "parts", self.path / "params.json"
 
     def prepare(self, n_images: int, **extra) -> None:
-        """Create the folder with its params.json, or check that it holds this identity."""
+        """Create the folder with its params.json, or check that it holds this identity. Experiments call
+        it once computing starts (the model loaded), so a failed start leaves no params.json behind."""
         self.parts.mkdir(parents=True, exist_ok=True)
         ident = self.params.identity()
         if check_identity(self.params_json, ident, self.what):
@@ -150,6 +186,46 @@ class RunFolder:
             if ident == mine:
                 out.append(pj.parent)
         return out
+
+    def finished(self) -> bool:
+        """True if the folder holds this identity's complete run with every file of ``outputs`` (read only)."""
+        return check_identity(self.params_json, self.params.identity(), self.what) and self.is_complete() \
+            and all((self.path / f).exists() for f in self.outputs)
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the folder for this process (``.lock``, fcntl.flock): RunBusy naming the holder if another
+        process has it. Temporary files left by a killed writer are removed once it is held."""
+        self.parts.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 400, 0).decode(errors="replace").strip() or "another process"
+                raise RunBusy(f"{self.path} is in use by {holder}; wait for it to finish or use another "
+                              "output folder") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                          f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n".encode(), 0)
+            for d in (self.path, self.parts):
+                for tmp in d.glob(".*.tmp*"):
+                    tmp.unlink(missing_ok=True)
+            yield self
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)            # releases the lock
+
+    def drop_damaged(self, chunks, fault: Callable[[int], str | None], marker: Callable[[int], Path]) -> list[int]:
+        """Chunks among ``chunks`` whose ``marker`` file exists but ``fault(k)`` names a fault: the marker
+        is removed, so they count as unfinished and are recomputed, never merged; said once on stderr."""
+        bad = {k: f for k in chunks if marker(k).exists() and (f := fault(k))}
+        for k in bad:
+            marker(k).unlink()
+        if bad:
+            print(f"warning: {self.path}: recomputing damaged chunks " +
+                  "; ".join(f"{k} ({f})" for k, f in bad.items()), file=sys.stderr)
+        return list(bad)
 
     def mark_complete(self, **info) -> None:
         write_json(self.path / "run.json", {"complete": True, **info})

@@ -2,6 +2,7 @@
 resumable in chunks (:class:`RunDir`), the controls (DESIGN.md section 3) sharing one forward pass."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import zlib
@@ -17,12 +18,12 @@ from vitsift_core.method import metrics as M
 from vitsift_core.method.stages import recipe_json
 from vitsift_core.model.collectors import MetricCollector
 from vitsift_core.model.infer import PRECISIONS, forward_precision, infer
-from vitsift_core.model.registry import load_model
+from vitsift_core.model.registry import load_model, resolve_device
 from vitsift_core.data.batches import iter_batches
 from vitsift_core.data.keypoints import KeypointCache, SiftParams
 from vitsift_core.data.sources import resolve_images
-from vitsift_core.store import (DEFAULT_CHUNK, Params, RunFolder, RunMismatch, at_least_one, atomic_write,
-                                n_chunks, read_json, savez, write_json)
+from vitsift_core.store import (DEFAULT_CHUNK, Dist, Params, RunFolder, RunMismatch, at_least_one, atomic_write,
+                                ids_of_chunk, load_npz, load_parquet, n_chunks, read_json, savez, write_json)
 
 CONTROLS = ("none", "shuffle-keypoints", "random-init", "mean-attention")
 HEAD_COLS = ["image", "layer", "head", "theta_kk", "theta_kn", "theta_nk", "theta_nn",
@@ -91,8 +92,18 @@ def check_forward(run: RunFolder, forward: str, parts: str = "*", default: str |
                           "--precision). Finish it as it was begun, or use another output folder")
 
 
+def finished(run: RunFolder, device: str, precision: str) -> bool:
+    """True if ``run`` is finished (then only read), in the forward precision this process would use
+    (RunMismatch if not)."""
+    if not run.finished():
+        return False
+    check_forward(run, forward_precision(resolve_device(device), precision), default=None)
+    return True
+
+
 class RunDir(RunFolder):
     """One variant's output folder: its finished chunks and, for mean-attention, the running sums."""
+    outputs = ("heads.parquet", "layers.parquet", "stages.json", "keypoints.npz", "skipped.csv")
 
     def __init__(self, path: Path, params: Params, rank: int = 0):
         super().__init__(path, params)
@@ -105,22 +116,47 @@ class RunDir(RunFolder):
 
     def chunk_done(self, k: int) -> bool:
         if self.params.control == "mean-attention":
-            return self.part(k).exists() and k in self._read_means()[2]
+            return self.part(k).exists() and k in self._mean_chunks()
         return self.part(k).exists()
+
+    def chunk_fault(self, k: int, records: list, per_image: int) -> str | None:
+        """What is wrong with chunk k's parts (None: nothing): readable, holding exactly the ids of its
+        ``records`` (less the skipped) and ``per_image`` (layers x heads) head rows per image."""
+        z = load_npz(self.part(k), ("ids", "counts", "skipped"))
+        if z is None:
+            return "unreadable .npz"
+        ids = [str(i) for i in z["ids"]]
+        if not ids_of_chunk(ids, len(z["skipped"]), records) or len(z["counts"]) != len(ids):
+            return "its .npz holds other images"
+        if self.params.control == "mean-attention":
+            return None if k in self._mean_chunks() else "not in the mean-attention sum"
+        df = load_parquet(self.part(k, ext="parquet"))
+        if df is None or "image" not in df:
+            return "no readable .parquet"
+        if df["image"].tolist() != list(np.repeat(ids, per_image)):
+            return f".parquet holds {len(df)} rows, not those of {len(ids)} images x {per_image}"
+        return None
 
     # mean-attention: rank r keeps its running sum (and the chunks it includes) in its own file
     def _mean_file(self) -> Path:
         return self.path / ("mean_attention_sum.npz" if self.rank == 0 else
                             f"mean_attention_sum.rank{self.rank}.npz")
 
+    def _mean_chunks(self) -> set[int]:
+        """The chunks in every rank's readable running sum (an unreadable file counts for none)."""
+        zs = (load_npz(f, ("chunks",)) for f in sorted(self.path.glob("mean_attention_sum*.npz")))
+        return {int(c) for z in zs if z is not None for c in z["chunks"]}
+
     def _read_means(self) -> tuple[np.ndarray | None, int, set[int]]:
-        """(sum of attention (L, H, N, N) or None, images, chunks) over every rank's file."""
+        """(sum of attention (L, H, N, N) or None, images, chunks) over every rank's readable file."""
         total, count, chunks = None, 0, set()
         for f in sorted(self.path.glob("mean_attention_sum*.npz")):
-            with np.load(f) as z:
-                total = z["sum"] if total is None else total + z["sum"]
-                count += int(z["n"])
-                chunks |= set(int(c) for c in z["chunks"])
+            z = load_npz(f, ("sum", "n", "chunks"))
+            if z is None:
+                continue
+            total = z["sum"] if total is None else total + z["sum"]
+            count += int(z["n"])
+            chunks |= set(int(c) for c in z["chunks"])
         return total, count, chunks
 
     def mean_sum(self) -> tuple[np.ndarray, int]:
@@ -131,11 +167,13 @@ class RunDir(RunFolder):
         return total, count
 
     def add_mean(self, k: int, attn_sum: np.ndarray, n: int) -> None:
+        """Chunk k's share of the mean map, once (a recomputed chunk already in the sum adds nothing)."""
+        if k in self._mean_chunks():
+            return
         f = self._mean_file()
-        if f.exists():
-            with np.load(f) as z:
-                total, count, chunks = z["sum"], int(z["n"]), list(z["chunks"])
-            total = total + attn_sum
+        z = load_npz(f, ("sum", "n", "chunks"))      # an unreadable file: its chunks are recomputed
+        if z is not None:
+            total, count, chunks = z["sum"] + attn_sum, int(z["n"]), list(z["chunks"])
         else:
             total, count, chunks = attn_sum, 0, []
         savez(f, sum=total, n=count + n, chunks=np.asarray(chunks + [k], dtype=np.int64))
@@ -315,6 +353,21 @@ def _run_group(base: AnalysisParams, lm, runs: dict, records: list, todo: list[i
     return {"images": done, "seconds": round(dt, 2), "images_per_s": round(done / dt, 3) if dt else None}
 
 
+def _group_pass(base: AnalysisParams, lm, group: dict, records: list, chunks, cache: KeypointCache,
+                progress: bool, on_chunk) -> dict | None:
+    """Chunks ``chunks`` of the variants ``group`` sharing ``lm``: damaged parts dropped, then what is not
+    done computed; the throughput (None: nothing to do)."""
+    size, per_image = base.chunk, len(lm.model.blocks) * lm.model.blocks[0].attn.num_heads
+    for r in group.values():
+        r.drop_damaged(chunks, lambda k, r=r: r.chunk_fault(k, records[k * size:(k + 1) * size], per_image),
+                       r.part)
+    todo = [k for k in chunks if any(not r.chunk_done(k) for r in group.values())]
+    if not todo:
+        return None
+    return _run_group(base, lm, group, records, todo, cache, f"analyze {base.model} [{_weights(next(iter(group)))}]",
+                      progress, on_chunk)
+
+
 def _finalize(r: RunDir, n: int, n_layers: int, stats: dict | None) -> None:
     """Rank 0, every chunk done: the variant's tables from its parts (mean-attention: from the mean map)."""
     missing = [k for k in range(n) if not r.chunk_done(k)]
@@ -335,35 +388,42 @@ def run_suite(base: AnalysisParams, variants: dict[tuple[str, bool], Path], *,
               progress: bool = True, rank: int = 0, world: int = 1,
               barrier=None, on_chunk=None) -> dict[tuple[str, bool], RunDir]:
     """Run (or resume) the variants {(control, exclude_self): folder} of ``base``, sharing forward
-    passes. Under torchrun this process does chunks k % world == rank; rank 0 finalises after
-    ``barrier()``. ``on_chunk(k)`` is called after each chunk this process finishes."""
+    passes; finished folders are only read. Rank 0 holds each open folder's lock; under torchrun this
+    process does chunks k % world == rank; rank 0 checks every chunk after ``barrier()`` (recomputing a
+    damaged one) and finalises. ``on_chunk(k)`` is called after each chunk this process computes."""
     records = resolve_images(base.images, base.limit)
     if not records:
         raise ValueError(f"no images found for {base.images!r}")
     n = n_chunks(len(records), base.chunk)
     mine = [k for k in range(n) if k % world == rank]
     runs = {v: RunDir(d, base.replace(control=v[0], exclude_self=v[1]), rank=rank) for v, d in variants.items()}
-    for r in runs.values():
-        r.prepare(len(records), model={})
-    cache = KeypointCache()
-    stats: dict = {}
-    n_layers_of: dict[str, int] = {}
-    for weights in dict.fromkeys(_weights(v) for v in runs):
-        group = {v: r for v, r in runs.items() if _weights(v) == weights}
-        lm = load_model(base.model, control=weights, device=base.device, seed=base.seed, img_size=base.img_size)
-        info = _model_info(lm, base.precision)
-        for r in group.values():
-            r.set_model_info(info)
-        n_layers_of[weights] = len(lm.model.blocks)
-        todo = [k for k in mine if any(not r.chunk_done(k) for r in group.values())]
-        if todo:
-            stats[weights] = _run_group(base, lm, group, records, todo, cache,
-                                        f"analyze {base.model} [{weights}]", progress, on_chunk)
-    if barrier is not None:
-        barrier()
-    if rank == 0:
-        for v, r in runs.items():
-            _finalize(r, n, n_layers_of[_weights(v)], {"throughput": stats.get(_weights(v))})
+    todo = {v: r for v, r in runs.items() if not finished(r, base.device, base.precision)}
+    if not todo:
+        return runs
+    with contextlib.ExitStack() as held:
+        if rank == 0:               # the other ranks start once rank 0 holds every open folder
+            for r in todo.values():
+                held.enter_context(r.lock())
+        Dist(rank, world, barrier).sync()
+        todo = {v: r for v, r in todo.items() if not r.finished()}    # finished by a process that held it
+        cache, stats, models = KeypointCache(), {}, {}
+        groups = {w: {v: r for v, r in todo.items() if _weights(v) == w} for w in dict.fromkeys(map(_weights, todo))}
+        for weights, group in groups.items():
+            lm = models[weights] = load_model(base.model, control=weights, device=base.device, seed=base.seed,
+                                              img_size=base.img_size)
+            info = _model_info(lm, base.precision)
+            for r in group.values():
+                r.prepare(len(records), model=info)     # params.json once computing starts
+                r.set_model_info(info)
+            stats[weights] = _group_pass(base, lm, group, records, mine, cache, progress, on_chunk)
+        if barrier is not None:
+            barrier()
+        if rank == 0:
+            for weights, group in groups.items():
+                again = _group_pass(base, models[weights], group, records, range(n), cache, progress, on_chunk)
+                stats[weights] = stats[weights] or again
+                for r in group.values():
+                    _finalize(r, n, len(models[weights].model.blocks), {"throughput": stats[weights]})
     return runs
 
 

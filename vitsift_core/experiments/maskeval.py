@@ -2,6 +2,7 @@
 every image (patch scores, stage metrics, clean prediction), pass 2 classifies each masked input."""
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from vitsift_core.data.batches import Skipped, iter_batches
 from vitsift_core.data.keypoints import KeypointCache, SiftParams
 from vitsift_core.data.sources import resolve_images
 from vitsift_core.store import Dist, atomic_write, n_chunks, savez, write_json
-from vitsift_core.experiments.analysis import (METRIC_COLS, check_forward, head_rows, layer_table,
+from vitsift_core.experiments.analysis import (METRIC_COLS, check_forward, finished, head_rows, layer_table,
                                               recorded_forward, stage_fit_json)
 from vitsift_core.experiments.probe import ProbeSettings, model_identity
 from vitsift_core.experiments.maskeval_run import (  # noqa: F401 (mask_eval_dir: for callers)
@@ -154,10 +155,12 @@ def _score_pass(c: _Call, mine: list[int], siblings: list[MaskEvalRun], captured
     """Pass 1 over this rank's unfinished chunks (copied from a sibling where one has it) -> timings."""
     p, run = c.p, c.run
     todo, reused = [], 0
+    run.drop_damaged(mine, lambda k: run.score_fault(k, c.chunk_records(k)), run.score_file)
     for k in mine:
         if run.score_file(k).exists():
             continue
-        src = next((r.score_file(k) for r in siblings if r.score_file(k).exists()), None)
+        src = next((r.score_file(k) for r in siblings if r.score_file(k).exists()
+                    and r.score_fault(k, c.chunk_records(k)) is None), None)
         if src is None:
             todo.append(k)
         else:
@@ -216,8 +219,9 @@ def _mask_pass(c: _Call, mine: list[int], siblings: list[MaskEvalRun], sc: dict,
     p, run = c.p, c.run
     conds = p.conditions()
     cond_index = {cond: i for i, cond in enumerate(conds)}
+    run.drop_damaged(mine, lambda k: run.mask_fault(k, conds), run.mask_file)
     todo = [k for k in mine if not run.mask_file(k).exists()]
-    reuse = {k: sibling_mask_rows(siblings, k, cond_index) for k in todo}
+    reuse = {k: sibling_mask_rows(siblings, k, cond_index, run.chunk_ids(k)) for k in todo}
     need = {k: [cond for cond in conds if cond not in reuse[k][1]] for k in todo}
     n_fwd = sum(len(c.chunk_records(k)) * len(need[k]) for k in todo)
     t0 = time.perf_counter()
@@ -296,21 +300,23 @@ def _records(p: MaskEvalParams) -> list:
     return records
 
 
-def _require(run: MaskEvalRun, part_file, n_chunks: int, what: str) -> None:
-    missing = [k for k in range(n_chunks) if not part_file(k).exists()]
-    if missing:
-        raise RuntimeError(f"{run.path}: {what} chunks {missing} unfinished after the {what} pass")
+def _require(run: MaskEvalRun, fault, n_chunks: int, what: str) -> None:
+    """Every chunk's part present and sound after a pass; else an error (a rerun recomputes them)."""
+    bad = {k: f for k in range(n_chunks) if (f := fault(k))}
+    if bad:
+        raise RuntimeError(f"{run.path}: {what} chunks {bad} missing or damaged after the {what} pass; "
+                           "run the command again to recompute them")
 
 
-def _open(p: MaskEvalParams, out: str | Path, dist: Dist, progress: bool) -> tuple[_Call, list, str]:
+def _open(run: MaskEvalRun, dist: Dist, progress: bool) -> tuple[_Call, list, str]:
     """(the call's shared state, images the classifier cannot score, the forward precision)."""
+    p = run.params
     records = _records(p)
-    run = MaskEvalRun(out, p)
-    dist.rank0_first(lambda: run.prepare(len(records)))   # the other ranks only check the identity
     lm, clf = _load_models(p, progress and dist.rank == 0, dist.rank0_first)
     forward = forward_precision(next(lm.model.parameters()).device, p.precision)
     check_forward(run, forward)
     if dist.rank == 0:
+        run.prepare(len(records))       # params.json once computing starts: a failed start leaves none
         run.set_info(model={**model_identity(lm), "forward": forward},
                      classifier={**clf.identity(), "info": clf.info, "n_classes": len(clf.classes)})
     skipped_label = [Skipped(r.id, str(r.path or ""), f"label {r.label!r} is not a class of {clf.spec}")
@@ -325,9 +331,19 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
     """Run (or resume) mask-eval into ``out``. Under torchrun this process does chunks k % world ==
     rank of both passes; every rank chooses the same layer, rank 0 alone writes the tables."""
     t_start = time.perf_counter()
-    p, dist = params, Dist(rank, world, barrier)
-    c, skipped_label, forward = _open(p, out, dist, progress)
-    run, lm = c.run, c.lm
+    run, dist = MaskEvalRun(out, params), Dist(rank, world, barrier)
+    if finished(run, params.device, params.precision):
+        return run                      # a finished folder is read, never rewritten
+    with contextlib.ExitStack() as held:
+        dist.rank0_first(lambda: held.enter_context(run.lock()) if rank == 0 else None)
+        if not run.finished():          # finished by a process that held the lock before this one
+            _passes(*_open(run, dist, progress), dist, t_start)
+    return run
+
+
+def _passes(c: _Call, skipped_label: list, forward: str, dist: Dist, t_start: float) -> None:
+    """Both passes over this rank's chunks; rank 0 then writes the tables."""
+    p, run, lm, rank, world = c.p, c.run, c.lm, dist.rank, dist.world
     mine = [k for k in range(c.n_chunks) if k % world == rank]
     n_layers = len(lm.model.blocks)
     spec = MK.parse_layers(p.layer, n_layers)
@@ -340,7 +356,7 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
 
     stats = _score_pass(c, mine, siblings, captured, stage_metrics=spec == "auto")
     dist.sync()
-    _require(run, run.score_file, c.n_chunks, "score")
+    _require(run, lambda k: run.score_fault(k, c.chunk_records(k)), c.n_chunks, "score")
     sc = load_scores(run, c.n_chunks)
     choice = _choose_layers(p, captured, sc, n_layers)
     scores = MK.combine_layer_scores(sc["layer_scores"], choice["layers"], captured)
@@ -357,7 +373,6 @@ def run_mask_eval(params: MaskEvalParams, out: str | Path, *, progress: bool = T
         stats["world"] = world   # the timings above are rank 0's share
     dist.sync()
     if rank != 0:
-        return run
-    _require(run, run.mask_file, c.n_chunks, "mask")
+        return
+    _require(run, lambda k: run.mask_fault(k, p.conditions()), c.n_chunks, "mask")
     _finalize(c, sc, choice, skipped_label, {"seconds_this_call": round(time.perf_counter() - t_start, 2), **stats})
-    return run

@@ -13,7 +13,8 @@ from vitsift_core.method import masking as MK
 from vitsift_core.model.infer import PRECISIONS
 from vitsift_core.data.keypoints import SiftParams
 from vitsift_core.experiments.classify import PROBE_SPECS
-from vitsift_core.store import DEFAULT_CHUNK, Params, RunFolder, at_least_one, read_json
+from vitsift_core.store import (DEFAULT_CHUNK, Params, RunFolder, at_least_one, ids_of_chunk, load_npz,
+                                load_parquet, read_json)
 
 
 @dataclass
@@ -101,12 +102,44 @@ class MaskEvalRun(RunFolder):
     """A mask-eval output folder: score parts, mask parts, the tables."""
 
     what = "mask-eval run"
+    outputs = ("predictions.parquet", "accuracy.parquet", "paired.parquet", "scores.npz", "layer.json",
+               "skipped.csv")
 
     def score_file(self, k: int) -> Path:
         return self.part(k, "score-")
 
     def mask_file(self, k: int) -> Path:
         return self.part(k, "mask-", "parquet")
+
+    def score_fault(self, k: int, records: list) -> str | None:
+        """What is wrong with score part k (None: nothing): readable, every array one row per image of
+        ``records`` (chunk k's, less the skipped)."""
+        if not self.score_file(k).exists():
+            return "missing"
+        z = load_npz(self.score_file(k))
+        if z is None or not {*SCORE_KEYS, "skipped"} <= set(z):
+            return "unreadable .npz"
+        ids = [str(i) for i in z["ids"]]
+        if not ids_of_chunk(ids, len(z["skipped"]), records) or any(len(v) != len(ids) for key, v in z.items()
+                                                                   if key != "skipped"):
+            return "its .npz holds other images"
+        return None
+
+    def chunk_ids(self, k: int) -> list[str]:
+        """The images score part k holds."""
+        return [str(i) for i in load_npz(self.score_file(k), ("ids",))["ids"]]
+
+    def mask_fault(self, k: int, conds: list[tuple]) -> str | None:
+        """What is wrong with mask part k (None: nothing): readable, one row per condition and image of
+        score part k, by condition, then image."""
+        if not self.mask_file(k).exists():
+            return "missing"
+        df = load_parquet(self.mask_file(k))
+        if df is None or not {"image", "mode", "order", "ratio"} <= set(df):
+            return "unreadable .parquet"
+        if not rows_are(df, self.chunk_ids(k), conds):
+            return f".parquet holds {len(df)} rows, not those of its images x {len(conds)} conditions"
+        return None
 
     def score_siblings(self) -> list["MaskEvalRun"]:
         """Run folders beside this one with the same score pass (all but orders, modes, ratios)."""
@@ -132,21 +165,32 @@ class MaskEvalRun(RunFolder):
         return {**read_json(self.params_json), **read_json(self.path / "run.json")}
 
 
+SCORE_KEYS = ("ids", "labels", "targets", "counts", "layer_scores", "clean_pred")
+
+
+def rows_are(df: pd.DataFrame, ids: list[str], conds: list[tuple]) -> bool:
+    """True if ``df`` holds one row per (mode, order, ratio) in ``conds`` and image in ``ids``, in that order."""
+    return df["image"].tolist() == ids * len(conds) and \
+        list(zip(df["mode"], df.order, df.ratio.astype(float))) == [(m, o, float(r)) for m, o, r in conds
+                                                                    for _ in ids]
+
+
 MASK_PART_DTYPES = (("image", object), ("order", object), ("mode", object), ("ratio", float), ("n_masked", int),
                     ("pred", int))
 
 
-def sibling_mask_rows(siblings: list[MaskEvalRun], k: int, cond_index: dict) -> tuple[list[pd.DataFrame], set]:
+def sibling_mask_rows(siblings: list[MaskEvalRun], k: int, cond_index: dict,
+                      ids: list[str]) -> tuple[list[pd.DataFrame], set]:
     """(frames, conditions): chunk k's rows of the (mode, order, ratio) conditions in ``cond_index``
-    found in ``siblings``, each from the first sibling that has it."""
+    found in ``siblings``, each from the first readable sibling whose rows of it are the images ``ids``."""
     got, frames = set(), []
     for sib in siblings:
-        f = sib.mask_file(k)
-        if not f.exists():
+        d = load_parquet(sib.mask_file(k))
+        if d is None or not {"image", "mode", "order", "ratio"} <= set(d):
             continue
-        d = pd.read_parquet(f)
         keys = list(zip(d["mode"], d.order, d.ratio.astype(float)))
-        take = np.asarray([c in cond_index and c not in got for c in keys], dtype=bool)
+        whole = {c for c in set(keys) if rows_are(d[[x == c for x in keys]], ids, [c])}
+        take = np.asarray([c in cond_index and c not in got and c in whole for c in keys], dtype=bool)
         if take.any():
             frames.append(d[take])
             got |= {c for c, t in zip(keys, take) if t}
@@ -154,7 +198,7 @@ def sibling_mask_rows(siblings: list[MaskEvalRun], k: int, cond_index: dict) -> 
 
 
 def load_scores(run: MaskEvalRun, n_chunks: int) -> dict:
-    keys = ("ids", "labels", "targets", "counts", "layer_scores", "clean_pred")
+    keys = SCORE_KEYS
     out = {k: [] for k in keys}
     met: dict[str, list] = {}
     skipped: list[tuple] = []
