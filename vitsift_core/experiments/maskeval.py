@@ -319,7 +319,8 @@ def _open(run: MaskEvalRun, dist: Dist, progress: bool) -> tuple[_Call, list, st
         run.prepare(len(records))       # params.json once computing starts: a failed start leaves none
         run.set_info(model={**model_identity(lm), "forward": forward},
                      classifier={**clf.identity(), "info": clf.info, "n_classes": len(clf.classes)})
-    skipped_label = [Skipped(r.id, str(r.path or ""), f"label {r.label!r} is not a class of {clf.spec}")
+    skipped_label = [Skipped(r.id, str(r.path or ""),
+                             r.skip or f"label {r.label!r} is not a class of {clf.spec}")
                      for r in records if clf.target(r.label) is None]
     records = [r for r in records if clf.target(r.label) is not None]
     c = _Call(p, run, records, lm, clf, KeypointCache(), progress)
