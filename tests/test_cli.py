@@ -227,3 +227,43 @@ def test_precision_choice_is_applied_recorded_and_never_mixed(tmp_path, tiny_ckp
         runs.run_suite(runs.AnalysisParams(model=tiny_ckpt, images=str(imgs), device="cpu", num_workers=0,
                                            batch_size=4, precision="fp32"),
                        {("none", False): tmp_path / "bf16"}, progress=False)
+
+
+BAD_PARAMETERS = [   # issue 15 case 8: (command and flags, what the one-line message must say)
+    (["analyze", "--gamma", "inf"], "gamma must be a finite number > 0, got inf"),
+    (["analyze", "--gamma", "nan"], "gamma must be a finite number > 0, got nan"),
+    (["analyze", "--contrast-threshold", "-1"], "contrast_threshold must be a finite number >= 0, got -1.0"),
+    (["analyze", "--num-workers", "-1"], "num_workers must be an integer >= 0, got -1"),
+    (["analyze", "--device", "cuda:99"], "device 'cuda:99'"),
+    (["analyze", "--device", "gpu0"], "device 'gpu0': not a device (auto | cpu | cuda | cuda:N)"),
+    (["analyze", "--out", "{file}/sub"], "/file/sub/parts: Not a directory"),
+    (["mask-eval", "--ratios", ""], "ratios must list at least one mask ratio in [0, 100) percent"),
+    (["mask-eval", "--ratios", "nan"], "ratios must be a finite number in [0, 100), got nan"),
+    (["mask-eval", "--ratios", "0,100"], "ratios must be a finite number in [0, 100), got 100.0"),
+    (["mask-eval", "--ratios", "ten"], "--ratios must be comma-separated percentages in [0, 100), got 'ten'"),
+    (["mask-eval", "--layer", "abc"], "layer spec 'abc': need 'auto' or 1-based layers as 7, 7-9 or 5,7"),
+    (["mask-eval", "--gamma", "inf"], "gamma must be a finite number > 0, got inf"),
+    (["mask-eval", "--num-workers", "-1"], "num_workers must be an integer >= 0, got -1"),
+    (["pretrain", "--device", "cuda:99"], "device 'cuda:99'"),
+    (["pretrain", "--blr", "nan"], "blr must be a finite number > 0, got nan"),
+    (["pretrain", "--contrast-threshold", "-1"], "contrast_threshold must be a finite number >= 0, got -1.0"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_PARAMETERS, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_bad_parameters_refused_in_one_line(tmp_path, tiny_ckpt, capsys, args, message):
+    """Non-finite / out-of-range values, a missing device, an unwritable --out: exit 2 with one line
+    naming the value and what is allowed, before anything is computed; no traceback."""
+    (tmp_path / "file").write_text("")
+    args = [a.replace("{file}", str(tmp_path / "file")) for a in args]
+    common = {"analyze": ["--model", tiny_ckpt, "--images", "samples", "--limit", "1", "--num-workers", "0"],
+              "mask-eval": ["--model", tiny_ckpt, "--images", "samples", "--limit", "1"],
+              "pretrain": ["--encoder", "test_vit", "--train-images", "samples", "--val-images", "samples"]}
+    out = [] if "--out" in args else ["--out", str(tmp_path / "o")]
+    t0 = time.perf_counter()
+    assert main([args[0], "--quiet", *common[args[0]], *args[1:], *out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vitsift {args[0]}: error: ") and err.count("\n") == 1, err
+    assert message in err and "Traceback" not in err
+    assert not list((tmp_path / "o").glob("parts/*"))      # refused before any chunk was begun
+    assert time.perf_counter() - t0 < 30

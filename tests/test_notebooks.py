@@ -31,7 +31,7 @@ def test_committed_without_outputs_and_with_conventions(nb):
     assert not any("".join(c["source"]).lstrip().startswith(("!pip", "!wget")) for c in code)
 
 
-@pytest.mark.parametrize("profile", ["smoke", "embedded", "paper"])
+@pytest.mark.parametrize("profile", sorted(p.stem for p in R.PARAMS.glob("*.yaml")))
 def test_profiles_match_notebooks(profile):
     jobs = R.plan(R.load_profile(profile), NOTEBOOKS)
     if profile == "smoke":
@@ -52,6 +52,26 @@ def test_unknown_keys_are_errors(tmp_path):
         R.load_profile(str(p))
     with pytest.raises(R.ProfileError, match="no profile"):
         R.load_profile("no-such-profile")
+
+
+def test_profile_values_type_checked_before_anything_runs(tmp_path, monkeypatch, capsys):
+    """issue 15 case 5: `limit: "four"` passed --check, then notebook 02 died after 01 ran."""
+    p = tmp_path / "p"                       # a path without .yaml: used as given, not under params/
+    p.write_text(yaml.safe_dump({"parameters": {"limit": "four", "gamma": 2},
+                                 "notebooks": {"07_guided_mae": {"norm_pix_loss": 1, "blr": "1e-3"},
+                                               "06_spurious_masking": {"probe_per_class": None}}}))
+    monkeypatch.chdir(tmp_path)
+    assert R.main(["--profile", "./p", "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "no profile" not in err
+    assert "parameters.limit: 02_sift_keypoints, 03_patch_interrelation, 04_attention_focus, 05_stages, " \
+           "08_explorers expect int, got 'four'" in err
+    assert "parameters.limit: 06_spurious_masking expects int or null, got 'four'" in err
+    assert "notebooks.07_guided_mae.norm_pix_loss: 07_guided_mae expects bool, got 1" in err
+    assert "notebooks.07_guided_mae.blr: 07_guided_mae expects float, got '1e-3'" in err
+    assert "gamma" not in err and "probe_per_class" not in err      # int for float, None where declared
+    monkeypatch.setattr("papermill.execute_notebook", lambda *a, **k: pytest.fail("executed a notebook"))
+    assert R.main(["--profile", str(p)]) == 2
 
 
 @pytest.fixture(scope="module")

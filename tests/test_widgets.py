@@ -403,3 +403,60 @@ def test_explorers_notebook_offers_every_explorer():
     for name in ("AttentionExplorer(", "StageExplorer(", "MaskingExplorer("):
         assert name in src
     assert "VITSIFT_EXPLORE_IMAGES" in src
+
+
+def test_explore_server_refuses_requests_without_its_token(tmp_path, capsys):
+    """issue 15 case 7: `make explore` served the page (and its kernel) to anyone on the host. Now the
+    printed URL carries a random token, a request without it is sent to the login page, the token is
+    not on Voila's command line, and a token-less page is refused on a non-loopback --host."""
+    import json
+    import queue
+    import re
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import urllib.error
+    import urllib.request
+
+    pytest.importorskip("voila")
+    from vitsift_core.widgets import serve
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(serve.subprocess, "Popen", lambda *a, **k: pytest.fail("Voila started without a token"))
+        assert serve.main(["--no-token", "--host", "0.0.0.0"]) == 2
+    assert "--no-token with --host 0.0.0.0" in capsys.readouterr().err
+    assert "secret" not in " ".join(serve.voila_command(serve.NOTEBOOK, 1, token="secret"))
+    nb = tmp_path / "page.ipynb"
+    nb.write_text(json.dumps({"cells": [{"cell_type": "code", "metadata": {}, "execution_count": None,
+                                         "outputs": [], "source": ["print('vitsift page ' + str(6 * 7))"]}],
+                              "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                          "language": "python"}},
+                              "nbformat": 4, "nbformat_minor": 5}))
+    proc = subprocess.Popen([sys.executable, "-m", "vitsift_core.widgets.serve", "--notebook", str(nb)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    try:
+        line = ""
+        while "vitsift explorers: " not in line:
+            line = lines.get(timeout=90)
+        m = re.search(r"vitsift explorers: (http://127\.0\.0\.1:\d+/\?token=[\w-]{40,})\s*$", line)
+        assert m, line
+        url = m.group(1)
+        base = url.split("?")[0]
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *a, **k):
+                return None
+        opener = urllib.request.build_opener(NoRedirect)
+        for bare in (base, base + "api/kernels", base + "?token=wrong"):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                opener.open(bare, timeout=60)
+            assert e.value.code in (302, 401, 403), bare
+            assert e.value.code != 302 or e.value.headers["Location"].startswith("/login"), bare
+        with opener.open(url, timeout=120) as r:
+            assert r.status == 200 and "vitsift page 42" in r.read().decode()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0

@@ -11,7 +11,7 @@ from vitsift_core.experiments.analysis import CONTROLS, AnalysisParams, analyze,
 from vitsift_core.experiments.cli_options import add_run_options
 from vitsift_core.experiments.maskeval_cli import add_cli as _add_mask_eval, cli_main as cmd_mask_eval
 from vitsift_core.experiments.mae_runs import add_cli as _add_pretrain, cmd_pretrain
-from vitsift_core.model.registry import ModelWeightsUnavailable
+from vitsift_core.model.registry import DeviceUnavailable, ModelWeightsUnavailable
 
 
 def _add_analyze(sub) -> None:
@@ -92,8 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     a = parser.parse_args(argv)
     try:
         return COMMANDS[a.cmd][1](a)
-    except (RunMismatch, RunBusy, ValueError, FileNotFoundError, ModelWeightsUnavailable) as e:
+    except (RunMismatch, RunBusy, ValueError, FileNotFoundError, ModelWeightsUnavailable, DeviceUnavailable) as e:
         print(f"vitsift {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:        # an unwritable --out, a missing file: the path and the reason
+        print(f"vitsift {a.cmd}: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 2
     finally:
         end_distributed()

@@ -4,6 +4,7 @@ checked key by key against the notebooks' parameters cells first; README "Layout
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import sys
@@ -19,7 +20,48 @@ PARAMS = ROOT / "params"
 
 
 class ProfileError(ValueError):
-    """A profile key that no notebook declares, or a malformed profile."""
+    """A profile key that no notebook declares, a value of the wrong type, or a malformed profile."""
+
+
+TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}
+
+
+def declared_type(decl: dict) -> tuple[type | None, bool]:
+    """(type, None allowed) of one parameter: its annotation (``Optional[X]`` allows None), else its
+    default's type (a None default allows None and says nothing more); (None, True): anything."""
+    name = decl["inferred_type_name"].replace(" ", "")
+    optional = name.startswith("Optional[") and name.endswith("]")
+    name = name[9:-1] if optional else name
+    if name in TYPES:
+        return TYPES[name], optional
+    try:
+        default = ast.literal_eval(decl["default"])
+    except (ValueError, SyntaxError):
+        return None, True
+    return (None, True) if default is None else (type(default), optional)
+
+
+def type_ok(value, typ: type | None, optional: bool) -> bool:
+    """bool only for bool, int (not bool) for int, int or float for float."""
+    if typ is None or (value is None and optional):
+        return True
+    if isinstance(value, bool) or typ is bool:
+        return typ is bool and isinstance(value, bool)
+    return isinstance(value, (int, float) if typ is float else typ)
+
+
+def type_errors(where: str, profile: dict, declared: dict) -> list[str]:
+    """One line per (profile key, value) that a notebook's parameters cell types otherwise."""
+    bad: dict[tuple[str, str], list[str]] = {}
+    for nb, decl in declared.items():
+        over = profile["notebooks"].get(nb) or {}
+        for k, v in {**profile["parameters"], **over}.items():
+            typ, optional = declared_type(decl[k]) if k in decl else (None, True)
+            if not type_ok(v, typ, optional):
+                at = f"notebooks.{nb}.{k}" if k in over else f"parameters.{k}"
+                bad.setdefault((at, f"{typ.__name__}{' or null' if optional else ''}, got {v!r}"), []).append(nb)
+    return [f"{where}: {at}: {', '.join(nbs)} expect{'s' if len(nbs) == 1 else ''} {msg}"
+            for (at, msg), nbs in bad.items()]
 
 
 def notebook_paths(folder: Path = NOTEBOOKS) -> list[Path]:
@@ -34,9 +76,9 @@ def declared_parameters(nb: Path) -> dict[str, dict]:
 
 def load_profile(name_or_path: str) -> dict:
     p = Path(name_or_path)
-    if not p.suffix:
+    if not p.suffix and os.sep not in name_or_path and "/" not in name_or_path:   # a name, not a path
         p = PARAMS / f"{name_or_path}.yaml"
-    if not p.exists():
+    if not p.is_file():
         known = ", ".join(sorted(x.stem for x in PARAMS.glob("*.yaml")))
         raise ProfileError(f"no profile {name_or_path!r} (looked for {p}); known profiles: {known}")
     d = yaml.safe_load(p.read_text()) or {}
@@ -48,7 +90,7 @@ def load_profile(name_or_path: str) -> dict:
 
 
 def plan(profile: dict, notebooks: list[Path]) -> list[tuple[Path, dict]]:
-    """-> [(notebook, parameters to pass)]; raises ProfileError on any unknown key."""
+    """-> [(notebook, parameters to pass)]; raises ProfileError on any unknown key or ill-typed value."""
     declared = {nb.stem: declared_parameters(nb) for nb in notebooks}
     where = profile["path"]
     errors = [f"{nb}.ipynb does not declare 'profile' in its parameters cell"
@@ -64,6 +106,7 @@ def plan(profile: dict, notebooks: list[Path]) -> list[tuple[Path, dict]]:
                    f"(it declares: {', '.join(declared[nb])})" for k in over or {} if k not in declared[nb]]
     only = profile.get("only")
     errors += [f"{where}: only: no notebook {nb}" for nb in only or () if nb not in declared]
+    errors += type_errors(where, profile, declared)
     if errors:
         raise ProfileError("profile does not match the notebooks:\n  " + "\n  ".join(errors))
     out = []

@@ -9,6 +9,8 @@ import datetime
 import fcntl
 import hashlib
 import json
+import math
+import numbers
 import os
 import socket
 import sys
@@ -116,6 +118,19 @@ def at_least_one(**values) -> None:
     bad = [f"{k} must be >= 1, got {v}" for k, v in values.items() if v is not None and v < 1]
     if bad:
         raise ValueError("; ".join(bad))
+
+
+def in_range(name: str, value, lo: float, hi: float | None = None, *, lo_open: bool = False,
+             hi_open: bool = True, integer: bool = False) -> None:
+    """ValueError naming ``name`` and the allowed range unless ``value`` is a finite number (an integer
+    when ``integer``) within it; ``hi`` None: no upper bound."""
+    kind = numbers.Integral if integer else numbers.Real
+    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) and \
+        (value > lo if lo_open else value >= lo) and (hi is None or (value < hi if hi_open else value <= hi))
+    if not ok:
+        rng = f"{'>' if lo_open else '>='} {lo}" if hi is None else \
+            f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"{name} must be {'an integer' if integer else 'a finite number'} {rng}, got {value!r}")
 
 
 def check_identity(params_json: Path, ident: dict, what: str = "run") -> bool:

@@ -23,7 +23,8 @@ from vitsift_core.data.batches import iter_batches
 from vitsift_core.data.keypoints import KeypointCache, SiftParams
 from vitsift_core.data.sources import resolve_images
 from vitsift_core.store import (DEFAULT_CHUNK, Dist, Params, RunFolder, RunMismatch, at_least_one, atomic_write,
-                                ids_of_chunk, load_npz, load_parquet, n_chunks, read_json, savez, write_json)
+                                ids_of_chunk, in_range, load_npz, load_parquet, n_chunks, read_json, savez,
+                                write_json)
 
 CONTROLS = ("none", "shuffle-keypoints", "random-init", "mean-attention")
 HEAD_COLS = ["image", "layer", "head", "theta_kk", "theta_kn", "theta_nk", "theta_nn",
@@ -69,12 +70,13 @@ class AnalysisParams(Params):
             raise ValueError(f"control must be one of {CONTROLS}, got {self.control!r}")
         if self.focus_kind not in M.FOCUS_KINDS:
             raise ValueError(f"focus_kind must be one of {M.FOCUS_KINDS}, got {self.focus_kind!r}")
-        if not self.gamma > 0:
-            raise ValueError(f"gamma must be > 0, got {self.gamma}")
-        at_least_one(limit=self.limit, batch_size=self.batch_size, chunk=self.chunk)
+        in_range("gamma", self.gamma, 0, lo_open=True)
+        at_least_one(limit=self.limit, batch_size=self.batch_size, chunk=self.chunk, img_size=self.img_size)
+        in_range("num_workers", self.num_workers, 0, integer=True)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         self.sift = dataclasses.asdict(SiftParams(**self.sift))   # validates the keys
+        in_range("contrast_threshold", self.sift["contrast_threshold"], 0)
 
 
 def recorded_forward(run: RunFolder, default: str | None = "fp32") -> str | None:

@@ -43,11 +43,19 @@ def _csv(s: str) -> list[str]:
     return [x.strip() for x in str(s).split(",") if x.strip()]
 
 
+def _number(flag: str, s: str, kind=float, allowed: str = "a number"):
+    try:
+        return kind(s)
+    except ValueError:
+        raise ValueError(f"{flag} must be {allowed}, got {s!r}") from None
+
+
 def cli_main(a) -> int:
-    per_class = None if str(a.probe_per_class).lower() in ("all", "none") else int(a.probe_per_class)
+    per_class = None if str(a.probe_per_class).lower() in ("all", "none") else \
+        _number("--probe-per-class", a.probe_per_class, int, "an integer >= 1 or 'all'")
     params = MaskEvalParams(
         classifier=a.classifier, model=a.model, images=a.images, limit=a.limit,
-        ratios=[float(r) for r in _csv(a.ratios)], orders=_csv(a.orders), modes=_csv(a.mode), layer=a.layer,
+        ratios=[_number("--ratios", r, allowed="comma-separated percentages in [0, 100)") for r in _csv(a.ratios)], orders=_csv(a.orders), modes=_csv(a.mode), layer=a.layer,
         gamma=a.gamma, weighted=not a.unweighted, exclude_self=a.exclude_self, tiebreak=a.tiebreak, seed=a.seed,
         probe_train=a.probe_train, probe_per_class=per_class, probe_weight_decay=a.probe_weight_decay,
         n_boot=a.n_boot, batch_size=a.batch_size, num_workers=a.num_workers, device=a.device, chunk=a.chunk,

@@ -13,7 +13,7 @@ from vitsift_core.method import masking as MK
 from vitsift_core.model.infer import PRECISIONS
 from vitsift_core.data.keypoints import SiftParams
 from vitsift_core.experiments.classify import PROBE_SPECS
-from vitsift_core.store import (DEFAULT_CHUNK, Params, RunFolder, at_least_one, ids_of_chunk, load_npz,
+from vitsift_core.store import (DEFAULT_CHUNK, Params, RunFolder, at_least_one, ids_of_chunk, in_range, load_npz,
                                 load_parquet, read_json)
 
 
@@ -53,9 +53,11 @@ class MaskEvalParams(Params):
             self.model = "embedded" if self.classifier in PROBE_SPECS else self.classifier
         if self.classifier == "probe":
             self.classifier = "embedded-probe"
-        self.ratios = sorted({float(r) if float(r) != int(float(r)) else int(float(r)) for r in self.ratios})
+        if not self.ratios:
+            raise ValueError("ratios must list at least one mask ratio in [0, 100) percent")
         for r in self.ratios:
-            MK.n_masked_pct(r, 1)   # validates the range
+            in_range("ratios", r, 0, 100)
+        self.ratios = sorted({float(r) if float(r) != int(float(r)) else int(float(r)) for r in self.ratios})
         self.orders = list(dict.fromkeys(self.orders))
         self.modes = list(dict.fromkeys(self.modes))
         bad = [o for o in self.orders if o not in MK.ORDERS] + [m for m in self.modes if m not in MK.MODES]
@@ -64,13 +66,17 @@ class MaskEvalParams(Params):
                              f"(non-empty); got orders={self.orders}, modes={self.modes}")
         if self.tiebreak not in MK.TIEBREAKS:
             raise ValueError(f"tiebreak must be one of {MK.TIEBREAKS}, got {self.tiebreak!r}")
-        if not self.gamma > 0:
-            raise ValueError(f"gamma must be > 0, got {self.gamma}")
+        in_range("gamma", self.gamma, 0, lo_open=True)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        at_least_one(limit=self.limit, batch_size=self.batch_size, n_boot=self.n_boot, chunk=self.chunk)
+        at_least_one(limit=self.limit, batch_size=self.batch_size, n_boot=self.n_boot, chunk=self.chunk,
+                     probe_per_class=self.probe_per_class)
+        in_range("num_workers", self.num_workers, 0, integer=True)
+        in_range("probe_weight_decay", self.probe_weight_decay, 0)
         self.layer = str(self.layer)
+        MK.parse_layers(self.layer)     # its syntax; the range once the model is known
         self.sift = dataclasses.asdict(SiftParams(**self.sift))
+        in_range("contrast_threshold", self.sift["contrast_threshold"], 0)
 
     def _identity(self, d: dict) -> dict:
         if self.classifier not in PROBE_SPECS:   # probe settings mean nothing for a timm head

@@ -22,8 +22,9 @@ from vitsift_core.method.linear import knn_accuracy, linear_probe
 from vitsift_core.data.keypoints import SiftParams
 from vitsift_core.experiments.mae_data import TrainData, load_train_data, to_input
 from vitsift_core.model.mae import build_mae
-from vitsift_core.model.registry import load_weights_only
-from vitsift_core.store import Params, RunMismatch, atomic_write, check_identity, distributed, key_of, read_json, write_json
+from vitsift_core.model.registry import load_weights_only, resolve_device
+from vitsift_core.store import (Params, RunMismatch, at_least_one, atomic_write, check_identity, distributed, in_range,
+                                key_of, read_json, write_json)
 
 
 METRIC_COLS = ["epoch", "beta", "key_share", "train_loss", "lr", "knn_acc", "probe_acc"]
@@ -88,7 +89,20 @@ class PretrainConfig(Params):
         MM.mae_mask_count(16, self.mask_ratio)              # validates
         if self.batch_size < 1 or self.epochs < 1:
             raise ValueError("batch_size and epochs must be >= 1")
+        at_least_one(img_size=self.img_size, patch_size=self.patch_size, depth=self.depth, embed_dim=self.embed_dim,
+                     num_heads=self.num_heads, decoder_dim=self.decoder_dim, decoder_depth=self.decoder_depth,
+                     decoder_heads=self.decoder_heads, train_limit=self.train_limit, val_limit=self.val_limit,
+                     knn_memory=self.knn_memory, knn_k=self.knn_k, threads=self.threads,
+                     eval_batch_size=self.eval_batch_size)
+        for name, lo_open in (("blr", True), ("min_lr", False), ("warmup_epochs", False), ("weight_decay", False)):
+            in_range(name, getattr(self, name), 0, lo_open=lo_open)
+        in_range("crop_pct", self.crop_pct, 0, 1, lo_open=True, hi_open=False)
+        for name in ("num_workers", "probe_every") + (("score_layer",) if self.score_layer is not None else ()):
+            in_range(name, getattr(self, name), 0, integer=True)
+        if self.knn_t is not None:
+            in_range("knn_t", self.knn_t, 0, lo_open=True)
         self.sift = dataclasses.asdict(SiftParams(**self.sift))
+        in_range("contrast_threshold", self.sift["contrast_threshold"], 0)
 
     @property
     def lr(self) -> float:
@@ -165,8 +179,7 @@ def theta_scores(model, images: np.ndarray, counts: np.ndarray, layer: int, devi
 
 
 def _resolve_device(cfg: PretrainConfig, rank: int, world: int) -> torch.device:
-    dev = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                       "cpu" if cfg.device == "auto" else cfg.device)
+    dev = resolve_device(cfg.device)
     if dev.type == "cuda" and dev.index is None:   # one GPU per process under torchrun
         dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}")
     return dev

@@ -137,24 +137,29 @@ def mask_adjacency(masked: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return hit / np.maximum(tot, 1)
 
 
-def parse_layers(spec: str | int | Sequence[int], n_layers: int) -> list[int] | str:
-    """'auto' -> 'auto'; 7 or '7' -> [7]; '7-9' -> [7, 8, 9]; '5,7' -> [5, 7]. Layers are 1-based."""
+def parse_layers(spec: str | int | Sequence[int], n_layers: int | None = None) -> list[int] | str:
+    """'auto' -> 'auto'; 7 or '7' -> [7]; '7-9' -> [7, 8, 9]; '5,7' -> [5, 7]. Layers are 1-based
+    (checked against ``n_layers`` when given)."""
     if isinstance(spec, str) and spec.strip().lower() == "auto":
         return "auto"
-    if isinstance(spec, (int, np.integer)):
-        out = [int(spec)]
-    elif isinstance(spec, str):
-        out = []
-        for part in spec.replace(" ", "").split(","):
-            if "-" in part:
-                a, b = part.split("-", 1)
-                out += list(range(int(a), int(b) + 1))
-            elif part:
-                out.append(int(part))
-    else:
-        out = [int(v) for v in spec]
-    if not out or any(not 1 <= v <= n_layers for v in out):
-        raise ValueError(f"layer spec {spec!r}: need 'auto' or 1-based layers in 1..{n_layers}")
+    need = f"need 'auto' or 1-based layers{f' in 1..{n_layers}' if n_layers else ''} as 7, 7-9 or 5,7"
+    try:
+        if isinstance(spec, (int, np.integer)):
+            out = [int(spec)]
+        elif isinstance(spec, str):
+            out = []
+            for part in spec.replace(" ", "").split(","):
+                if "-" in part:
+                    a, b = part.split("-", 1)
+                    out += list(range(int(a), int(b) + 1))
+                elif part:
+                    out.append(int(part))
+        else:
+            out = [int(v) for v in spec]
+    except (TypeError, ValueError):
+        raise ValueError(f"layer spec {spec!r}: {need}") from None
+    if not out or any(not 1 <= v <= (n_layers or v) for v in out):
+        raise ValueError(f"layer spec {spec!r}: {need}")
     return sorted(set(out))
 
 

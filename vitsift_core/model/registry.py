@@ -48,14 +48,23 @@ class LoadedModel:
         return self.grid[0] * self.grid[1]
 
 
+class DeviceUnavailable(RuntimeError):
+    """A device that is no device name, or that this machine lacks."""
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``'auto'`` -> ``cuda`` when available, else ``cpu``; anything else as given (checked)."""
     if not isinstance(device, torch.device) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceUnavailable(f"device {device!r}: not a device (auto | cpu | cuda | cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {str(dev)!r} requested but CUDA is not available here; "
-                           "use device='cpu' or 'auto'")
+        raise DeviceUnavailable(f"device {str(dev)!r} requested but CUDA is not available here; "
+                                "use device='cpu' or 'auto'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceUnavailable(f"device {str(dev)!r}: this machine has {torch.cuda.device_count()} GPU(s)")
     return dev
 
 
