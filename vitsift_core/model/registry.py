@@ -52,6 +52,12 @@ class DeviceUnavailable(RuntimeError):
     """A device that is no device name, or that this machine lacks."""
 
 
+def display_name(spec: str) -> str:
+    """The name figure titles and text use for a model spec: ``embedded.NAME`` for the embedded
+    model, the spec itself otherwise."""
+    return embedded.NAME if spec == "embedded" else spec
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``'auto'`` -> ``cuda`` when available, else ``cpu``; anything else as given (checked)."""
     if not isinstance(device, torch.device) and device == "auto":
