@@ -247,7 +247,12 @@ def test_forward_on_cores_keeps_the_callers_autocast_and_nests_without_deadlock(
     model = tiny(0)
     torch.manual_seed(5)
     x = torch.randn(6, 3, *model.default_cfg["input_size"][1:])
-    counts = torch.randint(0, 3, (6, model.patch_embed.num_patches))
+    n = model.patch_embed.num_patches
+    # each image its own number of keypoint patches (5, 20, ..., 80), so a slice scored with
+    # another slice's counts gets other theta values
+    counts = torch.zeros(6, n, dtype=torch.long)
+    for i in range(6):
+        counts[i, torch.randperm(n, generator=torch.Generator().manual_seed(i))[:5 + 15 * i]] = 1 + i % 3
     got = {}
 
     def run():
@@ -259,9 +264,17 @@ def test_forward_on_cores_keeps_the_callers_autocast_and_nests_without_deadlock(
     assert not t.is_alive(), "forward_on_cores with threaded attention slices inside did not finish"
     one_bf16 = _collected(model, x, counts, 1, amp=True)[0]
     fp32 = _collected(model, x, counts, 1)[0]
-    d_bf16 = (got["cores"]["focus"] - one_bf16["focus"]).abs().max()
-    d_fp32 = (got["cores"]["focus"] - fp32["focus"]).abs().max()
-    assert d_fp32 > 10 * d_bf16 + 1e-4
+    swapped = _collected(model, x, counts.roll(3, 0), 1, amp=True)[0]   # each half given the other's
+    for k in ("focus",) + MetricCollector.THETA_KEYS:
+        d_bf16 = (got["cores"][k] - one_bf16[k]).abs().nan_to_num().max()
+        d_fp32 = (got["cores"][k] - fp32[k]).abs().nan_to_num().max()
+        assert d_bf16 < 0.02, k                                         # the split: the batch's numbers
+        assert torch.equal(got["cores"][k].isnan(), one_bf16[k].isnan()), k
+        if k == "focus":
+            assert d_fp32 > 10 * d_bf16 + 1e-4                          # autocast reached the threads
+        else:
+            d_swap = (swapped[k] - one_bf16[k]).abs().nan_to_num().max()
+            assert d_swap > 10 * d_bf16 + 0.02, k                       # counts matter at this tolerance
 
 
 def test_forward_on_cores_errors_leave_after_every_thread():

@@ -198,11 +198,54 @@ def test_ddp_two_processes_match_one(synth, tmp_path):
     np.testing.assert_allclose(ma.train_loss, mb.train_loss, atol=DDP_LOSS_TOL)
 
 
-def test_score_ordered_guided_run(synth, tmp_path):
-    """order='score': masks ranked by the current encoder's theta scores (one epoch runs)."""
-    cfg = tiny_cfg(synth, mask="guided", order="score", score_layer=1, epochs=1, probe=False)
-    m = M.load_metrics(P.run_pretrain(cfg, tmp_path / "s", progress=False))
-    assert len(m) == 1 and 0 <= m.key_share.iloc[0] <= 1
+def _keypoint_patches(cfg: P.PretrainConfig) -> tuple[np.ndarray, int]:
+    """Keypoint patches per train image (n,) and patches per image N, from the run's own arrays."""
+    from vitsift_core.experiments.mae_data import load_train_data
+    counts = load_train_data(cfg, cfg.patch_size, False).train.counts
+    return (np.asarray(counts) > 0).sum(1), counts.shape[1]
+
+
+def test_guided_mask_realises_the_quota_on_a_hand_case():
+    """N = 16, r = 0.75: M = 12. The numbers are worked by hand from the fill-in rule
+    k = min(max(round(beta M), M - n_non), n_key)."""
+    from vitsift_core.method import guided as G
+    five = np.zeros(16, int)
+    five[[0, 3, 5, 6, 9]] = [1, 2, 1, 4, 1]                   # 5 keypoint patches, 11 others
+    ten = np.zeros(16, int)
+    ten[:10] = 1                                               # 10 keypoint patches, 6 others
+    cases = [(five, 0.1, 1), (five, 0.25, 3), (five, 0.5, 5),  # 0.5: 6 wanted, only 5 exist
+             (ten, 0.1, 6), (ten, 0.5, 6), (ten, 0.9, 10)]     # 0.1: 1 wanted, 12 - 6 = 6 forced
+    for counts, beta, k in cases:
+        n_key = int((counts > 0).sum())
+        assert G.guided_quota(n_key, 16, 0.75, beta) == (12, k, 12 - k), (n_key, beta)
+        for seed in range(5):
+            for order in ("random", "score"):
+                m = G.guided_mask(counts, 0.75, beta, np.random.default_rng(seed), order,
+                                  np.random.default_rng(99).random(16) if order == "score" else None)
+                assert m.sum() == 12 and (m & (counts > 0)).sum() == k, (n_key, beta, seed, order)
+
+
+def test_key_share_is_the_realised_share_of_masked_keypoint_patches(synth, tmp_path):
+    """The metrics' key_share over an epoch in which every image is masked once (36 images, batch
+    12): guided (score order) equals sum_i k_i / (36 M) with the fill-in quota k_i of each image;
+    random equals the images' mean keypoint-patch share in expectation (hypergeometric, 4 sd)."""
+    beta = 0.1
+    cfg = tiny_cfg(synth, mask="guided", order="score", score_layer=1, epochs=1, probe=False,
+                   batch_size=12, betas=(beta,))
+    n_key, n = _keypoint_patches(cfg)
+    assert len(n_key) == 36 and n == 16
+    assert 0.1 < n_key.mean() / n < 0.9, n_key          # the case is not trivial: both kinds exist
+    big_m = 12                                           # round(0.75 * 16)
+    k = np.minimum(np.maximum(round(beta * big_m), big_m - (n - n_key)), n_key)
+    guided = M.load_metrics(P.run_pretrain(cfg, tmp_path / "s", progress=False)).key_share.iloc[0]
+    assert guided == pytest.approx(k.sum() / (36 * big_m), abs=1e-8)   # metrics.csv: 9 digits
+
+    rcfg = tiny_cfg(synth, mask="random", epochs=1, probe=False, batch_size=12)
+    rand = M.load_metrics(P.run_pretrain(rcfg, tmp_path / "r", progress=False)).key_share.iloc[0]
+    p = n_key / n
+    sd = np.sqrt((big_m * p * (1 - p) * (n - big_m) / (n - 1)).sum()) / (36 * big_m)
+    assert abs(rand - p.mean()) < 4 * sd, (rand, p.mean(), sd)
+    assert abs(k.sum() / (36 * big_m) - p.mean()) > 6 * sd   # the two expectations are told apart
 
 
 def test_config_from_params_maps_zero_to_none():
@@ -220,10 +263,54 @@ def test_vitsift_pretrain_cli(synth, tmp_path, capsys):
     assert P.is_complete(tmp_path / "cli")
 
 
-def test_initial_accuracy_is_the_untrained_start(synth, tmp_path):
+def _slow_knn_accuracy(f_mem, y_mem, f_q, y_q, n_cls, k, t):
+    """Obvious k-NN: cosine similarity, the k most similar (lower index first on ties),
+    votes exp(sim / t) per class, the first class of most votes."""
+    f_mem, f_q = np.asarray(f_mem, np.float64), np.asarray(f_q, np.float64)
+    f_mem = f_mem / np.linalg.norm(f_mem, axis=1, keepdims=True)
+    right = 0
+    for q, y in zip(f_q, y_q):
+        q = q / np.linalg.norm(q)
+        sims = [float(q @ f) for f in f_mem]
+        top = sorted(range(len(sims)), key=lambda j: (-sims[j], j))[:k]
+        votes = [0.0] * n_cls
+        for j in top:
+            votes[int(y_mem[j])] += np.exp(sims[j] / t)
+        right += int(max(range(n_cls), key=lambda c: (votes[c], -c)) == int(y))
+    return right / len(y_q)
+
+
+def test_initial_accuracy_is_the_untrained_start(synth, tmp_path, monkeypatch):
+    from vitsift_core.experiments.mae_data import load_train_data
     cfg = tiny_cfg(synth, epochs=1, probe=False)
     a = P.initial_accuracy(cfg)
-    assert a == P.initial_accuracy(cfg) and 0 <= a["knn_acc"] <= 1 and 0 <= a["probe_acc"] <= 1
+    assert a == P.initial_accuracy(cfg)
+    # the k-NN number is the untrained (seeded) encoder's, by an obvious slow k-NN
+    data = load_train_data(cfg, cfg.patch_size, False)
+    import torch
+    model = P.build_model(cfg)
+    f_mem = P.encode(model, data.train.images, torch.device("cpu"))
+    f_val = P.encode(model, data.val.images, torch.device("cpu"))
+    ref = _slow_knn_accuracy(f_mem, data.y_train, f_val, data.y_val, 3, cfg.knn_k, cfg.knn_t)
+    assert a["knn_acc"] == pytest.approx(ref, abs=1e-12)
+
+    # hand cases through the same path: features = one-hot of a class per image
+    label = {np.asarray(im).tobytes(): int(y) for im, y in zip(data.train.images, data.y_train)}
+    calls = []
+
+    def fake_encode(shift):
+        def encode(model, images, device, batch_size=256, amp=False):
+            calls.append(len(images))
+            s = shift if len(calls) % 2 == 0 else 0              # memory first, then the queries
+            y = np.array([label[np.asarray(im).tobytes()] for im in images])
+            return torch.nn.functional.one_hot(torch.as_tensor((y + s) % 3), 3).float() + 0.01 * torch.randn(len(y), 3)
+        return encode
+
+    monkeypatch.setattr(P, "encode", fake_encode(0))             # separable: every query right
+    assert P.initial_accuracy(cfg) == {"knn_acc": 1.0, "probe_acc": 1.0}
+    monkeypatch.setattr(P, "encode", fake_encode(1))             # queries look like the next class
+    assert P.initial_accuracy(cfg) == {"knn_acc": 0.0, "probe_acc": 0.0}
+    assert calls == [36, 36] * 2
 
 
 def test_theta_scores_split_over_cores_match_a_whole_batch_reference():

@@ -71,7 +71,75 @@ def test_claims_table(tiny_runs):
     g = h.groupby(["image", "layer"])[["theta_kk", "theta_nk"]].mean()
     per_img = (g.theta_kk - g.theta_nk).groupby("image").mean().dropna()
     assert table.value.iloc[0] == pytest.approx(per_img.mean(), abs=1e-4)
-    assert info["stage"]["fit"]["segments"][0][0] == 1
+
+
+def _heads(kk, nk, ch, fo):
+    """A heads table from per-image, per-layer arrays (I, L), one head."""
+    import pandas as pd
+    kk, nk, ch, fo = (np.broadcast_to(np.asarray(a, float), np.shape(kk)) for a in (kk, nk, ch, fo))
+    i, l = np.meshgrid(np.arange(kk.shape[0]), np.arange(1, kk.shape[1] + 1), indexing="ij")
+    return pd.DataFrame({"image": [f"im{j}" for j in i.ravel()], "layer": l.ravel(), "head": 0,
+                         "theta_kk": kk.ravel(), "theta_nk": nk.ravel(), "theta_chance": ch.ravel(),
+                         "focus": fo.ravel()})
+
+
+def _hand_claims(real, controls, monkeypatch):
+    monkeypatch.setattr(RC, "heads", lambda run: run)          # the "runs" are heads tables here
+    runs = {("none", False): real, **{(c, False): h for c, h in controls.items()}}
+    table, _ = RC.claims(runs, n_boot=200)
+    return table.set_index("measured")
+
+
+def test_claims_holds_and_control_signs_on_hand_tables(monkeypatch):
+    """Hand-made per-image tables (10 images, 4 layers): each verdict with both outcomes.
+    KK - NK is 0.3 in every image and layer; the controls' gaps are 0.1 (mean attention),
+    0.0 (shuffled), 0.2 (random init), so real minus control is +0.2, +0.3, +0.1."""
+    meas = {c: m for c, (_, m) in RC.GAP_CONTROLS.items()}
+    jitter = np.linspace(-0.05, 0.05, 10)[:, None]             # per image, common to kk and nk
+    dip = np.array([[3.0, 1.0, 1.5, 3.0]]) + jitter           # focus: a clear interior minimum
+    real = _heads(0.6 + jitter + np.zeros((10, 4)), 0.3 + jitter, 0.4 + jitter, dip)
+    ctl = {"mean-attention": _heads(0.45 + np.zeros((10, 4)), 0.35, 0.4, 1.0),
+           "shuffle-keypoints": _heads(0.4 + np.zeros((10, 4)), 0.4, 0.4, 1.0),
+           "random-init": _heads(0.5 + np.zeros((10, 4)), 0.3, 0.4, 1.0)}
+    t = _hand_claims(real, ctl, monkeypatch)
+    want = {"mean over layers of theta_KK - theta_NK": 0.3,
+            "mean over layers of theta_KK - theta_chance": 0.2,
+            "mean over layers of theta_KK(real) - theta_KK(mean attention)": 0.15,
+            meas["mean-attention"]: 0.2, meas["shuffle-keypoints"]: 0.3, meas["random-init"]: 0.1}
+    for m, v in want.items():
+        assert t.loc[m, "value"] == pytest.approx(v, abs=1e-4), m
+        assert t.loc[m, "holds"] == "yes", m
+    dip_row = [m for m in t.index if "focus curve" in m][0]
+    assert t.loc[dip_row, "value"] == pytest.approx(2.0, abs=1e-4) and t.loc[dip_row, "holds"] == "yes"
+
+    # reversed: NK above KK, every control's gap larger than the real one, focus only falls
+    mono = np.array([[3.0, 2.0, 1.5, 1.0]]) + jitter
+    real = _heads(0.3 + jitter + np.zeros((10, 4)), 0.6 + jitter, 0.4 + jitter, mono)
+    ctl = {"mean-attention": _heads(0.5 + np.zeros((10, 4)), 0.3, 0.4, 1.0),
+           "shuffle-keypoints": _heads(0.6 + np.zeros((10, 4)), 0.3, 0.4, 1.0),
+           "random-init": _heads(0.4 + np.zeros((10, 4)), 0.5, 0.4, 1.0)}
+    t = _hand_claims(real, ctl, monkeypatch)
+    want = {"mean over layers of theta_KK - theta_NK": -0.3,
+            "mean over layers of theta_KK - theta_chance": -0.1,
+            "mean over layers of theta_KK(real) - theta_KK(mean attention)": -0.2,
+            meas["mean-attention"]: -0.5, meas["shuffle-keypoints"]: -0.6, meas["random-init"]: -0.2}
+    for m, v in want.items():
+        assert t.loc[m, "value"] == pytest.approx(v, abs=1e-4), m
+        assert t.loc[m, "holds"] == "no", m
+    assert t.loc[dip_row, "value"] == pytest.approx(0.0, abs=1e-12) and t.loc[dip_row, "holds"] == "no"
+
+
+def test_claims_hold_only_when_the_ci_excludes_zero(monkeypatch):
+    """A positive mean whose CI spans 0 does not hold: gaps +1.0 and -0.9 in alternate images
+    (mean +0.05); the same gap +0.05 in every image holds."""
+    gap = np.where(np.arange(10) % 2 == 0, 1.0, -0.9)[:, None] + np.zeros((10, 4))
+    flat = np.array([[3.0, 1.0, 1.0, 3.0]])
+    t = _hand_claims(_heads(0.5 + gap / 2, 0.5 - gap / 2, 0.5, flat), {}, monkeypatch)
+    row = t.loc["mean over layers of theta_KK - theta_NK"]
+    assert row["value"] == pytest.approx(0.05, abs=1e-4) and row["holds"] == "no"
+    t = _hand_claims(_heads(0.525 + np.zeros((10, 4)), 0.475, 0.5, flat), {}, monkeypatch)
+    row = t.loc["mean over layers of theta_KK - theta_NK"]
+    assert row["value"] == pytest.approx(0.05, abs=1e-4) and row["holds"] == "yes"
 
 
 def test_suite_reads_back_without_recomputing(tiny_runs, monkeypatch):
