@@ -67,6 +67,14 @@ def labelled(d, classes, n, seed=0):
     return d
 
 
+def probe_params(tmp_path, backbone, n_train, n_val, val_seed, **kw) -> MaskEvalParams:
+    """Two labelled classes (``n_train`` / ``n_val`` images each) and the probe tier's params on them."""
+    train = labelled(tmp_path / "train", ["a", "b"], n_train)
+    val = labelled(tmp_path / "val", ["a", "b"], n_val, seed=val_seed)
+    return MaskEvalParams(classifier="embedded-probe", model=backbone, images=str(val), probe_train=str(train),
+                          probe_per_class=n_train, num_workers=0, device="cpu", **kw)
+
+
 def cli(*args):
     return main(["mask-eval", "--quiet", "--num-workers", "0", "--batch-size", "4", "--device", "cpu",
                  "--n-boot", "200", *args])
@@ -155,11 +163,8 @@ def test_imagenet_classifier_tier_maps_wnids(tmp_path, in1k):
 
 
 def test_resume_recomputes_only_missing_chunks(tmp_path, backbone):
-    train = labelled(tmp_path / "train", ["a", "b"], 4)
-    val = labelled(tmp_path / "val", ["a", "b"], 4, seed=2)
-    p = MaskEvalParams(classifier="embedded-probe", model=backbone, images=str(val), probe_train=str(train),
-                       probe_per_class=4, ratios=[0, 10, 30], orders=["top", "random"], modes=["fill", "drop"],
-                       batch_size=2, num_workers=0, device="cpu", n_boot=100, chunk=3)
+    p = probe_params(tmp_path, backbone, 4, 4, 2, ratios=[0, 10, 30], orders=["top", "random"],
+                     modes=["fill", "drop"], batch_size=2, n_boot=100, chunk=3)
     a = run_mask_eval(p, tmp_path / "a", progress=False)
     parts = sorted((a.path / "parts").iterdir())
     assert len(parts) == 2 * 3                                   # 8 images in chunks of 3: score + mask files
@@ -190,11 +195,8 @@ def test_bad_arguments_are_clear_errors(tmp_path, backbone, capsys):
 
 
 def test_adding_orders_reuses_what_a_run_beside_it_computed(tmp_path, backbone):
-    train = labelled(tmp_path / "train", ["a", "b"], 4)
-    val = labelled(tmp_path / "val", ["a", "b"], 3, seed=3)
-    base = MaskEvalParams(classifier="embedded-probe", model=backbone, images=str(val), probe_train=str(train),
-                          probe_per_class=4, ratios=[0, 20], orders=["top"], modes=["fill"],
-                          batch_size=3, num_workers=0, device="cpu", n_boot=100, chunk=4)
+    base = probe_params(tmp_path, backbone, 4, 3, 3, ratios=[0, 20], orders=["top"], modes=["fill"],
+                        batch_size=3, n_boot=100, chunk=4)
     a = run_mask_eval(base, tmp_path / "runs" / "a", progress=False)
     more = base.replace(orders=["top", "top_other"], ratios=[0, 20, 40], modes=["fill", "drop"])
     assert more.key() != base.key() and more.score_identity() == base.score_identity()
@@ -253,11 +255,8 @@ def test_score_collector_gives_the_whole_batch_scores_when_the_batch_is_split_ov
 
 
 def test_precision_is_recorded_not_part_of_the_key_and_never_mixed(tmp_path, backbone):
-    train = labelled(tmp_path / "train", ["a", "b"], 2)
-    val = labelled(tmp_path / "val", ["a", "b"], 2, seed=2)
-    p = MaskEvalParams(classifier="embedded-probe", model=backbone, images=str(val), probe_train=str(train),
-                       probe_per_class=2, ratios=[0, 30], orders=["top"], modes=["fill"],
-                       batch_size=2, num_workers=0, device="cpu", n_boot=50, chunk=3)
+    p = probe_params(tmp_path, backbone, 2, 2, 2, ratios=[0, 30], orders=["top"], modes=["fill"],
+                     batch_size=2, n_boot=50, chunk=3)
     bf16 = p.replace(precision="bf16")
     assert bf16.key() == p.key() and "precision" not in p.identity()
     with pytest.raises(ValueError, match="precision"):
@@ -268,19 +267,17 @@ def test_precision_is_recorded_not_part_of_the_key_and_never_mixed(tmp_path, bac
     with pytest.raises(RunMismatch, match="fp32 forward pass.*bf16-autocast"):
         run_mask_eval(bf16, a.path, progress=False)                 # a resumed run never mixes the two
     out = tmp_path / "runs" / "b"                                   # beside a: its fp32 parts are not reused
-    assert cli("--model", backbone, "--images", str(val), "--probe-train", str(train), "--probe-per-class", "2",
-               "--ratios", "0,30", "--orders", "top", "--precision", "bf16", "--chunk", "3", "--out", str(out)) == 0
+    assert cli("--model", backbone, "--images", p.images, "--probe-train", p.probe_train,
+               "--probe-per-class", "2", "--ratios", "0,30", "--orders", "top", "--precision", "bf16",
+               "--chunk", "3", "--out", str(out)) == 0
     info = {**json.loads((out / "params.json").read_text()), **json.loads((out / "run.json").read_text())}
     assert info["model"]["forward"] == "bf16-autocast" and info["runtime"]["precision"] == "bf16"
     assert info["key"] == a.params.key() and info["score_chunks_reused"] == 0
 
 
 def test_damaged_parts_are_recomputed_never_merged(tmp_path, backbone, capsys):
-    train = labelled(tmp_path / "train", ["a", "b"], 2)
-    val = labelled(tmp_path / "val", ["a", "b"], 3, seed=2)
-    p = MaskEvalParams(classifier="embedded-probe", model=backbone, images=str(val), probe_train=str(train),
-                       probe_per_class=2, ratios=[0, 30], orders=["top", "random"], modes=["fill"],
-                       batch_size=2, num_workers=0, device="cpu", n_boot=50, chunk=2)
+    p = probe_params(tmp_path, backbone, 2, 3, 2, ratios=[0, 30], orders=["top", "random"], modes=["fill"],
+                     batch_size=2, n_boot=50, chunk=2)
     a = run_mask_eval(p, tmp_path / "a", progress=False)
     want = {f: (a.path / f).read_bytes() for f in ("predictions.parquet", "accuracy.parquet", "scores.npz")}
     parts = a.path / "parts"
