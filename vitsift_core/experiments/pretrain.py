@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,8 +22,8 @@ from vitsift_core.data.keypoints import SiftParams
 from vitsift_core.experiments.mae_data import TrainData, load_train_data, to_input
 from vitsift_core.model.mae import build_mae
 from vitsift_core.model.registry import load_weights_only, resolve_device
-from vitsift_core.store import (Params, RunMismatch, at_least_one, atomic_write, check_identity, distributed, in_range,
-                                key_of, read_json, write_json)
+from vitsift_core.store import (Params, RunMismatch, at_least_one, atomic_write, check_identity, distributed,
+                                in_range, key_of, local_rank, read_json, write_json)
 
 
 METRIC_COLS = ["epoch", "beta", "key_share", "train_loss", "lr", "knn_acc", "probe_acc"]
@@ -178,10 +177,10 @@ def theta_scores(model, images: np.ndarray, counts: np.ndarray, layer: int, devi
     return np.concatenate(out)
 
 
-def _resolve_device(cfg: PretrainConfig, rank: int, world: int) -> torch.device:
+def _resolve_device(cfg: PretrainConfig) -> torch.device:
     dev = resolve_device(cfg.device)
-    if dev.type == "cuda" and dev.index is None:   # one GPU per process under torchrun
-        dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}")
+    if dev.type == "cuda" and dev.index is None:   # one GPU per process under torchrun (store's LOCAL_RANK)
+        dev = torch.device(f"cuda:{local_rank() % torch.cuda.device_count()}")
     return dev
 
 
@@ -363,7 +362,7 @@ def run_pretrain(cfg: PretrainConfig, out: str | Path, *, progress: bool = True,
     _check_identity(cfg, out, rank)
     if is_complete(out):
         return out
-    device = _resolve_device(cfg, rank, world)
+    device = _resolve_device(cfg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     with _runtime(cfg, device):
@@ -437,7 +436,7 @@ def _check_identity(cfg: PretrainConfig, out: Path, rank: int) -> None:
 
 def initial_accuracy(cfg: PretrainConfig, progress: bool = False) -> dict:
     """Epoch 0: k-NN and probe accuracy of ``cfg``'s untrained encoder (every run's start)."""
-    device = _resolve_device(cfg, 0, 1)
+    device = _resolve_device(cfg)
     with _runtime(cfg, device, tf32=False):
         model = build_model(cfg).to(device)
         knn, probe = evaluate(model, load_train_data(cfg, model.patch_size, progress), cfg, device, probe=True)
