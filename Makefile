@@ -35,9 +35,9 @@ test: $(STAMP) ## run the test suite (no network; Imagenette tests skip when VIT
 test-slow: $(STAMP) ## run the tests marked slow
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -m slow
 
-bench: $(STAMP) ## time analysis (plain forward / analyze / AttentionExtract+NumPy; fp32, then bf16 forwards) and keypoints; embedded model, batch 32; reports/bench/*.json
+bench: $(STAMP) ## time analysis (plain forward / analyze / AttentionExtract+NumPy; fp32, then bf16 forwards where the CPU has native bf16) and keypoints; embedded model, batch 32; reports/bench/*.json
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_analysis.py --model embedded --batch 32
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_analysis.py --model embedded --batch 32 --precision bf16
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_analysis.py --model embedded --batch 32 --precision bf16 --only-native-bf16
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_keypoints.py --model embedded --batch 32
 
 fingerprint: $(STAMP) ## hash every output table of a fixed run set (needs Imagenette; ~15 min): proves a refactor changed no number; FP_WORK=folder

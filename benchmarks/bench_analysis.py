@@ -310,6 +310,9 @@ def parse(argv):
                    help="forward pass of all three variants (vitsift analyze --precision): auto = bf16 "
                         "autocast on CUDA, fp32 on CPU")
     p.add_argument("--skip", default="", help="variants not to time, e.g. 'c'")
+    p.add_argument("--only-native-bf16", action="store_true",
+                   help="with --precision bf16 on a CPU: run only if the CPU has a native bf16 matmul "
+                        "(AVX512-BF16/AMX); elsewhere bf16 is emulated and one pass takes > 20 min")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--out", default=None, help="default: <reports>/bench/analysis.json, analysis-<precision>.json "
                    "with --precision fp32|bf16 (VITSIFT_REPORTS, else ./reports)")
@@ -332,6 +335,20 @@ def target_line(key: str, value: float | None) -> str:
     return f"{value:.3f} (target {op} {thr}: {'met' if ok else 'NOT met'})"
 
 
+def skip_emulated_bf16(args, dev) -> bool:
+    """True (and says so) when ``--only-native-bf16`` asks to skip a bf16 pass this CPU would emulate."""
+    from vitsift_core.model import infer as I
+
+    if not (args.only_native_bf16 and args.precision == "bf16" and dev.type == "cpu"):
+        return False
+    if I.native_cpu_bf16() is False:
+        print(f"bf16 rows skipped: this CPU has none of {', '.join(I.BF16_CPU_FLAGS)} (lscpu), so a bf16 "
+              "forward is emulated (> 20 min here against ~3 for fp32); run without --only-native-bf16 "
+              "to time it anyway")
+        return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
@@ -339,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         memory_child(args)
         return 0
     lm = load(args)
+    if skip_emulated_bf16(args, next(lm.model.parameters()).device):
+        return 0
     batches, spec, n_distinct = make_batches(args, lm)
     bench = Bench(lm, args.gamma, args.precision)
     dev = bench.dev

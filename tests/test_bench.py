@@ -131,3 +131,22 @@ def test_sliced_capture_equals_whole_batch(workers):
             torch.testing.assert_close(sliced[v][k], whole[v][k], atol=1e-5, rtol=0, equal_nan=True)
     # capture restored the module: its own forward, fused attention as before
     assert all("forward" not in blk.attn.__dict__ for blk in m.blocks)
+
+
+def test_bench_skips_bf16_rows_only_on_an_emulating_cpu(monkeypatch, capsys):
+    import argparse
+    import vitsift_core.model.infer as I
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_analysis as B
+    finally:
+        sys.path.remove(str(BENCH))
+    args = argparse.Namespace(only_native_bf16=True, precision="bf16")
+    for native, skip in ((False, True), (True, False), (None, False)):
+        monkeypatch.setattr(I, "native_cpu_bf16", lambda native=native: native)
+        assert B.skip_emulated_bf16(args, torch.device("cpu")) is skip
+    assert "bf16 rows skipped" in capsys.readouterr().out
+    monkeypatch.setattr(I, "native_cpu_bf16", lambda: False)
+    assert not B.skip_emulated_bf16(argparse.Namespace(only_native_bf16=False, precision="bf16"), torch.device("cpu"))
+    assert not B.skip_emulated_bf16(argparse.Namespace(only_native_bf16=True, precision="fp32"), torch.device("cpu"))
+    assert not B.skip_emulated_bf16(args, torch.device("cuda"))

@@ -49,3 +49,41 @@ def test_infer_runs_every_forward_under_the_policy(split):
         torch.testing.assert_close(head, one[:, 0], atol=1e-5, rtol=0)
     finally:
         torch.set_num_threads(n)
+
+
+def _cpuinfo(tmp_path, name, flags):
+    p = tmp_path / name
+    p.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    return str(p)
+
+
+def test_native_bf16_read_from_cpu_flags(tmp_path):
+    from vitsift_core.model.infer import cpu_flags, native_cpu_bf16
+    avx2 = _cpuinfo(tmp_path, "avx2", "fpu sse avx avx2 fma")
+    bf16 = _cpuinfo(tmp_path, "bf16", "fpu avx2 avx512f avx512_bf16")
+    amx = _cpuinfo(tmp_path, "amx", "fpu avx2 amx_tile amx_bf16")
+    assert cpu_flags(avx2) == {"fpu", "sse", "avx", "avx2", "fma"}
+    assert [native_cpu_bf16(p) for p in (avx2, bf16, amx)] == [False, True, True]
+    assert native_cpu_bf16(str(tmp_path / "missing")) is None     # not Linux: unknown, never warns
+
+
+def test_emulated_bf16_warns_once_and_only_there(tmp_path):
+    from vitsift_core.model.infer import warn_emulated_bf16
+    avx2 = _cpuinfo(tmp_path, "avx2", "fpu avx2")
+    amx = _cpuinfo(tmp_path, "amx", "fpu amx_bf16")
+    with pytest.warns(RuntimeWarning, match="avx512_bf16 or amx_bf16"):
+        assert warn_emulated_bf16(avx2)
+    assert not warn_emulated_bf16(avx2)            # once per process
+    assert not warn_emulated_bf16(amx)
+    assert not warn_emulated_bf16(str(tmp_path / "missing"))
+
+
+def test_forward_precision_warns_only_for_an_explicit_cpu_bf16(monkeypatch):
+    import vitsift_core.model.infer as I
+    calls = []
+    monkeypatch.setattr(I, "warn_emulated_bf16", lambda: calls.append(1))
+    for d, p in [("cpu", "auto"), ("cpu", "fp32"), ("cuda", "bf16"), ("cuda", "auto")]:
+        I.forward_precision(d, p)
+    assert calls == []
+    assert I.forward_precision("cpu", "bf16") == "bf16-autocast" and calls == [1]
+

@@ -3,7 +3,9 @@ policy's autocast, attention capture and the CPU core split."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import warnings
 from typing import Callable
 
 import torch
@@ -26,12 +28,51 @@ def capture_micro_batch(device: torch.device | str) -> int | None:
     return CPU_MICRO_BATCH if torch.device(device).type == "cpu" else None
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")    # /proc/cpuinfo flags of a native bf16 matmul
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str] | None:
+    """The CPU's feature flags (Linux), or None where they cannot be read."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def native_cpu_bf16(path: str = "/proc/cpuinfo") -> bool | None:
+    """True/False: this CPU has (not) a native bf16 matmul (AVX512-BF16 or AMX); None: unknown."""
+    flags = cpu_flags(path)
+    return None if flags is None else any(f in flags for f in BF16_CPU_FLAGS)
+
+
+_warned_bf16: set[str] = set()
+
+
+def warn_emulated_bf16(path: str = "/proc/cpuinfo") -> bool:
+    """Warn once per process that a bf16 forward on this CPU is emulated (slow); True if it warned."""
+    if native_cpu_bf16(path) is not False or path in _warned_bf16:
+        return False
+    _warned_bf16.add(path)
+    warnings.warn(f"--precision bf16 on a CPU without {' or '.join(BF16_CPU_FLAGS)} (see lscpu): bf16 "
+                  "is emulated here and several times slower than fp32; use --precision fp32",
+                  RuntimeWarning, stacklevel=3)
+    return True
+
+
 def forward_precision(device: torch.device | str, precision: str = "auto") -> str:
-    """How a forward runs on ``device``: "bf16-autocast" or "fp32" (auto = bf16 on CUDA only)."""
+    """How a forward runs on ``device``: "bf16-autocast" or "fp32" (auto = bf16 on CUDA only).
+    An explicit bf16 on a CPU without native bf16 warns once (:func:`warn_emulated_bf16`)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
         precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
+    elif precision == "bf16" and torch.device(device).type == "cpu":
+        warn_emulated_bf16()
     return "bf16-autocast" if precision == "bf16" else "fp32"
 
 
