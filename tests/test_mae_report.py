@@ -73,6 +73,8 @@ def test_curriculum_table_hand_case():
     # 38 keypoint patches: 22 of 48 at both betas' floor, 24 at 0.5; 54: 38 (all 10 non-keypoint masked)
     assert hi1.guided == pytest.approx((22 + 38) / 96) and hi2.guided == pytest.approx((24 + 38) / 96)
     assert (hi1.raised, hi1.lowered, hi2.same_as_previous) == (1.0, 0.0, 0.5)
+    mid1 = t[(t.tercile == "mid") & (t.step == 1)].iloc[0]     # 20: exactly 5 of 48 (44 non >= 43); 30: 14
+    assert mid1.guided == pytest.approx((5 + 14) / 96) and (mid1.raised, mid1.lowered) == (0.5, 0.0)
     lo2 = t[(t.tercile == "low") & (t.step == 2)].iloc[0]      # 0 and 10 keypoint patches < quota 24
     assert lo2.guided == pytest.approx(10 / 96) and (lo2.lowered, lo2.raised) == (1.0, 0.0)
     assert np.isnan(t[t.step == 1]["same_as_previous"]).all()
