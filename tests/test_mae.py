@@ -261,6 +261,52 @@ def test_guided_mask_score_order():
         MM.guided_mask(counts, 0.5, 0.5, MM.sample_rng(0, 0, 0), order="score")
 
 
+def _drawn_share(n_key: int, n: int, ratio: float, beta: float, seed: int = 0) -> float:
+    """Slow reference: draw one guided mask on an image with ``n_key`` keypoint patches, count."""
+    counts = np.zeros(n, int)
+    counts[np.random.default_rng(seed).permutation(n)[:n_key]] = 3
+    m = MM.guided_mask(counts, ratio, beta, MM.sample_rng(seed, 0, 0))
+    return (m & (counts > 0)).sum() / m.sum()
+
+
+def test_realised_share_hand_cases_of_issue_16():
+    betas = (0.1, 0.2, 0.3, 0.4, 0.5)
+    # 60 % keypoint patches at r = 0.75: squashed to ~0.46-0.50 at every step (8x8 and 14x14 grids)
+    for n, n_key, first in ((64, 38, 22 / 48), (196, 118, 69 / 147)):
+        s = MM.realised_key_share([n_key], n, 0.75, betas)[0]
+        assert s[0] == pytest.approx(first) and s[1] == s[0]        # steps 1 and 2 identical
+        assert (s >= 0.45).all() and (s <= 0.51).all() and s[-1] > s[0]
+        # ... because at beta = 0.1 and 0.2 every non-keypoint patch is masked
+        counts = np.array([1] * n_key + [0] * (n - n_key))
+        for b in (0.1, 0.2):
+            m = MM.guided_mask(counts, 0.75, b, MM.sample_rng(0, 0, 0))
+            assert m[n_key:].all()
+    # at r = 0.5 it is squashed at step 1 only (26 non-keypoint patches < quota 29); 50 % follows beta
+    assert np.allclose(MM.realised_key_share([38], 64, 0.5, betas)[0], [6 / 32, 6 / 32, 10 / 32, 13 / 32, 16 / 32])
+    assert np.allclose(MM.realised_key_share([32], 64, 0.5, betas)[0], [3 / 32, 6 / 32, 10 / 32, 13 / 32, 16 / 32])
+    # fill-in raises the share when the non-keypoint list runs short (10 non-keypoint patches, 48 masked) ...
+    raised = MM.realised_key_share([54], 64, 0.75, [0.1])[0, 0]
+    assert raised == pytest.approx(38 / 48) and raised > 5 / 48
+    # ... lowers it when the keypoint list runs short (3 keypoint patches, quota 24), all of them masked
+    assert MM.realised_key_share([3], 64, 0.75, [0.5])[0, 0] == pytest.approx(3 / 48)
+    assert np.isnan(MM.realised_key_share([3], 64, 0.0, [0.5])[0, 0])           # nothing masked
+    with pytest.raises(ValueError):
+        MM.realised_key_share([65], 64, 0.75, [0.5])
+
+
+def test_realised_share_matches_drawn_masks_and_stays_between_beta_and_random():
+    rng = np.random.default_rng(1)
+    for trial in range(400):
+        n = int(rng.choice([16, 49, 64, 196]))
+        n_key = int(rng.integers(0, n + 1))
+        ratio = float(rng.choice([0.25, 0.5, 0.75, 0.9]))
+        beta = float(rng.choice([0.0, 0.1, 0.3, 0.5, 1.0]))
+        got = MM.realised_key_share([n_key], n, ratio, [beta])[0, 0]
+        assert got == pytest.approx(_drawn_share(n_key, n, ratio, beta, trial))
+        nominal, own = round(beta * round(ratio * n)) / round(ratio * n), n_key / n
+        assert min(nominal, own) - 1e-12 <= got <= max(nominal, own) + 1e-12   # never past random's share
+
+
 def test_beta_schedule():
     s = MM.BetaSchedule()
     assert [s(e) for e in (0, 9, 10, 19, 20, 39, 40, 49, 50, 99)] == [.1, .1, .2, .2, .3, .4, .5, .5, .5, .5]

@@ -57,3 +57,14 @@ def test_notebook_07_defaults_are_the_embedded_recipe():
     nb = {k: ast.literal_eval(v["default"]) for k, v in decl.items()}
     nb["batch_size"] = nb.pop("mae_batch_size")
     assert config_from_params(nb) == mae_recipe("embedded")
+
+
+def test_ratio_arms_and_the_first_ratio_is_the_recipe():
+    from vitsift_core.experiments.mae_runs import ratio_arms
+    assert ratio_arms([0.75, 0.5], [0, 1, 2], 1) == {0.75: [0, 1, 2], 0.5: [0]}
+    assert ratio_arms([0.5, 0.75], [3, 4], 0) == {0.5: [3, 4], 0.75: [3, 4]}      # 0: every seed
+    with pytest.raises(ValueError):
+        ratio_arms([], [0], 0)
+    assert config_from_params({"mask_ratios": [0.5, 0.75]}).mask_ratio == 0.5
+    assert config_from_params({"mask_ratios": [0.5], "mask_ratio": 0.9}).mask_ratio == 0.9   # explicit wins
+    assert mae_recipe("embedded").mask_ratio == 0.75

@@ -10,6 +10,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from vitsift_core.experiments.recovery import recovery_summary  # noqa: E402
+from vitsift_core.method import guided as MM  # noqa: E402
 from vitsift_core.report import convergence as C  # noqa: E402
 from vitsift_core.report import mae as R  # noqa: E402
 
@@ -53,6 +54,61 @@ def test_guided_mae_verdict_and_the_knn_caveat():
     high_init = low_init.assign(knn_acc=[0.6, 0.6])                  # untrained >= every trained epoch
     assert "**Caveat:**" in R.guided_mae_verdict(d, d, curves, t, high_init, 0.75, 5)
     assert "On the linear probe" in R.guided_mae_verdict(d, d, curves, t, high_init, 0.75, 5)
+
+
+def key_counts(n_keys, n=64):
+    """(len(n_keys), n) counts: image i has n_keys[i] keypoint patches (at shuffled positions)."""
+    c = np.zeros((len(n_keys), n), int)
+    for i, k in enumerate(n_keys):
+        c[i, np.random.default_rng(i).permutation(n)[:k]] = 2
+    return c
+
+
+def test_curriculum_table_hand_case():
+    # 8x8 grid, r = 0.75 (48 masked), beta 0.1 in epoch 1 and 0.5 in epochs 2-3
+    t = R.curriculum_table(key_counts([54, 0, 30, 10, 38, 20]), [0.75], MM.BetaSchedule((0.1, 0.5), 1), 3)
+    assert list(t["tercile"][:4]) == ["all", "low", "mid", "high"] and list(t["epochs"].unique()) == ["1-1", "2-3"]
+    hi1, hi2 = (t[(t.tercile == "high") & (t.step == s)].iloc[0] for s in (1, 2))
+    assert hi1.own_share == "0.59-0.84" and hi1.n_images == 2 and hi1.random == pytest.approx(92 / 128)
+    # 38 keypoint patches: 22 of 48 at both betas' floor, 24 at 0.5; 54: 38 (all 10 non-keypoint masked)
+    assert hi1.guided == pytest.approx((22 + 38) / 96) and hi2.guided == pytest.approx((24 + 38) / 96)
+    assert (hi1.raised, hi1.lowered, hi2.same_as_previous) == (1.0, 0.0, 0.5)
+    mid1 = t[(t.tercile == "mid") & (t.step == 1)].iloc[0]     # 20: exactly 5 of 48 (44 non >= 43); 30: 14
+    assert mid1.guided == pytest.approx((5 + 14) / 96) and (mid1.raised, mid1.lowered) == (0.5, 0.0)
+    lo2 = t[(t.tercile == "low") & (t.step == 2)].iloc[0]      # 0 and 10 keypoint patches < quota 24
+    assert lo2.guided == pytest.approx(10 / 96) and (lo2.lowered, lo2.raised) == (1.0, 0.0)
+    assert np.isnan(t[t.step == 1]["same_as_previous"]).all()
+
+
+def test_curriculum_table_against_drawn_masks():
+    rng = np.random.default_rng(3)
+    counts = key_counts(rng.integers(0, 50, 30).tolist(), 49)
+    sched = MM.BetaSchedule((0.1, 0.2, 0.3), 2)
+    t = R.curriculum_table(counts, [0.75, 0.5], sched, 5)
+    own = (counts > 0).mean(1)
+    order = sorted(range(30), key=lambda i: (own[i], i))
+    for r in (0.75, 0.5):
+        for step, beta in ((1, 0.1), (2, 0.2), (3, 0.3)):
+            for name, grp in (("all", range(30)), ("low", order[:10]), ("mid", order[10:20]), ("high", order[20:])):
+                shares = []
+                for i in grp:
+                    m = MM.guided_mask(counts[i], r, beta, MM.sample_rng(0, step, i))
+                    shares.append((m & (counts[i] > 0)).sum() / m.sum())
+                row = t[(t.ratio == r) & (t.step == step) & (t.tercile == name)].iloc[0]
+                assert row.guided == pytest.approx(np.mean(shares))
+                assert row.random == pytest.approx(np.mean([own[i] for i in grp]))
+    assert set(t["epochs"]) == {"1-2", "3-4", "5-5"}
+
+
+@pytest.mark.parametrize("n_key, expect", [(26, "4 of the 5 beta values lie below it. That is why guided masks fewer"),
+                                           (4, "0 of the 5 beta values lie below it. So guided masks at least")])
+def test_curriculum_verdict_both_ways(n_key, expect):
+    t = R.curriculum_table(key_counts([n_key] * 6), [0.75, 0.5], MM.BetaSchedule(), 50)
+    text = R.curriculum_verdict(t)
+    assert expect in text and "At r = 0.75" in text and "At r = 0.5" in text
+    fig = R.curriculum_figure(t, title="t")
+    assert len(fig.axes) == 2
+    plt.close(fig)
 
 
 def test_has_probe_curves():

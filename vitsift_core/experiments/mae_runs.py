@@ -12,6 +12,7 @@ import yaml
 from vitsift_core.data.keypoints import SiftParams
 from vitsift_core.experiments import pretrain
 from vitsift_core.experiments.cli_options import add_run_options
+from vitsift_core.experiments.mae_data import load_train_data
 from vitsift_core.experiments.pretrain import PretrainConfig, build_model, is_complete, run_pretrain
 from vitsift_core.paths import ROOT, results_dir
 from vitsift_core.store import distributed, key_of
@@ -25,6 +26,8 @@ def config_from_params(params: dict, **override) -> PretrainConfig:
     """A config from a parameter dict (other keys ignored); 0 / "" mean None for sizes and limits."""
     names = {f.name for f in dataclasses.fields(PretrainConfig)}
     kw = {k: v for k, v in params.items() if k in names}
+    if params.get("mask_ratios") and "mask_ratio" not in kw:   # notebook 07's arms: the first is the recipe's
+        kw["mask_ratio"] = float(params["mask_ratios"][0])
     kw.update(override)
     for k in ("patch_size", "depth", "embed_dim", "num_heads", "train_limit", "val_limit",
               "knn_memory", "score_layer", "threads"):
@@ -56,6 +59,21 @@ def run_experiment(base: PretrainConfig, masks=("random", "guided"), seeds=(0, 1
                 run_pretrain(cfg, d, progress=progress, desc=f"MAE {mk:6s} seed {seed}")
             out[(mk, int(seed))] = d
     return out
+
+
+def ratio_arms(mask_ratios, seeds, other_ratio_seeds: int = 0) -> dict[float, list[int]]:
+    """{mask ratio: its seeds}: every seed for the first ratio, the first ``other_ratio_seeds`` of them
+    (0: all) for the others, so that a cheaper setting can still put another ratio beside the first."""
+    if not mask_ratios:
+        raise ValueError("mask_ratios must name at least one ratio")
+    n = int(other_ratio_seeds) or len(seeds)
+    return {float(r): [int(s) for s in (seeds if i == 0 else seeds[:n])] for i, r in enumerate(mask_ratios)}
+
+
+def train_counts(cfg: PretrainConfig):
+    """(n, N) SIFT keypoints per patch of ``cfg``'s training images, as its runs see them (cached arrays)."""
+    patch = cfg.patch_size or build_model(cfg).patch_size
+    return load_train_data(cfg, patch, progress=False).train.counts
 
 
 def load_pretrained_mae(out: str | Path, device: str = "cpu"):

@@ -43,6 +43,26 @@ def guided_quota(n_key: int, n_patches: int, ratio: float, beta: float) -> tuple
     return m, k, m - k
 
 
+def realised_key_share(n_key, n_patches: int, ratio: float, betas) -> np.ndarray:
+    """The keypoint share of the masked patches that :func:`guided_mask` realises, per image and beta:
+    n_key (n,) keypoint-patch counts of the images -> (n, len(betas)) float, ``k / M`` of
+    :func:`guided_quota` (NaN when M = 0). Exact, not an estimate: the fill-in rule fixes how many
+    patches of each kind are masked; only which ones is random. It lies between beta (up to the
+    rounding of ``beta M``) and the image's own share ``n_key / N``, the random mask's expectation:
+    the fill-in rule pulls the share towards random's, never past it."""
+    n_key = np.asarray(n_key, dtype=np.int64).reshape(-1)
+    if n_key.size and (n_key.min() < 0 or n_key.max() > int(n_patches)):
+        raise ValueError(f"keypoint-patch counts must be in [0, {n_patches}]")
+    betas = [float(b) for b in np.atleast_1d(betas)]
+    out = np.full((len(n_key), len(betas)), np.nan)
+    for i, nk in enumerate(n_key):
+        for j, b in enumerate(betas):
+            m, k, _ = guided_quota(int(nk), int(n_patches), ratio, b)
+            if m:
+                out[i, j] = k / m
+    return out
+
+
 def _ordered(idx: np.ndarray, rng: np.random.Generator, scores: np.ndarray | None, descending: bool) -> np.ndarray:
     """``idx`` shuffled, then (with scores) stably sorted by score."""
     idx = idx[rng.permutation(len(idx))]
