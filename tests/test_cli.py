@@ -110,7 +110,8 @@ def test_all_controls(tmp_path, tiny_ckpt):
     real = h[("none", False)]
     for v, df in h.items():
         assert len(df) == 10 * 12 and list(df.columns) == runs.HEAD_COLS
-        assert np.allclose(df.theta_chance, real.theta_chance)   # chance depends on counts only
+        if v[0] != "donor-keypoints":                             # (its chance is the donor's: test_donor.py)
+            assert np.allclose(df.theta_chance, real.theta_chance)   # chance depends on counts only
     # shuffled counts are a permutation: same n_key, different theta
     shuf = h[("shuffle-keypoints", False)]
     assert (shuf.n_key.to_numpy() == real.n_key.to_numpy()).all()

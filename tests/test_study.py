@@ -154,7 +154,23 @@ def test_layer_curves_and_sensitivity(tiny_runs):
     base, runs, d = tiny_runs
     cur = study.layer_curves(runs)
     assert list(cur.layer) == list(range(1, 7))
-    np.testing.assert_allclose(cur.semantic, cur.kk - cur["kk_mean-attention"])
+    # slow reference: per layer, the mean over (image, head) rows where both runs define the value
+    real = study.heads(runs[("none", False)])
+    for control, part in (("donor-keypoints", "semantic"), ("mean-attention", "position_smoothing")):
+        other = {(r.image, r.layer, r.head): r for r in study.heads(runs[(control, False)]).itertuples()}
+        for suffix, f in (("", lambda r: r.theta_kk), ("_nk", lambda r: r.theta_nk),
+                          ("_gap", lambda r: r.theta_kk - r.theta_nk)):
+            for layer in range(1, 7):
+                diff = [f(r) - f(other[(r.image, r.layer, r.head)]) for r in real.itertuples() if r.layer == layer]
+                diff = [x for x in diff if not np.isnan(x)]
+                assert cur[f"{part}{suffix}"].iloc[layer - 1] == pytest.approx(np.mean(diff), abs=1e-6), (part, suffix)
+    assert not np.allclose(cur.semantic, cur.position_smoothing)
+    # chance paired with KK: theta_chance over the rows where theta_kk is defined
+    for layer in range(1, 7):
+        rl = real[real.layer == layer]
+        assert cur.chance_kk.iloc[layer - 1] == pytest.approx(rl.theta_chance[rl.theta_kk.notna()].mean(), abs=1e-6)
+        assert cur.kk_minus_chance.iloc[layer - 1] == pytest.approx(cur.kk.iloc[layer - 1] - cur.chance_kk.iloc[layer - 1],
+                                                                     abs=1e-6)
     sens = study.sensitivity(base, gammas=(1.0, 2.0), weighted=(True,), limit=4, root=d / "results", progress=False)
     assert set(sens.gamma) == {1.0, 2.0} and len(sens) == 12
 

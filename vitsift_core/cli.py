@@ -28,7 +28,7 @@ def _add_analyze(sub) -> None:
     p.add_argument("--exclude-self", action="store_true", help="drop j = i from the attended set S_i")
     p.add_argument("--focus", choices=("minmax", "softmax"), default="minmax", help="focus index row entropy")
     p.add_argument("--contrast-threshold", type=float, default=0.04, help="SIFT contrast threshold")
-    p.add_argument("--seed", type=int, default=0, help="seed for shuffled keypoints / random init")
+    p.add_argument("--seed", type=int, default=0, help="seed for shuffled keypoints / donor keypoints / random init")
     p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
     add_run_options(p)
 

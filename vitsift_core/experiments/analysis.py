@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,21 +14,21 @@ import torch
 from tqdm.auto import tqdm
 
 from vitsift_core.method import metrics as M
-from vitsift_core.method.stages import recipe_json
 from vitsift_core.model.collectors import MetricCollector
 from vitsift_core.model.infer import PRECISIONS, forward_precision, infer
 from vitsift_core.model.registry import load_model, resolve_device
 from vitsift_core.data.batches import iter_batches
 from vitsift_core.data.keypoints import KeypointCache, SiftParams
 from vitsift_core.data.sources import resolve_images
+from vitsift_core.experiments.tables import (HEAD_COLS, METRIC_COLS, donor_counts, head_rows,  # noqa: F401
+                                             layer_table, shuffled_counts, stage_fit_json)
 from vitsift_core.store import (DEFAULT_CHUNK, Dist, Params, RunFolder, RunMismatch, at_least_one, atomic_write,
                                 ids_of_chunk, in_range, load_npz, load_parquet, n_chunks, read_json, savez,
                                 write_json)
 
-CONTROLS = ("none", "shuffle-keypoints", "random-init", "mean-attention")
-HEAD_COLS = ["image", "layer", "head", "theta_kk", "theta_kn", "theta_nk", "theta_nn",
-             "theta_chance", "focus", "focus_norm", "n_key", "n_non"]
-METRIC_COLS = HEAD_COLS[3:10]
+# donor-keypoints: each image's own maps scored with another image's counts (a seeded derangement
+# within each chunk's decodable images); like shuffle-keypoints it shares the real forward passes
+CONTROLS = ("none", "shuffle-keypoints", "random-init", "mean-attention", "donor-keypoints")
 
 
 def batch_metrics(lm, collector: MetricCollector, x: torch.Tensor,
@@ -216,47 +215,6 @@ class RunDir(RunFolder):
         self.mark_complete(n_images=len(ids), n_skipped=len(skipped), **(stats or {}))
 
 
-def shuffled_counts(counts: np.ndarray, ids: list[str], seed: int) -> np.ndarray:
-    """Each image's counts (B, N) permuted across patches by (seed, id) only: resume-safe."""
-    out = np.empty_like(counts)
-    for i, image_id in enumerate(ids):
-        rng = np.random.default_rng([seed, zlib.crc32(image_id.encode())])
-        out[i] = counts[i][rng.permutation(counts.shape[1])]
-    return out
-
-
-def head_rows(ids: list[str], res: dict[str, torch.Tensor], counts: np.ndarray) -> pd.DataFrame:
-    """res: metric -> (B, L, H); counts: (B, N) -> one row per (image, layer, head)."""
-    b, n_layers, n_heads = res["focus"].shape
-    df = pd.DataFrame({
-        "image": np.repeat(np.asarray(ids, dtype=object), n_layers * n_heads),
-        "layer": np.tile(np.repeat(np.arange(1, n_layers + 1), n_heads), b).astype(np.int16),
-        "head": np.tile(np.arange(1, n_heads + 1), b * n_layers).astype(np.int16),
-    })
-    for k in METRIC_COLS:
-        df[k] = res[k].reshape(-1).numpy().astype(np.float32)
-    n_key = (counts > 0).sum(1)
-    df["n_key"] = np.repeat(n_key, n_layers * n_heads).astype(np.int32)
-    df["n_non"] = np.repeat(counts.shape[1] - n_key, n_layers * n_heads).astype(np.int32)
-    return df
-
-
-def layer_table(heads: pd.DataFrame) -> pd.DataFrame:
-    """Per layer: mean over images and heads of each metric (NaN skipped), images counted."""
-    g = heads.groupby("layer")
-    out = g[METRIC_COLS].mean()
-    out["kk_minus_chance"] = g.apply(lambda d: (d.theta_kk - d.theta_chance).mean(), include_groups=False)
-    out["nk_minus_chance"] = g.apply(lambda d: (d.theta_nk - d.theta_chance).mean(), include_groups=False)
-    out["n_images"] = g["image"].nunique()
-    out["n_images_kk"] = g.apply(lambda d: d.loc[d.theta_kk.notna(), "image"].nunique(), include_groups=False)
-    out["n_images_nk"] = g.apply(lambda d: d.loc[d.theta_nk.notna(), "image"].nunique(), include_groups=False)
-    return out.reset_index()
-
-
-def stage_fit_json(layers: pd.DataFrame) -> dict:
-    return recipe_json(layers["kk_minus_chance"].to_numpy(), layers["focus"].to_numpy())
-
-
 def mean_attention_heads(run: RunDir, ids, counts, n_layers: int) -> pd.DataFrame:
     """Content-free control: the data-set-mean map of each layer/head, each image's counts."""
     total, count = run.mean_sum()
@@ -290,23 +248,45 @@ def _model_info(lm, precision: str) -> dict:
             "forward": forward_precision(next(lm.model.parameters()).device, precision)}
 
 
+def _variant_counts(control: str, c: np.ndarray, ids: list[str], seed: int,
+                    donor: np.ndarray | None) -> np.ndarray | None:
+    """The counts (B, N) a count variant scores one batch with (None: no donor for these images)."""
+    if control == "shuffle-keypoints":
+        return shuffled_counts(c, ids, seed)
+    if control == "donor-keypoints":
+        return donor
+    return c
+
+
 def _chunk_metrics(base: AnalysisParams, lm, collector: MetricCollector, records: list, theta_vs: list,
                    cache: KeypointCache, bar) -> tuple[list, np.ndarray, list, dict]:
-    """One chunk's forward passes: (ids, counts (n, N), skipped, variant -> head-row frames)."""
+    """One chunk's forward passes: (ids, counts (n, N), skipped, variant -> head-row frames).
+    With donor-keypoints the chunk's batches are gathered first (the donors are drawn among all its
+    decodable images, so they depend on the chunk only, not on the batch size); otherwise streamed.
+    A chunk with one decodable image has no donor: its donor rows are NaN (``head_rows``)."""
     ids, counts, skipped, results = [], [], [], {v: [] for v in theta_vs}
     collector.attn_sum, collector.n_summed = None, 0
-    for batch, sk in iter_batches(records, lm.data_config, lm.grid, lm.patch_size,
-                                  batch_size=base.batch_size, sift=SiftParams(**base.sift),
-                                  num_workers=base.num_workers, cache=cache, progress=False):
+    loader = iter_batches(records, lm.data_config, lm.grid, lm.patch_size, batch_size=base.batch_size,
+                          sift=SiftParams(**base.sift), num_workers=base.num_workers, cache=cache, progress=False)
+    donors = None
+    if any(v[0] == "donor-keypoints" for v in theta_vs):
+        loader = list(loader)
+        good = [b for b, _ in loader if b is not None]
+        if good:
+            donors = donor_counts(np.concatenate([b.counts.numpy() for b in good]),
+                                  [i for b in good for i in b.ids], base.seed)
+    for batch, sk in loader:
         skipped += sk
         if batch is not None:
-            c = batch.counts.numpy()
-            shuf = torch.from_numpy(shuffled_counts(c, batch.ids, base.seed))
+            c, at = batch.counts.numpy(), sum(map(len, counts))
+            donor = donors[at:at + len(batch)] if donors is not None else None
+            vc = {k: _variant_counts(k, c, batch.ids, base.seed, donor) for k in dict.fromkeys(v[0] for v in theta_vs)}
+            # an image without a donor is scored with zero counts, then its rows are set to NaN
             out = batch_metrics(lm, collector, batch.tensors,
-                                {v: (shuf if v[0] == "shuffle-keypoints" else batch.counts, v[1])
+                                {v: (torch.from_numpy(vc[v[0]] if vc[v[0]] is not None else np.zeros_like(c)), v[1])
                                  for v in theta_vs}, base.precision)
             for v in theta_vs:
-                results[v].append(head_rows(batch.ids, out[v], shuf.numpy() if v[0] == "shuffle-keypoints" else c))
+                results[v].append(head_rows(batch.ids, out[v], vc[v[0]]))
             ids += batch.ids
             counts.append(c)
         bar.update(len(sk) + (len(batch) if batch is not None else 0))
@@ -381,6 +361,9 @@ def _finalize(r: RunDir, n: int, n_layers: int, stats: dict | None) -> None:
     else:
         heads = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=HEAD_COLS)
     heads = heads[HEAD_COLS]
+    if r.params.control == "donor-keypoints":     # images of a one-image chunk: no donor, NaN rows
+        no_donor = heads.loc[(heads.n_key + heads.n_non) == 0, "image"].nunique()
+        stats = {**(stats or {}), "n_no_donor": int(no_donor)}
     layers = layer_table(heads) if len(heads) else pd.DataFrame()
     stages = stage_fit_json(layers) if len(layers) else {"fitted": False, "reason": "no images analysed"}
     r.write_results(heads, layers, stages, ids, counts, skipped, stats)

@@ -16,7 +16,7 @@ from vitsift_core.data.sources import imagenette_root, read_record
 from vitsift_core.method import metrics as M
 from vitsift_core.model.capture import attention_maps
 from vitsift_core.paths import results_dir
-from vitsift_core.experiments.analysis import CONTROLS, AnalysisParams, RunDir, run_suite, variant_dir
+from vitsift_core.experiments.analysis import CONTROLS, AnalysisParams, RunDir, layer_table, run_suite, variant_dir
 
 Variant = tuple[str, bool]   # (control, exclude_self)
 
@@ -51,7 +51,9 @@ def heads(run: RunDir) -> pd.DataFrame:
 
 
 def layers(run: RunDir) -> pd.DataFrame:
-    return pd.read_parquet(run.path / "layers.parquet")
+    """The run's per-layer table; recomputed from its heads when written before chance was paired."""
+    lt = pd.read_parquet(run.path / "layers.parquet")
+    return lt if "chance_kk" in lt or not len(lt) else layer_table(heads(run))
 
 
 def per_image_layer(run_or_heads, metric: str) -> pd.DataFrame:
@@ -60,21 +62,47 @@ def per_image_layer(run_or_heads, metric: str) -> pd.DataFrame:
     return h.groupby(["image", "layer"])[metric].mean().unstack("layer")
 
 
+def paired_part(real: pd.DataFrame, control: pd.DataFrame) -> pd.DataFrame:
+    """Per layer (index), real minus control heads over the (image, layer, head) rows where both are
+    defined: kk (theta_KK), nk (theta_NK) and gap ((KK - NK)(real) - (KK - NK)(control))."""
+    cols = ["image", "layer", "head", "theta_kk", "theta_nk"]
+    m = real[cols].merge(control[cols], on=cols[:3], suffixes=("", "_c"))
+    d = pd.DataFrame({"layer": m.layer, "kk": m.theta_kk - m.theta_kk_c, "nk": m.theta_nk - m.theta_nk_c,
+                      "gap": (m.theta_kk - m.theta_nk) - (m.theta_kk_c - m.theta_nk_c)})
+    return d.groupby("layer")[["kk", "nk", "gap"]].mean()
+
+
+# the two readings of a control difference (DESIGN.md section 3): donor keypoints keep each image's
+# maps (semantic part), the data-set-mean map also changes their shape (position + smoothing)
+PARTS = {"donor-keypoints": ("semantic", "semantic (real - donor keypoints)"),
+         "mean-attention": ("position_smoothing", "position + smoothing (real - mean attention)")}
+
+
 def layer_curves(runs: dict[Variant, RunDir], exclude_self: bool = False) -> pd.DataFrame:
-    """Per layer: the real run's kk, nk, chance, focus, each other control's kk_/nk_/focus_<control>,
-    and semantic = kk - kk_mean-attention (when that control ran)."""
+    """Per layer: the real run's kk, nk, gap (kk - nk), chance_kk / chance_nk (paired: over the rows
+    where kk / nk is defined), kk_minus_chance / nk_minus_chance (paired), focus; each other
+    control's kk_/nk_/gap_/focus_<control>; and, from per-row paired differences (:func:`paired_part`),
+    semantic / semantic_nk / semantic_gap = real - donor keypoints and position_smoothing /
+    position_smoothing_nk / position_smoothing_gap = real - mean attention (when those ran)."""
     real = layers(runs[("none", exclude_self)])
     out = pd.DataFrame({"layer": real.layer, "kk": real.theta_kk, "nk": real.theta_nk,
-                        "chance": real.theta_chance, "focus": real.focus, "focus_norm": real.focus_norm})
+                        "gap": real.theta_kk - real.theta_nk, "chance_kk": real.chance_kk,
+                        "chance_nk": real.chance_nk, "kk_minus_chance": real.kk_minus_chance,
+                        "nk_minus_chance": real.nk_minus_chance, "focus": real.focus,
+                        "focus_norm": real.focus_norm})
+    real_heads = None
     for (c, x), r in runs.items():
         if x == exclude_self and c != "none":
             lt = layers(r)
             out[f"kk_{c}"] = lt.theta_kk.to_numpy()
             out[f"nk_{c}"] = lt.theta_nk.to_numpy()
+            out[f"gap_{c}"] = (lt.theta_kk - lt.theta_nk).to_numpy()
             out[f"focus_{c}"] = lt.focus.to_numpy()
-    if "kk_mean-attention" in out:
-        out["semantic"] = out.kk - out["kk_mean-attention"]
-        out["semantic_nk"] = out.nk - out["nk_mean-attention"]
+            if c in PARTS:
+                real_heads = heads(runs[("none", exclude_self)]) if real_heads is None else real_heads
+                part = paired_part(real_heads, heads(r)).reindex(out.layer)
+                name = PARTS[c][0]
+                out[name], out[f"{name}_nk"], out[f"{name}_gap"] = (part[k].to_numpy() for k in ("kk", "nk", "gap"))
     return out
 
 
@@ -158,7 +186,8 @@ def threshold_effect(lm, records, thresholds, progress: bool = True) -> pd.DataF
 
 def sensitivity(base: AnalysisParams, gammas=(0.5, 1.0, 2.0), weighted=(True, False),
                 limit: int | None = None, root: Path | None = None, progress: bool = True) -> pd.DataFrame:
-    """Rows (gamma, weighted, layer, kk, nk, chance, kk_minus_nk): one cached real run per setting."""
+    """Rows (gamma, weighted, layer, kk, nk, chance_kk, chance_nk, kk_minus_nk): one cached real run
+    per setting (chance paired with kk / nk, as in :func:`layer_curves`)."""
     rows = []
     for w in weighted:
         for g in gammas:
@@ -167,6 +196,6 @@ def sensitivity(base: AnalysisParams, gammas=(0.5, 1.0, 2.0), weighted=(True, Fa
             lt = layers(r)
             for _, row in lt.iterrows():
                 rows.append({"gamma": float(g), "weighted": bool(w), "layer": int(row.layer),
-                             "kk": row.theta_kk, "nk": row.theta_nk, "chance": row.theta_chance,
-                             "kk_minus_nk": row.theta_kk - row.theta_nk})
+                             "kk": row.theta_kk, "nk": row.theta_nk, "chance_kk": row.chance_kk,
+                             "chance_nk": row.chance_nk, "kk_minus_nk": row.theta_kk - row.theta_nk})
     return pd.DataFrame(rows)

@@ -14,12 +14,14 @@ from matplotlib.patches import Patch, Rectangle
 import pandas as pd
 import seaborn as sns
 
+from vitsift_core.experiments.study import PARTS
 from vitsift_core.paths import reports_dir
 
 PALETTE = sns.color_palette("colorblind")
 COLORS = {
     "KK": PALETTE[0], "NK": PALETTE[1], "chance": "0.35", "shuffle-keypoints": PALETTE[2],
     "random-init": PALETTE[7], "mean-attention": PALETTE[4], "semantic": PALETTE[3],
+    "donor-keypoints": PALETTE[6], "position_smoothing": PALETTE[4],
     "focus": PALETTE[0], "top": PALETTE[3], "bottom": PALETTE[2], "random": "0.35",
     "keypoints": PALETTE[4], "guided": PALETTE[2], "top_other": PALETTE[5], "bottom_other": PALETTE[9],
 }
@@ -157,3 +159,40 @@ def shade_stages(ax, segments, names=None, alpha: float = 0.15) -> None:
         label = names[k] if names else f"segment {k + 1}"
         ax.text((a + b) / 2, 1.0, label, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
                 fontsize=8)
+
+
+CONTROL_STYLES = (("shuffle-keypoints", "-."), ("random-init", ":"), ("mean-attention", "--"), ("donor-keypoints", "-"))
+PART_LABELS = dict(PARTS.values())     # column -> label: the semantic and position + smoothing parts
+
+
+def theta_layer_figure(real_heads: pd.DataFrame, cur: pd.DataFrame, title: str) -> plt.Figure:
+    """Fig. 5 with its controls: left, theta_KK / theta_NK per head and layer (real run), chance paired
+    with KK and with NK, each control's KK; right, the parts of the bias (``study.layer_curves``
+    columns): semantic = real - donor keypoints and position + smoothing = real - mean attention, for
+    theta_KK and for the KK - NK gap, beside KK - chance (paired)."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [3, 2]})
+    ax = axes[0]
+    heads_by_layer(ax, real_heads, "theta_kk", COLORS["KK"], "theta_KK (real)")
+    heads_by_layer(ax, real_heads, "theta_nk", COLORS["NK"], "theta_NK (real)")
+    ax.plot(cur.layer, cur.chance_kk, color=COLORS["chance"], lw=1.5, ls="--", label="chance (KK's images)")
+    ax.plot(cur.layer, cur.chance_nk, color=COLORS["chance"], lw=1.0, ls=":", label="chance (NK's images)")
+    for c, ls in CONTROL_STYLES:
+        if f"kk_{c}" in cur:
+            ax.plot(cur.layer, cur[f"kk_{c}"], color=COLORS[c], lw=1.5, ls=ls, label=f"theta_KK, {c}")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("theta (weighted, Eq. 3-4)")
+    ax.set_title("each dot: one head (mean over images); line: head mean")
+    ax.legend(ncol=2, fontsize=7)
+    ax = axes[1]
+    ax.axhline(0, color="black", lw=0.8)
+    for part, label in PART_LABELS.items():
+        if part in cur:
+            ax.plot(cur.layer, cur[part], color=COLORS[part], lw=2, label=f"KK: {label}")
+            ax.plot(cur.layer, cur[f"{part}_gap"], color=COLORS[part], lw=1.2, ls="--", label=f"KK-NK gap: {label}")
+    ax.plot(cur.layer, cur.kk_minus_chance, color=COLORS["KK"], lw=1, ls=":", label="KK - chance (paired)")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("theta difference")
+    ax.set_title("the parts of the KK bias")
+    ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return fig
