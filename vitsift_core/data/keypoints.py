@@ -1,5 +1,6 @@
-"""SIFT keypoints on the model's crop, their per-patch counts t_j (DESIGN.md sec. 3), and a disk
-cache of keypoints keyed by the crop's pixels and the SIFT parameters (any grid derives from it).
+"""SIFT keypoints on the model's crop, their per-patch counts t_j (DESIGN.md sec. 3: half-pixel rule,
+optional one count per location), and a disk cache of keypoints keyed by the crop's pixels and the
+SIFT parameters (any grid and counting rule derives from it).
 """
 from __future__ import annotations
 
@@ -16,6 +17,13 @@ from vitsift_core.paths import atomic_write, cache_dir
 
 # Bump when the meaning of a cached keypoint array changes (columns, sorting, colour conversion).
 _CACHE_FORMAT = "kp-v1"
+
+# How keypoints become per-patch counts (not the cached keypoints: the cache key does not hold it).
+# Every run store whose numbers depend on counts adds it to its identity (Params._identity), so a
+# change of rule gives new result folders instead of silently reusing old ones. v1: floor(x / P);
+# v2: the half-pixel rule below (issue 16).
+KEYPOINT_RULE = "kp-rule-v2-half-pixel"
+PIXEL_CENTRE_OFFSET = 0.5       # OpenCV: pixel c spans [c - 0.5, c + 0.5)
 
 
 @dataclass(frozen=True)
@@ -67,32 +75,64 @@ def detect_keypoints(crop: np.ndarray, params: SiftParams = SiftParams()) -> np.
     return np.ascontiguousarray(out[order])
 
 
-def patch_counts(xy: np.ndarray, grid: tuple[int, int], patch_size: int) -> np.ndarray:
-    """Keypoints per patch: xy (K, 2+) crop pixels -> t (G_r * G_c,) int64, ``t[r * G_c + c]`` with
-    ``r = floor(y / P)``, ``c = floor(x / P)``; points outside the grid are clamped into the edge
-    patches, so ``t.sum() == K``."""
+def unique_locations(xy: np.ndarray) -> np.ndarray:
+    """Indices of the first keypoint at each distinct (x, y) of xy (K, 2+), in input order.
+    OpenCV emits one keypoint per dominant orientation, so one location can appear several times
+    with the same coordinates and another angle (DESIGN.md sec. 3)."""
+    xy = np.asarray(xy)
+    if xy.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    _, first = np.unique(np.ascontiguousarray(xy[:, :2], dtype=np.float64), axis=0, return_index=True)
+    return np.sort(first).astype(np.int64)
+
+
+def duplicate_share(xy: np.ndarray) -> float:
+    """Share of keypoints (K, 2+) that repeat an (x, y) already counted: 1 - distinct / K (NaN if K = 0)."""
+    k = len(np.asarray(xy))
+    return float("nan") if k == 0 else 1.0 - len(unique_locations(xy)) / k
+
+
+def patch_index(xy: np.ndarray, grid: tuple[int, int], patch_size: int,
+                offset: float = PIXEL_CENTRE_OFFSET) -> np.ndarray:
+    """Row-major patch of each keypoint: xy (K, 2+) crop pixels -> (K,) int64 ``r * G_c + c`` with
+    ``r = floor((y + offset) / P)``, ``c = floor((x + offset) / P)``, clamped into the grid (sub-pixel
+    refinement can put a point just outside). ``offset`` 0.5 is DESIGN.md's rule (OpenCV pixel centres
+    at integers, so patch k spans [kP - 0.5, (k+1)P - 0.5)); 0.0 is the pre-issue-16 rule, kept only to
+    measure the change (benchmarks/keypoint_geometry.py)."""
     g_r, g_c = (int(g) for g in grid)
     if g_r <= 0 or g_c <= 0 or int(patch_size) <= 0:
         raise ValueError(f"invalid grid {grid} / patch size {patch_size}")
     xy = np.asarray(xy, dtype=np.float64)
     if xy.size == 0:
-        return np.zeros(g_r * g_c, dtype=np.int64)
+        return np.zeros(0, dtype=np.int64)
     if xy.ndim != 2 or xy.shape[1] < 2:
         raise ValueError(f"xy must be (K, 2), got {xy.shape}")
     if not np.all(np.isfinite(xy[:, :2])):
         raise ValueError("keypoint coordinates must be finite")
-    p = float(patch_size)
-    c = np.clip(np.floor(xy[:, 0] / p), 0, g_c - 1).astype(np.int64)
-    r = np.clip(np.floor(xy[:, 1] / p), 0, g_r - 1).astype(np.int64)
-    return np.bincount(r * g_c + c, minlength=g_r * g_c).astype(np.int64)
+    p, o = float(patch_size), float(offset)
+    c = np.clip(np.floor((xy[:, 0] + o) / p), 0, g_c - 1).astype(np.int64)
+    r = np.clip(np.floor((xy[:, 1] + o) / p), 0, g_r - 1).astype(np.int64)
+    return r * g_c + c
+
+
+def patch_counts(xy: np.ndarray, grid: tuple[int, int], patch_size: int, *, dedupe: bool = False,
+                 offset: float = PIXEL_CENTRE_OFFSET) -> np.ndarray:
+    """Keypoints per patch: xy (K, 2+) crop pixels -> t (G_r * G_c,) int64, ``t[r * G_c + c]``, the
+    patch of each keypoint by :func:`patch_index`, so ``t.sum() == K``; ``dedupe`` counts each (x, y)
+    location once (then ``t.sum()`` is the number of distinct locations)."""
+    idx = patch_index(xy, grid, patch_size, offset)
+    if dedupe and idx.size:
+        idx = idx[unique_locations(xy)]
+    return np.bincount(idx, minlength=int(grid[0]) * int(grid[1])).astype(np.int64)
 
 
 def keypoint_counts(crop: np.ndarray, grid: tuple[int, int], patch_size: int,
-                    params: SiftParams = SiftParams(), cache: KeypointCache | None = None
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """SIFT on ``crop`` (through ``cache`` if given), then :func:`patch_counts`: (t, keypoints (K, 4))."""
+                    params: SiftParams = SiftParams(), cache: KeypointCache | None = None,
+                    dedupe: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """SIFT on ``crop`` (through ``cache`` if given), then :func:`patch_counts` (``dedupe``: one count
+    per location): (t, keypoints (K, 4), every keypoint, duplicates included)."""
     kps = cache.get_or_compute(crop, params) if cache is not None else detect_keypoints(crop, params)
-    return patch_counts(kps[:, :2], grid, patch_size), kps
+    return patch_counts(kps[:, :2], grid, patch_size, dedupe=dedupe), kps
 
 
 class KeypointCache:

@@ -20,7 +20,7 @@ from vitsift_core.model.collectors import MetricCollector
 from vitsift_core.model.infer import PRECISIONS, forward_precision, infer
 from vitsift_core.model.registry import load_model, resolve_device
 from vitsift_core.data.batches import iter_batches
-from vitsift_core.data.keypoints import KeypointCache, SiftParams
+from vitsift_core.data.keypoints import KEYPOINT_RULE, KeypointCache, SiftParams
 from vitsift_core.data.sources import resolve_images
 from vitsift_core.store import (DEFAULT_CHUNK, Dist, Params, RunFolder, RunMismatch, at_least_one, atomic_write,
                                 ids_of_chunk, in_range, load_npz, load_parquet, n_chunks, read_json, savez,
@@ -56,6 +56,7 @@ class AnalysisParams(Params):
     seed: int = 0
     img_size: int | None = None
     sift: dict = field(default_factory=lambda: dataclasses.asdict(SiftParams()))
+    dedupe_keypoints: bool = False      # one count per keypoint location (default: the paper's count)
     chunk: int = DEFAULT_CHUNK          # images per resumable chunk
     # how to run: not part of the identity
     batch_size: int = 32
@@ -77,6 +78,10 @@ class AnalysisParams(Params):
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         self.sift = dataclasses.asdict(SiftParams(**self.sift))   # validates the keys
         in_range("contrast_threshold", self.sift["contrast_threshold"], 0)
+
+    def _identity(self, d: dict) -> dict:
+        d["keypoint_rule"] = KEYPOINT_RULE      # counts change with the rule: so must the folder
+        return d
 
 
 def recorded_forward(run: RunFolder, default: str | None = "fp32") -> str | None:
@@ -297,7 +302,8 @@ def _chunk_metrics(base: AnalysisParams, lm, collector: MetricCollector, records
     collector.attn_sum, collector.n_summed = None, 0
     for batch, sk in iter_batches(records, lm.data_config, lm.grid, lm.patch_size,
                                   batch_size=base.batch_size, sift=SiftParams(**base.sift),
-                                  num_workers=base.num_workers, cache=cache, progress=False):
+                                  num_workers=base.num_workers, cache=cache, progress=False,
+                                  dedupe_keypoints=base.dedupe_keypoints):
         skipped += sk
         if batch is not None:
             c = batch.counts.numpy()
