@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import vitsift_core.data.keypoints as kp
-from vitsift_core.data.keypoints import (KeypointCache, SiftParams, detect_keypoints, duplicate_share,
+from vitsift_core.data.keypoints import (KeypointCache, SiftParams, detect_keypoints,
                                          keypoint_counts, patch_counts, patch_index, unique_locations)
 
 P = 8
@@ -118,9 +118,8 @@ def test_dedupe_counts_a_location_once():
     td = patch_counts(kps, GRID, P, dedupe=True)
     assert td[1] == 2 and td[2 * 4 + 2] == 1 and td.sum() == 3
     assert list(unique_locations(kps)) == [0, 2, 3]
-    assert duplicate_share(kps) == pytest.approx(0.25)
-    assert duplicate_share(kps[[0, 2, 3]]) == 0.0
-    assert np.isnan(duplicate_share(np.zeros((0, 4), np.float32)))
+    assert list(unique_locations(kps[[3, 1, 0, 2]])) == [0, 1, 3]     # first of each, input order
+    assert len(unique_locations(np.zeros((0, 4), np.float32))) == 0
 
 
 def test_keypoint_counts_dedupe_keeps_every_keypoint(tmp_path):
@@ -131,7 +130,7 @@ def test_keypoint_counts_dedupe_keeps_every_keypoint(tmp_path):
     t, k = keypoint_counts(img, (16, 16), 14, cache=cache)
     td, kd = keypoint_counts(img, (16, 16), 14, cache=cache, dedupe=True)
     assert np.array_equal(k, kd) and cache.hits == 1          # one cache entry serves both counts
-    assert duplicate_share(k) > 0.05                           # OpenCV's multi-orientation keypoints
+    assert len(unique_locations(k)) < 0.95 * len(k)           # OpenCV's multi-orientation keypoints
     assert t.sum() == len(k) and td.sum() == len(unique_locations(k)) < len(k)
     assert np.array_equal(td, patch_counts(k, (16, 16), 14, dedupe=True))
 

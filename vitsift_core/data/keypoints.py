@@ -86,12 +86,6 @@ def unique_locations(xy: np.ndarray) -> np.ndarray:
     return np.sort(first).astype(np.int64)
 
 
-def duplicate_share(xy: np.ndarray) -> float:
-    """Share of keypoints (K, 2+) that repeat an (x, y) already counted: 1 - distinct / K (NaN if K = 0)."""
-    k = len(np.asarray(xy))
-    return float("nan") if k == 0 else 1.0 - len(unique_locations(xy)) / k
-
-
 def patch_index(xy: np.ndarray, grid: tuple[int, int], patch_size: int,
                 offset: float = PIXEL_CENTRE_OFFSET) -> np.ndarray:
     """Row-major patch of each keypoint: xy (K, 2+) crop pixels -> (K,) int64 ``r * G_c + c`` with
@@ -124,6 +118,39 @@ def patch_counts(xy: np.ndarray, grid: tuple[int, int], patch_size: int, *, dedu
     if dedupe and idx.size:
         idx = idx[unique_locations(xy)]
     return np.bincount(idx, minlength=int(grid[0]) * int(grid[1])).astype(np.int64)
+
+
+def rule_effect(xy: np.ndarray, grid: tuple[int, int], patch_size: int) -> dict:
+    """What issue 16's geometry changes for one image's keypoints xy (K, 2+), as counts: n_keypoints,
+    n_locations (distinct (x, y)), n_moved (keypoints whose patch differs between the old floor(x / P)
+    rule and the half-pixel rule), n_key_union (patches that are keypoint patches under either rule),
+    n_key_changed (of those, the patches keypoint under one rule only), n_count_changed (of those, the
+    patches whose count t_j differs). Pool them over images with :func:`rule_effect_shares`."""
+    old = patch_index(xy, grid, patch_size, offset=0.0)
+    new = patch_index(xy, grid, patch_size)
+    n = int(grid[0]) * int(grid[1])
+    t_old, t_new = np.bincount(old, minlength=n), np.bincount(new, minlength=n)
+    union = (t_old > 0) | (t_new > 0)
+    return {"n_keypoints": int(len(old)), "n_locations": int(len(unique_locations(xy))),
+            "n_moved": int((old != new).sum()), "n_key_union": int(union.sum()),
+            "n_key_changed": int(((t_old > 0) != (t_new > 0)).sum()),
+            "n_count_changed": int((union & (t_old != t_new)).sum())}
+
+
+def rule_effect_shares(rows) -> dict:
+    """Pooled shares from :func:`rule_effect` rows (a DataFrame or a mapping of equal-length columns):
+    duplicate_share = 1 - locations / keypoints, moved_share = moved / keypoints, key_changed_share and
+    count_changed_share = changed / keypoint patches under either rule (NaN where nothing to divide)."""
+    tot = {k: float(np.sum(np.asarray(rows[k], dtype=np.float64))) for k in
+           ("n_keypoints", "n_locations", "n_moved", "n_key_union", "n_key_changed", "n_count_changed")}
+
+    def share(a: float, b: float) -> float:
+        return a / b if b > 0 else float("nan")
+    return {"images": int(len(np.asarray(rows["n_keypoints"]))), "keypoints": int(tot["n_keypoints"]),
+            "duplicate_share": share(tot["n_keypoints"] - tot["n_locations"], tot["n_keypoints"]),
+            "moved_share": share(tot["n_moved"], tot["n_keypoints"]),
+            "key_changed_share": share(tot["n_key_changed"], tot["n_key_union"]),
+            "count_changed_share": share(tot["n_count_changed"], tot["n_key_union"])}
 
 
 def keypoint_counts(crop: np.ndarray, grid: tuple[int, int], patch_size: int,
