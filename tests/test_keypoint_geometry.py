@@ -108,3 +108,14 @@ def test_threshold_effect_reports_the_geometry():
     _, k = keypoint_counts(crop, (16, 16), 14)
     assert a.loc[records[0].id].to_dict() | {"threshold": 0.04} == \
         {"threshold": 0.04, "key_share": float((patch_counts(k, (16, 16), 14) > 0).mean()), **rule_effect(k, (16, 16), 14)}
+
+
+def test_mae_arrays_cache_is_keyed_by_the_keypoint_rule(tmp_path, monkeypatch):
+    # counts.npy of the MAE arrays holds counts: another rule must not read old arrays back
+    from vitsift_core.experiments import mae_data
+
+    a = mae_data.prepare_arrays("samples", 2, 32, 8, root=tmp_path, progress=False, num_workers=0)
+    assert mae_data.prepare_arrays("samples", 2, 32, 8, root=tmp_path, progress=False, num_workers=0).path == a.path
+    monkeypatch.setattr(mae_data, "KEYPOINT_RULE", "some-other-rule")
+    b = mae_data.prepare_arrays("samples", 2, 32, 8, root=tmp_path, progress=False, num_workers=0)
+    assert b.path != a.path and np.array_equal(a.counts, b.counts)
