@@ -23,8 +23,10 @@ S = GRID[0] * P
 # patch_counts
 # --------------------------------------------------------------------------------------------------
 
-def _single(x, y, grid=GRID, p=P, offset=0.5):
-    t = patch_counts(np.array([[x, y]], np.float64), grid, p, offset=offset)
+def _single(x, y, grid=GRID, p=P, offset=None):
+    """The patch of one keypoint; ``offset`` None: patch_counts' default (the half-pixel rule)."""
+    xy = np.array([[x, y]], np.float64)
+    t = patch_counts(xy, grid, p) if offset is None else patch_counts(xy, grid, p, offset=offset)
     assert t.sum() == 1
     return int(np.flatnonzero(t)[0])
 
