@@ -119,3 +119,58 @@ def test_mae_arrays_cache_is_keyed_by_the_keypoint_rule(tmp_path, monkeypatch):
     monkeypatch.setattr(mae_data, "KEYPOINT_RULE", "some-other-rule")
     b = mae_data.prepare_arrays("samples", 2, 32, 8, root=tmp_path, progress=False, num_workers=0)
     assert b.path != a.path and np.array_equal(a.counts, b.counts)
+
+
+def _bench():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(root))
+    spec = importlib.util.spec_from_file_location("keypoint_geometry", root / "keypoint_geometry.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_image_summary_hand_case():
+    kg = _bench()
+    nan = float("nan")
+    # 2 images x 2 layers x 2 heads; image 1 has no keypoint patch (theta_kk NaN everywhere)
+    kk = np.array([[[0.8, 0.6], [1.0, 0.6]], [[nan, nan], [nan, nan]]])
+    nk = np.array([[[0.5, 0.5], [0.3, 0.3]], [[0.2, 0.4], [0.2, 0.4]]])
+    ch = np.array([[[0.5] * 2] * 2, [[0.0] * 2] * 2])
+    s = kg.image_summary({"r": {"theta_kk": kk, "theta_nk": nk, "theta_chance": ch}})["r"]
+    assert s["kk"][0] == pytest.approx(0.75) and np.isnan(s["kk"][1])
+    assert s["nk"] == pytest.approx([0.4, 0.3])
+    assert s["kk_minus_nk"][0] == pytest.approx(0.35) and np.isnan(s["kk_minus_nk"][1])
+    assert s["kk_minus_chance"][0] == pytest.approx(0.25) and np.isnan(s["kk_minus_chance"][1])
+    rows = kg.metric_rows({r: {q: np.array([0.1, 0.3]) + i for q in kg.QUANTITIES}
+                           for i, r in enumerate(kg.RULES)}, n_boot=50, seed=0)
+    got = {(r["rule"], r["quantity"]): r for r in rows}
+    assert got[("dedupe", "kk")]["value"] == pytest.approx(2.2)
+    d = got[("dedupe - half-pixel", "kk")]            # paired: the same shift for every image
+    assert (d["value"], d["ci_low"], d["ci_high"]) == pytest.approx((1.0, 1.0, 1.0))
+
+
+def test_benchmark_runs(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "keypoint_geometry.py"
+    out = tmp_path / "kg.csv"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VITSIFT_CACHE": str(tmp_path / "cache")}
+    p = subprocess.run([sys.executable, str(script), "--model", "test_vit", "--random-init", "--images", "samples",
+                        "--n", "4", "--batch", "3", "--num-workers", "0", "--n-boot", "50", "--out", str(out)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    df = pd.read_csv(out)
+    assert "moved_share" in p.stdout and "4 images of samples" in p.stdout
+    geo = df[df.section == "geometry"].set_index("quantity").value
+    assert 0 < geo.moved_share < 0.2 and 0 < geo.duplicate_share < 0.5
+    m = df[df.section == "metric"].set_index(["rule", "quantity"]).value
+    for q in ("kk", "nk", "kk_minus_nk", "kk_minus_chance"):
+        assert m[("half-pixel - old", q)] == pytest.approx(m[("half-pixel", q)] - m[("old", q)], abs=1e-9)
