@@ -40,6 +40,10 @@ bench: $(STAMP) ## time analysis (plain forward / analyze / AttentionExtract+Num
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_analysis.py --model embedded --batch 32 --precision bf16 --only-native-bf16
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_keypoints.py --model embedded --batch 32
 
+.PHONY: keypoint-geometry
+keypoint-geometry: $(STAMP) ## issue 16: what the half-pixel rule and --dedupe-keypoints change (200 Imagenette val images, embedded model, ~4 min on 2 cores); results/keypoint_geometry/*.csv
+	HF_HUB_OFFLINE=1 nice -n 10 $(BIN)/python benchmarks/keypoint_geometry.py
+
 fingerprint: $(STAMP) ## hash every output table of a fixed run set (needs Imagenette; ~15 min): proves a refactor changed no number; FP_WORK=folder
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/fingerprint.py --work $(or $(FP_WORK),reports/fingerprint)
 

@@ -1,6 +1,8 @@
-"""keypoints: patch assignment at borders and edges, SIFT behaviour, the on-disk cache."""
+"""keypoints: patch assignment at the half-pixel borders and edges, one count per location, SIFT
+behaviour, the on-disk cache."""
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import pickle
 
@@ -9,7 +11,8 @@ import numpy as np
 import pytest
 
 import vitsift_core.data.keypoints as kp
-from vitsift_core.data.keypoints import KeypointCache, SiftParams, detect_keypoints, keypoint_counts, patch_counts
+from vitsift_core.data.keypoints import (KeypointCache, SiftParams, detect_keypoints,
+                                         keypoint_counts, patch_counts, patch_index, unique_locations)
 
 P = 8
 GRID = (4, 4)  # a 32 x 32 crop
@@ -20,8 +23,10 @@ S = GRID[0] * P
 # patch_counts
 # --------------------------------------------------------------------------------------------------
 
-def _single(x, y, grid=GRID, p=P):
-    t = patch_counts(np.array([[x, y]], np.float32), grid, p)
+def _single(x, y, grid=GRID, p=P, offset=None):
+    """The patch of one keypoint; ``offset`` None: patch_counts' default (the half-pixel rule)."""
+    xy = np.array([[x, y]], np.float64)
+    t = patch_counts(xy, grid, p) if offset is None else patch_counts(xy, grid, p, offset=offset)
     assert t.sum() == 1
     return int(np.flatnonzero(t)[0])
 
@@ -33,31 +38,103 @@ def test_patch_index_is_row_major():
     assert _single(27.0, 17.0) == 2 * 4 + 3
 
 
-@pytest.mark.parametrize("k", range(4))
-def test_points_on_borders_go_right_and_down(k):
-    assert _single(k * P, 0.0) == k                  # x = k*P -> column k
-    assert _single(0.0, k * P) == k * GRID[1]        # y = k*P -> row k
-    if k > 0:
-        assert _single(k * P - 1e-3, 0.0) == k - 1   # just left of the border stays left
+EPS = 1e-6
+
+
+@pytest.mark.parametrize("k", range(1, 4))
+def test_half_pixel_borders(k):
+    # DESIGN.md sec. 3: OpenCV pixel centres at integers, so patch k spans [kP - 0.5, (k+1)P - 0.5)
+    border = k * P - 0.5
+    assert _single(border - EPS, 0.0) == k - 1               # x axis: just before the border
+    assert _single(border, 0.0) == k                         # on it
+    assert _single(border + EPS, 0.0) == k
+    assert _single(k * P - 1.0, 0.0) == k - 1                # the last pixel centre of patch k-1
+    assert _single(k * P, 0.0) == k                          # the first pixel centre of patch k
+    assert _single(0.0, border - EPS) == (k - 1) * GRID[1]   # y axis
+    assert _single(0.0, border) == k * GRID[1]
+    assert _single(0.0, border + EPS) == k * GRID[1]
+    assert _single(border - EPS, border) == k * GRID[1] + k - 1      # both at once
+    assert _single(border, border - EPS) == (k - 1) * GRID[1] + k
 
 
 def test_edges_are_clamped():
     last = GRID[0] * GRID[1] - 1
-    assert _single(S, S) == last                    # x = S exactly (outside) -> last column
-    assert _single(S - 1e-3, S - 1e-3) == last
-    assert _single(S + 5.0, 0.0) == GRID[1] - 1
-    assert _single(-1e-3, -1e-4) == 0               # tiny negatives from sub-pixel refinement
+    assert _single(-0.5, -0.5) == 0                 # the left/top edge of pixel 0
+    assert _single(-0.5 - EPS, -0.5 - EPS) == 0     # beyond it (sub-pixel refinement): clamped
     assert _single(-3.0, S) == (GRID[0] - 1) * GRID[1]
+    assert _single(S - 0.5 - EPS, S - 0.5 - EPS) == last   # the right/bottom edge of the last pixel
+    assert _single(S - 0.5, S - 0.5) == last        # one past it: would be patch G, clamped
+    assert _single(S, S) == last
+    assert _single(S + 5.0, 0.0) == GRID[1] - 1
 
 
-def test_non_square_grid_and_sum():
-    rng = np.random.default_rng(0)
-    xy = rng.uniform(-2, 50, size=(500, 2))
-    t = patch_counts(xy, (3, 5), 10)
-    assert t.shape == (15,) and t.dtype == np.int64 and t.sum() == 500
-    r = np.clip(np.floor(xy[:, 1] / 10), 0, 2).astype(int)
-    c = np.clip(np.floor(xy[:, 0] / 10), 0, 4).astype(int)
-    assert np.array_equal(t, np.bincount(r * 5 + c, minlength=15))
+@pytest.mark.parametrize("k", range(1, 4))
+def test_offset_zero_is_the_old_rule(k):
+    # kept only to measure the change (benchmarks/keypoint_geometry.py): borders at kP
+    assert _single(k * P, 0.0, offset=0.0) == k
+    assert _single(k * P - EPS, 0.0, offset=0.0) == k - 1
+    assert _single(k * P - 0.5, 0.0, offset=0.0) == k - 1    # the new rule puts it in patch k
+    assert _single(k * P - 0.5, 0.0) == k
+
+
+def _slow_counts(xy, grid, p, offset=0.5, dedupe=False):
+    """One keypoint at a time: patch by the DESIGN.md formula, clamped; dedupe by a set of locations."""
+    t, seen = [0] * (grid[0] * grid[1]), set()
+    for x, y in xy[:, :2].tolist():
+        if dedupe and (x, y) in seen:
+            continue
+        seen.add((x, y))
+        r = min(max(math.floor((y + offset) / p), 0), grid[0] - 1)
+        c = min(max(math.floor((x + offset) / p), 0), grid[1] - 1)
+        t[r * grid[1] + c] += 1
+    return np.array(t, np.int64)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_patch_counts_match_slow_reference(seed):
+    rng = np.random.default_rng(seed)
+    grid, p = (3, 5), 10
+    xy = rng.uniform(-2, 52, size=(400, 2)).astype(np.float32)        # float32 like detect_keypoints
+    xy[:60] = rng.integers(0, 6, size=(60, 2)) * p - 0.5               # exactly on half-pixel borders
+    xy[60:120] = xy[rng.integers(0, 60, 60)]                           # repeated locations
+    xy[120:140, 0] = xy[0, 0]                                          # same x, other y: not duplicates
+    for offset in (0.5, 0.0):
+        for dedupe in (False, True):
+            t = patch_counts(xy, grid, p, offset=offset, dedupe=dedupe)
+            assert t.shape == (15,) and t.dtype == np.int64
+            assert np.array_equal(t, _slow_counts(xy, grid, p, offset, dedupe)), (offset, dedupe)
+    assert patch_counts(xy, grid, p).sum() == 400
+    assert patch_counts(xy, grid, p, dedupe=True).sum() == len({tuple(v) for v in xy.tolist()}) < 400
+    idx = patch_index(xy, grid, p)
+    assert np.array_equal(np.bincount(idx, minlength=15), patch_counts(xy, grid, p))
+
+
+def test_dedupe_counts_a_location_once():
+    # [x, y, size, angle]: OpenCV's two orientations of one blob, then another blob in the same patch
+    kps = np.array([[9.0, 1.0, 3.0, 45.0],
+                    [9.0, 1.0, 3.0, 200.0],
+                    [12.0, 2.0, 3.0, 45.0],
+                    [20.0, 20.0, 5.0, 10.0]], np.float32)
+    t = patch_counts(kps, GRID, P)
+    assert t[1] == 3 and t[2 * 4 + 2] == 1 and t.sum() == 4
+    td = patch_counts(kps, GRID, P, dedupe=True)
+    assert td[1] == 2 and td[2 * 4 + 2] == 1 and td.sum() == 3
+    assert list(unique_locations(kps)) == [0, 2, 3]
+    assert list(unique_locations(kps[[3, 1, 0, 2]])) == [0, 1, 3]     # first of each, input order
+    assert len(unique_locations(np.zeros((0, 4), np.float32))) == 0
+
+
+def test_keypoint_counts_dedupe_keeps_every_keypoint(tmp_path):
+    import skimage.data
+
+    img = np.ascontiguousarray(skimage.data.astronaut()[::2, ::2][:224, :224])
+    cache = KeypointCache(tmp_path)
+    t, k = keypoint_counts(img, (16, 16), 14, cache=cache)
+    td, kd = keypoint_counts(img, (16, 16), 14, cache=cache, dedupe=True)
+    assert np.array_equal(k, kd) and cache.hits == 1          # one cache entry serves both counts
+    assert len(unique_locations(k)) < 0.95 * len(k)           # OpenCV's multi-orientation keypoints
+    assert t.sum() == len(k) and td.sum() == len(unique_locations(k)) < len(k)
+    assert np.array_equal(td, patch_counts(k, (16, 16), 14, dedupe=True))
 
 
 def test_empty_and_four_column_input():

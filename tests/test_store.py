@@ -12,32 +12,63 @@ from vitsift_core.experiments.maskeval import MaskEvalParams
 from vitsift_core.experiments.pretrain import PretrainConfig
 
 
-# Keys computed with the code before store.py existed (each class had its own identity() and key()).
-# They name result folders on disk: they must never change.
-def test_keys_of_the_three_params_classes_are_the_old_ones():
-    assert AnalysisParams().key() == "0c7a15c8e602"
-    assert AnalysisParams(model="vit_small_patch16_224", images="imagenette:val", limit=200,
+KP_KEYS = ("keypoint_rule", "dedupe_keypoints")   # issue 16: the half-pixel rule, one count per location
+
+
+def _pre_issue16_key(params) -> str:
+    """The key without what issue 16 added (the keypoint rule, the dedupe option)."""
+    return store.key_of({k: v for k, v in params.identity().items() if k not in KP_KEYS})
+
+
+# Keys name result folders on disk. The old pins (computed with the code before store.py existed,
+# each class with its own identity() and key()) still hold for the identity less issue 16's keys;
+# the new pins are the keys after issue 16's half-pixel rule, which changed every count (so no old
+# results folder is reused for the new numbers). Change a pin only with a change of what a run means.
+def test_keys_of_the_three_params_classes():
+    full = AnalysisParams(model="vit_small_patch16_224", images="imagenette:val", limit=200,
                           control="shuffle-keypoints", exclude_self=True, gamma=0.5, weighted=False,
                           img_size=160, sift={"contrast_threshold": 0.03}, batch_size=7, device="cpu",
-                          precision="bf16").key() == "8f2160befd00"
-    assert MaskEvalParams().key() == "ff95583f1c4d"
-    assert MaskEvalParams(classifier="vit_base_patch16_224.augreg2_in21k_ft_in1k", ratios=[0, 12.5, 20],
-                          orders=["top", "random"], modes=["fill", "drop"], layer="7-9",
-                          n_boot=10).key() == "25cfde07ad21"
-    assert PretrainConfig().key() == "8ae2512f04be"
-    assert PretrainConfig().recipe_key() == "6845b23aa846"
+                          precision="bf16")
+    mfull = MaskEvalParams(classifier="vit_base_patch16_224.augreg2_in21k_ft_in1k", ratios=[0, 12.5, 20],
+                           orders=["top", "random"], modes=["fill", "drop"], layer="7-9", n_boot=10)
     guided = PretrainConfig(mask="guided", order="score", score_layer=2, betas=(0.2, 0.4), epochs=2,
                             train_limit=300, device="cpu")
-    assert (guided.key(), guided.recipe_key()) == ("d837942ea892", "a73ead37e665")
+    pins = [(AnalysisParams(), "0c7a15c8e602", "07d2c745c49a"), (full, "8f2160befd00", "89ac76cc399b"),
+            (MaskEvalParams(), "ff95583f1c4d", "b43785eae951"), (mfull, "25cfde07ad21", "9f8fc35fb741"),
+            (PretrainConfig(), "8ae2512f04be", "95a094cb8d81"), (guided, "d837942ea892", "81e8887317a1")]
+    for p, old, new in pins:                    # (params, key before issue 16, key now)
+        assert _pre_issue16_key(p) == old and p.key() == new != old
+    assert PretrainConfig().recipe_key() == "4685c7cd8086"
+    assert guided.recipe_key() == "5977823033e1"
 
 
-def test_chunk_is_a_parameter_with_the_old_keys():
-    # the keys the old code gave under VITSIFT_CHUNK=4
-    assert AnalysisParams(chunk=4).key() == "b8daeb34b31a"
-    assert MaskEvalParams(chunk=4).key() == "82d6671ec39e"
+@pytest.mark.parametrize("cls", [AnalysisParams, MaskEvalParams, PretrainConfig])
+def test_keypoint_rule_is_part_of_every_identity_that_uses_counts(cls, monkeypatch):
+    from vitsift_core.data.keypoints import KEYPOINT_RULE
+
+    p = cls()
+    assert p.identity()["keypoint_rule"] == KEYPOINT_RULE
+    # another rule, another key: the value is read where the identity is made, not frozen elsewhere
+    mod = __import__(cls.__module__, fromlist=["KEYPOINT_RULE"])
+    before = p.key()
+    monkeypatch.setattr(mod, "KEYPOINT_RULE", "some-other-rule")
+    assert p.identity()["keypoint_rule"] == "some-other-rule" and p.key() != before
+
+
+def test_dedupe_keypoints_is_an_analysis_parameter():
+    a, b = AnalysisParams(), AnalysisParams(dedupe_keypoints=True)
+    assert a.identity()["dedupe_keypoints"] is False and b.identity()["dedupe_keypoints"] is True
+    assert a.key() != b.key()
+
+
+def test_chunk_is_a_parameter():
+    # the keys under VITSIFT_CHUNK=4, before and after issue 16's keypoint rule
+    assert _pre_issue16_key(AnalysisParams(chunk=4)) == "b8daeb34b31a"
+    assert _pre_issue16_key(MaskEvalParams(chunk=4)) == "82d6671ec39e"
+    assert AnalysisParams(chunk=4).key() == "43d75498e958"
+    assert MaskEvalParams(chunk=4).key() == "d675a42d81d3"
     ident = AnalysisParams(chunk=4).identity()
-    assert list(ident)[-1] == "chunk" and ident["chunk"] == 4             # params.json layout as before
-    assert list(MaskEvalParams().identity())[-1] == "chunk"
+    assert ident["chunk"] == 4 and AnalysisParams(chunk=5).key() != AnalysisParams(chunk=4).key()
     assert "batch_size" not in ident and AnalysisParams(batch_size=3).key() == AnalysisParams().key()
     for bad in (AnalysisParams, MaskEvalParams):
         with pytest.raises(ValueError, match="chunk"):

@@ -28,6 +28,9 @@ def _add_analyze(sub) -> None:
     p.add_argument("--exclude-self", action="store_true", help="drop j = i from the attended set S_i")
     p.add_argument("--focus", choices=("minmax", "softmax"), default="minmax", help="focus index row entropy")
     p.add_argument("--contrast-threshold", type=float, default=0.04, help="SIFT contrast threshold")
+    p.add_argument("--dedupe-keypoints", action="store_true",
+                   help="count each keypoint location once (OpenCV emits one keypoint per orientation; "
+                        "default: the paper's count)")
     p.add_argument("--seed", type=int, default=0, help="seed for shuffled keypoints / donor keypoints / random init")
     p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
     add_run_options(p)
@@ -47,7 +50,8 @@ def _params(a, **kw) -> AnalysisParams:
     sift = dataclasses.asdict(SiftParams(contrast_threshold=a.contrast_threshold))
     return AnalysisParams(model=a.model, images=a.images, limit=a.limit, gamma=a.gamma,
                           weighted=not a.unweighted, focus_kind=a.focus, seed=a.seed,
-                          img_size=a.img_size, sift=sift, batch_size=a.batch_size, device=a.device,
+                          img_size=a.img_size, sift=sift, dedupe_keypoints=a.dedupe_keypoints,
+                          batch_size=a.batch_size, device=a.device,
                           num_workers=a.num_workers, precision=a.precision, chunk=a.chunk, **kw)
 
 

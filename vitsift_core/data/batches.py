@@ -53,8 +53,9 @@ class ImageDataset(Dataset):
     """Item i = record i -> ``_Good`` (tensor ``(3, S, S)``, counts ``(N,)``) or :class:`Skipped`."""
 
     def __init__(self, records: Sequence[ImageRecord], data_config: dict, grid: tuple[int, int],
-                 patch_size: int, sift: SiftParams, cache: KeypointCache | None, crops: bool):
-        self.records, self.data_config, self.crops = list(records), dict(data_config), crops
+                 patch_size: int, sift: SiftParams, cache: KeypointCache | None, crops: bool,
+                 dedupe: bool = False):
+        self.records, self.data_config, self.crops, self.dedupe = list(records), dict(data_config), crops, dedupe
         self.grid, self.patch_size = (int(grid[0]), int(grid[1])), int(patch_size)
         self.sift, self.cache = sift, cache
 
@@ -67,7 +68,8 @@ class ImageDataset(Dataset):
         try:
             rgb = read_record(rec)
             crop, tensor = model_input(rgb, self.data_config)
-            t, _ = keypoint_counts(crop, self.grid, self.patch_size, self.sift, cache=self.cache)
+            t, _ = keypoint_counts(crop, self.grid, self.patch_size, self.sift, cache=self.cache,
+                                   dedupe=self.dedupe)
         except ImageDecodeError as e:
             return Skipped(rec.id, path, str(e))
         except Exception as e:  # never kill the run for one image; keep where it failed
@@ -91,9 +93,11 @@ def _collate(items: list) -> tuple[Batch | None, list[Skipped]]:
 def iter_batches(records: Sequence[ImageRecord], data_config: dict, grid: tuple[int, int],
                  patch_size: int, *, batch_size: int = 32, sift: SiftParams = SiftParams(),
                  num_workers: int = 1, cache: KeypointCache | None = None, progress: bool = True,
-                 desc: str = "images", crops: bool = False) -> Iterator[tuple[Batch | None, list[Skipped]]]:
+                 desc: str = "images", crops: bool = False, dedupe_keypoints: bool = False
+                 ) -> Iterator[tuple[Batch | None, list[Skipped]]]:
     """``(batch, skipped)`` per loader batch of ``batch_size`` records, in record order (``batch``
     None when all failed). ``num_workers=0`` runs in this process (same results); a tqdm bar in img/s.
+    ``dedupe_keypoints``: counts with one keypoint per (x, y) location (the cache keeps them all).
     """
     from tqdm.auto import tqdm
 
@@ -102,7 +106,7 @@ def iter_batches(records: Sequence[ImageRecord], data_config: dict, grid: tuple[
         raise ValueError(f"grid {tuple(grid)} x patch {patch_size} does not tile the {h}x{w} model input")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    ds = ImageDataset(records, data_config, grid, patch_size, sift, cache, crops)
+    ds = ImageDataset(records, data_config, grid, patch_size, sift, cache, crops, dedupe_keypoints)
     if len(ds) == 0:
         return
     num_workers = max(0, int(num_workers))

@@ -18,7 +18,7 @@ from vitsift_core.model.collectors import MetricCollector
 from vitsift_core.model.infer import PRECISIONS, forward_precision, infer
 from vitsift_core.model.registry import load_model, resolve_device
 from vitsift_core.data.batches import iter_batches
-from vitsift_core.data.keypoints import KeypointCache, SiftParams
+from vitsift_core.data.keypoints import KEYPOINT_RULE, KeypointCache, SiftParams
 from vitsift_core.data.sources import resolve_images
 from vitsift_core.experiments.tables import (HEAD_COLS, METRIC_COLS, donor_counts, head_rows,  # noqa: F401
                                              layer_table, shuffled_counts, stage_fit_json)
@@ -55,6 +55,7 @@ class AnalysisParams(Params):
     seed: int = 0
     img_size: int | None = None
     sift: dict = field(default_factory=lambda: dataclasses.asdict(SiftParams()))
+    dedupe_keypoints: bool = False      # one count per keypoint location (default: the paper's count)
     chunk: int = DEFAULT_CHUNK          # images per resumable chunk
     # how to run: not part of the identity
     batch_size: int = 32
@@ -76,6 +77,10 @@ class AnalysisParams(Params):
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         self.sift = dataclasses.asdict(SiftParams(**self.sift))   # validates the keys
         in_range("contrast_threshold", self.sift["contrast_threshold"], 0)
+
+    def _identity(self, d: dict) -> dict:
+        d["keypoint_rule"] = KEYPOINT_RULE      # counts change with the rule: so must the folder
+        return d
 
 
 def recorded_forward(run: RunFolder, default: str | None = "fp32") -> str | None:
@@ -267,7 +272,8 @@ def _chunk_metrics(base: AnalysisParams, lm, collector: MetricCollector, records
     ids, counts, skipped, results = [], [], [], {v: [] for v in theta_vs}
     collector.attn_sum, collector.n_summed = None, 0
     loader = iter_batches(records, lm.data_config, lm.grid, lm.patch_size, batch_size=base.batch_size,
-                          sift=SiftParams(**base.sift), num_workers=base.num_workers, cache=cache, progress=False)
+                          sift=SiftParams(**base.sift), num_workers=base.num_workers, cache=cache, progress=False,
+                          dedupe_keypoints=base.dedupe_keypoints)
     donors = None
     if any(v[0] == "donor-keypoints" for v in theta_vs):
         loader = list(loader)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from vitsift_core.data.batches import iter_batches
-from vitsift_core.data.keypoints import KeypointCache, SiftParams
+from vitsift_core.data.keypoints import KEYPOINT_RULE, KeypointCache, SiftParams
 from vitsift_core.data.sources import resolve_images
 from vitsift_core.paths import cache_dir, data_dir, tmp_path
 from vitsift_core.store import Dist, key_of
@@ -60,7 +60,8 @@ def prepare_arrays(images: str, limit: int | None, img_size: int, patch_size: in
     ident = {"images": images, "data": str(data_dir()) if images.startswith("imagenette") else None,
              "ids": hashlib.sha1("\n".join(r.id for r in records).encode()).hexdigest(),
              "n": len(records), "img_size": int(img_size), "patch_size": int(patch_size),
-             "crop_pct": float(crop_pct), "sift": sift.key(), "format": "mae-arrays-v1"}
+             "crop_pct": float(crop_pct), "sift": sift.key(), "format": "mae-arrays-v1",
+             "keypoint_rule": KEYPOINT_RULE}     # counts.npy holds counts: a new rule, new arrays
     d = (Path(root) if root is not None else cache_dir() / "mae_arrays") / key_of(ident)
     if (d / "done.json").exists():
         return _load_arrays(d)

@@ -18,7 +18,7 @@ from vitsift_core.method import guided as MM
 from vitsift_core.model.collectors import PatchScoreCollector
 from vitsift_core.model.infer import amp_precision, forward_autocast, infer
 from vitsift_core.method.linear import knn_accuracy, linear_probe
-from vitsift_core.data.keypoints import SiftParams
+from vitsift_core.data.keypoints import KEYPOINT_RULE, SiftParams
 from vitsift_core.experiments.mae_data import TrainData, load_train_data, to_input
 from vitsift_core.model.mae import build_mae
 from vitsift_core.model.registry import load_weights_only, resolve_device
@@ -112,6 +112,7 @@ class PretrainConfig(Params):
         if self.mask == "random":   # curriculum settings do not touch a random-mask run
             d["betas"], d["beta_every"], d["order"], d["score_layer"] = None, None, None, None
         d["format"] = "mae-pretrain-v1"
+        d["keypoint_rule"] = KEYPOINT_RULE      # guided masks and key shares use counts
         return d
 
     def recipe_key(self) -> str:

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vitsift_core.data.images import ImageDecodeError, model_input
-from vitsift_core.data.keypoints import SiftParams, keypoint_counts
+from vitsift_core.data.keypoints import SiftParams, keypoint_counts, rule_effect
 from vitsift_core.data.sources import imagenette_root, read_record
 from vitsift_core.method import metrics as M
 from vitsift_core.model.capture import attention_maps
@@ -167,7 +167,8 @@ def keypoint_share(run: RunDir) -> pd.DataFrame:
 
 
 def threshold_effect(lm, records, thresholds, progress: bool = True) -> pd.DataFrame:
-    """Rows (threshold, image, n_keypoints, key_share): SIFT on the model's input crop per threshold."""
+    """Rows (threshold, image, key_share, data.keypoints.rule_effect's counts: n_keypoints, n_locations,
+    ...): SIFT on the model's input crop per threshold."""
     crops = []
     for r in records:
         try:
@@ -178,9 +179,9 @@ def threshold_effect(lm, records, thresholds, progress: bool = True) -> pd.DataF
     for th in tqdm(thresholds, desc="SIFT thresholds", disable=not progress):
         sp = SiftParams(contrast_threshold=float(th))
         for rid, crop in crops:
-            t, _ = keypoint_counts(crop, lm.grid, lm.patch_size, sp)
-            rows.append({"threshold": float(th), "image": rid, "n_keypoints": int(t.sum()),
-                         "key_share": float((t > 0).mean())})
+            t, kp = keypoint_counts(crop, lm.grid, lm.patch_size, sp)
+            rows.append({"threshold": float(th), "image": rid, "key_share": float((t > 0).mean()),
+                         **rule_effect(kp, lm.grid, lm.patch_size)})
     return pd.DataFrame(rows)
 
 
