@@ -214,7 +214,7 @@ def test_focus_dip_rule_both_sides():
     CI reaches 0, so it does not hold although the first side's CI excludes 0."""
     c = RC.dip_claim(U + JIT + np.zeros((10, 4)), n_boot=300, seed=0)
     assert c.holds and c.value == pytest.approx(2.0) and c.low == pytest.approx(2.0) and c.low > 0
-    assert "minimum at layer 2 of 4 (interior)" in c.measured and "(first side)" in c.measured
+    assert "minimum at layer 2 of 4 (interior)" in c.measured and "value: first side" in c.measured
     c = RC.dip_claim(np.array([[3.0, 2.0, 1.5, 1.0]]) + JIT, n_boot=300, seed=0)
     assert not c.holds and c.value == 0.0 and "layer 4 of 4 (an end)" in c.measured
     d = np.where(np.arange(10) % 2 == 0, 0.3, -0.2)
@@ -222,7 +222,7 @@ def test_focus_dip_rule_both_sides():
     c = RC.dip_claim(shallow, n_boot=300, seed=0)
     first = S.bootstrap_ci(shallow, n_boot=300, seed=0, stat=RC.dip_first)
     assert first[1] > 1.5                                                  # the first side slopes
-    assert "minimum at layer 3 of 4 (interior)" in c.measured and "(last side)" in c.measured
+    assert "minimum at layer 3 of 4 (interior)" in c.measured and "value: last side" in c.measured
     assert c.value == pytest.approx(0.05) and c.low == 0.0 and not c.holds
     assert c.n_images == 10
 

@@ -64,9 +64,9 @@ def dip_claim(fo: np.ndarray, n_boot: int, seed: int) -> Claim:
     small = min(sides, key=lambda name: sides[name][0])
     interior = 0 < k < fo.shape[1] - 1
     holds = bool(interior and all(lo > 0 for _, lo, _ in sides.values()))
-    each = "; ".join(f"{name} layer - min = {v:.4f} [{lo:.4f}, {hi:.4f}]" for name, (v, lo, hi) in sides.items())
+    each = ", ".join(f"{name} - min {v:.3f} [{lo:.3f}, {hi:.3f}]" for name, (v, lo, hi) in sides.items())
     measured = (f"focus curve minimum at layer {k + 1} of {fo.shape[1]} ({'interior' if interior else 'an end'}); "
-                f"{each}; value: the smaller ({small} side); holds if interior and both CIs exclude 0")
+                f"{each}; value: {small} side (both CIs must exclude 0)")
     v, lo, hi = sides[small]
     return Claim("4.2", "Focus index falls (attention narrows) and later rises again", measured, v, lo, hi,
                  holds, int((~np.isnan(fo).all(axis=1)).sum()))
