@@ -32,8 +32,10 @@ def test_trend_rules():
     slopes, _ = line_fit(np.arange(1.0, 4.0), np.array([[1.0, 3.0, 5.0], [2.0, 2.0, 2.0]]))
     assert slopes.tolist() == pytest.approx([2.0, 0.0])
     assert RC.kk_rise(np.array([[1.0, 3.0, 5.0], [1.0, np.nan, 5.0]])) == pytest.approx(2.0)
-    assert RC.focus_dip(np.array([[3.0, 1.0, 2.0], [3.0, 1.0, 4.0]])) == pytest.approx(2.0)   # curve 3, 1, 3
-    assert RC.focus_dip(np.array([[1.0, 2.0, 3.0]])) == 0.0                                     # no dip
+    # curve 3, 1, 3.5: minimum at layer index 1, sides 2 and 2.5
+    assert RC.focus_dip(np.array([[3.0, 1.0, 2.0], [3.0, 1.0, 5.0]])) == pytest.approx((1, 2.0, 2.5))
+    assert RC.focus_dip(np.array([[3.0, 2.0, 1.0]])) == pytest.approx((2, 2.0, 0.0))         # no dip
+    assert RC.dip_first(np.array([[4.0, 1.0, 2.0]])) == 3.0 and RC.dip_last(np.array([[4.0, 1.0, 2.0]])) == 1.0
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +85,19 @@ def _heads(kk, nk, ch, fo):
                          "focus": fo.ravel()})
 
 
-def _hand_claims(real, controls, monkeypatch):
+def _hand_claims(real, controls, monkeypatch, xself=None):
     monkeypatch.setattr(RC, "heads", lambda run: run)          # the "runs" are heads tables here
     runs = {("none", False): real, **{(c, False): h for c, h in controls.items()}}
+    if xself is not None:
+        runs[("none", True)] = xself
     table, _ = RC.claims(runs, n_boot=200)
     return table.set_index("measured")
+
+
+def _dip_row(t):
+    rows = [m for m in t.index if m.startswith("focus curve minimum")]
+    assert len(rows) == 1
+    return t.loc[rows[0]], rows[0]
 
 
 def test_claims_holds_and_control_signs_on_hand_tables(monkeypatch):
@@ -109,8 +119,8 @@ def test_claims_holds_and_control_signs_on_hand_tables(monkeypatch):
     for m, v in want.items():
         assert t.loc[m, "value"] == pytest.approx(v, abs=1e-4), m
         assert t.loc[m, "holds"] == "yes", m
-    dip_row = [m for m in t.index if "focus curve" in m][0]
-    assert t.loc[dip_row, "value"] == pytest.approx(2.0, abs=1e-4) and t.loc[dip_row, "holds"] == "yes"
+    row, _ = _dip_row(t)
+    assert row["value"] == pytest.approx(2.0, abs=1e-4) and row["holds"] == "yes"
 
     # reversed: NK above KK, every control's gap larger than the real one, focus only falls
     mono = np.array([[3.0, 2.0, 1.5, 1.0]]) + jitter
@@ -126,7 +136,8 @@ def test_claims_holds_and_control_signs_on_hand_tables(monkeypatch):
     for m, v in want.items():
         assert t.loc[m, "value"] == pytest.approx(v, abs=1e-4), m
         assert t.loc[m, "holds"] == "no", m
-    assert t.loc[dip_row, "value"] == pytest.approx(0.0, abs=1e-12) and t.loc[dip_row, "holds"] == "no"
+    row, _ = _dip_row(t)
+    assert row["value"] == pytest.approx(0.0, abs=1e-12) and row["holds"] == "no"
 
 
 def test_claims_hold_only_when_the_ci_excludes_zero(monkeypatch):
@@ -140,6 +151,80 @@ def test_claims_hold_only_when_the_ci_excludes_zero(monkeypatch):
     t = _hand_claims(_heads(0.525 + np.zeros((10, 4)), 0.475, 0.5, flat), {}, monkeypatch)
     row = t.loc["mean over layers of theta_KK - theta_NK"]
     assert row["value"] == pytest.approx(0.05, abs=1e-4) and row["holds"] == "yes"
+
+
+JIT = np.linspace(-0.05, 0.05, 10)[:, None]                   # per image, common to kk, nk and chance
+U = np.array([[3.0, 1.0, 1.5, 3.5]])                          # focus: a clear interior minimum
+
+
+def test_donor_rows_are_the_semantic_part(monkeypatch):
+    """Real KK - NK is 0.3; donor keypoints on the same maps give KK 0.45, NK 0.35 (gap 0.1), so
+    real minus donor is 0.15 (KK) and 0.2 (gap) per image; the donor of image 0 has no keypoint
+    patch (NaN) and drops out of the donor rows only. Reversed (donor gap 0.5 > real 0.3): no."""
+    gap_m, kk_m = RC.GAP_CONTROLS["donor-keypoints"][1], RC.KK_CONTROLS["donor-keypoints"][1]
+    real = _heads(0.6 + JIT + np.zeros((10, 4)), 0.3 + JIT, 0.4 + JIT, U)
+    donor = _heads(np.r_[[np.nan], np.full(9, 0.45)][:, None] + np.zeros((10, 4)),
+                   np.r_[[np.nan], np.full(9, 0.35)][:, None], 0.4 + JIT, U)
+    mean_att = _heads(0.5 + np.zeros((10, 4)), 0.3, 0.4, 1.0)
+    t = _hand_claims(real, {"donor-keypoints": donor, "mean-attention": mean_att}, monkeypatch)
+    assert t.loc[kk_m, "value"] == pytest.approx(np.mean(0.15 + JIT[1:]), abs=1e-4)
+    assert t.loc[gap_m, "value"] == pytest.approx(0.2, abs=1e-4)
+    assert t.loc[kk_m, "holds"] == t.loc[gap_m, "holds"] == "yes"
+    assert t.loc[kk_m, "n_images"] == t.loc[gap_m, "n_images"] == 9
+    assert t.loc["mean over layers of theta_KK - theta_NK", "n_images"] == 10
+    assert "semantic" in t.loc[kk_m, "claim"] and "semantic" in t.loc[gap_m, "claim"]
+    for m in (RC.KK_CONTROLS["mean-attention"][1], RC.GAP_CONTROLS["mean-attention"][1]):
+        assert "position + smoothing" in t.loc[m, "claim"] and "semantic" not in t.loc[m, "claim"]
+        assert t.loc[m, "n_images"] == 10
+    donor = _heads(0.7 + np.zeros((10, 4)), 0.2, 0.4 + JIT, U)             # donor gap 0.5
+    t = _hand_claims(real, {"donor-keypoints": donor}, monkeypatch)
+    assert t.loc[kk_m, "value"] == pytest.approx(-0.1, abs=1e-4) and t.loc[kk_m, "holds"] == "no"
+    assert t.loc[gap_m, "value"] == pytest.approx(-0.2, abs=1e-4) and t.loc[gap_m, "holds"] == "no"
+    assert RC.KK_CONTROLS["mean-attention"][1] not in t.index                # only controls that ran
+
+
+def test_kk_above_chance_with_exclude_self(monkeypatch):
+    """The exclude_self run's KK - chance per image: 0.5 - 0.4 holds; 0.35 - 0.4 does not, while
+    the default run's KK - chance (0.2) still holds. Image 3 has no KK in the j != i run."""
+    m = "mean over layers of theta_KK - theta_chance, j != i"
+    real = _heads(0.6 + JIT + np.zeros((10, 4)), 0.3 + JIT, 0.4 + JIT, U)
+    for kx, want, verdict in ((0.5, 0.1, "yes"), (0.35, -0.05, "no")):
+        k = np.full((10, 4), kx) + JIT
+        k[3] = np.nan
+        t = _hand_claims(real, {}, monkeypatch, xself=_heads(k, 0.3 + JIT, 0.4 + JIT, U))
+        assert t.loc[m, "value"] == pytest.approx(want, abs=1e-4) and t.loc[m, "holds"] == verdict
+        assert t.loc[m, "n_images"] == 9
+        assert t.loc["mean over layers of theta_KK - theta_chance", "holds"] == "yes"
+    assert m not in _hand_claims(real, {}, monkeypatch).index
+
+
+def test_kk_rise_both_outcomes(monkeypatch):
+    """theta_KK - chance rising 0.05 per layer holds; falling 0.05 per layer does not."""
+    m = "trend slope of theta_KK - theta_chance per layer"
+    layer = np.arange(1, 5)[None, :]
+    for slope, verdict in ((0.05, "yes"), (-0.05, "no")):
+        t = _hand_claims(_heads(0.5 + slope * layer + JIT, 0.2, 0.3, U), {}, monkeypatch)
+        assert t.loc[m, "value"] == pytest.approx(slope, abs=1e-6) and t.loc[m, "holds"] == verdict
+
+
+def test_focus_dip_rule_both_sides():
+    """U-shaped focus (sides 2.0 and 2.5) holds with the smaller (first) side as the value; a
+    monotone falling curve does not (last side 0, minimum at an end); a shallow noisy dip (last layer
+    1 + d, d = +0.3 / -0.2 in alternate images, mean 0.05) has an interior minimum but the last side's
+    CI reaches 0, so it does not hold although the first side's CI excludes 0."""
+    c = RC.dip_claim(U + JIT + np.zeros((10, 4)), n_boot=300, seed=0)
+    assert c.holds and c.value == pytest.approx(2.0) and c.low == pytest.approx(2.0) and c.low > 0
+    assert "minimum at layer 2 of 4 (interior)" in c.measured and "value: first side" in c.measured
+    c = RC.dip_claim(np.array([[3.0, 2.0, 1.5, 1.0]]) + JIT, n_boot=300, seed=0)
+    assert not c.holds and c.value == 0.0 and "layer 4 of 4 (an end)" in c.measured
+    d = np.where(np.arange(10) % 2 == 0, 0.3, -0.2)
+    shallow = np.column_stack([np.full(10, 3.0), np.full(10, 2.0), np.ones(10), 1.0 + d])
+    c = RC.dip_claim(shallow, n_boot=300, seed=0)
+    first = S.bootstrap_ci(shallow, n_boot=300, seed=0, stat=RC.dip_first)
+    assert first[1] > 1.5                                                  # the first side slopes
+    assert "minimum at layer 3 of 4 (interior)" in c.measured and "value: last side" in c.measured
+    assert c.value == pytest.approx(0.05) and c.low == 0.0 and not c.holds
+    assert c.n_images == 10
 
 
 def test_suite_reads_back_without_recomputing(tiny_runs, monkeypatch):

@@ -12,7 +12,8 @@ STAGE_NAMES = ("Retrieval", "Capture", "Coach")
 
 @dataclass
 class StageFit:
-    """Segments [(first, last)] * 3 (1-based), per-segment slopes and means, shape tests, names."""
+    """Segments [(first, last)] * 3 (1-based), per-segment slopes and means, shape tests, names,
+    and the shortest segment length the search allowed."""
     boundaries: tuple[int, int]
     segments: list[tuple[int, int]]
     slopes: list[dict[str, float]]
@@ -21,6 +22,7 @@ class StageFit:
     tests: dict[str, bool] = field(default_factory=dict)
     names: list[str] | None = None
     flat_tol: float = 0.05
+    min_len: int = 2                # the shortest segment the search allowed
 
     @property
     def holds(self) -> bool:
@@ -61,14 +63,21 @@ def line_fit(x: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, float]:
     return slopes, float((resid ** 2).sum())
 
 
-def fit_stages(theta_curve, focus_curve, min_len: int = 2, flat_tol: float = 0.05) -> StageFit:
+def min_segment(n_layers: int) -> int:
+    """The shortest stage segment for a model of ``n_layers``: 3 layers from 12 layers on, else 2.
+    A 2-layer segment's "slope" is one difference; deep models can afford a real line."""
+    return 3 if n_layers >= 12 else 2
+
+
+def fit_stages(theta_curve, focus_curve, min_len: int | None = None, flat_tol: float = 0.05) -> StageFit:
     """Exhaustive least-squares fit of three segments to theta_curve and focus_curve (L,), then the
-    shape tests (DESIGN.md section 3) that name them."""
+    shape tests (DESIGN.md section 3) that name them. ``min_len`` None: :func:`min_segment` (L)."""
     th = np.asarray(theta_curve, dtype=np.float64)
     fo = np.asarray(focus_curve, dtype=np.float64)
     if th.shape != fo.shape or th.ndim != 1:
         raise ValueError(f"curves must be 1-D and equal length, got {th.shape} and {fo.shape}")
     n = th.shape[0]
+    min_len = min_segment(n) if min_len is None else min_len
     if n < 3 * min_len:
         raise ValueError(f"need at least {3 * min_len} layers for 3 segments of >= {min_len}, got {n}")
     if np.isnan(th).any() or np.isnan(fo).any():
@@ -98,10 +107,10 @@ def fit_stages(theta_curve, focus_curve, min_len: int = 2, flat_tol: float = 0.0
     }
     tests = {k: bool(v) for k, v in tests.items()}
     names = list(STAGE_NAMES) if all(tests.values()) else None
-    return StageFit((b1, b2), segs, slopes, means, float(sse), tests, names, flat_tol)
+    return StageFit((b1, b2), segs, slopes, means, float(sse), tests, names, flat_tol, min_len)
 
 
-MIN_LAYERS = 6                  # three segments of >= 2 layers
+MIN_LAYERS = 6                  # three segments of >= min_segment(L) layers (2 below 12 layers)
 CURVES = {"theta": "theta_kk - theta_chance (head mean)", "focus": "focus (head mean)"}
 
 
