@@ -170,7 +170,7 @@ def _blobs(rng, grid: int, n_blobs: int) -> np.ndarray:
 
 def test_synthetic_maps_without_semantics_give_no_donor_semantic_part(tmp_path):
     """Issue 16's case: attention a local Gaussian (width 0.7 or 3) around the query, keypoints random
-    blobs: real minus donor is ~0, while real minus mean attention (position + smoothing) is not."""
+    blobs: real minus donor is ~0, while real minus mean attention (which keeps position + smoothing) is not."""
     rng = np.random.default_rng(0)
     grid, n = 12, 80
     widths = rng.choice([0.7, 3.0], n)

@@ -241,7 +241,7 @@ def test_layer_curves_and_sensitivity(tiny_runs):
     assert list(cur.layer) == list(range(1, 7))
     # slow reference: per layer, the mean over (image, head) rows where both runs define the value
     real = study.heads(runs[("none", False)])
-    for control, part in (("donor-keypoints", "semantic"), ("mean-attention", "position_smoothing")):
+    for control, part in (("donor-keypoints", "semantic"), ("mean-attention", "beyond_content_free")):
         other = {(r.image, r.layer, r.head): r for r in study.heads(runs[(control, False)]).itertuples()}
         for suffix, f in (("", lambda r: r.theta_kk), ("_nk", lambda r: r.theta_nk),
                           ("_gap", lambda r: r.theta_kk - r.theta_nk)):
@@ -249,7 +249,7 @@ def test_layer_curves_and_sensitivity(tiny_runs):
                 diff = [f(r) - f(other[(r.image, r.layer, r.head)]) for r in real.itertuples() if r.layer == layer]
                 diff = [x for x in diff if not np.isnan(x)]
                 assert cur[f"{part}{suffix}"].iloc[layer - 1] == pytest.approx(np.mean(diff), abs=1e-6), (part, suffix)
-    assert not np.allclose(cur.semantic, cur.position_smoothing)
+    assert not np.allclose(cur.semantic, cur.beyond_content_free)
     # chance paired with KK: theta_chance over the rows where theta_kk is defined
     for layer in range(1, 7):
         rl = real[real.layer == layer]

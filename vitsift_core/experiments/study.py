@@ -73,17 +73,18 @@ def paired_part(real: pd.DataFrame, control: pd.DataFrame) -> pd.DataFrame:
 
 
 # the two readings of a control difference (DESIGN.md section 3): donor keypoints keep each image's
-# maps (semantic part), the data-set-mean map also changes their shape (position + smoothing)
+# maps (semantic part); the data-set-mean map keeps position + smoothing only, so real minus it
+# mixes semantics with what smoothing changes
 PARTS = {"donor-keypoints": ("semantic", "semantic (real - donor keypoints)"),
-         "mean-attention": ("position_smoothing", "position + smoothing (real - mean attention)")}
+         "mean-attention": ("beyond_content_free", "real - content-free (what position + smoothing leave)")}
 
 
 def layer_curves(runs: dict[Variant, RunDir], exclude_self: bool = False) -> pd.DataFrame:
     """Per layer: the real run's kk, nk, gap (kk - nk), chance_kk / chance_nk (paired: over the rows
     where kk / nk is defined), kk_minus_chance / nk_minus_chance (paired), focus; each other
     control's kk_/nk_/gap_/focus_<control>; and, from per-row paired differences (:func:`paired_part`),
-    semantic / semantic_nk / semantic_gap = real - donor keypoints and position_smoothing /
-    position_smoothing_nk / position_smoothing_gap = real - mean attention (when those ran)."""
+    semantic / semantic_nk / semantic_gap = real - donor keypoints and beyond_content_free /
+    beyond_content_free_nk / beyond_content_free_gap = real - mean attention (when those ran)."""
     real = layers(runs[("none", exclude_self)])
     out = pd.DataFrame({"layer": real.layer, "kk": real.theta_kk, "nk": real.theta_nk,
                         "gap": real.theta_kk - real.theta_nk, "chance_kk": real.chance_kk,

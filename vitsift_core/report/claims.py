@@ -1,6 +1,6 @@
 """The claims of Sec 4.1-4.3: each with a bootstrap 95 % CI over images (holds when it excludes 0;
 the focus dip needs both of its sides' CIs to exclude 0). The semantic part of the KK bias is real
-minus donor keypoints; real minus mean attention is position + smoothing (DESIGN.md section 3)."""
+minus donor keypoints; content-free (mean) attention keeps position + smoothing only (DESIGN.md section 3)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -21,7 +21,7 @@ PALETTE = sns.color_palette("colorblind")
 COLORS = {
     "KK": PALETTE[0], "NK": PALETTE[1], "chance": "0.35", "shuffle-keypoints": PALETTE[2],
     "random-init": PALETTE[7], "mean-attention": PALETTE[4], "semantic": PALETTE[3],
-    "donor-keypoints": PALETTE[6], "position_smoothing": PALETTE[4],
+    "donor-keypoints": PALETTE[6], "beyond_content_free": PALETTE[4],
     "focus": PALETTE[0], "top": PALETTE[3], "bottom": PALETTE[2], "random": "0.35",
     "keypoints": PALETTE[4], "guided": PALETTE[2], "top_other": PALETTE[5], "bottom_other": PALETTE[9],
 }
@@ -161,14 +161,16 @@ def shade_stages(ax, segments, names=None, alpha: float = 0.15) -> None:
                 fontsize=8)
 
 
+CONTROL_NAMES = {"mean-attention": "content-free (position + smoothing)"}
 CONTROL_STYLES = (("shuffle-keypoints", "-."), ("random-init", ":"), ("mean-attention", "--"), ("donor-keypoints", "-"))
-PART_LABELS = dict(PARTS.values())     # column -> label: the semantic and position + smoothing parts
+PART_LABELS = dict(PARTS.values())     # column -> label: real - donor, real - content-free
 
 
 def theta_layer_figure(real_heads: pd.DataFrame, cur: pd.DataFrame, title: str) -> plt.Figure:
     """Fig. 5 with its controls: left, theta_KK / theta_NK per head and layer (real run), chance paired
     with KK and with NK, each control's KK; right, the parts of the bias (``study.layer_curves``
-    columns): semantic = real - donor keypoints and position + smoothing = real - mean attention, for
+    columns): semantic = real - donor keypoints, and real - content-free (mean attention, itself
+    position + smoothing), for
     theta_KK and for the KK - NK gap, beside KK - chance (paired)."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [3, 2]})
     ax = axes[0]
@@ -178,7 +180,8 @@ def theta_layer_figure(real_heads: pd.DataFrame, cur: pd.DataFrame, title: str) 
     ax.plot(cur.layer, cur.chance_nk, color=COLORS["chance"], lw=1.0, ls=":", label="chance (NK's images)")
     for c, ls in CONTROL_STYLES:
         if f"kk_{c}" in cur:
-            ax.plot(cur.layer, cur[f"kk_{c}"], color=COLORS[c], lw=1.5, ls=ls, label=f"theta_KK, {c}")
+            ax.plot(cur.layer, cur[f"kk_{c}"], color=COLORS[c], lw=1.5, ls=ls,
+                    label=f"theta_KK, {CONTROL_NAMES.get(c, c)}")
     ax.set_xlabel("layer")
     ax.set_ylabel("theta (weighted, Eq. 3-4)")
     ax.set_title("each dot: one head (mean over images); line: head mean")
