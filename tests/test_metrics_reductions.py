@@ -151,3 +151,22 @@ def test_tolerances_on_real_looking_maps_from_a_sharp_softmax():
     assert not torch.isnan(new).any()
     assert (new - old).abs().max() <= FOCUS_TOL
     assert np.isfinite(M.focus_index(a)[0].numpy()).all()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_either_cpu_log_gives_the_old_entropy_and_the_switch_is_checked(backend, monkeypatch):
+    """The log is NumPy's or torch's, whichever this CPU runs faster (AVX-512: NumPy; AVX2 only:
+    torch); both must give the replaced formula's numbers."""
+    monkeypatch.setenv("VITSIFT_CPU_LOG", backend)
+    assert M.cpu_log_backend() == backend
+    a = awkward_maps(seed=11)
+    for x in (a, a.double()):
+        new, old = M.row_entropy(x), old_row_entropy(x)
+        assert torch.equal(torch.isnan(new), torch.isnan(old))
+        ok = ~torch.isnan(old)
+        assert (new[ok] - old[ok]).abs().max() <= FOCUS_TOL
+    monkeypatch.setenv("VITSIFT_CPU_LOG", "fast")
+    with pytest.raises(ValueError, match="VITSIFT_CPU_LOG"):
+        M.cpu_log_backend()
+    monkeypatch.delenv("VITSIFT_CPU_LOG")
+    assert M.cpu_log_backend(torch.float32) in M.CPU_LOGS          # timed once, then cached
