@@ -175,3 +175,13 @@ def test_either_cpu_log_gives_the_old_entropy_and_the_switch_is_checked(backend,
         M.cpu_log_backend()
     monkeypatch.delenv("VITSIFT_CPU_LOG")
     assert M.cpu_log_backend(torch.float32) in M.CPU_LOGS          # timed once, then cached
+
+
+def test_choosing_the_cpu_log_leaves_the_global_rng_alone(monkeypatch):
+    monkeypatch.delenv("VITSIFT_CPU_LOG", raising=False)
+    monkeypatch.setattr(M, "_CPU_LOG", {})                  # force the timing to run
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    assert M.cpu_log_backend(torch.float64) in M.CPU_LOGS
+    assert torch.equal(torch.rand(4), expected)
