@@ -314,6 +314,8 @@ def parse(argv):
                    help="with --precision bf16 on a CPU: run only if the CPU has a native bf16 matmul "
                         "(AVX512-BF16/AMX); elsewhere bf16 is emulated and one pass takes > 20 min")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--breakdown", action="store_true", help="also time (b) step by step, per layer: "
+                   "forward with fused attention off, capture, theta, focus, bookkeeping (CPU time)")
     p.add_argument("--out", default=None, help="default: <reports>/bench/analysis.json, analysis-<precision>.json "
                    "with --precision fp32|bf16 (VITSIFT_REPORTS, else ./reports)")
     p.add_argument("--tiny", action="store_true",
@@ -321,7 +323,7 @@ def parse(argv):
     p.add_argument("--memory-child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.tiny:
-        a.model, a.random_init, a.batch, a.batches, a.rounds = "test_vit", True, 4, 1, 1
+        a.model, a.random_init, a.batch, a.batches, a.rounds, a.breakdown = "test_vit", True, 4, 1, 1, True
         if a.images == "auto":
             a.images = "samples"
     return a
@@ -427,6 +429,13 @@ def main(argv: list[str] | None = None) -> int:
     if diff is not None:
         print(f"(b) and (c) give the same metrics: max |difference| theta {diff['theta']:.2g}, "
               f"focus {diff['focus']:.2g}")
+    bd = None
+    if args.breakdown:
+        from breakdown import HEADER, breakdown, table_rows
+
+        bd = breakdown(bench, batches, args.rounds)
+        print(f"(b) step by step, CPU time (all threads), median of {args.rounds} round(s):")
+        print(C.table(table_rows(bd), HEADER))
     from vitsift_core.model.infer import forward_precision
     forward = forward_precision(dev, args.precision)
     effect = None
@@ -445,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_analysis_over_plain": ratio("b", "a", cpu), "cpu_analysis_over_attention_extract": ratio("b", "c", cpu),
         "images_per_s": ips, "cpu_seconds_per_image": cpu_per_img, "seconds_per_round": times,
         "cpu_seconds_per_round": cpu, "load_avg_1m": {"before": load0, "after": C.machine().get("load_avg_1m")},
-        "memory": mem,
+        "memory": mem, "breakdown": bd,
         "memory_method": ("torch.cuda.max_memory_allocated" if dev.type == "cuda" else
                           "RSS in a fresh process per variant: working = VmHWM - VmRSS around one batch; "
                           "peak = working + bytes of weights and input batch"),

@@ -7,6 +7,14 @@
 #   bash benchmarks/gpu_check.sh                  # on the GPU box, from anywhere
 #   bash benchmarks/gpu_check.sh --cpu-tiny       # the same code on CPU with a tiny model (seconds)
 #   PY=/path/to/python bash benchmarks/gpu_check.sh   # another interpreter (default: .venv, else python3)
+#
+# What to expect of the metric reductions on CUDA (issue 17): they run where the maps are. theta is
+# one comparison mask and one matmul per count variant; focus is the min-max shift, one
+# torch.special.xlogy kernel (the CPU path's NumPy log is not used on a GPU) and row sums. Per-slice
+# results stay on the GPU until MetricCollector.finish_batch / PatchScoreCollector.finish_batch
+# make one host copy per batch: no .cpu()/.item()/.numpy() per layer, so the capture never waits on
+# the device. b/a is then the unfused attention plus those few kernels per layer: expect it a little
+# under the forward alone with fused attention off, not a host-bound fraction of it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [[ -z "${PY:-}" ]]; then

@@ -44,6 +44,11 @@ def test_bench_analysis_tiny(tmp_path):
     assert rep["max_abs_diff_b_vs_c"]["focus"] < 1e-4
     assert "vs last run (earlier): analysis_over_plain 0.5 ->" in text     # compared with the last run
     assert rep["forward"] == "fp32" and rep["precision_effect_vs_fp32"] is None
+    # --tiny times (b) step by step too (--breakdown): every step, CPU ms per image and per layer
+    assert "| step" in text and "theta" in text and "focus" in text and "capture (hooks, slices)" in text
+    bd = rep["breakdown"]
+    assert bd["n_layers"] > 0 and bd["cpu_ms_per_image"]["(b) analyze path, total"] > 0
+    assert bd["cpu_ms_per_image"]["theta"] > 0 and bd["cpu_ms_per_image"]["focus"] > 0
 
 
 def test_bench_analysis_tiny_bf16_reports_what_bf16_changes(tmp_path):

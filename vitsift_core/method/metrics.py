@@ -4,6 +4,8 @@ block, rows = query i; ``counts``: keypoints per patch (..., N). Undefined value
 from __future__ import annotations
 
 import math
+import os
+import time
 
 import numpy as np
 import torch
@@ -90,20 +92,56 @@ def theta_chance(counts: torch.Tensor, weighted: bool = True) -> torch.Tensor:
     return num / den
 
 
-def _log_(t: torch.Tensor) -> torch.Tensor:
-    """In-place natural log; on CPU through NumPy (its SIMD log is ~3x faster than torch's there)."""
-    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and t.is_contiguous() \
-            and not t.requires_grad:
-        a = t.numpy()
-        np.log(a, out=a)
-        return t
-    return t.log_()
+_CPU_LOG: dict[torch.dtype, str] = {}      # dtype -> "numpy" or "torch", chosen once per process
+CPU_LOGS = ("numpy", "torch")
+
+
+def cpu_log_backend(dtype: torch.dtype = torch.float32) -> str:
+    """Which natural log is faster on this CPU for ``dtype``: NumPy's or torch's, timed once per
+    process (~1 ms); VITSIFT_CPU_LOG=numpy|torch fixes it. NumPy's AVX-512 log is ~3x torch's, but
+    where NumPy has no SIMD log for the CPU (AVX2 only) it is ~2x slower than torch's (issue 17,
+    benchmarks/README.md). Both give the same values to float rounding (<= 1e-6 in focus)."""
+    env = os.environ.get("VITSIFT_CPU_LOG", "").strip().lower()
+    if env:
+        if env not in CPU_LOGS:
+            raise ValueError(f"VITSIFT_CPU_LOG must be one of {CPU_LOGS}, got {env!r}")
+        return env
+    if dtype not in _CPU_LOG:
+        x = torch.linspace(0.5, 1.5, 1 << 15, dtype=dtype)     # not torch.rand: leave the global RNG alone
+        y = torch.empty_like(x)
+        best = {"numpy": float("inf"), "torch": float("inf")}
+        for _ in range(5):                      # interleaved, best of 5: robust to a busy machine
+            for name in CPU_LOGS:
+                t0 = time.perf_counter()
+                np.log(x.numpy(), out=y.numpy()) if name == "numpy" else torch.log(x, out=y)
+                best[name] = min(best[name], time.perf_counter() - t0)
+        _CPU_LOG[dtype] = min(best, key=best.get)
+    return _CPU_LOG[dtype]
+
+
+def _xlogx_sums(s: torch.Tensor, work: torch.Tensor | None) -> torch.Tensor:
+    """sum_j s_j log s_j over the last dim of s (..., N) >= 0 -> (...), with 0 log 0 = 0; ``work``:
+    scratch like s. One pass per step, no clamp: on CPU the faster log (:func:`cpu_log_backend`)
+    gives -inf at s_j = 0, the product NaN, and ``nansum`` drops it; elsewhere (CUDA)
+    ``torch.special.xlogy`` is one fused kernel (on CPU it is not vectorised: > 20x slower)."""
+    if s.device.type == "cpu" and s.dtype in (torch.float32, torch.float64) and not s.requires_grad:
+        out = torch.empty(s.shape, dtype=s.dtype) if work is None else work
+        if cpu_log_backend(s.dtype) == "numpy":
+            with np.errstate(divide="ignore", invalid="ignore"):
+                np.log(s.numpy(), out=out.numpy())
+        else:
+            torch.log(s, out=out)
+        out.mul_(s)                                   # s_j = 0: 0 * -inf = NaN, skipped below
+        return torch.nansum(out, dim=-1)
+    return torch.special.xlogy(s, s, out=work).sum(dim=-1) if work is not None else \
+        torch.special.xlogy(s, s).sum(dim=-1)
 
 
 def row_entropy(attn: torch.Tensor, kind: str = "minmax",
                 work: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Row entropy (nats) of Eq. 5, attn (..., N, N) -> (..., N); rows min-max shifted ('minmax')
-    or as is ('softmax'), renormalised. ``work``: two scratch tensors like attn."""
+    or as is ('softmax'), renormalised (NaN where a row sums to 0). ``work``: two scratch tensors
+    like attn. Passes over the block: min, shift, sum, log, product, sum (minmax)."""
     if kind not in FOCUS_KINDS:
         raise ValueError(f"focus kind must be one of {FOCUS_KINDS}, got {kind!r}")
     w1, w2 = work if work is not None else (None, None)
@@ -113,12 +151,8 @@ def row_entropy(attn: torch.Tensor, kind: str = "minmax",
     else:
         shifted = attn
     total = shifted.sum(dim=-1)
-    # -sum q log q = log(total) - sum s log s / total (s_j = 0 adds 0 * log(tiny) = 0)
-    tiny = torch.finfo(shifted.dtype).tiny
-    slogs = torch.clamp_min(shifted, tiny, out=w2) if w2 is not None else shifted.clamp_min(tiny)
-    _log_(slogs)
-    slogs.mul_(shifted)
-    ent = torch.log(total) - slogs.sum(dim=-1) / total
+    # -sum q log q with q = s / Z: log Z - sum s log s / Z, one pass for s log s
+    ent = torch.log(total) - _xlogx_sums(shifted, w2) / total
     return torch.where(total > 0, ent, torch.full_like(ent, float("nan")))
 
 

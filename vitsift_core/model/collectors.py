@@ -83,17 +83,30 @@ class MetricCollector:
                     self.n_summed += b
         # per slice only the (b, H, N) row values; the means are taken once in finish_batch
         work = self._workspace(a)
-        part = {"entropy": M.row_entropy(a, self.focus_kind, work=(work[0], work[1]))}
+        part = {"entropy": self._entropy(a, work)}
+        part.update(self._thetas(a, off, work))
+        with self._lock:
+            self._parts[layer].append((off, b, part))
+
+    def _entropy(self, a: torch.Tensor, work: list[torch.Tensor]) -> torch.Tensor:
+        """Row entropies of one slice a (b, H, N, N) -> (b, H, N); uses both scratch tensors."""
+        return M.row_entropy(a, self.focus_kind, work=(work[0], work[1]))
+
+    def _thetas(self, a: torch.Tensor, off: int, work: list[torch.Tensor]) -> dict:
+        """theta_i of every variant for the slice a (b, H, N, N) of images off.. -> ("theta", name) ->
+        (b, H, N); one comparison mask per exclude_self setting (in work[0]), one matmul per variant.
+        Everything stays on a's device (no host copy until finish_batch)."""
+        b = a.shape[0]
         masks: dict[bool, torch.Tensor] = {}
+        out = {}
         for name, (_, excl) in self._variants.items():
             c = self._counts(name, a.device)[off:off + b].reshape(b, 1, -1)
             if excl not in masks:
                 # 0/1 floats straight from the comparison: the same sets as the bool mask
                 masks[excl] = M.attended_mask(a, self.gamma, excl, dtype=a.dtype,
                                               out=work[0] if not masks else None)
-            part[("theta", name)] = M.theta_from_mask(masks[excl], c, self.weighted)
-        with self._lock:
-            self._parts[layer].append((off, b, part))
+            out[("theta", name)] = M.theta_from_mask(masks[excl], c, self.weighted)
+        return out
 
     def finish_batch(self) -> dict[str, dict[str, torch.Tensor]]:
         """-> variant -> metric -> (B, L, H) float32 on CPU (focus/focus_norm included in each)."""
@@ -148,6 +161,7 @@ class PatchScoreCollector:
 
     def start_batch(self, counts: torch.Tensor) -> None:
         self.counts, self.scores = counts, {}          # scores: layer -> {slice start: (b, N)}
+        self._on_device: dict[torch.device, torch.Tensor] = {}
         if self.metrics is not None:
             self.metrics.start_batch({"real": (counts, self.exclude_self)})
 
@@ -155,8 +169,12 @@ class PatchScoreCollector:
         if self.metrics is not None:
             self.metrics(layer, attn)
         s, b = current_slice_start() or 0, attn.shape[0]
-        sc = M.patch_scores(attn, self.counts[s:s + b].to(attn.device), self.gamma, self.weighted,
-                            self.exclude_self).float().cpu()
+        with self._lock:                               # counts copied to the device once per batch
+            if attn.device not in self._on_device:
+                self._on_device[attn.device] = self.counts.to(attn.device)
+            counts = self._on_device[attn.device]
+        # stays on the device: one host copy in finish_batch, none per layer
+        sc = M.patch_scores(attn, counts[s:s + b], self.gamma, self.weighted, self.exclude_self).float()
         with self._lock:
             self.scores.setdefault(layer, {})[s] = sc
 
@@ -168,6 +186,6 @@ class PatchScoreCollector:
             if out.shape[0] != self.counts.shape[0]:
                 raise RuntimeError(f"layer {l}: scores for {out.shape[0]} of {self.counts.shape[0]} images")
             return out
-        sc = torch.stack([layer(l) for l in self.captured0], dim=1)    # (B, Lc, N)
+        sc = torch.stack([layer(l) for l in self.captured0], dim=1).cpu()    # (B, Lc, N)
         met = self.metrics.finish_batch()["real"] if self.metrics is not None else None
         return sc, met
