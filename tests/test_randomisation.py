@@ -163,11 +163,12 @@ def test_vanishes_rule(trained, randomised, holds):
 def test_claim_row_both_outcomes():
     def table(rand):
         return pd.DataFrame({"kind": ["cascade", "cascade"], "step": [0, 12], "semantic": [0.2, rand[0]],
-                             "semantic_low": [0.15, rand[1]], "semantic_high": [0.25, rand[2]]})
+                             "semantic_low": [0.15, rand[1]], "semantic_high": [0.25, rand[2]],
+                             "n_images": [64, 63]})
     yes = RR.randomisation_claim(table((0.0, -0.01, 0.01)))
     no = RR.randomisation_claim(table((0.1, 0.05, 0.15)))
     assert yes.holds and not no.holds
-    assert (no.value, no.low, no.high) == (0.1, 0.05, 0.15)
+    assert (no.value, no.low, no.high, no.n_images) == (0.1, 0.05, 0.15, 63)    # the randomised step's images
     assert yes.section == "4.1" and "vanishes" in yes.claim and "trained: 0.2000" in yes.measured
 
 

@@ -103,7 +103,8 @@ def randomisation_claim(table: pd.DataFrame, frac: float = VANISH_FRAC) -> Claim
                 f"trained: {t.semantic:.4f} [{t.semantic_low:.4f}, {t.semantic_high:.4f}]; holds when the trained CI "
                 f"excludes 0 and the randomised CI lies within +/-{100 * frac:.0f} % of the trained value")
     return Claim("4.1", "The semantic part vanishes when the weights are randomised", measured,
-                 *trip(r), vanishes(trip(t), trip(r), frac))
+                 *trip(r), vanishes(trip(t), trip(r), frac),
+                 int(r.n_images))
 
 
 def randomisation_figure(table: pd.DataFrame, title: str = "") -> plt.Figure:
