@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from vitsift_core.experiments.analysis import CONTROLS
 from vitsift_core.method import masking as MK
 
 
@@ -84,13 +85,15 @@ def test_torchrun_analyze_equals_one_process(tmp_path, tiny_ckpt, images):
 
 
 def test_torchrun_suite_equals_one_process(tmp_path, tiny_ckpt, images):
-    """All controls, mean-attention included: each rank keeps its own running sum of attention."""
+    """All controls, mean-attention included: each rank keeps its own running sum of attention; donor
+    keypoints are deranged within each chunk, so every rank draws the same donors."""
     env = _env(tmp_path)
     one, two = tmp_path / "one", tmp_path / "two"
     _single(_args("suite", tiny_ckpt, images, one), env)
     _torchrun(_args("suite", tiny_ckpt, images, two), env)
     dirs = sorted(x.name for x in one.iterdir())
-    assert dirs == sorted(x.name for x in two.iterdir()) and len(dirs) == 8
+    assert dirs == sorted(x.name for x in two.iterdir()) and len(dirs) == 2 * len(CONTROLS) == 10
+    assert {"donor-keypoints", "donor-keypoints-xself"} <= {d.rsplit("-", 1)[0] for d in dirs}
     for d in dirs:
         if d.startswith("mean-attention"):
             # the data-set mean is summed in another order (per rank, then across): float64
