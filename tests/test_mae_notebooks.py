@@ -28,12 +28,14 @@ def test_every_parameter_line_is_seen_by_papermill(nb):
 
 
 # key() of each profile's MAE recipe as notebook 01 resolved it before the recipe moved to
-# params/*.yaml (it parsed notebook 07's parameters cell), less issue 16's keypoint rule (it changed
-# every count, so the run folders got new keys: NEW_KEYS).
-OLD_KEYS = {"smoke": ("21cfd201a4aa", "0384d3dc97e2"), "embedded": ("2fe3f1dafac9", "523589c232fd"),
-            "embedded-full": ("9eb566df8b68", "c2e110e3aacc"), "paper": ("6d3dee58657e", "b4250d5cce7a")}
-NEW_KEYS = {"smoke": ("eeb4be0eff98", "f0ebaa12f875"), "embedded": ("a7cae6ba94c0", "3e9d338f05bd"),
-            "embedded-full": ("60dcade418a7", "7c538575ff6b"), "paper": ("78b0635f9d2d", "7bf2ad971ffb")}
+# params/*.yaml (it parsed notebook 07's parameters cell), less issue 16's keypoint rule and with
+# issue 18's format v2 set back to v1: it holds where the recipe itself did not change. Issue 18
+# changed embedded (64 -> 48 px) and embedded-full (all train images, k-NN memory 2,000) on purpose
+# (None), and the format (metrics.csv starts with epoch 0) changed every key: NEW_KEYS.
+OLD_KEYS = {"smoke": ("21cfd201a4aa", "0384d3dc97e2"), "embedded": None, "embedded-full": None,
+            "paper": ("6d3dee58657e", "b4250d5cce7a")}
+NEW_KEYS = {"smoke": ("c34e71ae2858", "68227a897a3b"), "embedded": ("2aaa61d30950", "8d3732978524"),
+            "embedded-full": ("f1333959211e", "231e54c5f26f"), "paper": ("048c94349623", "a299a4e190fb")}
 
 
 @pytest.mark.parametrize("profile", sorted(OLD_KEYS))
@@ -41,8 +43,10 @@ def test_mae_recipe_of_each_profile_keeps_its_old_key(profile):
     from vitsift_core.store import key_of
 
     cfgs = [mae_recipe(profile, mask=m, seed=0) for m in ("random", "guided")]
-    assert tuple(key_of({k: v for k, v in c.identity().items() if k != "keypoint_rule"})
-                 for c in cfgs) == OLD_KEYS[profile]
+    if OLD_KEYS[profile] is not None:
+        old = [{k: v for k, v in c.identity().items() if k != "keypoint_rule"} for c in cfgs]
+        assert all(d["format"] == "mae-pretrain-v2" for d in old)
+        assert tuple(key_of({**d, "format": "mae-pretrain-v1"}) for d in old) == OLD_KEYS[profile]
     assert tuple(c.key() for c in cfgs) == NEW_KEYS[profile]
 
 
@@ -51,7 +55,7 @@ def test_recovery_uses_the_profiles_mae_recipe():
     assert (cfg.encoder, cfg.img_size, cfg.epochs, cfg.batch_size) == ("test_vit", 32, 2, 8)
     assert (cfg.num_workers, cfg.threads, cfg.blr, cfg.probe_every) == (0, 1, 1.5e-3, 1)   # runtime keys too
     emb = mae_recipe("embedded")
-    assert emb.img_size == 64 and emb.train_images == "imagenette:train"
+    assert emb.img_size == 48 and emb.train_images == "imagenette:train"   # issue 18: 48 px (was 64)
     with pytest.raises(FileNotFoundError):
         mae_recipe("no-such-profile")
 

@@ -141,10 +141,11 @@ def test_guided_run_files_and_curriculum(synth, tmp_path):
     cfg = tiny_cfg(synth, mask="guided", beta_every=1, betas=(0.1, 0.5), epochs=2)
     out = P.run_pretrain(cfg, tmp_path / "g", progress=False)
     m = M.load_metrics(out)
-    assert list(m.columns) == P.METRIC_COLS and list(m.epoch) == [1, 2]
-    assert list(m.beta) == [0.1, 0.5]
-    assert m.key_share.iloc[0] < m.key_share.iloc[1]    # more keypoint patches masked later
-    assert m.knn_acc.between(0, 1).all() and np.isnan(m.probe_acc.iloc[0]) and 0 <= m.probe_acc.iloc[1] <= 1
+    assert list(m.columns) == P.METRIC_COLS and list(m.epoch) == [0, 1, 2]   # 0: the untrained encoder
+    assert np.isnan(m.beta.iloc[0]) and list(m.beta[1:]) == [0.1, 0.5]
+    assert m.key_share.iloc[1] < m.key_share.iloc[2]    # more keypoint patches masked later
+    assert m.knn_acc.between(0, 1).all() and np.isnan(m.probe_acc.iloc[1]) and 0 <= m.probe_acc.iloc[2] <= 1
+    assert 0 <= m.probe_acc.iloc[0] <= 1 and np.isnan(m.train_loss.iloc[0])      # epoch 0: probed, untrained
     steps = M.load_steps(out)
     assert len(steps) == 2 * (36 // 8)
     assert P.is_complete(out)
@@ -166,7 +167,7 @@ def test_resume_after_kill_gives_identical_metrics(synth, tmp_path):
     r = run_killed(cfg, out, kill_at)
     assert r.returncode == -9, r.stderr[-2000:]              # SIGKILL: no clean-up ran
     assert not P.is_complete(out)
-    assert len(M.load_metrics(out)) == 1                      # epoch 1 was checkpointed
+    assert list(M.load_metrics(out).epoch) == [0, 1]          # epoch 1 was checkpointed (after epoch 0)
     r = run_killed(cfg, out, -1)                              # resume in a fresh process, no kill
     assert r.returncode == 0, r.stderr[-2000:]
     import json
@@ -237,11 +238,11 @@ def test_key_share_is_the_realised_share_of_masked_keypoint_patches(synth, tmp_p
     assert 0.1 < n_key.mean() / n < 0.9, n_key          # the case is not trivial: both kinds exist
     big_m = 12                                           # round(0.75 * 16)
     k = np.minimum(np.maximum(round(beta * big_m), big_m - (n - n_key)), n_key)
-    guided = M.load_metrics(P.run_pretrain(cfg, tmp_path / "s", progress=False)).key_share.iloc[0]
+    guided = M.load_metrics(P.run_pretrain(cfg, tmp_path / "s", progress=False)).key_share.iloc[1]
     assert guided == pytest.approx(k.sum() / (36 * big_m), abs=1e-8)   # metrics.csv: 9 digits
 
     rcfg = tiny_cfg(synth, mask="random", epochs=1, probe=False, batch_size=12)
-    rand = M.load_metrics(P.run_pretrain(rcfg, tmp_path / "r", progress=False)).key_share.iloc[0]
+    rand = M.load_metrics(P.run_pretrain(rcfg, tmp_path / "r", progress=False)).key_share.iloc[1]
     p = n_key / n
     sd = np.sqrt((big_m * p * (1 - p) * (n - big_m) / (n - 1)).sum()) / (36 * big_m)
     assert abs(rand - p.mean()) < 4 * sd, (rand, p.mean(), sd)
@@ -311,6 +312,30 @@ def test_initial_accuracy_is_the_untrained_start(synth, tmp_path, monkeypatch):
     monkeypatch.setattr(P, "encode", fake_encode(1))             # queries look like the next class
     assert P.initial_accuracy(cfg) == {"knn_acc": 0.0, "probe_acc": 0.0}
     assert calls == [36, 36] * 2
+
+
+def test_epoch0_is_evaluated_before_any_training_step_on_the_initial_weights(synth, tmp_path, monkeypatch):
+    """run_pretrain's first evaluation sees the encoder before any optimiser step (the seeded initial
+    weights, no on_step call yet); metrics.csv's epoch 0 is that evaluation, = initial_accuracy."""
+    import torch
+    cfg = tiny_cfg(synth, epochs=2, probe=True)
+    init = P.build_model(cfg).state_dict()
+    steps_seen, evals = [], []
+    real = P.evaluate
+
+    def spy(model, data, cfg_, device, probe):
+        sd = model.state_dict()
+        evals.append((len(steps_seen), all(torch.equal(sd[k], init[k]) for k in init)))
+        return real(model, data, cfg_, device, probe)
+
+    monkeypatch.setattr(P, "evaluate", spy)
+    out = P.run_pretrain(cfg, tmp_path / "r", progress=False, on_step=steps_seen.append)
+    assert evals[0] == (0, True)                              # before step 0, initial weights
+    assert [e[1] for e in evals] == [True, False, False]      # later evaluations: trained weights
+    assert [e[0] for e in evals] == [0, 4, 8]                 # 4 steps per epoch (36 images, batch 8)
+    m = M.load_metrics(out)
+    assert m.epoch.iloc[0] == 0
+    assert {"knn_acc": m.knn_acc.iloc[0], "probe_acc": m.probe_acc.iloc[0]} == pytest.approx(P.initial_accuracy(cfg))
 
 
 def test_theta_scores_split_over_cores_match_a_whole_batch_reference():

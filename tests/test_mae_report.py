@@ -156,3 +156,73 @@ def test_mae_figures_build_on_small_tables():
     fig = R.recovery_error_figure(errs_table(1.0), title="t")
     assert isinstance(fig, plt.Figure) and len(fig.axes) == 2
     plt.close(fig)
+
+
+def arm(knn_by_seed, mask="random", probe=None):
+    """Curves of one arm: {seed: [k-NN at epoch 0, 1, ...]} (probe = k-NN - 0.05 unless given)."""
+    rows = []
+    for seed, acc in knn_by_seed.items():
+        for ep, a in enumerate(acc):
+            rows.append({"mask": mask, "seed": seed, "epoch": ep, "knn_acc": a,
+                         "probe_acc": (a - 0.05) if probe is None else probe, "key_share": np.nan if ep == 0 else 0.3})
+    return pd.DataFrame(rows)
+
+
+def test_learning_gate_both_ways_and_its_interval():
+    # gains .15, .18, .21: mean .18, t(2) interval .18 +- 4.303 * .03 / sqrt(3) = [.1055, .2545]
+    g = R.learning_gate(arm({0: [.20, .30, .35], 1: [.22, .33, .40], 2: [.19, .30, .40]}))
+    assert g["learned"] and g["gain"] == pytest.approx(0.18) and g["n_seeds"] == 3
+    assert (g["ci_low"], g["ci_high"]) == pytest.approx((0.18 - 4.302653 * 0.03 / 3 ** 0.5, 0.18 + 4.302653 * 0.03 / 3 ** 0.5), abs=1e-5)
+    assert g["per_seed"] == pytest.approx([0.15, 0.18, 0.21])
+    flat = R.learning_gate(arm({0: [.25, .26, .258], 1: [.276, .27, .262], 2: [.246, .25, .266]}))   # issue 18's runs
+    assert not flat["learned"] and flat["gain"] == pytest.approx((0.008 - 0.014 + 0.02) / 3)
+    # mean gain .10 >= threshold but the seeds disagree: the interval reaches below 0 -> not learned
+    noisy = R.learning_gate(arm({0: [.2, .5], 1: [.2, .15], 2: [.2, .25]}))
+    assert noisy["gain"] == pytest.approx(0.10) and noisy["ci_low"] < 0 and not noisy["learned"]
+    # consistent but small gains: the interval excludes 0, the mean is below the threshold -> not learned
+    small = R.learning_gate(arm({0: [.2, .25], 1: [.2, .26], 2: [.2, .24]}))
+    assert small["ci_low"] > 0 and not small["learned"]
+    assert R.learning_gate(arm({0: [.2, .25], 1: [.2, .26], 2: [.2, .24]}), min_gain=0.05)["learned"]
+    # the last epoch counts, not the best; one seed: no interval, the threshold alone
+    assert not R.learning_gate(arm({0: [.2, .45, .25]}))["learned"]
+    one = R.learning_gate(arm({0: [.2, .25, .31]}))
+    assert one["learned"] and one["n_seeds"] == 1 and np.isnan(one["ci_low"])
+    # only the asked-for arm is read; a run without epoch 0 is an error
+    both = pd.concat([arm({0: [.2, .2]}), arm({0: [.2, .6]}, mask="guided")])
+    assert not R.learning_gate(both)["learned"] and R.learning_gate(both, mask="guided")["learned"]
+    with pytest.raises(ValueError, match="epoch 0"):
+        R.learning_gate(arm({0: [.2, .3]}).query("epoch > 0"))
+
+
+def test_learning_verdict_and_the_inconclusive_comparison():
+    good = R.learning_gate(arm({0: [.20, .30, .35], 1: [.22, .33, .40], 2: [.19, .30, .40]}))
+    bad = R.learning_gate(arm({0: [.25, .26, .258], 1: [.276, .27, .262], 2: [.246, .25, .266]}))
+    assert "**The random arm learned**" in R.learning_verdict(good, 500) and "inconclusive" not in R.learning_verdict(good, 500)
+    text = R.learning_verdict(bad, 500)
+    assert "did not learn" in text and "**inconclusive**" in text and "+0.5** points" in text
+    assert "SE of at most 2.2 points" in text and ">= 10 points" in text
+    t = C.convergence_table(runs(), margin=0.01)
+    d = C.paired_differences(t)
+    low_init = pd.DataFrame({"seed": [0, 1], "knn_acc": [0.1, 0.1], "probe_acc": [0.1, 0.1]})
+    ok = R.guided_mae_verdict(d, None, C.curves(runs()), t, low_init, 0.75, 5, good)
+    assert ok == R.guided_mae_verdict(d, None, C.curves(runs()), t, low_init, 0.75, 5)    # a passed gate changes nothing
+    assert "nconclusive" not in ok and "do **not** show a difference" in ok     # the interval contains 0
+    no = R.guided_mae_verdict(d, None, C.curves(runs()), t, low_init, 0.75, 5, bad)
+    assert no.startswith("**Inconclusive**") and "**not** show" not in no and "**inconclusive**: the random" in no
+
+
+def test_learning_curve_per_epoch_mean_and_interval():
+    lc = R.learning_curve(pd.concat([arm({0: [.2, .3], 1: [.4, .5]}), arm({0: [.9, .9]}, mask="guided")]))
+    assert list(lc.epoch) == [0, 1] and lc.knn.tolist() == pytest.approx([30, 40])
+    assert lc.probe.tolist() == pytest.approx([25, 35]) and (lc.knn_n_seeds == 2).all()
+    # two seeds 20 points apart: 10 +- 12.706 * 14.142 / sqrt(2) = 10 +- 127.06
+    assert lc.knn_ci_high.iloc[0] == pytest.approx(30 + 12.7062 * 10, abs=1e-3)
+
+
+def test_convergence_ignores_epoch0_and_probe_curves_need_two_trained_epochs():
+    rs = {("random", 0): arm({0: [.9, .3, .5]}).drop(columns=["mask", "seed"]).assign(train_loss=1.0),
+          ("guided", 0): arm({0: [.9, .45, .5]}, mask="guided").drop(columns=["mask", "seed"]).assign(train_loss=1.0)}
+    t = C.convergence_table(rs, margin=0.01)
+    assert t.threshold.tolist() == pytest.approx([0.49, 0.49]) and t.epochs_to_threshold.tolist() == [2, 2]
+    end_only = arm({0: [.2, .3, .4]}).assign(probe_acc=[.2, np.nan, .4])      # epoch 0 + the last epoch
+    assert not R.has_probe_curves(end_only) and R.has_probe_curves(arm({0: [.2, .3, .4]}))

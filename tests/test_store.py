@@ -16,8 +16,12 @@ KP_KEYS = ("keypoint_rule", "dedupe_keypoints")   # issue 16: the half-pixel rul
 
 
 def _pre_issue16_key(params) -> str:
-    """The key without what issue 16 added (the keypoint rule, the dedupe option)."""
-    return store.key_of({k: v for k, v in params.identity().items() if k not in KP_KEYS})
+    """The key without what issue 16 added (the keypoint rule, the dedupe option), and with the
+    pre-training format issue 18 replaced (v2: metrics.csv starts with epoch 0) set back to v1."""
+    d = {k: v for k, v in params.identity().items() if k not in KP_KEYS}
+    if d.get("format") == "mae-pretrain-v2":
+        d["format"] = "mae-pretrain-v1"
+    return store.key_of(d)
 
 
 # Keys name result folders on disk. The old pins (computed with the code before store.py existed,
@@ -35,11 +39,13 @@ def test_keys_of_the_three_params_classes():
                             train_limit=300, device="cpu")
     pins = [(AnalysisParams(), "0c7a15c8e602", "07d2c745c49a"), (full, "8f2160befd00", "89ac76cc399b"),
             (MaskEvalParams(), "ff95583f1c4d", "b43785eae951"), (mfull, "25cfde07ad21", "9f8fc35fb741"),
-            (PretrainConfig(), "8ae2512f04be", "95a094cb8d81"), (guided, "d837942ea892", "81e8887317a1")]
+            (PretrainConfig(), "8ae2512f04be", "194ff6728701"), (guided, "d837942ea892", "61735aec8785")]
     for p, old, new in pins:                    # (params, key before issue 16, key now)
         assert _pre_issue16_key(p) == old and p.key() == new != old
-    assert PretrainConfig().recipe_key() == "4685c7cd8086"
-    assert guided.recipe_key() == "5977823033e1"
+    # issue 18 (format v2, epoch 0 in metrics.csv): new pre-training keys; before it 95a094cb8d81 and
+    # 81e8887317a1 (key), 4685c7cd8086 and 5977823033e1 (recipe_key)
+    assert PretrainConfig().recipe_key() == "0b06f7f94a49"
+    assert guided.recipe_key() == "eb62a2a23452"
 
 
 @pytest.mark.parametrize("cls", [AnalysisParams, MaskEvalParams, PretrainConfig])

@@ -148,5 +148,5 @@ def cmd_pretrain(a) -> int:
     if rank == 0:
         m = load_metrics(out)
         last = m.iloc[-1]
-        print(f"wrote {out}: {len(m)} epochs, k-NN {last.knn_acc:.4f}, probe {last.probe_acc:.4f}")
+        print(f"wrote {out}: {int(m.epoch.max())} epochs (+ epoch 0, untrained), k-NN {last.knn_acc:.4f}, probe {last.probe_acc:.4f}")
     return 0

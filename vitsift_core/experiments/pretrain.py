@@ -1,5 +1,5 @@
-"""MAE pre-training with random or keypoint-guided masks (paper Sec. 5.2): one run = one
-:class:`PretrainConfig` in one resumable folder, k-NN evaluated every epoch, DDP under torchrun."""
+"""MAE pre-training with random or keypoint-guided masks (paper Sec. 5.2): one run = one :class:`PretrainConfig`
+in one resumable folder, k-NN evaluated untrained (epoch 0) and after every epoch, DDP under torchrun."""
 from __future__ import annotations
 
 import dataclasses
@@ -111,16 +111,14 @@ class PretrainConfig(Params):
         d["betas"] = list(d["betas"])
         if self.mask == "random":   # curriculum settings do not touch a random-mask run
             d["betas"], d["beta_every"], d["order"], d["score_layer"] = None, None, None, None
-        d["format"] = "mae-pretrain-v1"
+        d["format"] = "mae-pretrain-v2"       # v2: metrics.csv starts with epoch 0 (untrained)
         d["keypoint_rule"] = KEYPOINT_RULE      # guided masks and key shares use counts
         return d
 
     def recipe_key(self) -> str:
         """Hash of everything except mask kind, curriculum and seed: one experiment's folder."""
-        d = self.identity()
-        for k in ("mask", "seed", "betas", "beta_every", "order", "score_layer"):
-            d.pop(k)
-        return key_of(d)
+        skip = ("mask", "seed", "betas", "beta_every", "order", "score_layer")
+        return key_of({k: v for k, v in self.identity().items() if k not in skip})
 
     def schedule(self) -> MM.BetaSchedule:
         return MM.BetaSchedule(self.betas, self.beta_every)
@@ -322,8 +320,7 @@ def _train_epoch(ddp, opt, cfg: PretrainConfig, data: TrainData, epoch: int, dev
     perm = np.random.default_rng([cfg.seed, epoch, 0xDA7A]).permutation(len(data.train))
     local_b = cfg.batch_size // world
     model.train()
-    key_masked = total_masked = 0
-    loss_sum = 0.0
+    key_masked, total_masked, loss_sum = 0, 0, 0.0
     for s in range(steps):
         it = epoch * steps + s
         if on_step is not None:
@@ -375,6 +372,8 @@ def run_pretrain(cfg: PretrainConfig, out: str | Path, *, progress: bool = True,
         model.to(device)
         opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
         start_epoch, history, step_rows = load_checkpoint(out / "checkpoint.pt", model, opt, cfg)
+        if start_epoch == 0 and rank == 0:   # epoch 0: the untrained encoder, before any optimiser step
+            history = [epoch0_row(model, data, cfg, device)]
         ddp = model
         if dist is not None:
             ddp = torch.nn.parallel.DistributedDataParallel(
@@ -405,7 +404,7 @@ def run_pretrain(cfg: PretrainConfig, out: str | Path, *, progress: bool = True,
 
 def _save_epoch(out: Path, model, opt, cfg: PretrainConfig, history: list, step_rows: list, classes) -> None:
     """After an epoch: the checkpoint, then metrics.csv and steps.csv."""
-    save_checkpoint(out / "checkpoint.pt", model, opt, cfg, len(history), history, step_rows, classes)
+    save_checkpoint(out / "checkpoint.pt", model, opt, cfg, int(history[-1]["epoch"]), history, step_rows, classes)
     for rows, cols, name in ((history, METRIC_COLS, "metrics.csv"), (step_rows, STEP_COLS, "steps.csv")):
         df = pd.DataFrame(rows, columns=cols)
         atomic_write(out / name, lambda p: df.to_csv(p, index=False, float_format="%.9g"))
@@ -435,8 +434,15 @@ def _check_identity(cfg: PretrainConfig, out: Path, rank: int) -> None:
                        {"identity": cfg.identity(), "key": cfg.key(), "recipe_key": cfg.recipe_key()})
 
 
+def epoch0_row(model, data: TrainData, cfg: PretrainConfig, device) -> dict:
+    """The metrics row of epoch 0: k-NN (and probe, when ``cfg.probe``) of the model as it is (untrained)."""
+    knn, probe = evaluate(model, data, cfg, device, cfg.probe)
+    return {"epoch": 0, **dict.fromkeys(("beta", "key_share", "train_loss", "lr"), float("nan")),
+            "knn_acc": knn, "probe_acc": probe}
+
+
 def initial_accuracy(cfg: PretrainConfig, progress: bool = False) -> dict:
-    """Epoch 0: k-NN and probe accuracy of ``cfg``'s untrained encoder (every run's start)."""
+    """Epoch 0: k-NN and probe accuracy of ``cfg``'s untrained encoder (every run's start, without a run)."""
     device = _resolve_device(cfg)
     with _runtime(cfg, device, tf32=False):
         model = build_model(cfg).to(device)

@@ -26,7 +26,8 @@ def convergence_table(runs: dict[tuple[str, int], pd.DataFrame], margin: float =
     """One row per run: threshold (the seed's best random ``metric`` - margin), epochs_to_threshold
     (epochs + 1 when not ``reached``), best / final metrics."""
     rows = []
-    runs = {k: d[d[metric].notna()] for k, d in runs.items()}   # e.g. probes every k epochs
+    # trained epochs only (epoch 0 is the untrained encoder), with the metric (e.g. probes every k epochs)
+    runs = {k: d[d[metric].notna() & (d["epoch"] >= 1)] for k, d in runs.items()}
     seeds = sorted({s for _, s in runs})
     for seed in seeds:
         if ("random", seed) not in runs:

@@ -16,8 +16,9 @@ def _row(diffs: pd.DataFrame, quantity: str) -> pd.Series:
 
 
 def has_probe_curves(curves: pd.DataFrame) -> bool:
-    """True when the linear probe was fitted after more than one epoch (``probe_every`` > 0)."""
-    return bool(curves["probe_acc"].notna().groupby(curves["epoch"]).any().sum() > 1)
+    """True when the linear probe was fitted after more than one trained epoch (``probe_every`` > 0)."""
+    trained = curves[curves["epoch"] >= 1]
+    return bool(trained["probe_acc"].notna().groupby(trained["epoch"]).any().sum() > 1)
 
 
 def epochs_verdict(e: pd.Series) -> str:
@@ -29,10 +30,70 @@ def epochs_verdict(e: pd.Series) -> str:
     return "the data do **not** show a difference in epochs-to-threshold (the interval contains 0)"
 
 
+#: the learning gate's threshold: the random arm's mean k-NN gain from epoch 0 to its last epoch must
+#: reach this (and its 95% interval over seeds exclude 0). Why 10 points: one k-NN accuracy on n
+#: queries has a binomial SE of at most 50 / sqrt(n) points (2.2 at 500), so a 10-point rise is > 4 SE
+#: of a single reading, and ten times epochs-to-threshold's 1-point margin.
+LEARN_MIN_GAIN = 0.10
+
+
+def learning_curve(curves: pd.DataFrame, mask: str = "random", level: float = 0.95) -> pd.DataFrame:
+    """Per epoch (0 = the untrained encoder) of the ``mask`` runs in ``curves`` (:func:`convergence.curves`,
+    epoch 0 included): k-NN and linear-probe accuracy in points, mean over seeds and t interval."""
+    rows = []
+    for ep, g in curves[curves["mask"] == mask].groupby("epoch"):
+        row = {"epoch": int(ep)}
+        for col, name in (("knn_acc", "knn"), ("probe_acc", "probe")):
+            m, lo, hi, n = mean_ci(g[col] * 100, level)
+            row.update({name: m, f"{name}_ci_low": lo, f"{name}_ci_high": hi, f"{name}_n_seeds": n})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def learning_gate(curves: pd.DataFrame, mask: str = "random", metric: str = "knn_acc",
+                  min_gain: float = LEARN_MIN_GAIN, level: float = 0.95) -> dict:
+    """Did the ``mask`` arm learn? Per seed, gain = ``metric`` at its last epoch - at epoch 0 (the untrained
+    encoder); ``learned`` iff the mean gain >= ``min_gain`` and, with >= 2 seeds, the interval's low end > 0.
+    -> {learned, gain, ci_low, ci_high, n_seeds, per_seed, min_gain} (gains as fractions)."""
+    c = curves[(curves["mask"] == mask) & curves[metric].notna()]
+    gains = []
+    for _, g in c.groupby("seed"):
+        if (g["epoch"] == 0).sum() != 1 or g["epoch"].max() < 1:
+            raise ValueError(f"seed {g['seed'].iloc[0]} of the {mask} arm lacks epoch 0 or a trained epoch")
+        gains.append(float(g.loc[g["epoch"].idxmax(), metric] - g.loc[g["epoch"] == 0, metric].iloc[0]))
+    if not gains:
+        raise ValueError(f"no {mask}-mask runs with {metric} in the curves")
+    m, lo, hi, n = mean_ci(gains, level)
+    learned = bool(m >= min_gain - 1e-12 and (n < 2 or lo > 0))
+    return {"learned": learned, "gain": m, "ci_low": lo, "ci_high": hi, "n_seeds": n, "per_seed": gains,
+            "min_gain": float(min_gain)}
+
+
+def learning_verdict(gate: dict, n_queries: int, mask: str = "random") -> str:
+    """The gate in words (Markdown), with its threshold and why."""
+    ci = (f"95% CI [{gate['ci_low'] * 100:+.1f}, {gate['ci_high'] * 100:+.1f}]" if gate["n_seeds"] > 1
+          else "one seed: no interval")
+    per = ", ".join(f"{g * 100:+.1f}" for g in gate["per_seed"])
+    se = 50 / np.sqrt(max(int(n_queries), 1))
+    head = ("**The {m} arm learned**" if gate["learned"] else "**The {m} arm did not learn**").format(m=mask)
+    return (f"{head}: k-NN gain from the untrained encoder (epoch 0) to the last epoch = "
+            f"**{gate['gain'] * 100:+.1f}** points ({ci}; per seed {per}). Gate: mean gain >= "
+            f"{gate['min_gain'] * 100:.0f} points and the interval above 0 (one k-NN accuracy on {n_queries} "
+            f"queries has a binomial SE of at most {se:.1f} points; epochs-to-threshold uses a 1-point margin)."
+            + ("" if gate["learned"] else " So the guided-vs-random comparison below is **inconclusive**: "
+               "encoders that have not learned can neither show nor rule out a difference."))
+
+
 def guided_mae_verdict(diffs: pd.DataFrame, diffs_p: pd.DataFrame | None, curves: pd.DataFrame,
-                       table: pd.DataFrame, init: pd.DataFrame, mask_ratio: float, epochs: int) -> str:
-    """Notebook 07's verdict (Markdown): the paired differences, keypoint share, and the k-NN caveat."""
+                       table: pd.DataFrame, init: pd.DataFrame, mask_ratio: float, epochs: int,
+                       gate: dict | None = None) -> str:
+    """Notebook 07's verdict (Markdown): the paired differences, keypoint share, and the k-NN caveat;
+    with a :func:`learning_gate` that failed, the comparison is labelled inconclusive."""
     e, f, p = _row(diffs, "epochs_to_threshold"), _row(diffs, "final_knn_acc"), _row(diffs, "final_probe_acc")
+    learned = gate is None or gate["learned"]
+    reading = epochs_verdict(e) if learned else (
+        "**inconclusive**: the random-mask arm did not learn (learning gate above), so this difference "
+        "neither shows nor rules out an effect of the guided mask")
     n_cens = int(e[[c for c in diffs.columns if c.startswith("censored")][0]])
     share = curves.groupby("mask")["key_share"].mean()
     init_knn, init_probe = init["knn_acc"].mean() * 100, init["probe_acc"].mean() * 100
@@ -41,17 +102,17 @@ def guided_mae_verdict(diffs: pd.DataFrame, diffs_p: pd.DataFrame | None, curves
         ep_ = _row(diffs_p, "epochs_to_threshold")
         probe_line = (f"On the linear probe, guided - random epochs-to-threshold = **{ep_.mean_diff:+.2f}** epochs "
                       f"(95% CI [{ep_.ci_low:+.2f}, {ep_.ci_high:+.2f}]; per seed {ep_.per_seed}).\n\n")
-    mean_knn = curves.groupby(["mask", "epoch"])["knn_acc"].mean().max() * 100
+    mean_knn = curves[curves["epoch"] >= 1].groupby(["mask", "epoch"])["knn_acc"].mean().max() * 100
     knn_line = (f"**Caveat:** the untrained encoders' k-NN accuracy ({init_knn:.1f}%) is at least the best mean "
                 f"k-NN accuracy of any trained epoch ({mean_knn:.1f}%): at this scale MAE training has not (yet) "
                 f"produced features that k-NN can use, so k-NN epochs-to-threshold here measures noise.\n\n"
                 if init_knn >= mean_knn else "")
     final = {m: table[table["mask"] == m][["final_knn_acc", "final_probe_acc"]].mean() * 100
              for m in ("random", "guided")}
-    return (
+    return (("**Inconclusive** (the random arm did not learn). " if not learned else "") +
         f"With {int(e.n_seeds)} paired seeds, guided - random epochs-to-threshold = **{e.mean_diff:+.2f}** epochs "
         f"(95% CI [{e.ci_low:+.2f}, {e.ci_high:+.2f}]; per seed {e.per_seed}; {n_cens} guided run(s) censored): "
-        f"{epochs_verdict(e)}. Final k-NN accuracy differs by {f.mean_diff:+.2f} points "
+        f"{reading}. Final k-NN accuracy differs by {f.mean_diff:+.2f} points "
         f"[{f.ci_low:+.2f}, {f.ci_high:+.2f}], the final linear probe by {p.mean_diff:+.2f} points "
         f"[{p.ci_low:+.2f}, {p.ci_high:+.2f}].\n\n" + probe_line + knn_line +
         f"Averaged over training, keypoint patches were {share.get('guided', float('nan')):.0%} of the masked "
