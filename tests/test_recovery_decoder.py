@@ -160,3 +160,34 @@ def test_config_identity_and_checks():
         D.DecoderConfig(steps=0)
     with pytest.raises(ValueError, match="recovery_model"):
         D.model_for_recovery("big-mae")
+
+
+def test_recovery_errors_on_a_patch14_frozen_model():
+    """notebook 01's paired analysis and mean-colour baseline on a 14 px patch grid (the embedded
+    model's patch): the relative error of a row equals the hand-computed masked MSE / fill MSE."""
+    from vitsift_core.experiments import recovery as R
+    from vitsift_core.experiments.mae_data import ArraySet, to_input
+    from vitsift_core.method import guided as MM
+    torch.manual_seed(0)
+    enc = timm.create_model("test_vit", pretrained=False, num_classes=0, img_size=56, patch_size=14,
+                            dynamic_img_size=False)
+    m = D.FrozenEncoderMAE(enc, 32, 1, 2).eval()
+    assert m.grid == (4, 4) and m.patch_size == 14
+    rng = np.random.default_rng(1)
+    n = 6
+    counts = (rng.poisson(1.0, (n, 16)) * (rng.random((n, 16)) < 0.5)).astype(np.int32)
+    arr = ArraySet(ids=[f"im{i}" for i in range(n)], images=rng.integers(0, 256, (n, 56, 56, 3), dtype=np.uint8),
+                   counts=counts, labels=["a"] * n, skipped=[])
+    df = R.recovery_errors(m, arr, ks=(2,), progress=False)
+    row = df[df.condition == "keypoint-dense"].iloc[0]
+    i = arr.ids.index(row.image)
+    patches = MM.top_keypoint_patches(counts[i], 2, MM.sample_rng(0, 2, i, MM.STREAM_RECOVERY))
+    x = to_input(arr.images[i:i + 1])
+    mask = torch.from_numpy(MM.patch_set_mask(patches, 16))[None]
+    with torch.no_grad():
+        loss, _, _ = m(x, mask)
+    t = m.patchify(x)[0]                                      # (16, 14 * 14 * 3)
+    colour = t[~mask[0]].reshape(-1, 3).mean(0)
+    base = ((t[mask[0]].reshape(2, -1, 3) - colour) ** 2).mean()
+    assert row.error == pytest.approx(float(loss), rel=1e-5)
+    assert row.rel_error == pytest.approx(float(loss) / float(base), rel=1e-4)

@@ -332,7 +332,9 @@ def model_for_recovery(recovery_model: str = "frozen-embedded", *, checkpoint: s
     if trained_now:
         run_decoder(cfg, out, progress=progress)
     mae = load_decoder(out, device=device)
-    how = "trained now" if trained_now else "found in results"
+    info = read_json(out / "run.json")
+    how = (f"trained now in {info['data_s'] + info['train_s_this_process']:.0f} s" if trained_now
+           else f"found in results, trained in {info['data_s'] + info['train_s_this_process']:.0f} s")
     size = mae.grid[0] * mae.patch_size
     desc = (f"{display_name(cfg.backbone)} (frozen) + MAE decoder {cfg.decoder_dim}-wide x {cfg.decoder_depth} "
             f"blocks, {size}px, patch {mae.patch_size}")
