@@ -44,7 +44,7 @@ def folder(tmp_path, monkeypatch):
 
 def cfg_for(folder, **kw) -> D.DecoderConfig:
     base = dict(backbone="test_vit", decoder_dim=32, decoder_depth=1, decoder_heads=2, train_images=str(folder),
-                train_limit=None, crop_pct=1.0, steps=6, batch_size=4, lr=1e-3, warmup_steps=2,
+                train_limit=None, crop_pct=1.0, mask_ratio=0.75, steps=6, batch_size=4, lr=1e-3, warmup_steps=2,
                 val_images=str(folder), val_limit=4, ckpt_every=2, num_workers=0, threads=1)
     base.update(kw)
     return D.DecoderConfig(**base)
