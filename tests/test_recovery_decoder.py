@@ -1,0 +1,194 @@
+"""MAE decoder on a frozen encoder (notebook 01's default model): the encoder stays bit-identical, the
+decoder overfits one image, an interrupted run resumes to the uninterrupted result.
+
+A timm ``test_vit`` at 32 px / 8 px patches stands in for the embedded backbone (same code path:
+:class:`FrozenEncoderMAE` wraps any timm ViT); each run is a few seconds of CPU.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from vitsift_core.experiments import recovery_decoder as D
+from vitsift_core.store import RunMismatch
+
+
+def encoder(seed: int = 0):
+    torch.manual_seed(seed)
+    return timm.create_model("test_vit", pretrained=False, num_classes=0, img_size=32, patch_size=8,
+                             dynamic_img_size=False).eval()
+
+
+def write_folder(d, n: int = 8, size: int = 40):
+    """``n`` smooth colour images (one class): something a decoder can learn from its neighbours."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    (d / "a").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        f = rng.uniform(1, 4, 3)
+        img = np.stack([np.sin(f[c] * (xx + yy * c) * 3 + i) for c in range(3)], -1) * 90 + 128
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(d / "a" / f"{i:02d}.png")
+    return d
+
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("VITSIFT_CACHE", str(tmp_path / "cache"))
+    return write_folder(tmp_path / "imgs")
+
+
+def cfg_for(folder, **kw) -> D.DecoderConfig:
+    base = dict(backbone="test_vit", decoder_dim=32, decoder_depth=1, decoder_heads=2, train_images=str(folder),
+                train_limit=None, crop_pct=1.0, mask_ratio=0.75, steps=6, batch_size=4, lr=1e-3, warmup_steps=2,
+                val_images=str(folder), val_limit=4, ckpt_every=2, num_workers=0, threads=1)
+    base.update(kw)
+    return D.DecoderConfig(**base)
+
+
+def test_frozen_wrapper_keeps_the_encoder_and_its_forward():
+    enc = encoder()
+    ref = copy.deepcopy(enc)
+    m = D.FrozenEncoderMAE(enc, 32, 1, 2)
+    for k, v in ref.state_dict().items():          # position embeddings and weights untouched by the init
+        assert torch.equal(m.encoder.state_dict()[k], v), k
+    assert not any(p.requires_grad for p in m.encoder.parameters())
+    assert any(p.requires_grad for p in m.decoder_blocks.parameters())
+    m.train()
+    assert m.decoder_blocks.training and not m.encoder.training
+    x = torch.randn(2, 3, 32, 32)
+    lat, _ = m.forward_encoder(x, None)
+    torch.testing.assert_close(lat, ref.forward_features(x), atol=1e-6, rtol=1e-6)
+    assert not lat.requires_grad
+
+
+def test_decoder_training_leaves_the_encoder_bit_identical(folder, tmp_path):
+    enc = encoder()
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    sha = D.encoder_sha(enc)
+    out = D.run_decoder(cfg_for(folder), tmp_path / "run", progress=False, encoder=enc)
+    for k, v in enc.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed"
+    assert D.encoder_sha(enc) == sha
+    steps = D.load_steps(out)
+    assert len(steps) == 6 and np.isfinite(steps.loss).all()
+    curve = D.load_curve(out)
+    assert list(curve.step) == [6] and curve.val_rel_error.iloc[0] > 0
+    m = D.load_decoder(out, encoder=enc)
+    assert not m.training and m.decoder_config.steps == 6
+    # a decoder run refuses other encoder weights
+    with pytest.raises(RunMismatch, match="other test_vit weights"):
+        D.load_decoder(out, encoder=encoder(seed=1))
+
+
+def test_decoder_overfits_one_image(tmp_path, monkeypatch):
+    """One image, random 75 % masks every step: the masked-patch loss falls to a small fraction."""
+    monkeypatch.setenv("VITSIFT_CACHE", str(tmp_path / "cache"))
+    one = write_folder(tmp_path / "one", n=1)
+    cfg = cfg_for(one, decoder_dim=64, decoder_depth=2, decoder_heads=4, batch_size=1, steps=300, lr=2e-3,
+                  warmup_steps=10, weight_decay=0.0, flip=False, val_limit=1, ckpt_every=300)
+    out = D.run_decoder(cfg, tmp_path / "run", progress=False, encoder=encoder())
+    loss = D.load_steps(out).loss.to_numpy()
+    first, last = loss[:5].mean(), loss[-20:].mean()
+    print(f"frozen-encoder decoder overfit: first {first:.4f} last {last:.5f}")
+    assert last < 0.05 * first and last < 0.05, (first, last)
+
+
+def test_resume_after_interruption_gives_the_uninterrupted_run(folder, tmp_path):
+    cfg = cfg_for(folder, steps=7, ckpt_every=3)
+    ref = D.run_decoder(cfg, tmp_path / "ref", progress=False, encoder=encoder())
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_5(step):
+        if step == 5:
+            raise Stop
+
+    out = tmp_path / "cut"
+    with pytest.raises(Stop):
+        D.run_decoder(cfg, out, progress=False, encoder=encoder(), on_step=stop_at_5)
+    assert not (out / "run.json").exists() and len(D.load_steps(out)) == 3     # checkpoint at step 3
+    D.run_decoder(cfg, out, progress=False, encoder=encoder())
+    import json
+    assert json.loads((out / "run.json").read_text())["resumed_from_step"] == 3
+    for f in ("steps.csv", "curve.csv"):
+        assert (out / f).read_bytes() == (ref / f).read_bytes(), f
+    a, b = D.load_decoder(ref, encoder=encoder()), D.load_decoder(out, encoder=encoder())
+    for k, v in a.decoder_state().items():
+        assert torch.equal(v, b.decoder_state()[k]), k
+    # finished: nothing to do; another config in the folder: refused
+    assert D.run_decoder(cfg, out, progress=False, encoder=encoder()) == out
+    with pytest.raises(RunMismatch):
+        D.run_decoder(cfg.replace(seed=3), out, progress=False, encoder=encoder())
+
+
+def test_step_batches_depend_on_seed_and_step_only(folder):
+    from vitsift_core.experiments.mae_data import prepare_arrays
+    cfg = cfg_for(folder, batch_size=3)
+    arr = prepare_arrays(str(folder), None, 32, 8, 1.0, {}, num_workers=0, progress=False)
+    a_img, a_m = D.step_batch(cfg, arr, 4, 16, (4, 4))
+    b_img, b_m = D.step_batch(cfg, arr, 4, 16, (4, 4))
+    assert np.array_equal(a_img, b_img) and np.array_equal(a_m, b_m)
+    assert (a_m.sum(1) == 12).all()                      # 75 % of 16 patches
+    full = cfg.replace(batch_size=len(arr))              # every image in every step: only the step differs
+    s0, s1 = D.step_batch(full, arr, 0, 16, (4, 4))[1], D.step_batch(full, arr, 1, 16, (4, 4))[1]
+    assert not np.array_equal(s0, s1)                   # a new mask for the same image at the next step
+    # the steps of an epoch cover distinct images
+    per_epoch = len(arr) // 3
+    seen = [D.step_batch(cfg.replace(flip=False), arr, s, 16, (4, 4))[0] for s in range(per_epoch)]
+    flat = np.concatenate(seen).reshape(per_epoch * 3, -1)
+    assert len({r.tobytes() for r in flat}) == per_epoch * 3
+
+
+def test_lr_warmup_then_constant():
+    cfg = D.DecoderConfig(lr=1e-3, warmup_steps=4)
+    assert [D.lr_at(cfg, s) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert D.lr_at(cfg.replace(warmup_steps=0), 0) == 1e-3
+
+
+def test_config_identity_and_checks():
+    a = D.DecoderConfig(threads=1, eval_every=10)
+    assert a.key() == D.DecoderConfig(threads=2, device="cpu", val_limit=7).key()
+    assert a.key() != D.DecoderConfig(steps=a.steps + 1).key()
+    with pytest.raises(ValueError):
+        D.DecoderConfig(mask_ratio=1.0)
+    with pytest.raises(ValueError):
+        D.DecoderConfig(steps=0)
+    with pytest.raises(ValueError, match="recovery_model"):
+        D.model_for_recovery("big-mae")
+
+
+def test_recovery_errors_on_a_patch14_frozen_model():
+    """notebook 01's paired analysis and mean-colour baseline on a 14 px patch grid (the embedded
+    model's patch): the relative error of a row equals the hand-computed masked MSE / fill MSE."""
+    from vitsift_core.experiments import recovery as R
+    from vitsift_core.experiments.mae_data import ArraySet, to_input
+    from vitsift_core.method import guided as MM
+    torch.manual_seed(0)
+    enc = timm.create_model("test_vit", pretrained=False, num_classes=0, img_size=56, patch_size=14,
+                            dynamic_img_size=False)
+    m = D.FrozenEncoderMAE(enc, 32, 1, 2).eval()
+    assert m.grid == (4, 4) and m.patch_size == 14
+    rng = np.random.default_rng(1)
+    n = 6
+    counts = (rng.poisson(1.0, (n, 16)) * (rng.random((n, 16)) < 0.5)).astype(np.int32)
+    arr = ArraySet(ids=[f"im{i}" for i in range(n)], images=rng.integers(0, 256, (n, 56, 56, 3), dtype=np.uint8),
+                   counts=counts, labels=["a"] * n, skipped=[])
+    df = R.recovery_errors(m, arr, ks=(2,), progress=False)
+    row = df[df.condition == "keypoint-dense"].iloc[0]
+    i = arr.ids.index(row.image)
+    patches = MM.top_keypoint_patches(counts[i], 2, MM.sample_rng(0, 2, i, MM.STREAM_RECOVERY))
+    x = to_input(arr.images[i:i + 1])
+    mask = torch.from_numpy(MM.patch_set_mask(patches, 16))[None]
+    with torch.no_grad():
+        loss, _, _ = m(x, mask)
+    t = m.patchify(x)[0]                                      # (16, 14 * 14 * 3)
+    colour = t[~mask[0]].reshape(-1, 3).mean(0)
+    base = ((t[mask[0]].reshape(2, -1, 3) - colour) ** 2).mean()
+    assert row.error == pytest.approx(float(loss), rel=1e-5)
+    assert row.rel_error == pytest.approx(float(loss) / float(base), rel=1e-4)

@@ -1,0 +1,345 @@
+"""An MAE decoder trained on a FROZEN pretrained backbone (paper Sec. 2.1 offline): the closest analogue
+of Fig. 2's pretrained MAE when no official checkpoint is at hand. The encoder (default: the embedded
+model) sees the visible patches only, with its own position embeddings; only the official-layout decoder
+(:class:`vitsift_core.model.mae.MAE`) learns, on masked-patch pixel error. One run = one
+:class:`DecoderConfig` in one resumable folder (checkpoint every ``ckpt_every`` steps)."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from vitsift_core.data.keypoints import SiftParams
+from vitsift_core.experiments.mae_data import ArraySet, prepare_arrays, to_input
+from vitsift_core.experiments import recovery
+from vitsift_core.experiments.recovery import _masked_errors as masked_errors
+from vitsift_core.method import guided as MM
+from vitsift_core.model.mae import MAE
+from vitsift_core.model.registry import display_name, load_model, load_weights_only, resolve_device, seeded
+from vitsift_core.paths import atomic_write, results_dir
+from vitsift_core.store import Params, RunFolder, RunMismatch, at_least_one, in_range, read_json
+
+STEP_COLS = ["step", "loss", "lr"]
+CURVE_COLS = ["step", "images_seen", "val_rel_error", "val_error"]
+#: k random patches masked per val image for the learning curve (the notebook's "random" condition)
+CURVE_K = 4
+
+
+@dataclass
+class DecoderConfig(Params):
+    """Everything that decides a frozen-encoder decoder run's numbers (plus runtime keys)."""
+
+    backbone: str = "embedded"          # model.registry spec of the frozen encoder
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    norm_pix_loss: bool = False         # False: the loss (and the recovery error) in ImageNet-normalised pixels
+    train_images: str = "imagenette:train"
+    train_limit: int | None = 4000
+    crop_pct: float = 1.0               # the embedded model's own eval crop (short side to 224, centre)
+    flip: bool = True
+    mask_ratio: float = 0.1             # recovery masks 1-16 of 256 patches: train near that (0.75 did not transfer)
+    steps: int = 250
+    batch_size: int = 16
+    lr: float = 1e-3                    # AdamW, linear warm-up then constant (a run is a prefix of a longer one)
+    warmup_steps: int = 10
+    weight_decay: float = 0.05
+    seed: int = 0
+    # runtime: not part of the identity
+    device: str = "auto"
+    threads: int | None = None          # torch CPU threads (None: leave as is)
+    num_workers: int = 1                # decode + SIFT workers when preparing the arrays
+    ckpt_every: int = 25                # steps between checkpoints (resume points)
+    val_images: str = "imagenette:val"  # learning curve: k random patches of these held-out images
+    val_limit: int = 64
+    eval_every: int = 0                 # steps between learning-curve points (0: only at the end)
+
+    RUNTIME_KEYS = ("device", "threads", "num_workers", "ckpt_every", "val_images", "val_limit", "eval_every")
+
+    def __post_init__(self):
+        at_least_one(decoder_dim=self.decoder_dim, decoder_depth=self.decoder_depth, decoder_heads=self.decoder_heads,
+                     train_limit=self.train_limit, steps=self.steps, batch_size=self.batch_size,
+                     threads=self.threads, ckpt_every=self.ckpt_every, val_limit=self.val_limit)
+        in_range("mask_ratio", self.mask_ratio, 0, 1, lo_open=True)   # some patches masked, some visible
+        in_range("lr", self.lr, 0, lo_open=True)
+        in_range("weight_decay", self.weight_decay, 0)
+        in_range("crop_pct", self.crop_pct, 0, 1, lo_open=True, hi_open=False)
+        for name in ("warmup_steps", "num_workers", "eval_every", "seed"):
+            in_range(name, getattr(self, name), 0, integer=True)
+
+    def _identity(self, d: dict) -> dict:
+        d["format"] = "frozen-decoder-v1"
+        return d
+
+
+class FrozenEncoderMAE(MAE):
+    """:class:`MAE` whose encoder is frozen: no gradients, always eval mode, weights and position
+    embeddings untouched (``fixed_pos_embed=False, init='none'``); the decoder is MAE-initialised."""
+
+    def __init__(self, encoder: torch.nn.Module, decoder_embed_dim: int, decoder_depth: int,
+                 decoder_num_heads: int, norm_pix_loss: bool = False):
+        super().__init__(encoder, decoder_embed_dim, decoder_depth, decoder_num_heads, 4.0, norm_pix_loss,
+                         fixed_pos_embed=False, init="none")
+        self.encoder.requires_grad_(False)
+        self.encoder.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.eval()          # frozen: no dropout / drop-path, whatever the caller asks
+        return self
+
+    def forward_encoder(self, imgs, mask=None):
+        with torch.no_grad():        # nothing upstream of the latent learns: keep no graph for it
+            return super().forward_encoder(imgs, mask)
+
+    def decoder_state(self) -> dict[str, torch.Tensor]:
+        """The trainable part's state dict (everything but ``encoder.*``)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}
+
+
+def encoder_sha(encoder: torch.nn.Module) -> str:
+    """12 hex digits of sha256 over the encoder's tensors (names, shapes, bytes): the frozen weights' identity."""
+    h = hashlib.sha256()
+    for k, v in sorted(encoder.state_dict().items()):
+        h.update(k.encode())
+        h.update(str(tuple(v.shape)).encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def build_decoder_model(cfg: DecoderConfig, encoder: torch.nn.Module | None = None) -> FrozenEncoderMAE:
+    """The frozen backbone ``cfg.backbone`` (or ``encoder``) plus a decoder initialised under ``cfg.seed``."""
+    enc = encoder if encoder is not None else load_model(cfg.backbone).model
+    return seeded(cfg.seed, lambda: FrozenEncoderMAE(enc, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads,
+                                                     cfg.norm_pix_loss))
+
+
+def run_dir(cfg: DecoderConfig, root: str | Path | None = None) -> Path:
+    """``results/recovery_decoder/<key>/``."""
+    return Path(root if root is not None else results_dir() / "recovery_decoder") / cfg.key()
+
+
+def lr_at(cfg: DecoderConfig, step: int) -> float:
+    """Linear warm-up over ``warmup_steps``, then constant: the first n steps of any longer run are this run."""
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+
+
+def step_batch(cfg: DecoderConfig, train: ArraySet, step: int, n_patches: int, grid) -> tuple[np.ndarray, np.ndarray]:
+    """Images (B, S, S, 3) uint8 and masks (B, N) bool of optimiser step ``step``: epochs are seeded
+    permutations, flips and masks depend on (seed, step, image index) only, so a resumed run draws the same."""
+    n = len(train)
+    if n < cfg.batch_size:
+        raise ValueError(f"{n} training images < one batch of {cfg.batch_size}")
+    per_epoch = n // cfg.batch_size
+    epoch, s = divmod(step, per_epoch)
+    perm = np.random.default_rng([cfg.seed, epoch, 0xDEC0]).permutation(n)
+    idx = np.sort(perm[s * cfg.batch_size:(s + 1) * cfg.batch_size])
+    imgs = np.array(train.images[idx])
+    masks = np.zeros((len(idx), n_patches), bool)
+    for j, i in enumerate(idx):
+        if cfg.flip and MM.sample_rng(cfg.seed, step, int(i), MM.STREAM_FLIP).random() < 0.5:
+            imgs[j] = imgs[j, :, ::-1]
+        masks[j] = MM.random_mask(n_patches, cfg.mask_ratio, MM.sample_rng(cfg.seed, step, int(i), MM.STREAM_MASK))
+    return imgs, masks
+
+
+def curve_point(model: FrozenEncoderMAE, val: ArraySet, cfg: DecoderConfig, device, step: int) -> dict:
+    """Learning-curve row: mean masked-patch error and error relative to the mean-colour fill of
+    :data:`CURVE_K` random patches per val image (same patches at every step)."""
+    n = model.num_patches
+    masks = np.stack([MM.patch_set_mask(MM.sample_rng(0, CURVE_K, i, MM.STREAM_RECOVERY).choice(
+        n, CURVE_K, replace=False), n) for i in range(len(val))])
+    was = model.training
+    model.eval()
+    err, rel = masked_errors(model, np.asarray(val.images), masks, device, 32)
+    model.train(was)
+    return {"step": step, "images_seen": step * cfg.batch_size, "val_rel_error": float(np.mean(rel)),
+            "val_error": float(np.mean(err))}
+
+
+def _save(folder: Path, model, opt, cfg: DecoderConfig, step: int, steps: list, curve: list) -> None:
+    state = {"decoder": model.decoder_state(), "optimizer": opt.state_dict(), "step": int(step),
+             "steps": steps, "curve": curve, "key": cfg.key()}
+    atomic_write(folder / "checkpoint.pt", lambda p: torch.save(state, p))
+    for rows, cols, name in ((steps, STEP_COLS, "steps.csv"), (curve, CURVE_COLS, "curve.csv")):
+        df = pd.DataFrame(rows, columns=cols)
+        atomic_write(folder / name, lambda p: df.to_csv(p, index=False, float_format="%.9g"))
+
+
+def _load(path: Path, model, opt, cfg: DecoderConfig) -> tuple[int, list, list]:
+    if not path.exists():
+        return 0, [], []
+    state = load_weights_only(path)
+    if state.get("key") != cfg.key():
+        raise RunMismatch(f"{path} belongs to another config ({state.get('key')} != {cfg.key()})")
+    model.load_state_dict({**model.state_dict(), **state["decoder"]})
+    if opt is not None:
+        opt.load_state_dict(state["optimizer"])
+    return int(state["step"]), list(state["steps"]), list(state["curve"])
+
+
+def train_arrays(cfg: DecoderConfig, model: MAE, progress: bool) -> ArraySet:
+    size = model.grid[0] * model.patch_size
+    return prepare_arrays(cfg.train_images, cfg.train_limit, size, model.patch_size, cfg.crop_pct, SiftParams(),
+                          num_workers=cfg.num_workers, progress=progress)
+
+
+def run_decoder(cfg: DecoderConfig, out: str | Path | None = None, *, progress: bool = True,
+                on_step=None, encoder: torch.nn.Module | None = None) -> Path:
+    """Train (or resume, or return at once if complete) the decoder run ``cfg`` in ``out`` (default
+    :func:`run_dir`); ``on_step(step)`` is called before every optimiser step; ``encoder``: the
+    already loaded backbone (else ``cfg.backbone`` is loaded)."""
+    folder = RunFolder(out if out is not None else run_dir(cfg), cfg)
+    folder.what = "frozen-decoder run"
+    if folder.path.exists() and folder.finished():
+        return folder.path
+    device = resolve_device(cfg.device)
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    try:
+        with folder.lock():
+            _train(cfg, folder, device, progress, on_step, encoder)
+    finally:
+        torch.set_num_threads(threads)
+    return folder.path
+
+
+def _train(cfg: DecoderConfig, folder: RunFolder, device, progress: bool, on_step, encoder) -> None:
+    t0 = time.perf_counter()
+    model = build_decoder_model(cfg, encoder).to(device)
+    sha = encoder_sha(model.encoder)
+    train = train_arrays(cfg, model, progress)
+    val = prepare_arrays(cfg.val_images, cfg.val_limit, model.grid[0] * model.patch_size, model.patch_size,
+                         cfg.crop_pct, SiftParams(), num_workers=cfg.num_workers, progress=progress)
+    folder.prepare(len(train), encoder_sha=sha, backbone_name=display_name(cfg.backbone))
+    if read_json(folder.params_json).get("encoder_sha") != sha:
+        raise RunMismatch(f"{folder.path} was trained on other {cfg.backbone} weights")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+                             {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay}],
+                            lr=cfg.lr, betas=(0.9, 0.95))
+    start, steps, curve = _load(folder.path / "checkpoint.pt", model, opt, cfg)
+    data_s, c0, t1 = time.perf_counter() - t0, time.process_time(), time.perf_counter()
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, disable=not progress,
+               desc=f"MAE decoder on frozen {display_name(cfg.backbone)}")
+    for step in range(start, cfg.steps):
+        if on_step is not None:
+            on_step(step)
+        imgs, masks = step_batch(cfg, train, step, model.num_patches, model.grid)
+        lr = lr_at(cfg, step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss, _, _ = model(to_input(imgs, device), torch.from_numpy(masks).to(device))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        lval = float(loss.detach())
+        if not math.isfinite(lval):
+            raise FloatingPointError(f"decoder loss is {lval} at step {step}")
+        steps.append({"step": step, "loss": lval, "lr": lr})
+        bar.update(1)
+        bar.set_postfix(loss=f"{lval:.4f}")
+        done = step + 1
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+            curve.append(curve_point(model, val, cfg, device, done))
+            bar.write(f"step {done}: val masked-patch error / mean-colour fill {curve[-1]['val_rel_error']:.3f}")
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            _save(folder.path, model, opt, cfg, done, steps, curve)
+    bar.close()
+    if encoder_sha(model.encoder) != sha:
+        raise RuntimeError("the frozen encoder's weights changed during decoder training")
+    n_new = cfg.steps - start
+    folder.mark_complete(steps=cfg.steps, n_train=len(train), resumed_from_step=start, data_s=round(data_s, 2),
+                         train_s_this_process=round(time.perf_counter() - t1, 2),
+                         cpu_s_this_process=round(time.process_time() - c0, 2), images_trained=n_new * cfg.batch_size,
+                         threads=torch.get_num_threads(), device=str(device), encoder_sha=sha)
+
+
+def load_decoder(out: str | Path, device: str | torch.device = "cpu",
+                 encoder: torch.nn.Module | None = None) -> FrozenEncoderMAE:
+    """The model of a finished (or checkpointed) run folder, eval mode; its encoder checked against
+    the run's ``encoder_sha``."""
+    out = Path(out)
+    meta = read_json(out / "params.json")
+    names = {f.name for f in dataclasses.fields(DecoderConfig)}
+    cfg = DecoderConfig(**{k: v for k, v in meta["identity"].items() if k in names})
+    model = build_decoder_model(cfg, encoder)
+    if encoder_sha(model.encoder) != meta.get("encoder_sha"):
+        raise RunMismatch(f"{out} was trained on other {cfg.backbone} weights than those loaded now")
+    _load(out / "checkpoint.pt", model, None, cfg)
+    model.decoder_config = cfg
+    model.source = f"MAE decoder trained on the frozen {display_name(cfg.backbone)} ({out})"
+    return model.to(device).eval()
+
+
+def load_curve(out: str | Path) -> pd.DataFrame:
+    return pd.read_csv(Path(out) / "curve.csv")
+
+
+def load_steps(out: str | Path) -> pd.DataFrame:
+    return pd.read_csv(Path(out) / "steps.csv")
+
+
+# ----------------------------------------------------------------------------- notebook 01's model
+RECOVERY_MODELS = ("frozen-embedded", "tiny-mae")
+
+
+@dataclass
+class RecoveryModel:
+    """What notebook 01 reconstructs with: the MAE, where it comes from, a short description for titles,
+    and the eval crop / SIFT settings its recovery images are prepared with."""
+
+    mae: MAE
+    source: str
+    description: str
+    crop_pct: float
+    sift: dict
+
+
+def model_for_recovery(recovery_model: str = "frozen-embedded", *, checkpoint: str = "", profile: str = "embedded",
+                       crop_pct: float = 0.875, device: str = "cpu", progress: bool = True,
+                       decoder: dict | None = None) -> RecoveryModel:
+    """An official MAE ``checkpoint`` if given; else ``'frozen-embedded'``: the decoder run
+    ``DecoderConfig(**decoder)`` on the frozen embedded model (trained now if missing), or
+    ``'tiny-mae'``: ``profile``'s from-scratch MAE recipe (notebook 07's random-mask run, seed 0)."""
+    if checkpoint or recovery_model == "tiny-mae":
+        mae, source = recovery.mae_for_recovery(checkpoint, profile=profile, device=device, progress=progress)
+        cfg = getattr(mae, "pretrain_config", None)
+        size = mae.grid[0] * mae.patch_size
+        desc = (f"{'official MAE' if checkpoint else 'from-scratch MAE'} {mae.embed_dim}-wide x "
+                f"{len(mae.encoder.blocks)} blocks, {size}px, patch {mae.patch_size}")
+        return RecoveryModel(mae, source, desc, cfg.crop_pct if cfg is not None else crop_pct,
+                             cfg.sift if cfg is not None else {})
+    if recovery_model != "frozen-embedded":
+        raise ValueError(f"recovery_model must be one of {RECOVERY_MODELS}, got {recovery_model!r}")
+    kw = dict(decoder or {})
+    if kw.get("train_limit") == 0:       # notebook parameters are ints: 0 means every image
+        kw["train_limit"] = None
+    kw.setdefault("decoder_heads", max(1, int(kw.get("decoder_dim", DecoderConfig.decoder_dim)) // 32))
+    cfg = DecoderConfig(backbone="embedded", device=device, **kw)
+    out = run_dir(cfg)
+    trained_now = not (out.exists() and RunFolder(out, cfg).finished())
+    if trained_now:
+        run_decoder(cfg, out, progress=progress)
+    mae = load_decoder(out, device=device)
+    info = read_json(out / "run.json")
+    how = (f"trained now in {info['data_s'] + info['train_s_this_process']:.0f} s" if trained_now
+           else f"found in results, trained in {info['data_s'] + info['train_s_this_process']:.0f} s")
+    size = mae.grid[0] * mae.patch_size
+    desc = (f"{display_name(cfg.backbone)} (frozen) + MAE decoder {cfg.decoder_dim}-wide x {cfg.decoder_depth} "
+            f"blocks, {size}px, patch {mae.patch_size}")
+    source = (f"an MAE decoder ({cfg.decoder_dim}-wide, {cfg.decoder_depth} blocks, loss on masked pixels) "
+              f"trained for {cfg.steps} steps of {cfg.batch_size} {cfg.train_images} images "
+              f"(first {cfg.train_limit}, mask ratio {cfg.mask_ratio}) on the frozen {display_name(cfg.backbone)} "
+              f"({how}: {out})")
+    return RecoveryModel(mae, source, desc, cfg.crop_pct, dataclasses.asdict(SiftParams()))
