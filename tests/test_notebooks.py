@@ -18,6 +18,8 @@ def test_committed_without_outputs_and_with_conventions(nb):
     d = json.loads(nb.read_text())
     cells = d["cells"]
     assert cells[0]["cell_type"] == "markdown", "first cell states the paper's claim"
+    ids = [c.get("id") for c in cells]        # nbformat 4.5: every cell has a unique id
+    assert None not in ids and len(set(ids)) == len(ids), f"{nb.name}: cells without a unique id"
     code = [c for c in cells if c["cell_type"] == "code"]
     assert not any(c.get("outputs") or c.get("execution_count") for c in code), f"{nb.name} has outputs"
     tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
