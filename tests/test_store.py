@@ -10,6 +10,7 @@ from vitsift_core import store
 from vitsift_core.experiments.analysis import AnalysisParams
 from vitsift_core.experiments.maskeval import MaskEvalParams
 from vitsift_core.experiments.pretrain import PretrainConfig
+from vitsift_core.experiments.randomisation import RandParams
 
 
 KP_KEYS = ("keypoint_rule", "dedupe_keypoints")   # issue 16: the half-pixel rule, one count per location
@@ -48,14 +49,14 @@ def test_keys_of_the_three_params_classes():
     assert guided.recipe_key() == "eb62a2a23452"
 
 
-@pytest.mark.parametrize("cls", [AnalysisParams, MaskEvalParams, PretrainConfig])
+@pytest.mark.parametrize("cls", [AnalysisParams, MaskEvalParams, PretrainConfig, RandParams])
 def test_keypoint_rule_is_part_of_every_identity_that_uses_counts(cls, monkeypatch):
+    from vitsift_core.data import keypoints as mod
     from vitsift_core.data.keypoints import KEYPOINT_RULE
 
     p = cls()
     assert p.identity()["keypoint_rule"] == KEYPOINT_RULE
     # another rule, another key: the value is read where the identity is made, not frozen elsewhere
-    mod = __import__(cls.__module__, fromlist=["KEYPOINT_RULE"])
     before = p.key()
     monkeypatch.setattr(mod, "KEYPOINT_RULE", "some-other-rule")
     assert p.identity()["keypoint_rule"] == "some-other-rule" and p.key() != before

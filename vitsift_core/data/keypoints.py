@@ -26,6 +26,16 @@ KEYPOINT_RULE = "kp-rule-v2-half-pixel"
 PIXEL_CENTRE_OFFSET = 0.5       # OpenCV: pixel c spans [c - 0.5, c + 0.5)
 
 
+class CountsIdentity:
+    """Mixin for a ``store.Params`` whose numbers depend on keypoint counts: its identity names
+    :data:`KEYPOINT_RULE` (read when the identity is made), so a new rule gives new run folders."""
+
+    def _identity(self, d: dict) -> dict:
+        d = super()._identity(d)
+        d["keypoint_rule"] = KEYPOINT_RULE
+        return d
+
+
 @dataclass(frozen=True)
 class SiftParams:
     """OpenCV ``SIFT_create`` parameters; the defaults are OpenCV's (the paper uses the defaults)."""

@@ -18,7 +18,7 @@ from vitsift_core.model.collectors import MetricCollector
 from vitsift_core.model.infer import PRECISIONS, forward_precision, infer
 from vitsift_core.model.registry import load_model, resolve_device
 from vitsift_core.data.batches import iter_batches
-from vitsift_core.data.keypoints import KEYPOINT_RULE, KeypointCache, SiftParams
+from vitsift_core.data.keypoints import CountsIdentity, KeypointCache, SiftParams
 from vitsift_core.data.sources import resolve_images
 from vitsift_core.experiments.tables import (HEAD_COLS, METRIC_COLS, donor_counts, head_rows,  # noqa: F401
                                              layer_table, shuffled_counts, stage_fit_json)
@@ -41,7 +41,7 @@ def batch_metrics(lm, collector: MetricCollector, x: torch.Tensor,
 
 
 @dataclass
-class AnalysisParams(Params):
+class AnalysisParams(CountsIdentity, Params):
     """Everything that decides an analysis' numbers (plus how to run it, which does not)."""
 
     model: str = "embedded"
@@ -77,10 +77,6 @@ class AnalysisParams(Params):
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         self.sift = dataclasses.asdict(SiftParams(**self.sift))   # validates the keys
         in_range("contrast_threshold", self.sift["contrast_threshold"], 0)
-
-    def _identity(self, d: dict) -> dict:
-        d["keypoint_rule"] = KEYPOINT_RULE      # counts change with the rule: so must the folder
-        return d
 
 
 def recorded_forward(run: RunFolder, default: str | None = "fp32") -> str | None:

@@ -11,14 +11,14 @@ import pandas as pd
 
 from vitsift_core.method import masking as MK
 from vitsift_core.model.infer import PRECISIONS
-from vitsift_core.data.keypoints import KEYPOINT_RULE, SiftParams
+from vitsift_core.data.keypoints import CountsIdentity, SiftParams
 from vitsift_core.experiments.classify import PROBE_SPECS
 from vitsift_core.store import (DEFAULT_CHUNK, Params, RunFolder, at_least_one, ids_of_chunk, in_range, load_npz,
                                 load_parquet, read_json)
 
 
 @dataclass
-class MaskEvalParams(Params):
+class MaskEvalParams(CountsIdentity, Params):
     """Everything that decides mask-eval's numbers, plus how to run it (``RUNTIME_KEYS``)."""
 
     classifier: str = "embedded-probe"
@@ -82,8 +82,7 @@ class MaskEvalParams(Params):
         if self.classifier not in PROBE_SPECS:   # probe settings mean nothing for a timm head
             for k in ("probe_train", "probe_per_class", "probe_weight_decay"):
                 d.pop(k)
-        d["keypoint_rule"] = KEYPOINT_RULE      # the scores use counts: a new rule, a new folder
-        return d
+        return super()._identity(d)             # the scores use counts: the keypoint rule
 
     # only the masked forwards depend on these: runs differing in them share the score parts
     MASK_ONLY_KEYS = ("orders", "modes", "ratios")

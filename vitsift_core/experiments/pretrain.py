@@ -18,7 +18,7 @@ from vitsift_core.method import guided as MM
 from vitsift_core.model.collectors import PatchScoreCollector
 from vitsift_core.model.infer import amp_precision, forward_autocast, infer
 from vitsift_core.method.linear import knn_accuracy, linear_probe
-from vitsift_core.data.keypoints import KEYPOINT_RULE, SiftParams
+from vitsift_core.data.keypoints import CountsIdentity, SiftParams
 from vitsift_core.experiments.mae_data import TrainData, load_train_data, to_input
 from vitsift_core.model.mae import build_mae
 from vitsift_core.model.registry import load_weights_only, resolve_device
@@ -31,7 +31,7 @@ STEP_COLS = ["epoch", "step", "loss", "lr"]
 
 
 @dataclass
-class PretrainConfig(Params):
+class PretrainConfig(CountsIdentity, Params):
     """Everything that decides a pre-training run's numbers (plus runtime keys that do not)."""
 
     encoder: str = "vit_tiny_patch16_224"
@@ -112,8 +112,7 @@ class PretrainConfig(Params):
         if self.mask == "random":   # curriculum settings do not touch a random-mask run
             d["betas"], d["beta_every"], d["order"], d["score_layer"] = None, None, None, None
         d["format"] = "mae-pretrain-v2"       # v2: metrics.csv starts with epoch 0 (untrained)
-        d["keypoint_rule"] = KEYPOINT_RULE      # guided masks and key shares use counts
-        return d
+        return super()._identity(d)             # guided masks and key shares use counts: the rule
 
     def recipe_key(self) -> str:
         """Hash of everything except mask kind, curriculum and seed: one experiment's folder."""

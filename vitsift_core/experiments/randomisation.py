@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vitsift_core.data.batches import iter_batches
-from vitsift_core.data.keypoints import KeypointCache, SiftParams
+from vitsift_core.data.keypoints import CountsIdentity, KeypointCache, SiftParams
 from vitsift_core.data.sources import resolve_images
 from vitsift_core.experiments.analysis import batch_metrics, check_forward
 from vitsift_core.method import metrics as M
@@ -103,7 +103,7 @@ def score_step(lm, reference: nn.Module, step: Step, x: torch.Tensor, counts: to
 
 
 @dataclass
-class RandParams(Params):
+class RandParams(CountsIdentity, Params):
     """What decides a randomisation run's numbers (plus how to run it, which does not)."""
     model: str = "embedded"
     images: str = "imagenette:val"
