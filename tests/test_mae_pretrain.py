@@ -110,11 +110,11 @@ def test_runtime_restores_threads_and_tf32_flags():
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         with pytest.raises(KeyError):
-            with P._runtime(P.PretrainConfig(threads=threads + 1), torch.device("cuda")):
+            with P.train_runtime(P.PretrainConfig(threads=threads + 1), torch.device("cuda")):
                 assert flags() == (True, True) and torch.get_num_threads() == threads + 1
                 raise KeyError("leaves the block early")
         assert flags() == (False, False) and torch.get_num_threads() == threads
-        with P._runtime(P.PretrainConfig(), torch.device("cuda"), tf32=False):
+        with P.train_runtime(P.PretrainConfig(), torch.device("cuda"), tf32=False):
             assert flags() == (False, False)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

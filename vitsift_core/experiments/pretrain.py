@@ -138,7 +138,8 @@ def lr_at(cfg: PretrainConfig, it: float, total: int, warmup: int) -> float:
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-def _param_groups(model, weight_decay: float):
+def param_groups(model, weight_decay: float):
+    """AdamW groups of the trainable parameters: no weight decay on biases and norms (ndim <= 1)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
             {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay}]
@@ -188,7 +189,7 @@ def is_complete(out: str | Path) -> bool:
 
 
 @contextmanager
-def _runtime(cfg: PretrainConfig, device: torch.device, tf32: bool = True):
+def train_runtime(cfg: PretrainConfig, device: torch.device, tf32: bool = True):
     """torch threads (``cfg.threads``) and, on CUDA with ``tf32``, TF32 matmuls; both restored after."""
     threads = torch.get_num_threads()
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -362,14 +363,14 @@ def run_pretrain(cfg: PretrainConfig, out: str | Path, *, progress: bool = True,
     device = _resolve_device(cfg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    with _runtime(cfg, device):
+    with train_runtime(cfg, device):
         t_start = time.perf_counter()
         model = build_model(cfg)
         data = load_train_data(cfg, model.patch_size, progress, rank, barrier)
         times = {"t_start": t_start, "data_s": time.perf_counter() - t_start, "train_s": 0.0}
         steps = _steps(cfg, len(data.train))
         model.to(device)
-        opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+        opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
         start_epoch, history, step_rows = load_checkpoint(out / "checkpoint.pt", model, opt, cfg)
         if start_epoch == 0 and rank == 0:   # epoch 0: the untrained encoder, before any optimiser step
             history = [epoch0_row(model, data, cfg, device)]
@@ -443,7 +444,7 @@ def epoch0_row(model, data: TrainData, cfg: PretrainConfig, device) -> dict:
 def initial_accuracy(cfg: PretrainConfig, progress: bool = False) -> dict:
     """Epoch 0: k-NN and probe accuracy of ``cfg``'s untrained encoder (every run's start, without a run)."""
     device = _resolve_device(cfg)
-    with _runtime(cfg, device, tf32=False):
+    with train_runtime(cfg, device, tf32=False):
         model = build_model(cfg).to(device)
         knn, probe = evaluate(model, load_train_data(cfg, model.patch_size, progress), cfg, device, probe=True)
     return {"knn_acc": knn, "probe_acc": probe}

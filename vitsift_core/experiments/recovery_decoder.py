@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from vitsift_core.data.keypoints import SiftParams
 from vitsift_core.experiments.mae_data import ArraySet, prepare_arrays, to_input
+from vitsift_core.experiments.pretrain import param_groups, train_runtime, train_step
 from vitsift_core.experiments import recovery
 from vitsift_core.experiments.recovery import _masked_errors as masked_errors
 from vitsift_core.method import guided as MM
@@ -202,14 +203,8 @@ def run_decoder(cfg: DecoderConfig, out: str | Path | None = None, *, progress: 
     if folder.path.exists() and folder.finished():
         return folder.path
     device = resolve_device(cfg.device)
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    try:
-        with folder.lock():
-            _train(cfg, folder, device, progress, on_step, encoder)
-    finally:
-        torch.set_num_threads(threads)
+    with train_runtime(cfg, device, tf32=False), folder.lock():
+        _train(cfg, folder, device, progress, on_step, encoder)
     return folder.path
 
 
@@ -223,10 +218,7 @@ def _train(cfg: DecoderConfig, folder: RunFolder, device, progress: bool, on_ste
     folder.prepare(len(train), encoder_sha=sha, backbone_name=display_name(cfg.backbone))
     if read_json(folder.params_json).get("encoder_sha") != sha:
         raise RunMismatch(f"{folder.path} was trained on other {cfg.backbone} weights")
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-                             {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay}],
-                            lr=cfg.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     start, steps, curve = _load(folder.path / "checkpoint.pt", model, opt, cfg)
     data_s, c0, t1 = time.perf_counter() - t0, time.process_time(), time.perf_counter()
     model.train()
@@ -237,13 +229,7 @@ def _train(cfg: DecoderConfig, folder: RunFolder, device, progress: bool, on_ste
             on_step(step)
         imgs, masks = step_batch(cfg, train, step, model.num_patches, model.grid)
         lr = lr_at(cfg, step)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        loss, _, _ = model(to_input(imgs, device), torch.from_numpy(masks).to(device))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        lval = float(loss.detach())
+        lval = train_step(model, opt, to_input(imgs, device), torch.from_numpy(masks).to(device), lr, amp=False)
         if not math.isfinite(lval):
             raise FloatingPointError(f"decoder loss is {lval} at step {step}")
         steps.append({"step": step, "loss": lval, "lr": lr})
