@@ -16,7 +16,7 @@ from vitsift_core.data.sources import imagenette_root, read_record
 from vitsift_core.method import metrics as M
 from vitsift_core.model.capture import attention_maps
 from vitsift_core.paths import results_dir
-from vitsift_core.experiments.analysis import CONTROLS, AnalysisParams, RunDir, layer_table, run_suite, variant_dir
+from vitsift_core.experiments.analysis import CONTROLS, AnalysisParams, RunDir, run_suite, variant_dir
 
 Variant = tuple[str, bool]   # (control, exclude_self)
 
@@ -51,9 +51,7 @@ def heads(run: RunDir) -> pd.DataFrame:
 
 
 def layers(run: RunDir) -> pd.DataFrame:
-    """The run's per-layer table; recomputed from its heads when written before chance was paired."""
-    lt = pd.read_parquet(run.path / "layers.parquet")
-    return lt if "chance_kk" in lt or not len(lt) else layer_table(heads(run))
+    return pd.read_parquet(run.path / "layers.parquet")
 
 
 def per_image_layer(run_or_heads, metric: str) -> pd.DataFrame:
