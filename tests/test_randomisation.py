@@ -192,3 +192,14 @@ def test_run_is_cached_and_resumed(tiny_ckpt, tmp_path, monkeypatch):
     again = R.run_randomisation(p, root=tmp_path, progress=False).rows()
     assert [s.name for s in calls] == ["cascade-02"]
     pd.testing.assert_frame_equal(again, rows)
+
+
+def test_dedupe_keypoints_reaches_the_randomisation_counts(tiny_ckpt):
+    """Notebook 05 passes its dedupe_keypoints to the randomisation as to the analysis."""
+    from vitsift_core.model.registry import load_model
+    lm = load_model(tiny_ckpt, device="cpu")
+    kw = dict(model=tiny_ckpt, images="samples", limit=3, batch_size=2, num_workers=0, device="cpu")
+    _, _, every = R.load_inputs(lm, R.RandParams(**kw))
+    _, _, once = R.load_inputs(lm, R.RandParams(**kw, dedupe_keypoints=True))
+    assert (once <= every).all() and once.sum() < every.sum()
+    assert R.RandParams(**kw).key() != R.RandParams(**kw, dedupe_keypoints=True).key()

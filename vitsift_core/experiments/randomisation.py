@@ -116,6 +116,7 @@ class RandParams(CountsIdentity, Params):
     single: bool = True             # also each block alone
     img_size: int | None = None
     sift: dict = field(default_factory=lambda: dataclasses.asdict(SiftParams()))
+    dedupe_keypoints: bool = False  # one count per keypoint location, as the analysis' option
     # how to run: not part of the identity
     batch_size: int = 32
     device: str = "auto"
@@ -153,7 +154,7 @@ def load_inputs(lm, params: RandParams) -> tuple[list[str], torch.Tensor, torch.
     ids, xs, cs = [], [], []
     for batch, _ in iter_batches(records, lm.data_config, lm.grid, lm.patch_size, batch_size=params.batch_size,
                                  sift=SiftParams(**params.sift), num_workers=params.num_workers,
-                                 cache=KeypointCache(), progress=False):
+                                 cache=KeypointCache(), progress=False, dedupe_keypoints=params.dedupe_keypoints):
         if batch is not None:
             ids += batch.ids
             xs.append(batch.tensors)
