@@ -94,7 +94,8 @@ def file_hash(p: Path) -> str | None:
     elif p.name == "checkpoint.pt":
         from vitsift_core.model.registry import load_weights_only   # nothing in it may run code
         state = load_weights_only(p)
-        for k, t in sorted(state["model"].items()):
+        # the weights: "model" (pre-training runs) or "decoder" (notebook 01's frozen-encoder decoder)
+        for k, t in sorted(state["model" if "model" in state else "decoder"].items()):
             h.update(k.encode() + t.numpy().tobytes())
     else:
         return None
