@@ -47,7 +47,7 @@ keypoint-geometry: $(STAMP) ## issue 16: what the half-pixel rule and --dedupe-k
 fingerprint: $(STAMP) ## hash every output table of a fixed run set (needs Imagenette; ~15 min): proves a refactor changed no number; FP_WORK=folder
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/fingerprint.py --work $(or $(FP_WORK),reports/fingerprint)
 
-reproduce: $(STAMP) ## run every notebook headless with params/$(PROFILE).yaml into reports/
+reproduce: $(STAMP) ## run every notebook headless with params/$(PROFILE).yaml into reports/ (open reports/index.html)
 	$(BIN)/python -m vitsift_core.reproduce --profile $(PROFILE)
 
 explore: $(STAMP) ## serve the explorers (notebooks/08) as a Voila page on a free localhost port and print its address

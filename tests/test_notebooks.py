@@ -97,6 +97,8 @@ def test_notebook_runs_with_smoke_profile(nb, smoke_env):
     figs = list((smoke_env / "reports" / "figures").glob(f"{nb.stem[:2]}_*.png"))
     assert figs, f"{nb.name} saved no figure"
     assert (smoke_env / "reports" / "index.md").exists()
+    index = (smoke_env / "reports" / "index.html").read_text()   # every executed notebook so far, rendered
+    assert f'href="html/{nb.stem}.html"' in index and (smoke_env / "reports" / "html" / f"{nb.stem}.html").exists()
     if nb.stem == "06_spurious_masking":
         # the content / shape split of Top's damage is computed (top_other is a default order)
         split = (smoke_env / "reports" / "tables" / "06_content_vs_shape.csv").read_text().splitlines()

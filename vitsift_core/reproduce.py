@@ -143,6 +143,8 @@ def run(profile_name: str, notebooks: list[Path] | None = None, kernel: str | No
     """Check the profile against every notebook, then run ``notebooks`` (default all) into reports/."""
     import papermill as pm
 
+    from vitsift_core.report.site import write_html_index   # imports the model package: not for --check
+
     profile = load_profile(profile_name)
     jobs = plan(profile, notebook_paths())
     if notebooks is not None:
@@ -157,16 +159,19 @@ def run(profile_name: str, notebooks: list[Path] | None = None, kernel: str | No
     ran = []
     t_all = time.perf_counter()
     tag = f"[reproduce:{profile['name']}]"
-    for nb, params in jobs:
-        print(f"{tag} {nb.name} {json.dumps(params)}", flush=True)
-        t0 = time.perf_counter()
-        pm.execute_notebook(str(nb), str(reports / nb.name), parameters=params, cwd=str(ROOT),
-                            kernel_name=kernel or "python3", progress_bar=False, log_output=log_output)
-        dt = time.perf_counter() - t0
-        print(f"{tag} {nb.name} done in {dt:.1f} s", flush=True)
-        ran.append({"notebook": nb.stem, "seconds": dt, "params": params})
-    idx = write_index(reports, profile, ran)
-    print(f"{tag} all {len(ran)} notebooks in {time.perf_counter() - t_all:.1f} s; see {idx}")
+    try:
+        for nb, params in jobs:
+            print(f"{tag} {nb.name} {json.dumps(params)}", flush=True)
+            t0 = time.perf_counter()
+            pm.execute_notebook(str(nb), str(reports / nb.name), parameters=params, cwd=str(ROOT),
+                                kernel_name=kernel or "python3", progress_bar=False, log_output=log_output)
+            dt = time.perf_counter() - t0
+            print(f"{tag} {nb.name} done in {dt:.1f} s", flush=True)
+            ran.append({"notebook": nb.stem, "seconds": dt, "params": params})
+    finally:   # a failed notebook still leaves a readable report of what ran (its copy says where it failed)
+        idx = write_index(reports, profile, ran)
+        page = write_html_index(reports, profile)
+    print(f"{tag} all {len(ran)} notebooks in {time.perf_counter() - t_all:.1f} s; see {idx} or open {page}")
     return ran
 
 
