@@ -67,7 +67,7 @@ def test_profile_values_type_checked_before_anything_runs(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert "no profile" not in err
     assert "parameters.limit: 02_sift_keypoints, 03_patch_interrelation, 04_attention_focus, 05_stages, " \
-           "08_explorers expect int, got 'four'" in err
+           "08_explorers, 09_zoo expect int, got 'four'" in err
     assert "parameters.limit: 06_spurious_masking expects int or null, got 'four'" in err
     assert "notebooks.07_guided_mae.norm_pix_loss: 07_guided_mae expects bool, got 1" in err
     assert "notebooks.07_guided_mae.blr: 07_guided_mae expects float, got '1e-3'" in err
