@@ -155,6 +155,10 @@ def test_missing_weights_are_reported_and_skipped(dry, offline):
     assert set(dino.iloc[1:]) == {"-"}
     st = rz.stage_table(tables)
     assert st.stages.iloc[0].startswith("weights unavailable")
+    alone = rz.collect(runs[:1], n_boot=20)          # no model ran: tables and figures still say so
+    assert rz.wide_claims(alone).claim.tolist() == ["status"] and alone.curves.empty
+    rz.depth_figure(alone.curves, "none")
+    rz.stage_figure(alone, "none")
     written = [p.read_text() for p in (offline / "results" / "analysis").glob("*/params.json")]
     assert written and not any('"model": "vit_base_patch16_224.dino"' in t for t in written)   # no folder for it
 
@@ -174,6 +178,7 @@ def test_local_checkpoint_spec_with_its_objective(offline, tmp_path):
     assert "The gap is learned" in " ".join(rz.wide_claims(tables).claim)
 
 
+@pytest.mark.slow      # ~30-60 s (kernel start, 7 models' claims and figures); smoke 09 runs the notebook in `make test`
 def test_notebook_09_dry_run_reuses_the_cached_runs(dry, offline):
     """The notebook's smoke mode over the whole zoo, random-init: reads the fixture's folders back."""
     import papermill as pm

@@ -74,7 +74,8 @@ def collect(zoo_runs: list[ZooRun], n_boot: int = 1000, seed: int = 0) -> ZooTab
             per_model[zr.model.label] = (table, info)
             curves.append(model_curves(zr))
         status.append(status_row(zr, info))
-    cur = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=["model", "layer", "depth"])
+    cur = pd.concat(curves, ignore_index=True) if curves else \
+        pd.DataFrame(columns=["model", "objective", "n_layers", "layer", "depth"])      # no model ran
     return ZooTables(cur, per_model, pd.DataFrame(status), [zr.model.label for zr in zoo_runs])
 
 
@@ -159,7 +160,8 @@ def depth_figure(curves: pd.DataFrame, title: str = "") -> plt.Figure:
                 ax.plot(g.depth, g[col], color=color, ls=ls, lw=1.8, marker="o", ms=2.5, label=model)
         ax.set_xlabel("relative depth (layer - 1) / (L - 1)")
         ax.set_title(label, fontsize=9)
-    axes[0].legend(fontsize=6, loc="best")
+    if len(curves):
+        axes[0].legend(fontsize=6, loc="best")
     fig.suptitle(title)
     return fig
 
