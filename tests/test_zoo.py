@@ -63,6 +63,7 @@ def test_entries_bring_their_objective_and_size():
     assert zoo.entry("test_vit@/x.safetensors").objective == "unknown"
     d = zoo.entry({"spec": "test_vit@/x.safetensors", "objective": "MAE-guided", "img_size": 48})
     assert (d.objective, d.img_size) == ("MAE-guided", 48)
+    assert zoo.entry({"spec": "random-init:embedded", "name": "e"}).label == "e (random-init weights) [DINOv2]"
     assert [m.spec for m in zoo.expand(["embedded", "zoo"])] == ["embedded", *ISSUE_ZOO]
     with pytest.raises(ValueError, match="more than once"):
         zoo.expand(["zoo", "vit_base_patch16_224.mae"])
@@ -167,14 +168,14 @@ def test_local_checkpoint_spec_with_its_objective(offline, tmp_path):
     """ARCH@PATH (how notebook 10's encoders join): loaded from the file, labelled as asked."""
     f = tmp_path / "enc.safetensors"
     save_file({k: v.contiguous() for k, v in load_model("random-init:test_vit", seed=5).model.state_dict().items()}, f)
-    runs = zoo.run_models(AnalysisParams(**DRY), [{"spec": f"test_vit@{f}", "objective": "MAE-guided"}],
+    runs = zoo.run_models(AnalysisParams(**DRY), [{"spec": f"test_vit@{f}", "objective": "MAE-guided", "name": "guided s0"}],
                           progress=False)
     assert runs[0].available and not runs[0].skipped_controls
     assert ("random-init", False) in runs[0].runs           # a trained file keeps the random-init control
     info = json.loads(runs[0].runs[("none", False)].params_json.read_text())["model"]
     assert info["source"] == f"checkpoint:{f}"
     tables = rz.collect(runs, n_boot=20)
-    assert tables.status.objective.tolist() == ["MAE-guided"]
+    assert tables.status.objective.tolist() == ["MAE-guided"] and tables.labels == ["guided s0 [MAE-guided]"]
     assert "The gap is learned" in " ".join(rz.wide_claims(tables).claim)
 
 

@@ -23,17 +23,20 @@ ZOO_TOKEN = "zoo"       # in a ``models`` list: every model of :data:`ZOO`, in o
 @dataclass(frozen=True)
 class ZooModel:
     """One model to compare: a registry spec, its training objective, the input size it is read at
-    (None: the model's own) and a note for tables."""
+    (None: the model's own), a note for tables and a short name (default: the display name)."""
 
     spec: str
     objective: str
     img_size: int | None = None
     note: str = ""
+    name: str = ""
 
     @property
     def label(self) -> str:
-        """Column name of the side-by-side tables: the display name and the objective."""
-        return f"{display_name(self.spec)} [{self.objective}]"
+        """Column name of the side-by-side tables: the name (random-init weights said) and the objective."""
+        name = display_name(self.spec) if not self.name else \
+            self.name + (" (random-init weights)" if is_random_init(self.spec) else "")
+        return f"{name} [{self.objective}]"
 
 
 ZOO: tuple[ZooModel, ...] = (
@@ -54,7 +57,7 @@ KNOWN = {m.spec: m for m in (*ZOO, EMBEDDED)}
 def entry(m: str | dict | ZooModel) -> ZooModel:
     """A ``models`` item as a :class:`ZooModel`: a spec (a known one brings its objective and input
     size; ``"random-init:SPEC"`` those of SPEC; any other: objective "unknown"), or a dict with
-    the fields (``spec`` required), e.g. ``{"spec": "ARCH@PATH", "objective": "MAE", "img_size": 48}``."""
+    the fields (``spec`` required), e.g. ``{"spec": "ARCH@PATH", "objective": "MAE", "name": "MAE seed 0"}``."""
     if isinstance(m, ZooModel):
         return m
     if isinstance(m, dict):
