@@ -67,7 +67,7 @@ def test_profile_values_type_checked_before_anything_runs(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert "no profile" not in err
     assert "parameters.limit: 02_sift_keypoints, 03_patch_interrelation, 04_attention_focus, 05_stages, " \
-           "08_explorers expect int, got 'four'" in err
+           "08_explorers, 09_zoo expect int, got 'four'" in err
     assert "parameters.limit: 06_spurious_masking expects int or null, got 'four'" in err
     assert "notebooks.07_guided_mae.norm_pix_loss: 07_guided_mae expects bool, got 1" in err
     assert "notebooks.07_guided_mae.blr: 07_guided_mae expects float, got '1e-3'" in err
@@ -86,8 +86,15 @@ def smoke_env(tmp_path_factory):
     mp.undo()
 
 
+def embedded_runs(root) -> list[str]:
+    """The analysis folders of the embedded model under ``root``'s results."""
+    return sorted(p.parent.name for p in (root / "results" / "analysis").glob("*/params.json")
+                  if '"model": "embedded"' in p.read_text())
+
+
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_with_smoke_profile(nb, smoke_env):
+    before = embedded_runs(smoke_env)
     ran = R.run("smoke", [nb])
     assert ran and ran[0]["notebook"] == nb.stem
     out = json.loads((smoke_env / "reports" / nb.name).read_text())
@@ -103,3 +110,8 @@ def test_notebook_runs_with_smoke_profile(nb, smoke_env):
         # the content / shape split of Top's damage is computed (top_other is a default order)
         split = (smoke_env / "reports" / "tables" / "06_content_vs_shape.csv").read_text().splitlines()
         assert split[0].startswith("mode,ratio,top_minus_random,content") and len(split) >= 3
+    if nb.stem == "09_zoo" and before:
+        # the embedded model's suite is read back from notebook 02's folders, not recomputed
+        assert embedded_runs(smoke_env) == before
+        wide = (smoke_env / "reports" / "tables" / "09_claims_by_model.csv").read_text().splitlines()
+        assert "random-init weights" in wide[0] and len(wide) > 5

@@ -1,9 +1,10 @@
 """Model registry: a spec string -> a ready timm ViT plus what the analysis needs (:class:`LoadedModel`).
 
 Specs: ``"embedded"`` (the offline default), a timm name with or without a pretrained tag or
-``"hf-hub:org/repo"`` (hub or its local cache), ``"ARCH@PATH"`` (a local state dict).
-``control="random-init"``: the same architecture, seeded; otherwise missing weights raise
-:class:`ModelWeightsUnavailable`, never fall back to random ones.
+``"hf-hub:org/repo"`` (hub or its local cache), ``"ARCH@PATH"`` (a local state dict), and
+``"random-init:SPEC"`` (SPEC's architecture with seeded random weights, asked for by name so that
+run folders, tables and titles say so). ``control="random-init"``: the same architecture, seeded;
+otherwise missing weights raise :class:`ModelWeightsUnavailable`, never fall back to random ones.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from vitsift_core.model.embedded import ModelWeightsUnavailable
 CONTROLS = ("none", "random-init")
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 _HUB = ("hf-hub:", "hf_hub:")
+RANDOM_INIT = "random-init:"    # spec prefix: the architecture with random weights, explicitly
 
 
 @dataclass
@@ -55,7 +57,20 @@ class DeviceUnavailable(RuntimeError):
 def display_name(spec: str) -> str:
     """The name figure titles and text use for a model spec: ``embedded.NAME`` for the embedded
     model, the spec itself otherwise."""
+    if is_random_init(spec):
+        return f"{display_name(spec[len(RANDOM_INIT):])} (random-init weights)"
     return embedded.NAME if spec == "embedded" else spec
+
+
+def is_random_init(spec: str) -> bool:
+    """True for a ``"random-init:SPEC"`` spec."""
+    return spec.strip().startswith(RANDOM_INIT)
+
+
+def random_init_spec(spec: str) -> str:
+    """``spec`` asked for with random weights: ``"random-init:" + spec`` (unchanged if it already is)."""
+    spec = spec.strip()
+    return spec if is_random_init(spec) else RANDOM_INIT + spec
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -86,6 +101,11 @@ def load_model(spec: str, *, control: str = "none", device: str = "cpu", seed: i
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"model spec must be a non-empty string, got {spec!r}")
     spec = spec.strip()
+    if is_random_init(spec):        # the named random-init model: the inner spec's control
+        loaded = load_model(spec[len(RANDOM_INIT):], control="random-init", device=device, seed=seed,
+                            img_size=img_size, model_kwargs=model_kwargs)
+        loaded.spec = spec
+        return loaded
     dev = resolve_device(device)
     seed_if_random = seed if control == "random-init" else None
     kwargs = dict(model_kwargs or {})
