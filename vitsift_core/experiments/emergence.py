@@ -1,0 +1,161 @@
+"""When does the semantic part of the keypoint bias emerge during training? (issue 19, items 2-3)
+
+One pre-training recipe (notebook 07's, ``mae_runs.mae_recipe``) trained with three objectives from the
+same seeded encoder: supervised, MAE with random masks, MAE with guided masks, each keeping encoder
+snapshots every ``snapshot_every`` epochs (``pretrain_state``). Every snapshot goes through the same
+analysis suite as any model (``study.suite``: real, donor keypoints, shuffled keypoints; chance from the
+real run; exclude_self), in the normal run folders ``results/analysis/<variant>-<key>/`` keyed by the
+snapshot's ``"ARCH@PATH"`` spec, so ``vitsift analyze --model ARCH@PATH`` on a snapshot file reads
+or writes the very same numbers.
+
+The semantic part of one image at one layer is (KK - NK)(real) - (KK - NK)(donor keypoints), heads
+averaged (report.randomisation's definition); per (objective, epoch, layer) it is the mean over the
+images kept at every epoch, with a percentile bootstrap CI over images (the same resamples everywhere).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from vitsift_core.method import stats as S
+from vitsift_core.experiments import study
+from vitsift_core.experiments.analysis import AnalysisParams, RunDir
+from vitsift_core.experiments.mae_runs import run_dir
+from vitsift_core.experiments.pretrain import PretrainConfig, is_complete, run_pretrain
+from vitsift_core.experiments.pretrain_state import snapshot_spec, snapshots
+
+#: the three training objectives: name -> PretrainConfig overrides
+OBJECTIVES = {"supervised": {"objective": "supervised", "mask": "random"},
+              "mae-random": {"objective": "mae", "mask": "random"},
+              "mae-guided": {"objective": "mae", "mask": "guided"}}
+#: the suite run on every snapshot: (control, exclude_self); chance comes with the real run
+VARIANTS = (("none", True), ("donor-keypoints", True), ("shuffle-keypoints", True))
+ALL_LAYERS = 0          # the ``layer`` value of the mean over layers in the tables below
+
+
+def train(base: PretrainConfig, objectives=tuple(OBJECTIVES), seed: int = 0, *, root: str | Path | None = None,
+          progress: bool = True) -> dict[str, Path]:
+    """Train (or resume, or read) each objective's run of ``base`` (which must keep snapshots)
+    -> {objective: run folder}."""
+    if not base.snapshot_every:
+        raise ValueError("the emergence runs need encoder snapshots: set snapshot_every >= 1")
+    out = {}
+    for name in objectives:
+        if name not in OBJECTIVES:
+            raise ValueError(f"unknown objective {name!r}; have {list(OBJECTIVES)}")
+        cfg = base.replace(seed=int(seed), **OBJECTIVES[name])
+        d = run_dir(cfg, root)
+        if not is_complete(d):
+            run_pretrain(cfg, d, progress=progress, desc=f"{name} seed {seed}")
+        out[name] = d
+    return out
+
+
+def final_specs(runs: dict[str, Path]) -> dict[str, str]:
+    """{objective: ``"ARCH@PATH"`` of its last snapshot}: the trained encoders, for the model registry."""
+    out = {}
+    for name, d in runs.items():
+        snaps = snapshots(d)
+        if not snaps:
+            raise FileNotFoundError(f"{d} keeps no encoder snapshots")
+        out[name] = snapshot_spec(snaps[max(snaps)])
+    return out
+
+
+def analyze_snapshots(runs: dict[str, Path], base: AnalysisParams, *, root: str | Path | None = None,
+                      progress: bool = True) -> dict[tuple[str, int], dict[tuple[str, bool], RunDir]]:
+    """:data:`VARIANTS` of ``base`` on every snapshot -> {(objective, epoch): {variant: run folder}}."""
+    out = {}
+    for name, d in runs.items():
+        for epoch, path in snapshots(d).items():
+            p = base.replace(model=snapshot_spec(path))
+            out[(name, epoch)] = study.suite(p, controls=tuple(dict.fromkeys(c for c, _ in VARIANTS)),
+                                             exclude_self=(True,), root=root, progress=progress)
+    return out
+
+
+def _gap(heads: pd.DataFrame) -> pd.DataFrame:
+    """(images x layers): KK - NK per image and layer, heads averaged."""
+    return study.per_image_layer(heads, "theta_kk") - study.per_image_layer(heads, "theta_nk")
+
+
+def per_image_semantic(suites: dict) -> dict[tuple[str, int], pd.DataFrame]:
+    """{(objective, epoch): (images x layers) semantic part} over the images defined at every layer."""
+    out = {}
+    for key, runs in suites.items():
+        real, donor = (study.heads(runs[(c, True)]) for c in ("none", "donor-keypoints"))
+        out[key] = (_gap(real) - _gap(donor)).dropna(how="any")
+    return out
+
+
+def semantic_curves(suites: dict, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """One row per (objective, epoch, layer) with layer :data:`ALL_LAYERS` = the mean over layers:
+    ``semantic`` (mean over images), ``low`` / ``high`` (95 % bootstrap CI), ``n_images``. Images: those
+    defined in every snapshot of an objective (counts do not change with the weights), one bootstrap
+    draw of them for every column."""
+    per = per_image_semantic(suites)
+    rows = []
+    for name in dict.fromkeys(k[0] for k in per):
+        epochs = sorted(e for n, e in per if n == name)
+        images = sorted(set.intersection(*(set(per[(name, e)].index) for e in epochs)))
+        if not images:
+            raise ValueError(f"{name}: no image has the semantic part defined at every layer and epoch")
+        blocks = []
+        for e in epochs:
+            m = per[(name, e)].loc[images]
+            blocks.append(np.column_stack([m.to_numpy().mean(1), m.to_numpy()]))   # (I, 1 + L)
+        vals = np.concatenate(blocks, axis=1)
+        mean, lo, hi = S.bootstrap_means(vals, S.bootstrap_weights(len(images), n_boot, seed))
+        layers = [ALL_LAYERS] + [int(c) for c in per[(name, epochs[0])].columns]
+        for i, (e, layer) in enumerate((e, layer) for e in epochs for layer in layers):
+            rows.append({"objective": name, "epoch": e, "layer": layer, "semantic": mean[i], "low": lo[i],
+                         "high": hi[i], "n_images": len(images)})
+    return pd.DataFrame(rows)
+
+
+def first_appearance(curve: pd.DataFrame) -> dict | None:
+    """The rule: the first epoch whose semantic part exceeds 0 with a CI excluding 0 (``low > 0``);
+    ``curve``: rows of one objective and layer (epoch, semantic, low, high). None: it never does."""
+    c = curve.sort_values("epoch")
+    hit = c[(c.semantic > 0) & (c.low > 0)]
+    if hit.empty:
+        return None
+    r = hit.iloc[0]
+    return {"epoch": int(r.epoch), "semantic": float(r.semantic), "low": float(r.low), "high": float(r.high)}
+
+
+def first_table(curves: pd.DataFrame) -> pd.DataFrame:
+    """Per (objective, layer): the first-appearance epoch (:func:`first_appearance`; NaN: not within
+    the run) with the semantic part and its CI at that epoch, and the epochs looked at."""
+    rows = []
+    for (name, layer), c in curves.groupby(["objective", "layer"], sort=False):
+        f = first_appearance(c) or {"epoch": np.nan, "semantic": np.nan, "low": np.nan, "high": np.nan}
+        rows.append({"objective": name, "layer": "all (mean)" if layer == ALL_LAYERS else str(layer),
+                     "first_epoch": f["epoch"], "semantic": f["semantic"], "low": f["low"], "high": f["high"],
+                     "epochs_seen": f"{int(c.epoch.min())}-{int(c.epoch.max())}"})
+    return pd.DataFrame(rows)
+
+
+def guided_earlier(guided: int | float | None, random: int | float | None) -> tuple[bool, str]:
+    """The rule: guided masking makes the semantic part appear earlier when it appears under guided
+    masks and either never under random masks or at a strictly earlier epoch. -> (holds, reason)."""
+    g = None if guided is None or pd.isna(guided) else int(guided)
+    r = None if random is None or pd.isna(random) else int(random)
+    if g is None:
+        return False, ("it appears under neither mask" if r is None else
+                       f"it appears only under random masks (epoch {r})")
+    if r is None:
+        return True, f"it appears under guided masks (epoch {g}) and never under random masks"
+    if g < r:
+        return True, f"guided epoch {g} < random epoch {r}"
+    return False, f"guided epoch {g} {'=' if g == r else '>'} random epoch {r}"
+
+
+def suite_curves(suites: dict) -> pd.DataFrame:
+    """Per (objective, epoch, layer): the whole suite's layer curves (``study.layer_curves`` with
+    exclude_self: real kk / nk / gap, chance-paired kk_minus_chance, each control's gap_<control>,
+    semantic / semantic_gap)."""
+    return pd.concat([study.layer_curves(runs, exclude_self=True).assign(objective=name, epoch=epoch)
+                      for (name, epoch), runs in suites.items()], ignore_index=True)
