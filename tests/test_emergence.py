@@ -136,3 +136,27 @@ def test_guided_earlier_rule_both_outcomes():
     assert E.guided_earlier(2, 4)[0] and E.guided_earlier(2, None)[0]
     assert not E.guided_earlier(4, 4)[0] and not E.guided_earlier(6, 4)[0]
     assert not E.guided_earlier(None, 4)[0] and not E.guided_earlier(float("nan"), float("nan"))[0]
+
+
+def test_choose_size_rule_both_outcomes():
+    t = pd.DataFrame({"img_size": [32, 48, 64], "key_share": [0.45, 0.42, 0.41],
+                      "key_patches_per_image": [7.1, 15.3, 26.0]})
+    assert E.choose_size(t, 0.3, 8) == 48          # 32 px: share fine, too few keypoint patches
+    assert E.choose_size(t, 0.3, 5) == 32          # the smallest that passes
+    assert E.choose_size(t, 0.5, 5) == 64          # none passes: the largest
+
+
+def test_keypoint_sizes_counts_patches_on_the_models_crop(synth):
+    t = E.keypoint_sizes(str(synth), None, [32, 16], 8, num_workers=0)
+    assert list(t.img_size) == [16, 32] and list(t.patches) == [4, 16] and (t.images == 36).all()
+    from vitsift_core.experiments.mae_data import prepare_arrays
+    c = prepare_arrays(str(synth), None, 32, 8, num_workers=0, progress=False).counts
+    assert t.key_patches_per_image.iloc[1] == pytest.approx((c > 0).sum(1).mean())
+    assert t.key_share.iloc[1] == pytest.approx((c > 0).mean()) and 0 < t.key_share.iloc[1] < 1
+
+
+def test_supervised_skipped_without_labels(synth):
+    cfg = tiny_cfg(synth)
+    assert E.usable_objectives(cfg, list(E.OBJECTIVES))[0] == list(E.OBJECTIVES)
+    objs, note = E.usable_objectives(cfg.replace(train_images="samples"), list(E.OBJECTIVES))
+    assert objs == ["mae-random", "mae-guided"] and "no class labels" in note

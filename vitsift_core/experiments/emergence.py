@@ -19,9 +19,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from vitsift_core.data.keypoints import SiftParams
+from vitsift_core.data.sources import resolve_images
 from vitsift_core.method import stats as S
 from vitsift_core.experiments import study
 from vitsift_core.experiments.analysis import AnalysisParams, RunDir
+from vitsift_core.experiments.mae_data import prepare_arrays
 from vitsift_core.experiments.mae_runs import run_dir
 from vitsift_core.experiments.pretrain import PretrainConfig, is_complete, run_pretrain
 from vitsift_core.experiments.pretrain_state import snapshot_spec, snapshots
@@ -159,3 +162,36 @@ def suite_curves(suites: dict) -> pd.DataFrame:
     semantic / semantic_gap)."""
     return pd.concat([study.layer_curves(runs, exclude_self=True).assign(objective=name, epoch=epoch)
                       for (name, epoch), runs in suites.items()], ignore_index=True)
+
+
+# ---- the input size: the smallest at which SIFT still finds enough keypoints on the model's input ----
+
+def keypoint_sizes(images: str, limit: int | None, sizes, patch_size: int, crop_pct: float = 0.875,
+                   sift: dict | None = None, num_workers: int = 1) -> pd.DataFrame:
+    """Per input size: patches per image, mean keypoint patches per image (SIFT count > 0, on the
+    model's own crop, as pre-training sees it: ``mae_data.prepare_arrays``), their share, and the
+    share of images with both a keypoint and a non-keypoint patch (KK and NK defined)."""
+    rows = []
+    for s in sorted(int(x) for x in sizes):
+        c = prepare_arrays(images, limit, s, patch_size, crop_pct, sift or SiftParams(), num_workers=num_workers,
+                           progress=False).counts
+        k = (c > 0).sum(1)
+        rows.append({"img_size": s, "patches": c.shape[1], "images": len(c), "key_patches_per_image": k.mean(),
+                     "key_share": (c > 0).mean(), "both_kinds": ((k > 0) & (k < c.shape[1])).mean()})
+    return pd.DataFrame(rows)
+
+
+def choose_size(table: pd.DataFrame, min_key_share: float, min_key_patches: float) -> int:
+    """The rule: the smallest size whose keypoint-patch share is at least ``min_key_share`` and whose
+    images have at least ``min_key_patches`` keypoint patches on average (the largest size if none)."""
+    ok = table[(table.key_share >= min_key_share) & (table.key_patches_per_image >= min_key_patches)]
+    return int(ok.img_size.min()) if len(ok) else int(table.img_size.max())
+
+
+def usable_objectives(cfg: PretrainConfig, objectives) -> tuple[list[str], str]:
+    """(objectives to train, a note): supervised needs at least two labelled classes in the training images."""
+    labels = {r.label for r in resolve_images(cfg.train_images, cfg.train_limit)}
+    if "supervised" in objectives and (len(labels) < 2 or None in labels):
+        return [o for o in objectives if o != "supervised"], (
+            f"{cfg.train_images} has no class labels (folders), so the supervised objective is skipped.")
+    return list(objectives), ""
