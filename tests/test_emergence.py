@@ -160,3 +160,12 @@ def test_supervised_skipped_without_labels(synth):
     assert E.usable_objectives(cfg, list(E.OBJECTIVES))[0] == list(E.OBJECTIVES)
     objs, note = E.usable_objectives(cfg.replace(train_images="samples"), list(E.OBJECTIVES))
     assert objs == ["mae-random", "mae-guided"] and "no class labels" in note
+
+
+def test_notebook_defaults_are_the_recipe_defaults():
+    """emergence.profile_specs (for other notebooks) rebuilds notebook 10's runs from DEFAULTS."""
+    from vitsift_core import reproduce as R
+    nb = next(p for p in R.notebook_paths() if p.stem == "10_emergence")
+    declared = R.declared_parameters(nb)
+    for k, v in E.DEFAULTS.items():
+        assert eval(declared[k]["default"]) == v, k

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from vitsift_core.data.keypoints import SiftParams
 from vitsift_core.data.sources import resolve_images
@@ -25,9 +26,10 @@ from vitsift_core.method import stats as S
 from vitsift_core.experiments import study
 from vitsift_core.experiments.analysis import AnalysisParams, RunDir
 from vitsift_core.experiments.mae_data import prepare_arrays
-from vitsift_core.experiments.mae_runs import run_dir
+from vitsift_core.experiments.mae_runs import mae_recipe, run_dir
 from vitsift_core.experiments.pretrain import PretrainConfig, is_complete, run_pretrain
 from vitsift_core.experiments.pretrain_state import snapshot_spec, snapshots
+from vitsift_core.paths import ROOT
 
 #: the three training objectives: name -> PretrainConfig overrides
 OBJECTIVES = {"supervised": {"objective": "supervised", "mask": "random"},
@@ -195,3 +197,40 @@ def usable_objectives(cfg: PretrainConfig, objectives) -> tuple[list[str], str]:
         return [o for o in objectives if o != "supervised"], (
             f"{cfg.train_images} has no class labels (folders), so the supervised objective is skipped.")
     return list(objectives), ""
+
+
+# ---- one recipe for notebook 10 and for whoever wants its trained encoders (notebook 09) ----
+
+SECTION = "10_emergence"
+#: notebook 10's recipe parameters; its parameters cell holds the same defaults (tested)
+DEFAULTS = {"train_images": "imagenette:train", "train_limit": 1500, "val_images": "imagenette:val",
+            "val_limit": 500, "epochs": 10, "snapshot_every": 2, "img_sizes": [32, 48], "patch_size": 8,
+            "min_key_share": 0.3, "min_key_patches": 8.0, "objectives": list(OBJECTIVES), "seed": 0,
+            "num_workers": 1}
+
+
+def setup(profile: str, **params) -> dict:
+    """The emergence recipe of ``profile`` (notebook 07's MAE recipe, ``mae_runs.mae_recipe``) with
+    :data:`DEFAULTS` updated by ``params``: Imagenette falls back to the bundled photos (``notes``),
+    the input size follows :func:`choose_size` -> {base, sizes, img_size, objectives, seed, notes}."""
+    p = {**DEFAULTS, **{k: v for k, v in params.items() if k in DEFAULTS}}
+    train_used, train_note = study.choose_images(p["train_images"])
+    val_used, _ = study.choose_images(p["val_images"])
+    sizes = keypoint_sizes(train_used, p["train_limit"] or None, p["img_sizes"], p["patch_size"],
+                           num_workers=p["num_workers"])
+    img_size = choose_size(sizes, p["min_key_share"], p["min_key_patches"])
+    base = mae_recipe(profile, img_size=img_size, patch_size=p["patch_size"], train_images=train_used,
+                      train_limit=p["train_limit"], val_images=val_used, val_limit=p["val_limit"],
+                      epochs=p["epochs"], snapshot_every=p["snapshot_every"], seed=p["seed"])
+    objectives, skip_note = usable_objectives(base, p["objectives"])
+    return {"base": base, "sizes": sizes, "img_size": img_size, "objectives": objectives, "seed": p["seed"],
+            "notes": " ".join(n for n in (train_note, skip_note) if n)}
+
+
+def profile_specs(profile: str, progress: bool = True) -> dict[str, str]:
+    """{objective: ``"ARCH@PATH"``} of the final encoders notebook 10 trains under ``profile``
+    (``params/<profile>.yaml``'s ``10_emergence`` section over :data:`DEFAULTS`); trains what is not
+    in results yet (the same run folders notebook 10 reads)."""
+    d = yaml.safe_load((ROOT / "params" / f"{profile}.yaml").read_text()) or {}
+    s = setup(profile, **((d.get("notebooks") or {}).get(SECTION) or {}))
+    return final_specs(train(s["base"], s["objectives"], s["seed"], progress=progress))
