@@ -169,3 +169,14 @@ def test_notebook_defaults_are_the_recipe_defaults():
     declared = R.declared_parameters(nb)
     for k, v in E.DEFAULTS.items():
         assert eval(declared[k]["default"]) == v, k
+
+
+def test_verdict_words_follow_the_table():
+    t = pd.DataFrame({"objective": ["supervised", "mae-random", "mae-guided"], "layer": ["all (mean)"] * 3,
+                      "first_epoch": [0, np.nan, 4], "semantic": [0.01, np.nan, 0.02], "low": [0.005, np.nan, 0.01],
+                      "high": [0.02, np.nan, 0.03], "epochs_seen": ["0-10"] * 3})
+    text = ER.verdict(t)
+    assert "supervised: above 0 already in the untrained encoder" in text and "mae-guided: first above 0 at epoch 4" in text
+    assert "earlier: yes" in text and "never under random masks" in text
+    assert "earlier: no" in ER.verdict(t.assign(first_epoch=[0, 2, 4]))
+    assert list(ER.first_table_display(t).first_epoch) == ["0 (untrained)", "n.r.", "4"]

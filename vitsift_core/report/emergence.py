@@ -42,7 +42,8 @@ def first_table_display(table: pd.DataFrame) -> pd.DataFrame:
     t["semantic [95% CI] at first epoch"] = [
         "not reached" if np.isnan(s) else f"{s:.4f} [{lo:.4f}, {hi:.4f}]"
         for s, lo, hi in zip(t.semantic, t.low, t.high)]
-    t["first_epoch"] = t.first_epoch.map(lambda e: "n.r." if pd.isna(e) else str(int(e)))
+    t["first_epoch"] = t.first_epoch.map(lambda e: "n.r." if pd.isna(e) else
+                                         "0 (untrained)" if e == 0 else str(int(e)))
     return t[["objective", "layer", "first_epoch", "semantic [95% CI] at first epoch", "epochs_seen"]]
 
 
@@ -54,8 +55,9 @@ def verdict(table: pd.DataFrame) -> str:
     for name, r in overall.iterrows():
         parts.append(f"{name}: " + ("the semantic part (mean over layers) never has a CI above 0 "
                                     f"in epochs {r.epochs_seen}" if pd.isna(r.first_epoch) else
-                                    f"first above 0 at epoch {int(r.first_epoch)}, {r.semantic:.4f} "
-                                    f"[{r.low:.4f}, {r.high:.4f}]"))
+                                    ("above 0 already in the untrained encoder (epoch 0)" if r.first_epoch == 0
+                                     else f"first above 0 at epoch {int(r.first_epoch)}") +
+                                    f", {r.semantic:.4f} [{r.low:.4f}, {r.high:.4f}]"))
     text = "; ".join(parts) + "."
     if {"mae-guided", "mae-random"} <= set(overall.index):
         holds, why = guided_earlier(overall.first_epoch["mae-guided"], overall.first_epoch["mae-random"])
