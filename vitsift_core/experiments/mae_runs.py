@@ -84,6 +84,9 @@ def load_pretrained_mae(out: str | Path, device: str = "cpu"):
     state = pretrain.read_checkpoint(out / "checkpoint.pt")
     cfg = PretrainConfig(**{k: v for k, v in state["config"].items()
                             if k in {f.name for f in dataclasses.fields(PretrainConfig)}})
+    if cfg.objective != "mae":
+        raise ValueError(f"{out} is a {cfg.objective} run: it has no MAE decoder; load its encoder "
+                         "snapshots with model.registry.load_model(pretrain_state.snapshot_spec(file))")
     model = build_model(cfg)
     model.load_state_dict(state["model"])
     model.source = f"vitsift pre-training {out}"
@@ -97,8 +100,8 @@ def experiment_dir(cfg: PretrainConfig, root: str | Path | None = None) -> Path:
 
 
 def run_dir(cfg: PretrainConfig, root: str | Path | None = None) -> Path:
-    """``<experiment_dir>/<mask>[-<curriculum key>]-seed<seed>``."""
-    name = cfg.mask
+    """``<experiment_dir>/<mask>[-<curriculum key>]-seed<seed>``, or ``supervised-seed<seed>``."""
+    name = "supervised" if cfg.objective == "supervised" else cfg.mask
     if cfg.mask == "guided":
         name += "-" + key_of({k: cfg.identity()[k] for k in ("betas", "beta_every", "order", "score_layer")})[:6]
     return experiment_dir(cfg, root) / f"{name}-seed{cfg.seed}"
@@ -114,8 +117,8 @@ def load_steps(out: str | Path) -> pd.DataFrame:
 
 def add_cli(sub) -> None:
     """Register ``vitsift pretrain``: every PretrainConfig field as ``--field-name``."""
-    p = sub.add_parser("pretrain", help="MAE pre-training with random or keypoint-guided masks "
-                       "(resumable; torchrun for DDP)", description=pretrain.__doc__,
+    p = sub.add_parser("pretrain", help="MAE pre-training with random or keypoint-guided masks, or "
+                       "supervised (--objective supervised); resumable, torchrun for DDP", description=pretrain.__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(PretrainConfig):
         name = "--" + f.name.replace("_", "-")

@@ -1,5 +1,7 @@
-"""MAE pre-training with random or keypoint-guided masks (paper Sec. 5.2): one run = one :class:`PretrainConfig`
-in one resumable folder, k-NN evaluated untrained (epoch 0) and after every epoch, DDP under torchrun."""
+"""Pre-training of a small ViT encoder: MAE with random or keypoint-guided masks (paper Sec. 5.2), or
+supervised (cross-entropy on the image labels; ``objective``), same encoder, data, schedule and seeds.
+One run = one :class:`PretrainConfig` in one resumable folder, k-NN evaluated untrained (epoch 0) and after
+every epoch, encoder snapshots every ``snapshot_every`` epochs (pretrain_state), DDP under torchrun."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,19 +17,25 @@ import torch
 from tqdm.auto import tqdm
 
 from vitsift_core.method import guided as MM
-from vitsift_core.model.collectors import PatchScoreCollector
-from vitsift_core.model.infer import amp_precision, forward_autocast, infer
+from vitsift_core.model.infer import amp_precision, forward_autocast
 from vitsift_core.method.linear import knn_accuracy, linear_probe
 from vitsift_core.data.keypoints import CountsIdentity, SiftParams
 from vitsift_core.experiments.mae_data import TrainData, load_train_data, to_input
+from vitsift_core.experiments.pretrain_eval import encode, head_accuracy, theta_scores  # noqa: F401
+from vitsift_core.experiments.pretrain_state import (CHECKPOINT_KEYS, load_checkpoint, read_checkpoint,  # noqa: F401
+                                                     save_checkpoint, save_snapshot, snapshot_epochs)
+from vitsift_core.model.classifier import SupervisedViT
 from vitsift_core.model.mae import build_mae
-from vitsift_core.model.registry import load_weights_only, resolve_device
-from vitsift_core.store import (Params, RunMismatch, at_least_one, atomic_write, check_identity, distributed,
+from vitsift_core.model.registry import resolve_device
+from vitsift_core.store import (Params, at_least_one, atomic_write, check_identity, distributed,
                                 in_range, key_of, local_rank, read_json, write_json)
 
 
 METRIC_COLS = ["epoch", "beta", "key_share", "train_loss", "lr", "knn_acc", "probe_acc"]
 STEP_COLS = ["epoch", "step", "loss", "lr"]
+OBJECTIVES = ("mae", "supervised")
+#: what a supervised run does not use: nulled in its identity (MAE identities never hold ``objective``)
+MAE_ONLY = ("decoder_dim", "decoder_depth", "decoder_heads", "norm_pix_loss", "mask", "mask_ratio")
 
 
 @dataclass
@@ -35,6 +43,7 @@ class PretrainConfig(CountsIdentity, Params):
     """Everything that decides a pre-training run's numbers (plus runtime keys that do not)."""
 
     encoder: str = "vit_tiny_patch16_224"
+    objective: str = "mae"             # 'mae' | 'supervised' (cross-entropy on the train labels, CLS head)
     img_size: int = 64
     patch_size: int | None = 8
     depth: int | None = 4
@@ -69,6 +78,7 @@ class PretrainConfig(CountsIdentity, Params):
     knn_t: float | None = 0.07
     probe: bool = True                 # linear probe after the last epoch
     probe_every: int = 0               # also after every k-th epoch (0: only at the end)
+    snapshot_every: int = 0            # encoder snapshot at epoch 0, every k-th and the last (0: none)
     # runtime: not part of the identity
     device: str = "auto"
     amp: bool = True                   # bf16 autocast on CUDA (ignored on CPU); guided scoring too
@@ -79,6 +89,10 @@ class PretrainConfig(CountsIdentity, Params):
     RUNTIME_KEYS = ("device", "amp", "num_workers", "threads", "eval_batch_size")
 
     def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective == "supervised" and self.mask != "random":
+            raise ValueError("a supervised run masks nothing: leave mask='random' (guided masks are MAE's)")
         if self.mask not in MM.MASK_KINDS:
             raise ValueError(f"mask must be one of {MM.MASK_KINDS}, got {self.mask!r}")
         if self.order not in ("random", "score"):
@@ -96,7 +110,7 @@ class PretrainConfig(CountsIdentity, Params):
         for name, lo_open in (("blr", True), ("min_lr", False), ("warmup_epochs", False), ("weight_decay", False)):
             in_range(name, getattr(self, name), 0, lo_open=lo_open)
         in_range("crop_pct", self.crop_pct, 0, 1, lo_open=True, hi_open=False)
-        for name in ("num_workers", "probe_every") + (("score_layer",) if self.score_layer is not None else ()):
+        for name in ("num_workers", "probe_every", "snapshot_every") + (("score_layer",) if self.score_layer is not None else ()):
             in_range(name, getattr(self, name), 0, integer=True)
         if self.knn_t is not None:
             in_range("knn_t", self.knn_t, 0, lo_open=True)
@@ -111,13 +125,19 @@ class PretrainConfig(CountsIdentity, Params):
         d["betas"] = list(d["betas"])
         if self.mask == "random":   # curriculum settings do not touch a random-mask run
             d["betas"], d["beta_every"], d["order"], d["score_layer"] = None, None, None, None
+        if self.objective == "mae":
+            d.pop("objective")                # so MAE keys are those of before the objective existed
+        else:
+            d.update(dict.fromkeys(MAE_ONLY))
+        if not self.snapshot_every:
+            d.pop("snapshot_every")
         d["format"] = "mae-pretrain-v2"       # v2: metrics.csv starts with epoch 0 (untrained)
         return super()._identity(d)             # guided masks and key shares use counts: the rule
 
     def recipe_key(self) -> str:
-        """Hash of everything except mask kind, curriculum and seed: one experiment's folder."""
+        """Hash of everything except objective, mask kind, curriculum and seed: one experiment's folder."""
         skip = ("mask", "seed", "betas", "beta_every", "order", "score_layer")
-        return key_of({k: v for k, v in self.identity().items() if k not in skip})
+        return key_of({k: v for k, v in self.replace(objective="mae").identity().items() if k not in skip})
 
     def schedule(self) -> MM.BetaSchedule:
         return MM.BetaSchedule(self.betas, self.beta_every)
@@ -143,37 +163,6 @@ def param_groups(model, weight_decay: float):
     params = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
             {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay}]
-
-
-@torch.no_grad()
-def encode(model, images: np.ndarray, device, batch_size: int = 256, amp: bool = False) -> torch.Tensor:
-    """CLS features (n, D) float32 on CPU of full images, in eval mode."""
-    was = model.training
-    model.eval()
-    out = []
-    for s in range(0, len(images), batch_size):
-        x = to_input(images[s:s + batch_size], device)
-        with forward_autocast(device, amp_precision(amp)):
-            out.append(model.features(x).float().cpu())
-    model.train(was)
-    return torch.cat(out) if out else torch.zeros(0, model.embed_dim)
-
-
-def theta_scores(model, images: np.ndarray, counts: np.ndarray, layer: int, device,
-                 batch_size: int = 256, precision: str = "auto") -> np.ndarray:
-    """Per-patch theta score s_i of ``layer`` (heads averaged) of every image: (n, N) float32."""
-    was = model.training
-    model.eval()
-    out = []
-    col = PatchScoreCollector([layer], gamma=1.0, weighted=True, exclude_self=False)
-    for s in range(0, len(images), batch_size):
-        x = to_input(images[s:s + batch_size], device)
-        col.start_batch(torch.from_numpy(np.asarray(counts[s:s + batch_size])).to(device))
-        infer(model.encoder, x, forward=lambda xs: model.forward_encoder(xs, None), collector=col,
-              layers=[layer], stop_early=True, precision=precision)
-        out.append(col.finish_batch()[0][:, 0].numpy())
-    model.train(was)
-    return np.concatenate(out)
 
 
 def _resolve_device(cfg: PretrainConfig) -> torch.device:
@@ -204,6 +193,16 @@ def train_runtime(cfg: PretrainConfig, device: torch.device, tf32: bool = True):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
+def metric_cols(cfg: PretrainConfig) -> list[str]:
+    """metrics.csv's columns: a supervised run adds its own head's val accuracy (``head_acc``)."""
+    return METRIC_COLS + (["head_acc"] if cfg.objective == "supervised" else [])
+
+
+def trainee(cfg: PretrainConfig, model, n_classes: int):
+    """What is trained: the MAE ``model`` itself, or (supervised) its encoder with a seeded class head."""
+    return SupervisedViT(model, n_classes, cfg.seed) if cfg.objective == "supervised" else model
+
+
 def evaluate(model, data: TrainData, cfg: PretrainConfig, device, probe: bool) -> tuple[float, float]:
     """(k-NN accuracy, linear-probe accuracy or NaN) of the CLS features: memory ``data.mem``, queries val."""
     f_mem = encode(model, data.train.images[:data.mem], device, cfg.eval_batch_size, cfg.amp)
@@ -211,52 +210,6 @@ def evaluate(model, data: TrainData, cfg: PretrainConfig, device, probe: bool) -
     y_mem, n_cls = data.y_train[:data.mem], len(data.classes)
     acc = knn_accuracy(f_mem, y_mem, f_val, data.y_val, n_cls, cfg.knn_k, cfg.knn_t)
     return acc, (linear_probe(f_mem, y_mem, f_val, data.y_val, n_cls)["val_acc"] if probe else float("nan"))
-
-
-def save_checkpoint(path: Path, model, opt, cfg: PretrainConfig, epoch: int, history: list,
-                    step_rows: list, classes: list[str]) -> None:
-    """Tensors, containers, numbers and strings only, so :func:`read_checkpoint` loads it weights-only."""
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": int(epoch),
-             "history": _plain(history), "steps": _plain(step_rows), "key": cfg.key(),
-             "classes": _plain(classes), "config": _plain({**dataclasses.asdict(cfg), "betas": list(cfg.betas)})}
-    atomic_write(path, lambda p: torch.save(state, p))
-
-
-def _plain(obj):
-    """``obj`` with numpy scalars as Python numbers; any other non-plain value is an error."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(f"checkpoint value of type {type(obj).__name__} is not plain data")
-
-
-CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history", "steps", "key", "classes", "config")
-
-
-def read_checkpoint(path: Path) -> dict:
-    """A run folder's ``checkpoint.pt``, loaded weights-only: nothing in a handed-over folder runs
-    code (UnsafeCheckpoint, a ValueError, otherwise)."""
-    state = load_weights_only(path)
-    if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
-        raise ValueError(f"{path} is not a vitsift pre-training checkpoint (expected keys {CHECKPOINT_KEYS})")
-    return state
-
-
-def load_checkpoint(path: Path, model, opt, cfg: PretrainConfig) -> tuple[int, list, list]:
-    """Restore model and optimiser from ``path`` if it exists -> (epochs done, history, step rows)."""
-    if not path.exists():
-        return 0, [], []
-    state = read_checkpoint(path)
-    if state["key"] != cfg.key():
-        raise RunMismatch(f"{path} belongs to another config ({state['key']} != {cfg.key()})")
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    return state["epoch"], state["history"], state["steps"]
 
 
 def epoch_batch(cfg: PretrainConfig, data: TrainData, epoch: int, idx: np.ndarray, grid, beta: float,
@@ -331,7 +284,9 @@ def _train_epoch(ddp, opt, cfg: PretrainConfig, data: TrainData, epoch: int, dev
         imgs, counts, masks = epoch_batch(cfg, data, epoch, idx, model.grid, beta, scores)
         key_masked += int(((counts > 0) & masks).sum())
         total_masked += int(masks.sum())
-        x, m = to_input(imgs, device), torch.from_numpy(masks).to(device)
+        # the loss's second input: MAE's masks, or (supervised) the labels; flips and masks are drawn alike
+        target = masks if cfg.objective == "mae" else data.y_train[idx]
+        x, m = to_input(imgs, device), torch.from_numpy(target).to(device)
         lval = train_step(ddp, opt, x, m, lr, cfg.amp, dist, world)
         if not math.isfinite(lval):
             raise FloatingPointError(f"loss is {lval} at epoch {epoch + 1}, step {s}")
@@ -343,7 +298,8 @@ def _train_epoch(ddp, opt, cfg: PretrainConfig, data: TrainData, epoch: int, dev
         t_ = torch.tensor([key_masked, total_masked], dtype=torch.float64)
         dist.all_reduce(t_)
         key_masked, total_masked = t_.tolist()
-    return {"epoch": epoch + 1, "beta": beta, "key_share": key_masked / max(total_masked, 1),
+    share = key_masked / max(total_masked, 1) if cfg.objective == "mae" else float("nan")
+    return {"epoch": epoch + 1, "beta": beta, "key_share": share,
             "train_loss": loss_sum / steps, "lr": lr}
 
 
@@ -367,6 +323,7 @@ def run_pretrain(cfg: PretrainConfig, out: str | Path, *, progress: bool = True,
         t_start = time.perf_counter()
         model = build_model(cfg)
         data = load_train_data(cfg, model.patch_size, progress, rank, barrier)
+        model = trainee(cfg, model, len(data.classes))
         times = {"t_start": t_start, "data_s": time.perf_counter() - t_start, "train_s": 0.0}
         steps = _steps(cfg, len(data.train))
         model.to(device)
@@ -374,12 +331,14 @@ def run_pretrain(cfg: PretrainConfig, out: str | Path, *, progress: bool = True,
         start_epoch, history, step_rows = load_checkpoint(out / "checkpoint.pt", model, opt, cfg)
         if start_epoch == 0 and rank == 0:   # epoch 0: the untrained encoder, before any optimiser step
             history = [epoch0_row(model, data, cfg, device)]
+            if 0 in snapshot_epochs(cfg):
+                save_snapshot(out, model.encoder, cfg, 0)
         ddp = model
         if dist is not None:
             ddp = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         bar = tqdm(total=steps * cfg.epochs, initial=start_epoch * steps, unit="step", dynamic_ncols=True,
-                   desc=desc or f"MAE {cfg.mask} seed {cfg.seed}", disable=not (progress and rank == 0))
+                   desc=desc or f"{_label(cfg)} seed {cfg.seed}", disable=not (progress and rank == 0))
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             row = _train_epoch(ddp, opt, cfg, data, epoch, device, step_rows, on_step, bar, rank, dist, world)
@@ -388,7 +347,11 @@ def run_pretrain(cfg: PretrainConfig, out: str | Path, *, progress: bool = True,
                 probe = (epoch + 1 == cfg.epochs and cfg.probe) or bool(
                     cfg.probe_every and (epoch + 1) % cfg.probe_every == 0)
                 row["knn_acc"], row["probe_acc"] = evaluate(model, data, cfg, device, probe)
+                if cfg.objective == "supervised":
+                    row["head_acc"] = head_accuracy(model, data, cfg, device)
                 history.append(row)
+                if epoch + 1 in snapshot_epochs(cfg):      # before the checkpoint: a resumed run has it
+                    save_snapshot(out, model.encoder, cfg, epoch + 1)
                 _save_epoch(out, model, opt, cfg, history, step_rows, data.classes)
                 if progress:
                     beta = f", beta {row['beta']:.2f}" if cfg.mask == "guided" else ""
@@ -405,7 +368,7 @@ def run_pretrain(cfg: PretrainConfig, out: str | Path, *, progress: bool = True,
 def _save_epoch(out: Path, model, opt, cfg: PretrainConfig, history: list, step_rows: list, classes) -> None:
     """After an epoch: the checkpoint, then metrics.csv and steps.csv."""
     save_checkpoint(out / "checkpoint.pt", model, opt, cfg, int(history[-1]["epoch"]), history, step_rows, classes)
-    for rows, cols, name in ((history, METRIC_COLS, "metrics.csv"), (step_rows, STEP_COLS, "steps.csv")):
+    for rows, cols, name in ((history, metric_cols(cfg), "metrics.csv"), (step_rows, STEP_COLS, "steps.csv")):
         df = pd.DataFrame(rows, columns=cols)
         atomic_write(out / name, lambda p: df.to_csv(p, index=False, float_format="%.9g"))
 
@@ -437,8 +400,13 @@ def _check_identity(cfg: PretrainConfig, out: Path, rank: int) -> None:
 def epoch0_row(model, data: TrainData, cfg: PretrainConfig, device) -> dict:
     """The metrics row of epoch 0: k-NN (and probe, when ``cfg.probe``) of the model as it is (untrained)."""
     knn, probe = evaluate(model, data, cfg, device, cfg.probe)
+    head = {"head_acc": head_accuracy(model, data, cfg, device)} if cfg.objective == "supervised" else {}
     return {"epoch": 0, **dict.fromkeys(("beta", "key_share", "train_loss", "lr"), float("nan")),
-            "knn_acc": knn, "probe_acc": probe}
+            "knn_acc": knn, "probe_acc": probe, **head}
+
+
+def _label(cfg: PretrainConfig) -> str:
+    return "supervised" if cfg.objective == "supervised" else f"MAE {cfg.mask}"
 
 
 def initial_accuracy(cfg: PretrainConfig, progress: bool = False) -> dict:

@@ -1,14 +1,16 @@
 """Model registry: a spec string -> a ready timm ViT plus what the analysis needs (:class:`LoadedModel`).
 
 Specs: ``"embedded"`` (the offline default), a timm name with or without a pretrained tag or
-``"hf-hub:org/repo"`` (hub or its local cache), ``"ARCH@PATH"`` (a local state dict), and
-``"random-init:SPEC"`` (SPEC's architecture with seeded random weights, asked for by name so that
-run folders, tables and titles say so). ``control="random-init"``: the same architecture, seeded;
-otherwise missing weights raise :class:`ModelWeightsUnavailable`, never fall back to random ones.
+``"hf-hub:org/repo"`` (hub or its local cache), ``"ARCH@PATH"`` (a local state dict; a vitsift
+pre-training snapshot carries the timm arguments it was built with), and ``"random-init:SPEC"``
+(SPEC's architecture with seeded random weights, asked for by name so that run folders, tables and
+titles say so). ``control="random-init"``: the same architecture, seeded; otherwise missing weights
+raise :class:`ModelWeightsUnavailable`, never fall back to random ones.
 """
 from __future__ import annotations
 
 import difflib
+import json
 import pickle
 import re
 import urllib.error
@@ -19,6 +21,7 @@ import timm
 import torch
 from huggingface_hub import constants
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+from safetensors import safe_open
 from safetensors.torch import load_file
 from timm.data import resolve_data_config
 
@@ -171,10 +174,23 @@ def _load_checkpoint(spec, arch, p: Path, kwargs) -> LoadedModel:
             f"checkpoint file for {arch!r} not found: {p} (spec {spec!r}). "
             "Give an existing .safetensors/.pth/.pt/.bin file as ARCH@PATH.")
     state_dict = read_state_dict(p)
+    kwargs = {**_saved_kwargs(p), **kwargs}     # a vitsift snapshot says how it was built
     model = timm.create_model(arch, pretrained=False, **kwargs)
     _check_vit(model, arch)
     _strict_load(model, state_dict, arch, p)
     return _describe(model, spec, _arch_of(model, arch), f"checkpoint:{p}", _data_config(model))
+
+
+def _saved_kwargs(p: Path) -> dict:
+    """The ``timm_kwargs`` (JSON) in a .safetensors file's metadata, as a vitsift pre-training
+    snapshot stores them (size, patches, depth, input pipeline); {} for any other file."""
+    if p.suffix.lower() != ".safetensors":
+        return {}
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("timm_kwargs", "{}"))
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"could not read checkpoint {p}: {type(e).__name__}: {e}") from e
 
 
 def _create_or_unavailable(name: str, pretrained: bool, kwargs: dict) -> torch.nn.Module:
