@@ -89,6 +89,21 @@ def test_random_init_is_seeded_and_never_the_checkpoint(tiny_files):
     assert _same_weights(load_model("test_vit", control="random-init", seed=0).model, a.model)
 
 
+def test_random_init_of_a_snapshot_keeps_its_architecture(tmp_path):
+    """A vitsift snapshot (timm_kwargs in its metadata) built unlike the arch's defaults: the
+    random-init control is that architecture (depth, grid, input size) with new weights."""
+    import json
+    kw = {"depth": 2, "img_size": 32, "patch_size": 8, "num_classes": 0}
+    trained = _tiny(**kw)
+    path = tmp_path / "snap.safetensors"
+    save_file(trained.state_dict(), str(path), metadata={"timm_kwargs": json.dumps(kw)})
+    real = load_model(f"test_vit@{path}")
+    rand = load_model(f"test_vit@{path}", control="random-init", seed=0)
+    assert len(rand.model.blocks) == len(real.model.blocks) == 2
+    assert rand.grid == real.grid == (4, 4) and rand.data_config["input_size"] == real.data_config["input_size"]
+    assert not _same_weights(rand.model, real.model)
+
+
 @pytest.fixture
 def offline_hub(tmp_path, monkeypatch):
     """No hub access and an empty HF cache (huggingface_hub reads these at import, so patch both)."""

@@ -73,6 +73,20 @@ def test_entries_bring_their_objective_and_size():
         zoo.expand("embedded")
 
 
+def test_trained_token_reads_notebook_10s_encoders_of_the_profile(monkeypatch):
+    asked = []
+    specs = {"supervised": "a@/r/sup.safetensors", "mae-random": "a@/r/mr.safetensors",
+             "mae-guided": "a@/r/mg.safetensors"}
+    monkeypatch.setattr(zoo.emergence, "profile_specs", lambda profile, progress=True: asked.append(profile) or specs)
+    got = zoo.expand(["embedded", zoo.TRAINED_TOKEN], profile="smoke")
+    assert asked == ["smoke"]
+    assert [m.spec for m in got] == ["embedded", *specs.values()]
+    assert [m.objective for m in got] == ["DINOv2", "supervised", "MAE", "MAE"]
+    assert got[2].label == "mae-random, trained here [MAE]"
+    with pytest.raises(ValueError, match="needs the profile"):
+        zoo.expand([zoo.TRAINED_TOKEN])
+
+
 def test_random_init_spec_is_labelled_and_seeded():
     a = load_model("random-init:test_vit", seed=3)
     b = load_model("test_vit", control="random-init", seed=3)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from vitsift_core.experiments import emergence
 from vitsift_core.experiments.analysis import CONTROLS, AnalysisParams, RunDir
 from vitsift_core.experiments.study import Variant, suite
 from vitsift_core.model.embedded import ModelWeightsUnavailable
@@ -18,6 +19,8 @@ from vitsift_core.model.registry import display_name, is_random_init, random_ini
 
 OBJECTIVES = ("supervised", "MAE", "DINO", "DINOv2", "CLIP")
 ZOO_TOKEN = "zoo"       # in a ``models`` list: every model of :data:`ZOO`, in order
+TRAINED_TOKEN = "trained"   # in a ``models`` list: the encoders notebook 10 trains under the profile
+TRAINED_OBJECTIVE = {"supervised": "supervised", "mae-random": "MAE", "mae-guided": "MAE"}
 
 
 @dataclass(frozen=True)
@@ -76,14 +79,24 @@ def entry(m: str | dict | ZooModel) -> ZooModel:
     return replace(known, spec=spec)
 
 
-def expand(models) -> list[ZooModel]:
-    """The ``models`` list (specs, dicts, :data:`ZOO_TOKEN`) as ZooModels, in order; a model named
-    twice is an error (its columns would clash)."""
+def trained(profile: str, progress: bool = True) -> list[ZooModel]:
+    """The final encoders of notebook 10's three objectives under ``profile`` (trained here when
+    absent, into the run folders notebook 10 reads), read at their own input size."""
+    specs = emergence.profile_specs(profile, progress=progress)
+    return [ZooModel(spec, TRAINED_OBJECTIVE[name], name=f"{name}, trained here",
+                     note=f"notebook 10's recipe, objective {name}, last epoch") for name, spec in specs.items()]
+
+
+def expand(models, profile: str | None = None) -> list[ZooModel]:
+    """The ``models`` list (specs, dicts, :data:`ZOO_TOKEN`, :data:`TRAINED_TOKEN` with ``profile``)
+    as ZooModels, in order; a model named twice is an error (its columns would clash)."""
     if isinstance(models, (str, dict)) or not models:
         raise ValueError(f"models must be a non-empty list of specs, got {models!r}")
     out: list[ZooModel] = []
     for m in models:
-        out += list(ZOO) if m == ZOO_TOKEN else [entry(m)]
+        if m == TRAINED_TOKEN and profile is None:
+            raise ValueError(f"{TRAINED_TOKEN!r} in models needs the profile whose encoders to read")
+        out += list(ZOO) if m == ZOO_TOKEN else trained(profile) if m == TRAINED_TOKEN else [entry(m)]
     twice = sorted({z.spec for z in out if [y.spec for y in out].count(z.spec) > 1})
     if twice:
         raise ValueError(f"models named more than once: {twice}")

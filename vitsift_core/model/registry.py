@@ -123,8 +123,9 @@ def load_model(spec: str, *, control: str = "none", device: str = "cpu", seed: i
         _check_arch_name(arch)
         if seed_if_random is None:
             loaded = _load_checkpoint(spec, arch, Path(path).expanduser(), kwargs)
-        else:
-            loaded = _load_timm(spec, arch, seed_if_random, kwargs)
+        else:   # the checkpoint's architecture (a snapshot says how it was built), new weights
+            saved = _saved_kwargs(Path(path).expanduser()) if Path(path).expanduser().is_file() else {}
+            loaded = _load_timm(spec, arch, seed_if_random, {**saved, **kwargs})
     else:
         _check_arch_name(spec)
         loaded = _load_timm(spec, spec, seed_if_random, kwargs)
