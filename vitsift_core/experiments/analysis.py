@@ -25,10 +25,7 @@ from vitsift_core.experiments.tables import (HEAD_COLS, METRIC_COLS, donor_count
 from vitsift_core.store import (DEFAULT_CHUNK, Dist, Params, RunFolder, RunMismatch, at_least_one, atomic_write,
                                 ids_of_chunk, in_range, load_npz, load_parquet, n_chunks, read_json, savez,
                                 write_json)
-
-# donor-keypoints: each image's own maps scored with another image's counts (a seeded derangement
-# within each chunk's decodable images); like shuffle-keypoints it shares the real forward passes
-CONTROLS = ("none", "shuffle-keypoints", "random-init", "mean-attention", "donor-keypoints")
+from vitsift_core.options import CONTROLS  # the controls a run may name (light module: the CLI lists them)
 
 
 def batch_metrics(lm, collector: MetricCollector, x: torch.Tensor,
