@@ -53,7 +53,8 @@ def run_analyze(cmd: list[str], env: dict, logs: Path) -> dict:
     """Run ``cmd``; its wall seconds, CPU seconds (it and the workers it waited for), peak RSS bytes."""
     with open(logs / "stdout", "w+") as out, open(logs / "stderr", "w+") as err:
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
+        # cwd: `python -m` puts it first on sys.path, so the child runs this checkout's package
+        p = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, cwd=C.ROOT)
         _, status, ru = os.wait4(p.pid, 0)      # this child's own rusage (Popen.wait would discard it)
         wall = time.perf_counter() - t0
         p.returncode = os.waitstatus_to_exitcode(status)
