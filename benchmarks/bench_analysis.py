@@ -485,7 +485,8 @@ def end_to_end_row(args, bench: Bench, spec: str) -> dict | None:
         return None
     args.images_spec = spec
     load0 = C.machine().get("load_avg_1m")
-    row = E2E.end_to_end(args, bench.lm, lambda x: bench.plain(x, None, None), args.e2e_limit)
+    split = (lambda x: bench.plain_on_cores(x, None, None)) if bench.dev.type == "cpu" else None
+    row = E2E.end_to_end(args, bench.lm, lambda x: bench.plain(x, None, None), args.e2e_limit, split)
     row["load_avg_1m"] = {"before": load0, "after": C.machine().get("load_avg_1m")}
     print("\n".join(E2E.report_lines(row)) + f" (1-min load average {load0} before, "
           f"{row['load_avg_1m']['after']} after, on {os.cpu_count()} CPUs)")

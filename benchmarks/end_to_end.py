@@ -83,10 +83,22 @@ def decoded_batches(lm, spec: str, limit: int, batch: int):
     return [torch.stack(xs[i:i + batch]).to(dev) for i in range(0, len(xs), batch)], len(xs)
 
 
-def end_to_end(args, lm, plain, limit: int) -> dict:
-    """Time (e) and (f) on ``limit`` images; ``plain(x)`` is (a)'s forward. Returns the row's figures."""
+def time_forward(forward, batches) -> tuple[float, float]:
+    """(wall s, CPU s) of ``forward`` over ``batches`` after one warm-up batch."""
     import torch
 
+    forward(batches[0])                            # warm-up (oneDNN primitives, allocator)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for x in batches:
+        forward(x)
+    if batches[0].is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def end_to_end(args, lm, plain, limit: int, plain_split=None) -> dict:
+    """Time (e) and (f) on ``limit`` images; ``plain(x)`` is (a)'s forward, ``plain_split(x)`` (p)'s
+    (optional, CPU: the reference at (e)'s threading, less moved by other load). The row's figures."""
     from vitsift_core.store import read_json
 
     work = Path(tempfile.mkdtemp(prefix="vitsift-e2e-"))
@@ -97,20 +109,19 @@ def end_to_end(args, lm, plain, limit: int) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     batches, n_f = decoded_batches(lm, args.images_spec, limit, args.batch)
-    plain(batches[0])                              # warm-up (oneDNN primitives, allocator)
-    t0, c0 = time.perf_counter(), time.process_time()
-    for x in batches:
-        plain(x)
-    if torch.cuda.is_available() and batches[0].is_cuda:
-        torch.cuda.synchronize()
-    f_wall, f_cpu = time.perf_counter() - t0, time.process_time() - c0
+    f_wall, f_cpu = time_forward(plain, batches)
+    split = {}
+    if plain_split is not None:
+        p_wall, p_cpu = time_forward(plain_split, batches)
+        split = {"plain_split_wall_s": p_wall, "plain_split_cpu_s": p_cpu,
+                 "plain_split_images_per_s": n_f / p_wall, "end_to_end_over_plain_split": (n_e / e["wall_s"]) / (n_f / p_wall)}
     e_ips, f_ips = n_e / e["wall_s"], n_f / f_wall
     return {"images": args.images_spec, "limit": limit, "n_analyzed": n_e, "n_plain": n_f,
             "analyze_wall_s": e["wall_s"], "analyze_cpu_s": e["cpu_s"],
             "analyze_peak_rss_bytes": e["peak_rss_bytes"], "analyze_images_per_s": e_ips,
             "plain_wall_s": f_wall, "plain_cpu_s": f_cpu, "plain_images_per_s": f_ips,
             "end_to_end_over_plain": e_ips / f_ips, "command": " ".join(analyze_command(args, limit, Path("OUT"))[1:]),
-            "target": f"{TARGET[0]} {TARGET[1]}"}
+            "target": f"{TARGET[0]} {TARGET[1]}", **split}
 
 
 def report_lines(r: dict) -> list[str]:
@@ -119,8 +130,11 @@ def report_lines(r: dict) -> list[str]:
     return [C.table([["(e) vitsift analyze, whole process", r["analyze_images_per_s"], r["analyze_wall_s"],
                       r["analyze_cpu_s"], r["analyze_peak_rss_bytes"] / 2 ** 20],
                      ["(f) plain forward, decoded images", r["plain_images_per_s"], r["plain_wall_s"],
-                      r["plain_cpu_s"], float("nan")]],
+                      r["plain_cpu_s"], float("nan")]] + ([
+                     ["(f) split over cores like (b)", r["plain_split_images_per_s"], r["plain_split_wall_s"],
+                      r["plain_split_cpu_s"], float("nan")]] if "plain_split_wall_s" in r else []),
                     [f"end to end, {r['n_analyzed']} images ({r['images']})", "images/s", "wall s", "CPU s",
                      "peak RSS MiB"]),
             f"e/f end to end: {r['end_to_end_over_plain']:.3f} (target {TARGET[0]} {TARGET[1]}: "
-            f"{'met' if ok else 'NOT met'})"]
+            f"{'met' if ok else 'NOT met'})" + (f"; e/(f split) {r['end_to_end_over_plain_split']:.3f} (the same "
+                                                  "at (e)'s threading)" if "plain_split_wall_s" in r else "")]

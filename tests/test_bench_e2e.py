@@ -48,6 +48,9 @@ def test_end_to_end_row_tiny(tmp_path):
     # the ratio is images/s of the process over images/s of the plain forward, both timed here
     want = (r["n_analyzed"] / r["analyze_wall_s"]) / (r["n_plain"] / r["plain_wall_s"])
     assert r["end_to_end_over_plain"] == pytest.approx(want, rel=1e-9)
+    # on CPU also against (p), the plain forward split over the cores as the analysis runs it
+    split = (r["n_analyzed"] / r["analyze_wall_s"]) / (r["n_plain"] / r["plain_split_wall_s"])
+    assert r["end_to_end_over_plain_split"] == pytest.approx(split, rel=1e-9) and "e/(f split)" in p.stdout
     # a whole process: at least the interpreter with torch (RSS) and its imports (wall, CPU)
     assert r["analyze_peak_rss_bytes"] > 100 * 2 ** 20 and r["analyze_wall_s"] > r["plain_wall_s"]
     assert r["analyze_cpu_s"] > 0.5 and "analyze --model test_vit" in r["command"]
