@@ -42,12 +42,13 @@ import sys
 import time
 
 import _common as C  # noqa: E402 - also puts the checkout on sys.path
+import end_to_end as E2E
 
 import numpy as np
 import torch
 
 TARGETS = {"analysis_over_plain": (">=", 0.85), "analysis_over_attention_extract": (">=", 1.5),
-           "memory_analysis_over_plain": ("<=", 1.2)}
+           "memory_analysis_over_plain": ("<=", 1.2), "end_to_end_over_plain": E2E.TARGET}
 VARIANTS = {"a": "plain forward (fused attention)", "p": "(a) split over cores like (b)",
             "b": "vitsift analyze path", "c": "AttentionExtract + NumPy"}
 # (p) only where (b) splits the batch over cores (CPU); elsewhere it would be (a) again
@@ -318,6 +319,9 @@ def parse(argv):
                    "forward with fused attention off, capture, theta, focus, bookkeeping (CPU time)")
     p.add_argument("--out", default=None, help="default: <reports>/bench/analysis.json, analysis-<precision>.json "
                    "with --precision fp32|bf16 (VITSIFT_REPORTS, else ./reports)")
+    p.add_argument("--e2e-limit", type=int, default=0, help="also the end-to-end row (benchmarks/end_to_end.py): "
+                   "`vitsift analyze` as a whole process on this many images vs a plain forward on them (0: off)")
+    p.add_argument("--only-e2e", action="store_true", help="the end-to-end row alone (with --e2e-limit)")
     p.add_argument("--tiny", action="store_true",
                    help="test_vit (random init), batch 4, 1 batch, 1 round: checks that it runs")
     p.add_argument("--memory-child", choices=list(VARIANTS), help=argparse.SUPPRESS)
@@ -360,8 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     lm = load(args)
     if skip_emulated_bf16(args, next(lm.model.parameters()).device):
         return 0
-    batches, spec, n_distinct = make_batches(args, lm)
     bench = Bench(lm, args.gamma, args.precision)
+    if args.only_e2e:
+        return only_end_to_end(args, bench)
+    batches, spec, n_distinct = make_batches(args, lm)
     dev = bench.dev
     timed = [v for v in VARIANTS if v not in args.skip and (dev.type == "cpu" or v not in CPU_ONLY)]
     from vitsift_core.model.infer import capture_micro_batch
@@ -436,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         bd = breakdown(bench, batches, args.rounds)
         print(f"(b) step by step, CPU time (all threads), median of {args.rounds} round(s):")
         print(C.table(table_rows(bd), HEADER))
+    e2e = end_to_end_row(args, bench, spec)
     from vitsift_core.model.infer import forward_precision
     forward = forward_precision(dev, args.precision)
     effect = None
@@ -454,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_analysis_over_plain": ratio("b", "a", cpu), "cpu_analysis_over_attention_extract": ratio("b", "c", cpu),
         "images_per_s": ips, "cpu_seconds_per_image": cpu_per_img, "seconds_per_round": times,
         "cpu_seconds_per_round": cpu, "load_avg_1m": {"before": load0, "after": C.machine().get("load_avg_1m")},
-        "memory": mem, "breakdown": bd,
+        "memory": mem, "breakdown": bd, "end_to_end": e2e,
+        "end_to_end_over_plain": e2e and e2e["end_to_end_over_plain"],
         "memory_method": ("torch.cuda.max_memory_allocated" if dev.type == "cuda" else
                           "RSS in a fresh process per variant: working = VmHWM - VmRSS around one batch; "
                           "peak = working + bytes of weights and input batch"),
@@ -467,7 +475,32 @@ def main(argv: list[str] | None = None) -> int:
     # one file per forward precision, so each run is compared with the last of its kind
     name = "analysis.json" if args.precision == "auto" else f"analysis-{args.precision}.json"
     C.write_report(C.report_path(args.out, name), report, ("analysis_over_plain", "analysis_over_attention_extract",
-                                            "memory_analysis_over_plain"))
+                                            "memory_analysis_over_plain", "end_to_end_over_plain"))
+    return 0
+
+
+def end_to_end_row(args, bench: Bench, spec: str) -> dict | None:
+    """With ``--e2e-limit N``: (e) vitsift analyze as a process vs (f) (a) on the same N images; printed."""
+    if not args.e2e_limit:
+        return None
+    args.images_spec = spec
+    load0 = C.machine().get("load_avg_1m")
+    split = (lambda x: bench.plain_on_cores(x, None, None)) if bench.dev.type == "cpu" else None
+    row = E2E.end_to_end(args, bench.lm, lambda x: bench.plain(x, None, None), args.e2e_limit, split)
+    row["load_avg_1m"] = {"before": load0, "after": C.machine().get("load_avg_1m")}
+    print("\n".join(E2E.report_lines(row)) + f" (1-min load average {load0} before, "
+          f"{row['load_avg_1m']['after']} after, on {os.cpu_count()} CPUs)")
+    return row
+
+
+def only_end_to_end(args, bench: Bench) -> int:
+    """``--only-e2e``: the end-to-end row alone, written to <reports>/bench/end_to_end.json."""
+    if not args.e2e_limit:
+        raise SystemExit("--only-e2e needs --e2e-limit N")
+    spec, _, _ = C.pick_images(args.images, 1)
+    row = end_to_end_row(args, bench, spec)
+    C.write_report(C.report_path(args.out, "end_to_end.json"), {**row, "machine": C.machine(), "model": args.model},
+                   ("end_to_end_over_plain", "analyze_images_per_s", "plain_images_per_s"))
     return 0
 
 

@@ -13,8 +13,11 @@
 # torch.special.xlogy kernel (the CPU path's NumPy log is not used on a GPU) and row sums. Per-slice
 # results stay on the GPU until MetricCollector.finish_batch / PatchScoreCollector.finish_batch
 # make one host copy per batch: no .cpu()/.item()/.numpy() per layer, so the capture never waits on
-# the device. b/a is then the unfused attention plus those few kernels per layer: expect it a little
-# under the forward alone with fused attention off, not a host-bound fraction of it.
+# the device (the keypoint counts go up once per batch and variant, non_blocking). To confirm on the
+# box: torch.cuda.set_sync_debug_mode("warn") around one batch of (b) warns once, at finish_batch's
+# .cpu(), not per layer. b/a is then the unfused attention plus those few kernels per layer: expect
+# it a little under the forward alone with fused attention off, not a host-bound fraction of it.
+# Not yet run on a GPU (issue 17's sessions had none).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [[ -z "${PY:-}" ]]; then

@@ -13,7 +13,7 @@ import vitsift_core
 ROOT = pathlib.Path(vitsift_core.__file__).parent
 # each group may import only the groups of lower rank (and itself)
 RANK = {"paths": 0, "vitsift_core": 0, "method": 1, "model": 2, "data": 2, "store": 3, "experiments": 4,
-        "report": 5, "cli": 6, "reproduce": 6, "widgets": 6}
+        "report": 5, "cli": 6, "reproduce": 6, "widgets": 6, "options": 0}
 
 
 def group(module: str) -> str:

@@ -1,22 +1,42 @@
-"""Command line: ``vitsift analyze|suite|mask-eval ...`` (see ``vitsift <command> --help``)."""
+"""Command line: ``vitsift analyze|suite|mask-eval|pretrain ...`` (see ``vitsift <command> --help``).
+
+Only what builds the parser is imported at module level: ``vitsift --help``, ``vitsift analyze
+--help`` and a bad argument of analyze/suite answer without torch, timm or cv2 (seconds to import).
+A command's module is imported when that command is named (``_analysis``, ``_mask_eval``,
+``_pretrain``, ``_dispatch``: the module's only function-level imports; tests/test_cli_startup.py).
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
 
-from vitsift_core.data.keypoints import SiftParams
-from vitsift_core.store import RunBusy, RunMismatch, distributed, end_distributed, rank_device, read_json
-from vitsift_core.experiments.analysis import CONTROLS, AnalysisParams, analyze, run_suite, variant_dir
 from vitsift_core.experiments.cli_options import add_run_options
-from vitsift_core.experiments.maskeval_cli import add_cli as _add_mask_eval, cli_main as cmd_mask_eval
-from vitsift_core.experiments.mae_runs import add_cli as _add_pretrain, cmd_pretrain
-from vitsift_core.model.registry import DeviceUnavailable, ModelWeightsUnavailable
+from vitsift_core.options import CONTROLS
+
+
+def _analysis():
+    """(experiments.analysis, store): what analyze/suite run on."""
+    # torch, timm, cv2 come with these: imported when analyze or suite is named
+    from vitsift_core import store
+    from vitsift_core.experiments import analysis
+    return analysis, store
+
+
+def _mask_eval():
+    # its options name method.masking's constants (torch): imported when mask-eval is named
+    from vitsift_core.experiments import maskeval_cli
+    return maskeval_cli
+
+
+def _pretrain():
+    # its options are PretrainConfig's fields (torch, timm): imported when pretrain is named
+    from vitsift_core.experiments import mae_runs
+    return mae_runs
 
 
 def _add_analyze(sub) -> None:
-    p = sub.add_parser("analyze", help="SIFT x attention metrics for every image, layer and head",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("analyze", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="embedded",
                    help="'embedded', a timm model name (pretrained), or ARCH@CHECKPOINT")
     p.add_argument("--images", default="samples",
@@ -37,36 +57,40 @@ def _add_analyze(sub) -> None:
 
 
 def _add_suite(sub) -> None:
-    p = sub.add_parser("suite", help="the real run and all controls, with and without exclude_self, "
-                       "sharing forward passes; writes OUT/<control>[-xself]-<key>/ per variant",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """analyze's options less --control and --exclude-self (the suite runs every variant)."""
+    if "analyze" not in sub.choices:
+        _add_analyze(sub)
+    p = sub.add_parser("suite", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for act in sub.choices["analyze"]._actions:
         if act.dest in ("help", "control", "exclude_self"):
             continue
         p._add_action(act)
 
 
-def _params(a, **kw) -> AnalysisParams:
-    sift = dataclasses.asdict(SiftParams(contrast_threshold=a.contrast_threshold))
-    return AnalysisParams(model=a.model, images=a.images, limit=a.limit, gamma=a.gamma,
-                          weighted=not a.unweighted, focus_kind=a.focus, seed=a.seed,
-                          img_size=a.img_size, sift=sift, dedupe_keypoints=a.dedupe_keypoints,
-                          batch_size=a.batch_size, device=a.device,
-                          num_workers=a.num_workers, precision=a.precision, chunk=a.chunk, **kw)
+def _params(a, **kw):
+    """The command line's AnalysisParams."""
+    A, _ = _analysis()
+    sift = dataclasses.asdict(A.SiftParams(contrast_threshold=a.contrast_threshold))
+    return A.AnalysisParams(model=a.model, images=a.images, limit=a.limit, gamma=a.gamma,
+                            weighted=not a.unweighted, focus_kind=a.focus, seed=a.seed,
+                            img_size=a.img_size, sift=sift, dedupe_keypoints=a.dedupe_keypoints,
+                            batch_size=a.batch_size, device=a.device,
+                            num_workers=a.num_workers, precision=a.precision, chunk=a.chunk, **kw)
 
 
-def _rank_params(params: AnalysisParams) -> tuple[AnalysisParams, int, int, object]:
+def _rank_params(params):
     """(params on this process's device, rank, world, barrier), joining torchrun when launched by it."""
-    rank, world, barrier = distributed()
-    return params.replace(device=rank_device(params.device, world)), rank, world, barrier
+    _, S = _analysis()
+    rank, world, barrier = S.distributed()
+    return params.replace(device=S.rank_device(params.device, world)), rank, world, barrier
 
 
 def cmd_suite(a) -> int:
-    base = _params(a)
-    variants = {(c, x): variant_dir(a.out, base.replace(control=c, exclude_self=x))
+    (A, _), base = _analysis(), _params(a)
+    variants = {(c, x): A.variant_dir(a.out, base.replace(control=c, exclude_self=x))
                 for c in CONTROLS for x in (False, True)}
     base, rank, world, barrier = _rank_params(base)
-    res = run_suite(base, variants, progress=not a.quiet and rank == 0, rank=rank, world=world, barrier=barrier)
+    res = A.run_suite(base, variants, progress=not a.quiet and rank == 0, rank=rank, world=world, barrier=barrier)
     if rank == 0:
         for (c, x), r in res.items():
             print(f"{c:18s} exclude_self={x!s:5s} -> {r.path}")
@@ -74,36 +98,72 @@ def cmd_suite(a) -> int:
 
 
 def cmd_analyze(a) -> int:
+    A, S = _analysis()
     params, rank, world, barrier = _rank_params(_params(a, exclude_self=a.exclude_self, control=a.control))
-    run = analyze(params, a.out, progress=not a.quiet and rank == 0, rank=rank, world=world, barrier=barrier)
+    run = A.analyze(params, a.out, progress=not a.quiet and rank == 0, rank=rank, world=world, barrier=barrier)
     if rank == 0:
-        info = read_json(run.path / "run.json")
-        stages = read_json(run.path / "stages.json")
+        info = S.read_json(run.path / "run.json")
+        stages = S.read_json(run.path / "stages.json")
         print(f"wrote {run.path}: {info['n_images']} images, {info['n_skipped']} skipped; "
               f"stages: {stages.get('summary', stages.get('reason'))}")
     return 0
 
 
-COMMANDS = {"analyze": (_add_analyze, cmd_analyze), "suite": (_add_suite, cmd_suite),
-            "mask-eval": (_add_mask_eval, cmd_mask_eval), "pretrain": (_add_pretrain, cmd_pretrain)}
+COMMANDS = {  # name -> (its line in `vitsift --help`, add its options to the subparsers, run it)
+    "analyze": ("SIFT x attention metrics for every image, layer and head", _add_analyze, cmd_analyze),
+    "suite": ("the real run and all controls, with and without exclude_self, sharing forward passes; "
+              "writes OUT/<control>[-xself]-<key>/ per variant", _add_suite, cmd_suite),
+    "mask-eval": ("classification accuracy with patches masked by theta score (Top/Bottom) and controls "
+                  "(Random, keypoint counts), Sec 5.1",
+                  lambda sub: _mask_eval().add_cli(sub), lambda a: _mask_eval().cli_main(a)),
+    "pretrain": ("MAE pre-training with random or keypoint-guided masks, or supervised (--objective supervised); resumable, torchrun for DDP",
+                 lambda sub: _pretrain().add_cli(sub), lambda a: _pretrain().cmd_pretrain(a)),
+}
+
+
+def parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser for ``argv``: the named command's options only (so that naming one imports no
+    other command's module); with no known command named, every command with its help line."""
+    p = argparse.ArgumentParser(prog="vitsift", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    named = next((t for t in argv if not t.startswith("-")), None)
+    for name, (line, add, _) in COMMANDS.items():
+        if named in COMMANDS:
+            if name == named:
+                add(sub)
+                sub.choices[name].description = sub.choices[name].description or line
+        else:
+            sub.add_parser(name, help=line, add_help=False)
+    return p
+
+
+def _dispatch(cmd: str, a) -> int:
+    """Run ``cmd``; a user's error (bad input, busy or mismatched folder, no weights or device) is one
+    line on stderr and exit status 2."""
+    try:
+        return COMMANDS[cmd][2](a)
+    except Exception as e:
+        # the command has imported these modules already (store, registry): no cost here
+        from vitsift_core.model.registry import DeviceUnavailable, ModelWeightsUnavailable
+        from vitsift_core.store import RunBusy, RunMismatch
+        if isinstance(e, (RunMismatch, RunBusy, ValueError, FileNotFoundError, ModelWeightsUnavailable,
+                          DeviceUnavailable)):
+            print(f"vitsift {cmd}: error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, OSError):   # an unwritable --out, a missing file: the path and the reason
+            print(f"vitsift {cmd}: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}",
+                  file=sys.stderr)
+            return 2
+        raise
+    finally:
+        from vitsift_core.store import end_distributed   # loaded by every command (see above)
+        end_distributed()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vitsift", description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    for add, _ in COMMANDS.values():
-        add(sub)
-    a = parser.parse_args(argv)
-    try:
-        return COMMANDS[a.cmd][1](a)
-    except (RunMismatch, RunBusy, ValueError, FileNotFoundError, ModelWeightsUnavailable, DeviceUnavailable) as e:
-        print(f"vitsift {a.cmd}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:        # an unwritable --out, a missing file: the path and the reason
-        print(f"vitsift {a.cmd}: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
-        return 2
-    finally:
-        end_distributed()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = parser(argv).parse_args(argv)
+    return _dispatch(a.cmd, a)
 
 
 if __name__ == "__main__":

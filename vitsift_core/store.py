@@ -25,9 +25,8 @@ import torch
 import torch.distributed as dist
 
 from vitsift_core import __version__
+from vitsift_core.options import DEFAULT_CHUNK  # noqa: F401 (images per resumable chunk; re-exported)
 from vitsift_core.paths import atomic_write
-
-DEFAULT_CHUNK = 64      # images per resumable chunk; part of a run's identity ("chunk")
 
 
 class RunMismatch(RuntimeError):

@@ -90,14 +90,27 @@ def _collate(items: list) -> tuple[Batch | None, list[Skipped]]:
                  crops=np.stack([g.crop for g in good]) if good[0].crop is not None else None), skipped
 
 
+def chunk_batches(chunks: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Record indices per batch: consecutive chunks of sizes ``chunks``, each cut into batches of
+    ``batch_size`` (its last one shorter), none spanning two chunks."""
+    out, at = [], 0
+    for size in chunks:
+        out += [list(range(at + i, at + min(i + batch_size, size))) for i in range(0, size, batch_size)]
+        at += size
+    return out
+
+
 def iter_batches(records: Sequence[ImageRecord], data_config: dict, grid: tuple[int, int],
                  patch_size: int, *, batch_size: int = 32, sift: SiftParams = SiftParams(),
                  num_workers: int = 1, cache: KeypointCache | None = None, progress: bool = True,
-                 desc: str = "images", crops: bool = False, dedupe_keypoints: bool = False
-                 ) -> Iterator[tuple[Batch | None, list[Skipped]]]:
+                 desc: str = "images", crops: bool = False, dedupe_keypoints: bool = False,
+                 chunks: Sequence[int] | None = None) -> Iterator[tuple[Batch | None, list[Skipped]]]:
     """``(batch, skipped)`` per loader batch of ``batch_size`` records, in record order (``batch``
     None when all failed). ``num_workers=0`` runs in this process (same results); a tqdm bar in img/s.
     ``dedupe_keypoints``: counts with one keypoint per (x, y) location (the cache keeps them all).
+    ``chunks``: the records are consecutive chunks of these sizes and no batch spans two (a chunk's
+    batches are those of ``iter_batches`` on the chunk alone); one loader for all of them keeps its
+    workers decoding the next chunk while the current one is computed.
     """
     from tqdm.auto import tqdm
 
@@ -112,9 +125,12 @@ def iter_batches(records: Sequence[ImageRecord], data_config: dict, grid: tuple[
     num_workers = max(0, int(num_workers))
     # no worker_init calling cv2.setNumThreads(1): it deadlocks a forked worker whose parent ran
     # OpenCV parallel code (opencv 5.0 / pthreads)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_collate, prefetch_factor=2 if num_workers > 0 else None,
-                        persistent_workers=False)
+    if chunks is not None and sum(chunks) != len(ds):
+        raise ValueError(f"chunk sizes {list(chunks)} do not add up to the {len(ds)} records")
+    by = {"batch_size": batch_size, "shuffle": False} if chunks is None else \
+        {"batch_sampler": chunk_batches(chunks, batch_size)}
+    loader = DataLoader(ds, num_workers=num_workers, collate_fn=_collate,
+                        prefetch_factor=2 if num_workers > 0 else None, persistent_workers=False, **by)
     n_skipped = 0
     with tqdm(total=len(ds), unit="img", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
         for batch, skipped in loader:

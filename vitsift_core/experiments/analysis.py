@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +27,7 @@ from vitsift_core.experiments.tables import (HEAD_COLS, METRIC_COLS, donor_count
 from vitsift_core.store import (DEFAULT_CHUNK, Dist, Params, RunFolder, RunMismatch, at_least_one, atomic_write,
                                 ids_of_chunk, in_range, load_npz, load_parquet, n_chunks, read_json, savez,
                                 write_json)
-
-# donor-keypoints: each image's own maps scored with another image's counts (a seeded derangement
-# within each chunk's decodable images); like shuffle-keypoints it shares the real forward passes
-CONTROLS = ("none", "shuffle-keypoints", "random-init", "mean-attention", "donor-keypoints")
+from vitsift_core.options import CONTROLS  # the controls a run may name (light module: the CLI lists them)
 
 
 def batch_metrics(lm, collector: MetricCollector, x: torch.Tensor,
@@ -259,17 +258,15 @@ def _variant_counts(control: str, c: np.ndarray, ids: list[str], seed: int,
     return c
 
 
-def _chunk_metrics(base: AnalysisParams, lm, collector: MetricCollector, records: list, theta_vs: list,
-                   cache: KeypointCache, bar) -> tuple[list, np.ndarray, list, dict]:
-    """One chunk's forward passes: (ids, counts (n, N), skipped, variant -> head-row frames).
+def _chunk_metrics(base: AnalysisParams, lm, collector: MetricCollector, loader, theta_vs: list,
+                   bar) -> tuple[list, np.ndarray, list, dict]:
+    """One chunk's forward passes: (ids, counts (n, N), skipped, variant -> head-row frames);
+    ``loader``: the chunk's (batch, skipped) items (``_run_group``'s loader over all its chunks).
     With donor-keypoints the chunk's batches are gathered first (the donors are drawn among all its
     decodable images, so they depend on the chunk only, not on the batch size); otherwise streamed.
     A chunk with one decodable image has no donor: its donor rows are NaN (``head_rows``)."""
     ids, counts, skipped, results = [], [], [], {v: [] for v in theta_vs}
     collector.attn_sum, collector.n_summed = None, 0
-    loader = iter_batches(records, lm.data_config, lm.grid, lm.patch_size, batch_size=base.batch_size,
-                          sift=SiftParams(**base.sift), num_workers=base.num_workers, cache=cache, progress=False,
-                          dedupe_keypoints=base.dedupe_keypoints)
     donors = None
     if any(v[0] == "donor-keypoints" for v in theta_vs):
         loader = list(loader)
@@ -323,9 +320,17 @@ def _run_group(base: AnalysisParams, lm, runs: dict, records: list, todo: list[i
     t0, done = time.perf_counter(), 0
     bar = tqdm(total=sum(min(size, len(records) - k * size) for k in todo), unit="img", desc=desc,
                disable=not progress, dynamic_ncols=True)
+    parts = {k: records[k * size:(k + 1) * size] for k in todo}
+    # one loader for every chunk to do (batches never span two): its worker decodes and runs SIFT
+    # on the next chunk while this one is computed, instead of a new worker and a cold first batch per chunk
+    loader = iter_batches([r for k in todo for r in parts[k]], lm.data_config, lm.grid, lm.patch_size,
+                          batch_size=base.batch_size, sift=SiftParams(**base.sift), num_workers=base.num_workers,
+                          cache=cache, progress=False, dedupe_keypoints=base.dedupe_keypoints,
+                          chunks=[len(parts[k]) for k in todo])
     for k in todo:
-        part = records[k * size:(k + 1) * size]
-        chunk = _chunk_metrics(base, lm, collector, part, theta_vs, cache, bar)
+        part = parts[k]
+        chunk = _chunk_metrics(base, lm, collector, itertools.islice(loader, math.ceil(len(part) / base.batch_size)),
+                               theta_vs, bar)
         for r in runs.values():
             if not r.chunk_done(k):
                 _write_variant(r, k, chunk, collector, lm)

@@ -1,8 +1,8 @@
-"""The command-line options every ``vitsift`` run command shares."""
+"""The command-line options every ``vitsift`` run command shares (imports nothing heavy: the parser
+is built before torch is loaded, see ``vitsift_core.cli``)."""
 from __future__ import annotations
 
-from vitsift_core.model.infer import PRECISION_HELP, PRECISIONS
-from vitsift_core.store import DEFAULT_CHUNK
+from vitsift_core.options import DEFAULT_CHUNK, PRECISION_HELP, PRECISIONS
 
 
 def add_run_options(p, runtime: bool = True, out_help: str = "output folder (re-running resumes)",

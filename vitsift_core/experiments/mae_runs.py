@@ -116,10 +116,8 @@ def load_steps(out: str | Path) -> pd.DataFrame:
 
 
 def add_cli(sub) -> None:
-    """Register ``vitsift pretrain``: every PretrainConfig field as ``--field-name``."""
-    p = sub.add_parser("pretrain", help="MAE pre-training with random or keypoint-guided masks, or "
-                       "supervised (--objective supervised); resumable, torchrun for DDP", description=pretrain.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Register ``vitsift pretrain``: every PretrainConfig field as ``--field-name`` (its help line: cli.py)."""
+    p = sub.add_parser("pretrain", description=pretrain.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(PretrainConfig):
         name = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None

@@ -10,10 +10,8 @@ from vitsift_core.experiments.maskeval import MaskEvalParams, run_mask_eval
 
 
 def add_cli(sub) -> None:
-    """The ``vitsift mask-eval`` subcommand (registered by ``vitsift_core.cli``)."""
-    p = sub.add_parser("mask-eval", help="classification accuracy with patches masked by theta score "
-                       "(Top/Bottom) and controls (Random, keypoint counts), Sec 5.1",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The ``vitsift mask-eval`` subcommand (registered by ``vitsift_core.cli``, which holds its help line)."""
+    p = sub.add_parser("mask-eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="scoring ViT ('embedded', timm name, ARCH@PATH); default: "
                    "the classifier's own ViT ('embedded' for the probe)")
     p.add_argument("--classifier", default="embedded-probe",

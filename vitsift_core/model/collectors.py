@@ -58,7 +58,9 @@ class MetricCollector:
     def _counts(self, name: str, device: torch.device) -> torch.Tensor:
         key = (name, device)
         if key not in self._on_device:
-            self._on_device[key] = self._variants[name][0].to(device)
+            # once per batch and variant, at the first layer; non_blocking: the host does not wait for
+            # the device inside the capture (the source stays alive in self._variants)
+            self._on_device[key] = self._variants[name][0].to(device, non_blocking=True)
         return self._on_device[key]
 
     def __call__(self, layer: int, attn: torch.Tensor) -> None:

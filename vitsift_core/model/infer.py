@@ -13,10 +13,8 @@ from torch import nn
 
 from vitsift_core.model.capture import capture_attention
 from vitsift_core.model.cores import core_workers, forward_on_cores
+from vitsift_core.options import PRECISION_HELP, PRECISIONS  # noqa: F401 (the CLI's choices, re-exported)
 
-PRECISIONS = ("auto", "fp32", "bf16")
-PRECISION_HELP = ("forward pass: auto = bf16 autocast on CUDA, fp32 on CPU; bf16 on a CPU with "
-                  "AVX512-BF16/AMX is about 2x faster (metrics stay float32; a folder keeps one)")
 CPU_MICRO_BATCH = 4      # images per attention slice on CPU (benchmarks/README.md)
 
 
