@@ -192,3 +192,63 @@ def test_recovery_errors_on_a_patch14_frozen_model():
     base = ((t[mask[0]].reshape(2, -1, 3) - colour) ** 2).mean()
     assert row.error == pytest.approx(float(loss), rel=1e-5)
     assert row.rel_error == pytest.approx(float(loss) / float(base), rel=1e-4)
+    assert row.fill_error == pytest.approx(float(base), rel=1e-4)
+
+
+def test_relative_error_table_aggregates_two_ways_by_hand():
+    """ratio of sums = sum(error) / sum(fill); mean ratio = mean of error / fill per image."""
+    import pandas as pd
+    from vitsift_core.experiments import recovery as R
+    err, fill = [1.0, 2.0, 0.1], [2.0, 2.0, 0.01]          # the third: a flat patch the fill nearly gets
+    df = pd.DataFrame({"image": ["a", "b", "c"], "k": 1, "condition": "random", "error": err,
+                       "rel_error": np.divide(err, fill), "fill_error": fill, "n_key": 0})
+    t = R.relative_error_table(df, n_boot=200)
+    r = t.iloc[0]
+    assert r.ratio_of_sums == pytest.approx(3.1 / 4.01)
+    assert r.mean_ratio == pytest.approx((0.5 + 1.0 + 10.0) / 3)
+    assert r.median_ratio == pytest.approx(1.0)
+    assert r.ratio_of_sums_low <= r.ratio_of_sums <= r.ratio_of_sums_high and r.n_images == 3
+
+
+def test_recovery_target_both_ways():
+    import pandas as pd
+    from vitsift_core.experiments import recovery as R
+    rows = [{"k": k, "condition": c, "n_images": 9, "ratio_of_sums": v, "ratio_of_sums_low": v - .05,
+             "ratio_of_sums_high": v + .05, "mean_ratio": 2.0, "mean_ratio_low": 1.0, "mean_ratio_high": 3.0,
+             "median_ratio": .7} for k, v in ((1, .70), (4, .75)) for c in ("random", "keypoint-dense")]
+    met, text = R.recovery_target(pd.DataFrame(rows))
+    assert met and "met." in text and "k=4: 0.75" in text
+    rows[2]["ratio_of_sums"] = 0.76                       # random, k=4 just above the target
+    met, text = R.recovery_target(pd.DataFrame(rows))
+    assert not met and "not met" in text
+    rows[2]["ratio_of_sums"], rows[1]["ratio_of_sums"] = 0.5, 0.9   # only keypoint-dense above: still met
+    assert R.recovery_target(pd.DataFrame(rows))[0]
+
+
+def test_encoder_precision_auto_follows_the_cpu(monkeypatch):
+    monkeypatch.setattr(D, "native_cpu_bf16", lambda: False)
+    assert D.encoder_precision(D.DecoderConfig(device="cpu")) == "fp32"
+    fp32_key = D.DecoderConfig(device="cpu").key()
+    monkeypatch.setattr(D, "native_cpu_bf16", lambda: True)
+    assert D.encoder_precision(D.DecoderConfig(device="cpu")) == "bf16"
+    assert D.DecoderConfig(device="cpu").key() != fp32_key            # bf16 and fp32 runs never share a folder
+    assert D.DecoderConfig(device="cpu").key() == D.DecoderConfig(encoder_precision="bf16").key()
+    assert D.encoder_precision(D.DecoderConfig(encoder_precision="fp32")) == "fp32"
+    with pytest.raises(ValueError, match="encoder_precision"):
+        D.DecoderConfig(encoder_precision="fp16")
+
+
+def test_bf16_encoder_forward_is_autocast_and_close():
+    enc = encoder()
+    x = torch.randn(2, 3, 32, 32)
+    ref, _ = D.FrozenEncoderMAE(enc, 32, 1, 2).forward_encoder(x, None)
+    m = D.FrozenEncoderMAE(enc, 32, 1, 2, encoder_bf16=True)
+    lat, _ = m.forward_encoder(x, None)
+    assert lat.dtype == torch.float32 and not lat.requires_grad
+    assert not torch.equal(lat, ref)                                   # bf16 really ran
+    assert float((lat - ref).norm() / ref.norm()) < 0.03
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, :8] = True
+    loss, _, _ = m(x, mask)                                           # the decoder trains in fp32
+    loss.backward()
+    assert m.decoder_pred.weight.grad.dtype == torch.float32
