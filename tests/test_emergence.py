@@ -195,3 +195,16 @@ def test_verdict_words_follow_the_table():
     assert "earlier: yes" in text and "never under random masks" in text
     assert "earlier: no" in ER.verdict(t.assign(first_epoch=[0, 2, 4]))
     assert list(ER.first_table_display(t).first_epoch) == ["0 (untrained)", "n.r.", "4"]
+
+
+def test_profile_specs_reads_the_profile_as_reproduce_passes_it(tmp_path, monkeypatch):
+    """Notebook 09's 'trained' encoders are notebook 10's: top-level parameters count, the section wins."""
+    (tmp_path / "params").mkdir()
+    (tmp_path / "params" / "p.yaml").write_text(
+        "parameters: {seed: 3, num_workers: 0, limit: 9}\nnotebooks: {10_emergence: {epochs: 4, num_workers: 2}}\n")
+    got = {}
+    monkeypatch.setattr(E, "ROOT", tmp_path)
+    monkeypatch.setattr(E, "setup", lambda profile, **p: got.update(p) or {"base": None, "objectives": [], "seed": p.get("seed", 0)})
+    monkeypatch.setattr(E, "train", lambda *a, **k: {})
+    assert E.profile_specs("p", progress=False) == {}
+    assert (got["seed"], got["epochs"], got["num_workers"]) == (3, 4, 2)
