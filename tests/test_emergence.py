@@ -45,13 +45,28 @@ def test_objective_in_identity_mae_keys_unchanged():
     assert "objective" not in mae.identity() and "snapshot_every" not in mae.identity()
     assert sup.key() != mae.key() and sup.recipe_key() == mae.recipe_key()    # one recipe, both objectives
     assert sup.identity()["objective"] == "supervised"
-    assert sup.replace(decoder_dim=8, mask_ratio=0.5).key() == sup.key()      # MAE-only keys do not count
+    assert sup.replace(decoder_heads=2, mask_ratio=0.5).key() == sup.key()    # MAE-only keys do not count
     assert P.PretrainConfig(snapshot_every=2).key() != mae.key()
     with pytest.raises(ValueError, match="objective"):
         P.PretrainConfig(objective="dino")
     with pytest.raises(ValueError, match="supervised run masks nothing"):
         P.PretrainConfig(objective="supervised", mask="guided")
     assert M.run_dir(sup.replace(seed=2)).name == "supervised-seed2"
+
+
+def test_supervised_key_covers_what_sets_its_initial_encoder():
+    """A field a supervised identity drops must not change the run's numbers, its initial encoder
+    included: build_mae draws the decoder's layers from the seeded stream before re-initialising the
+    encoder, so decoder_dim and decoder_depth set the encoder's starting weights."""
+    sup = P.PretrainConfig(objective="supervised", encoder="test_vit", img_size=32, patch_size=8, depth=1,
+                           embed_dim=32, num_heads=2, decoder_dim=32, decoder_depth=1, decoder_heads=4)
+    ref = P.build_model(sup).encoder.state_dict()
+    for change in ({"decoder_dim": 16}, {"decoder_depth": 2}, {"decoder_heads": 2}, {"norm_pix_loss": True},
+                   {"mask_ratio": 0.5}):
+        other = sup.replace(**change)
+        enc = P.build_model(other).encoder.state_dict()
+        same = all(torch.equal(ref[k], enc[k]) for k in ref)
+        assert same or other.key() != sup.key(), f"{change}: same key, other initial encoder"
 
 
 class Crash(RuntimeError):
@@ -180,3 +195,16 @@ def test_verdict_words_follow_the_table():
     assert "earlier: yes" in text and "never under random masks" in text
     assert "earlier: no" in ER.verdict(t.assign(first_epoch=[0, 2, 4]))
     assert list(ER.first_table_display(t).first_epoch) == ["0 (untrained)", "n.r.", "4"]
+
+
+def test_profile_specs_reads_the_profile_as_reproduce_passes_it(tmp_path, monkeypatch):
+    """Notebook 09's 'trained' encoders are notebook 10's: top-level parameters count, the section wins."""
+    (tmp_path / "params").mkdir()
+    (tmp_path / "params" / "p.yaml").write_text(
+        "parameters: {seed: 3, num_workers: 0, limit: 9}\nnotebooks: {10_emergence: {epochs: 4, num_workers: 2}}\n")
+    got = {}
+    monkeypatch.setattr(E, "ROOT", tmp_path)
+    monkeypatch.setattr(E, "setup", lambda profile, **p: got.update(p) or {"base": None, "objectives": [], "seed": p.get("seed", 0)})
+    monkeypatch.setattr(E, "train", lambda *a, **k: {})
+    assert E.profile_specs("p", progress=False) == {}
+    assert (got["seed"], got["epochs"], got["num_workers"]) == (3, 4, 2)

@@ -24,7 +24,7 @@ def _png(color=(200, 30, 30), size=(12, 8)) -> bytes:
     return buf.getvalue()
 
 
-def _executed(path: Path, model="embedded", exception=None, png: bytes | None = None) -> Path:
+def _executed(path: Path, model="embedded", exception=None, png: bytes | None = None, profile="smoke") -> Path:
     """A notebook as papermill leaves it: parameters + duration in metadata, one figure output."""
     nb = nbformat.v4.new_notebook()
     cell = nbformat.v4.new_code_cell("fig")
@@ -32,7 +32,7 @@ def _executed(path: Path, model="embedded", exception=None, png: bytes | None = 
         cell.outputs = [nbformat.v4.new_output("display_data", data={
             "image/png": base64.b64encode(png).decode(), "text/plain": "<Figure>"})]
     nb.cells = [nbformat.v4.new_markdown_cell("# A section"), cell]
-    nb.metadata["papermill"] = {"parameters": {"model": model, "images": "imagenette:val"},
+    nb.metadata["papermill"] = {"parameters": {"profile": profile, "model": model, "images": "imagenette:val"},
                                 "duration": 12.5, "exception": exception, "end_time": "2026-12-01T00:00:00"}
     path.write_text(nbformat.writes(nb))
     return path
@@ -62,6 +62,18 @@ def test_index_links_every_executed_notebook_with_figures_inline(tmp_path):
     assert 'src="figures/02_counts.png"' in page and "figures/05_" not in page
     rendered = (reports / "html" / "02_sift_keypoints.html").read_text()
     assert base64.b64encode(_png()).decode() in rendered     # the output figure, inline
+
+
+def test_index_says_which_profile_each_notebook_ran_with(tmp_path):
+    """A partial rerun under another profile keeps the older notebooks listed: each row names its own
+    profile, and one that is not the index's is marked, not shown under the index's profile."""
+    reports = _reports(tmp_path)
+    _executed(reports / "09_zoo.ipynb", profile="zoo")
+    assert notebook_row(reports / "09_zoo.ipynb")["profile"] == "zoo"
+    page = write_html_index(reports, {"name": "zoo", "description": ""}).read_text()
+    row = next(r for r in page.split("<tr>") if "02_sift_keypoints" in r)
+    assert "smoke" in row and "not zoo" in row
+    assert "not zoo" not in next(r for r in page.split("<tr>") if "09_zoo" in r)
 
 
 @pytest.mark.skipif(not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)),

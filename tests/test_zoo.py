@@ -193,6 +193,16 @@ def test_local_checkpoint_spec_with_its_objective(offline, tmp_path):
     assert "The gap is learned" in " ".join(rz.wide_claims(tables).claim)
 
 
+def test_a_model_named_twice_is_refused_after_the_dry_run_and_by_label(offline):
+    """Two entries that become one model (the dry run makes X and random-init:X the same) or share a
+    column name would overwrite each other's claims: refused before anything runs."""
+    with pytest.raises(ValueError, match="more than once"):
+        zoo.run_models(AnalysisParams(**DRY), ["test_vit", "random-init:test_vit"], dry_run_random_init=True,
+                       progress=False)
+    with pytest.raises(ValueError, match="more than once"):
+        zoo.expand([{"spec": "test_vit@/a.safetensors", "name": "enc"}, {"spec": "test_vit@/b.safetensors", "name": "enc"}])
+
+
 @pytest.mark.slow      # ~30-60 s (kernel start, 7 models' claims and figures); smoke 09 runs the notebook in `make test`
 def test_notebook_09_dry_run_reuses_the_cached_runs(dry, offline):
     """The notebook's smoke mode over the whole zoo, random-init: reads the fixture's folders back."""

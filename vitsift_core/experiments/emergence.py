@@ -229,8 +229,9 @@ def setup(profile: str, **params) -> dict:
 
 def profile_specs(profile: str, progress: bool = True) -> dict[str, str]:
     """{objective: ``"ARCH@PATH"``} of the final encoders notebook 10 trains under ``profile``
-    (``params/<profile>.yaml``'s ``10_emergence`` section over :data:`DEFAULTS`); trains what is not
-    in results yet (the same run folders notebook 10 reads)."""
+    (``params/<profile>.yaml`` as ``reproduce`` hands it to notebook 10: its top-level parameters, then
+    its ``10_emergence`` section, over :data:`DEFAULTS`); trains what is not in results yet (the same
+    run folders notebook 10 reads)."""
     d = yaml.safe_load((ROOT / "params" / f"{profile}.yaml").read_text()) or {}
-    s = setup(profile, **((d.get("notebooks") or {}).get(SECTION) or {}))
+    s = setup(profile, **{**(d.get("parameters") or {}), **((d.get("notebooks") or {}).get(SECTION) or {})})
     return final_specs(train(s["base"], s["objectives"], s["seed"], progress=progress))

@@ -34,8 +34,10 @@ from vitsift_core.store import (Params, at_least_one, atomic_write, check_identi
 METRIC_COLS = ["epoch", "beta", "key_share", "train_loss", "lr", "knn_acc", "probe_acc"]
 STEP_COLS = ["epoch", "step", "loss", "lr"]
 OBJECTIVES = ("mae", "supervised")
-#: what a supervised run does not use: nulled in its identity (MAE identities never hold ``objective``)
-MAE_ONLY = ("decoder_dim", "decoder_depth", "decoder_heads", "norm_pix_loss", "mask", "mask_ratio")
+#: what a supervised run does not use: nulled in its identity (MAE identities never hold ``objective``).
+#: Not decoder_dim / decoder_depth: build_mae draws the decoder's layers from the seeded stream before
+#: re-initialising the encoder, so they set a supervised run's initial encoder too
+MAE_ONLY = ("decoder_heads", "norm_pix_loss", "mask", "mask_ratio")
 
 
 @dataclass

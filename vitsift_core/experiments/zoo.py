@@ -97,10 +97,17 @@ def expand(models, profile: str | None = None) -> list[ZooModel]:
         if m == TRAINED_TOKEN and profile is None:
             raise ValueError(f"{TRAINED_TOKEN!r} in models needs the profile whose encoders to read")
         out += list(ZOO) if m == ZOO_TOKEN else trained(profile) if m == TRAINED_TOKEN else [entry(m)]
-    twice = sorted({z.spec for z in out if [y.spec for y in out].count(z.spec) > 1})
-    if twice:
-        raise ValueError(f"models named more than once: {twice}")
-    return out
+    return once(out)
+
+
+def once(models: list[ZooModel]) -> list[ZooModel]:
+    """``models`` if no spec and no label (column name) comes twice, else a ValueError."""
+    for what in ("spec", "label"):
+        names = [getattr(z, what) for z in models]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"models named more than once ({what}): {twice}")
+    return models
 
 
 @dataclass
@@ -131,10 +138,11 @@ def run_models(base: AnalysisParams, models, dry_run_random_init: bool = False, 
     ``dry_run_random_init``: every model with random weights (spec ``random-init:SPEC``), for checking
     the plumbing offline. A random-init model skips the random-init control (it would be itself).
     Cached runs are read back: same parameters, same folders as notebooks 02-05."""
+    wanted = expand(models)
+    if dry_run_random_init:     # X and random-init:X become one model
+        wanted = once([replace(m, spec=random_init_spec(m.spec)) for m in wanted])
     out = []
-    for m in expand(models):
-        if dry_run_random_init:
-            m = replace(m, spec=random_init_spec(m.spec))
+    for m in wanted:
         skipped = {}
         cs = tuple(controls)
         if is_random_init(m.spec) and "random-init" in cs:

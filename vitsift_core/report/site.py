@@ -31,7 +31,8 @@ def notebook_row(nb: Path) -> dict:
     meta = json.loads(nb.read_text()).get("metadata", {}).get("papermill", {})
     params = meta.get("parameters", {}) or {}
     model = params.get("model", "-")
-    return {"notebook": nb.stem, "seconds": meta.get("duration"), "failed": bool(meta.get("exception")),
+    return {"notebook": nb.stem, "profile": params.get("profile", "-"),
+            "seconds": meta.get("duration"), "failed": bool(meta.get("exception")),
             "model": EMBEDDED_NAME if model == "embedded" else model, "data": params.get("images", "-"),
             "end_time": meta.get("end_time", "")}
 
@@ -61,16 +62,20 @@ def write_html_index(reports: Path, profile: dict) -> Path:
         r = notebook_row(nb)
         secs = "-" if r["seconds"] is None else f"{r['seconds']:.0f}"
         status = "FAILED" if r["failed"] else "ok"
+        # a partial rerun keeps older notebooks listed: say when one ran under another profile
+        prof = html.escape(str(r["profile"]))
+        if r["profile"] != profile["name"]:
+            prof = f"<strong>{prof}</strong> (not {html.escape(profile['name'])}: an earlier run)"
         rows.append(f'<tr><td><a href="{HTML_DIR}/{r["notebook"]}.html">{html.escape(r["notebook"])}</a></td>'
-                    f"<td>{status}</td><td>{secs}</td><td>{html.escape(str(r['model']))}</td>"
+                    f"<td>{status}</td><td>{prof}</td><td>{secs}</td><td>{html.escape(str(r['model']))}</td>"
                     f"<td>{html.escape(str(r['data']))}</td><td>{_figure_thumbs(reports, r['notebook'])}</td></tr>")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>vitsift reports: {html.escape(profile['name'])}"
             f"</title><style>{_STYLE}</style></head><body>"
-            f"<h1>vitsift reports: profile <code>{html.escape(profile['name'])}</code></h1>"
+            f"<h1>vitsift reports: profile <code>{html.escape(profile['name'])}</code> (the latest run)</h1>"
             f"<p>{html.escape(profile.get('description', ''))}</p>"
             f"<p>Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}. Each notebook links to its executed copy, "
             "rendered with its figures inline.</p>"
-            "<table id='notebooks'><tr><th>notebook</th><th>run</th><th>seconds</th><th>model</th><th>data</th>"
+            "<table id='notebooks'><tr><th>notebook</th><th>run</th><th>profile</th><th>seconds</th><th>model</th><th>data</th>"
             f"<th>figures</th></tr>{''.join(rows)}</table></body></html>\n")
     out = reports / "index.html"
     out.write_text(page, encoding="utf-8")
