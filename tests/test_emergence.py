@@ -142,7 +142,10 @@ def _curve(lows, semantic=0.1):
 
 
 def test_first_appearance_rule_both_outcomes():
-    assert E.first_appearance(_curve([-0.1, -0.01, 0.02, -0.05, 0.03]))["epoch"] == 4
+    assert E.first_appearance(_curve([-0.1, -0.01, 0.02, 0.01, 0.03]))["epoch"] == 4
+    # a CI above 0 that does not last to the final snapshot is no appearance (multiple looks)
+    assert E.first_appearance(_curve([-0.1, -0.01, 0.02, -0.05, 0.03]))["epoch"] == 8
+    assert E.first_appearance(_curve([0.02, 0.03, -0.01])) is None
     assert E.first_appearance(_curve([-0.1, 0.0, -0.01])) is None          # CI touching 0 is not above it
     assert E.first_appearance(_curve([0.05, 0.05], semantic=-0.1)) is None  # a negative part never counts
 
@@ -191,7 +194,7 @@ def test_verdict_words_follow_the_table():
                       "first_epoch": [0, np.nan, 4], "semantic": [0.01, np.nan, 0.02], "low": [0.005, np.nan, 0.01],
                       "high": [0.02, np.nan, 0.03], "epochs_seen": ["0-10"] * 3})
     text = ER.verdict(t)
-    assert "supervised: above 0 already in the untrained encoder" in text and "mae-guided: first above 0 at epoch 4" in text
+    assert "supervised: above 0 already in the untrained encoder" in text and "mae-guided: above 0 from epoch 4 on" in text
     assert "earlier: yes" in text and "never under random masks" in text
     assert "earlier: no" in ER.verdict(t.assign(first_epoch=[0, 2, 4]))
     assert list(ER.first_table_display(t).first_epoch) == ["0 (untrained)", "n.r.", "4"]

@@ -214,14 +214,18 @@ def test_recovery_target_both_ways():
     import pandas as pd
     from vitsift_core.experiments import recovery as R
     rows = [{"k": k, "condition": c, "n_images": 9, "ratio_of_sums": v, "ratio_of_sums_low": v - .05,
-             "ratio_of_sums_high": v + .05, "mean_ratio": 2.0, "mean_ratio_low": 1.0, "mean_ratio_high": 3.0,
+             "ratio_of_sums_high": v, "mean_ratio": 2.0, "mean_ratio_low": 1.0, "mean_ratio_high": 3.0,
              "median_ratio": .7} for k, v in ((1, .70), (4, .75)) for c in ("random", "keypoint-dense")]
     met, text = R.recovery_target(pd.DataFrame(rows))
-    assert met and "met." in text and "k=4: 0.75" in text
-    rows[2]["ratio_of_sums"] = 0.76                       # random, k=4 just above the target
+    assert met and "met (every CI within it)" in text and "k=4: 0.75" in text and "per-image ratios is not within" in text
+    rows[2]["ratio_of_sums_high"] = 0.80                   # point estimate within, CI not: not met
+    met, text = R.recovery_target(pd.DataFrame(rows))
+    assert not met and "point estimates are within it" in text
+    rows[2]["ratio_of_sums"] = rows[2]["ratio_of_sums_high"] = 0.76   # random, k=4 just above the target
     met, text = R.recovery_target(pd.DataFrame(rows))
     assert not met and "not met" in text
-    rows[2]["ratio_of_sums"], rows[1]["ratio_of_sums"] = 0.5, 0.9   # only keypoint-dense above: still met
+    rows[2]["ratio_of_sums"] = rows[2]["ratio_of_sums_high"] = 0.5
+    rows[1]["ratio_of_sums"] = rows[1]["ratio_of_sums_high"] = 0.9   # only keypoint-dense above: still met
     assert R.recovery_target(pd.DataFrame(rows))[0]
 
 

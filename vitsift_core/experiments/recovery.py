@@ -108,19 +108,24 @@ def relative_error_table(df: pd.DataFrame, n_boot: int = 2000, seed: int = 0) ->
 
 
 def recovery_target(table: pd.DataFrame, target: float = RECOVERY_TARGET, condition: str = "random") -> tuple[bool, str]:
-    """(met, Markdown): issue 18's target, judged on :func:`relative_error_table`'s ``ratio_of_sums`` of
+    """(met, Markdown): issue 18's target on :func:`relative_error_table`'s ``ratio_of_sums`` of
     ``condition`` patches at every k (the pooled error over the pooled fill error; the mean of per-image
-    ratios is reported beside it, not judged: a few near-flat patches make it explode)."""
+    ratios, the measure of the issue's own figures, is reported beside it: a few near-flat patches
+    make it explode). Met only when every CI's upper end is within the target; point estimates alone
+    within it are said as such, not as met (the aggregate was chosen after the first results)."""
     t = table[table.condition == condition].sort_values("k")
     if t.empty:
         raise ValueError(f"no {condition!r} rows in the relative-error table")
-    met = bool((t.ratio_of_sums <= target).all())
+    met = bool((t.ratio_of_sums_high <= target).all())
+    points = bool((t.ratio_of_sums <= target).all())
     parts = [f"k={int(r.k)}: {r.ratio_of_sums:.2f} [{r.ratio_of_sums_low:.2f}, {r.ratio_of_sums_high:.2f}] "
              f"(mean of per-image ratios {r.mean_ratio:.2f} [{r.mean_ratio_low:.2f}, {r.mean_ratio_high:.2f}], "
              f"median {r.median_ratio:.2f})" for _, r in t.iterrows()]
-    head = "met" if met else "not met"
+    head = ("met (every CI within it)" if met else "not met: the point estimates are within it, but not "
+            "every CI's upper end" if points else "not met")
+    per_image = "within" if (t.mean_ratio <= target).all() else "not within"
     return met, (f"**Recovery target (error / mean-colour fill <= {target} on {condition} patches, summed over "
-                 f"images): {head}.** " + "; ".join(parts) + ".")
+                 f"images): {head}.** " + "; ".join(parts) + f". The mean of per-image ratios is {per_image} it.")
 
 
 def recovery_summary(df: pd.DataFrame, value: str = "error", a: str = "keypoint-dense",

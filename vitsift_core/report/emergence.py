@@ -53,10 +53,10 @@ def verdict(table: pd.DataFrame) -> str:
     overall = table[table.layer == "all (mean)"].set_index("objective")
     parts = []
     for name, r in overall.iterrows():
-        parts.append(f"{name}: " + ("the semantic part (mean over layers) never has a CI above 0 "
-                                    f"in epochs {r.epochs_seen}" if pd.isna(r.first_epoch) else
-                                    ("above 0 already in the untrained encoder (epoch 0)" if r.first_epoch == 0
-                                     else f"first above 0 at epoch {int(r.first_epoch)}") +
+        parts.append(f"{name}: " + ("the semantic part (mean over layers) never stays above 0 (CI) "
+                                    f"through the last snapshot in epochs {r.epochs_seen}" if pd.isna(r.first_epoch) else
+                                    ("above 0 already in the untrained encoder (epoch 0) and through the last snapshot"
+                                     if r.first_epoch == 0 else f"above 0 from epoch {int(r.first_epoch)} on") +
                                     f", {r.semantic:.4f} [{r.low:.4f}, {r.high:.4f}]"))
     text = "; ".join(parts) + "."
     if {"mae-guided", "mae-random"} <= set(overall.index):
