@@ -66,7 +66,8 @@ def test_end_to_end_bad_inputs(tmp_path, tiny_ckpt, bad_images_dir):
     stages = json.loads((out / "stages.json").read_text())
     assert stages["fitted"] and len(stages["segments"]) == 3
     params = json.loads((out / "params.json").read_text())
-    assert params["identity"]["model"] == tiny_ckpt and "torch" in params["versions"]
+    from vitsift_core.model.registry import checkpoint_identity
+    assert params["identity"]["model"] == checkpoint_identity(tiny_ckpt) and "torch" in params["versions"]
     assert params["model"]["source"].startswith("checkpoint:")
 
     # values equal a direct computation for one image

@@ -104,6 +104,26 @@ def test_random_init_of_a_snapshot_keeps_its_architecture(tmp_path):
     assert not _same_weights(rand.model, real.model)
 
 
+def test_a_checkpoint_runs_identity_follows_its_content_not_its_path(tmp_path):
+    """ARCH@PATH analysis keys: a moved file keeps its key, a file rewritten in place gets a new one."""
+    import os
+    import shutil
+
+    from vitsift_core.experiments.analysis import AnalysisParams
+    a, b = tmp_path / "a" / "w.safetensors", tmp_path / "b" / "w.safetensors"
+    a.parent.mkdir()
+    b.parent.mkdir()
+    save_file(_tiny(seed=1).state_dict(), str(a))
+    key = AnalysisParams(model=f"test_vit@{a}").key()
+    shutil.copy(a, b)
+    assert AnalysisParams(model=f"test_vit@{b}").key() == key                     # moved: same weights
+    assert AnalysisParams(model=f"random-init:test_vit@{b}").key() != key
+    save_file(_tiny(seed=2).state_dict(), str(a))
+    os.utime(a, ns=(1, 1))                                                        # whatever the clock
+    assert AnalysisParams(model=f"test_vit@{a}").key() != key                     # rewritten in place
+    assert AnalysisParams(model="embedded").identity()["model"] == "embedded"     # other specs as given
+
+
 @pytest.fixture
 def offline_hub(tmp_path, monkeypatch):
     """No hub access and an empty HF cache (huggingface_hub reads these at import, so patch both)."""

@@ -150,7 +150,10 @@ def test_failed_start_leaves_nothing_that_refuses_the_corrected_command(tmp_path
     assert not (out / "params.json").exists()
     (out / "parts" / ".00000.npz.tmp99999-1").write_bytes(b"half")    # left by a killed writer
     assert main(base + ["--model", tiny_ckpt]) == 0
-    assert json.loads((out / "params.json").read_text())["identity"]["model"] == tiny_ckpt
+    from vitsift_core.model.registry import checkpoint_identity
+    params = json.loads((out / "params.json").read_text())
+    assert params["identity"]["model"] == checkpoint_identity(tiny_ckpt)      # the weights' content
+    assert tiny_ckpt.split("@", 1)[1] in json.dumps(params)                   # the path, as provenance
     assert not list(out.rglob(".*.tmp*"))
 
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from vitsift_core.method import metrics as M
 from vitsift_core.model.collectors import MetricCollector
 from vitsift_core.model.infer import PRECISIONS, forward_precision, infer
-from vitsift_core.model.registry import load_model, resolve_device
+from vitsift_core.model.registry import checkpoint_identity, load_model, resolve_device
 from vitsift_core.data.batches import iter_batches
 from vitsift_core.data.keypoints import CountsIdentity, KeypointCache, SiftParams
 from vitsift_core.data.sources import resolve_images
@@ -63,6 +63,13 @@ class AnalysisParams(CountsIdentity, Params):
     precision: str = "auto"             # infer.PRECISIONS; recorded per run folder, never mixed in one
 
     RUNTIME_KEYS = ("batch_size", "device", "num_workers", "precision")
+
+    def _identity(self, d: dict) -> dict:
+        d = super()._identity(d)
+        by_content = checkpoint_identity(self.model)     # ARCH@PATH: the file's content, not its path
+        if by_content is not None:
+            d["model"] = by_content
+        return d
 
     def __post_init__(self):
         if self.control not in CONTROLS:

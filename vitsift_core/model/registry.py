@@ -10,6 +10,7 @@ raise :class:`ModelWeightsUnavailable`, never fall back to random ones.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import pickle
 import re
@@ -74,6 +75,33 @@ def random_init_spec(spec: str) -> str:
     """``spec`` asked for with random weights: ``"random-init:" + spec`` (unchanged if it already is)."""
     spec = spec.strip()
     return spec if is_random_init(spec) else RANDOM_INIT + spec
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def checkpoint_identity(spec: str) -> str | None:
+    """``ARCH@sha256:<hex>`` for an ``ARCH@PATH`` spec (``random-init:`` kept): the file's content in
+    place of its path, so a run's identity follows the weights (a moved ``results/`` reuses its
+    folders; a file rewritten in place gets new ones). None for other specs or a missing file
+    (loading it then fails with its own error). Hashes are cached per (path, size, mtime)."""
+    ri = is_random_init(spec)
+    inner = spec.strip()[len(RANDOM_INIT):] if ri else spec.strip()
+    if "@" not in inner or inner.startswith(_HUB):
+        return None
+    arch, path = (s.strip() for s in inner.split("@", 1))
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return None
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return (RANDOM_INIT if ri else "") + f"{arch}@sha256:{_DIGESTS[key]}"
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
