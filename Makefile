@@ -18,7 +18,7 @@ endif
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
-	@echo "  variables: PROFILE=$(PROFILE) (smoke|embedded|paper|...), VITSIFT_DATA=$(VITSIFT_DATA)"
+	@echo "  variables: PROFILE=$(PROFILE) (smoke|embedded|embedded-full|paper|zoo), VITSIFT_DATA=$(VITSIFT_DATA)"
 
 setup: $(STAMP) ## create .venv and install the package with its dev extras (only when needed)
 
