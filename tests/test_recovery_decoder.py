@@ -66,11 +66,35 @@ def test_frozen_wrapper_keeps_the_encoder_and_its_forward():
     assert not lat.requires_grad
 
 
-def test_decoder_training_leaves_the_encoder_bit_identical(folder, tmp_path):
+def test_layer_tokens_are_the_hooked_blocks_normed_and_concatenated():
+    """``encoder_layers``: the decoder's input is the listed blocks' outputs (caught here by forward hooks
+    on a full ``forward_features``), visible tokens only, through the final norm, concatenated."""
+    enc = encoder()
+    seen = {}
+    for i, blk in enumerate(enc.blocks, start=1):
+        blk.register_forward_hook(lambda mod, inp, out, i=i: seen.__setitem__(i, out))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        enc.forward_features(x)
+    m = D.FrozenEncoderMAE(enc, 32, 1, 2, encoder_layers=(2, 4))
+    assert m.decoder_embed.in_features == 2 * m.embed_dim
+    lat, _ = m.forward_encoder(x, None)
+    ref = torch.cat([enc.norm(seen[2]), enc.norm(seen[4])], -1)
+    torch.testing.assert_close(lat, ref, atol=1e-6, rtol=1e-6)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, 5:13] = True                                        # 8 of 16 patches hidden: 8 + cls tokens
+    lat, _ = D.FrozenEncoderMAE(enc, 32, 1, 2, encoder_layers=(3,)).forward_encoder(x, mask)
+    assert lat.shape == (2, 1 + 8, m.embed_dim)
+    with pytest.raises(ValueError, match="outside the encoder's blocks"):
+        D.FrozenEncoderMAE(enc, 32, 1, 2, encoder_layers=(7,))
+
+
+@pytest.mark.parametrize("layers", [None, (2,), (1, 3, 6)])
+def test_decoder_training_leaves_the_encoder_bit_identical(folder, tmp_path, layers):
     enc = encoder()
     before = {k: v.clone() for k, v in enc.state_dict().items()}
     sha = D.encoder_sha(enc)
-    out = D.run_decoder(cfg_for(folder), tmp_path / "run", progress=False, encoder=enc)
+    out = D.run_decoder(cfg_for(folder, encoder_layers=layers), tmp_path / "run", progress=False, encoder=enc)
     for k, v in enc.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed"
     assert D.encoder_sha(enc) == sha
@@ -79,7 +103,7 @@ def test_decoder_training_leaves_the_encoder_bit_identical(folder, tmp_path):
     curve = D.load_curve(out)
     assert list(curve.step) == [6] and curve.val_rel_error.iloc[0] > 0
     m = D.load_decoder(out, encoder=enc)
-    assert not m.training and m.decoder_config.steps == 6
+    assert not m.training and m.decoder_config.steps == 6 and m.decoder_config.encoder_layers == layers
     # a decoder run refuses other encoder weights
     with pytest.raises(RunMismatch, match="other test_vit weights"):
         D.load_decoder(out, encoder=encoder(seed=1))
@@ -161,6 +185,22 @@ def test_config_identity_and_checks():
         D.DecoderConfig(steps=0)
     with pytest.raises(ValueError, match="recovery_model"):
         D.model_for_recovery("big-mae")
+
+
+def test_encoder_layers_identity():
+    """The last-block default keeps the key runs had before the option (pinned: computed on the code
+    without it); any layer list is a new run; lists are sets of 1-based blocks."""
+    base = D.DecoderConfig(encoder_precision="fp32")
+    assert "encoder_layers" not in base.identity()
+    assert base.key() == "bf9396ef0824" == base.replace(encoder_layers=None).key()
+    six = base.replace(encoder_layers=[6])
+    assert six.key() != base.key() and six.identity()["encoder_layers"] == (6,)
+    assert base.replace(encoder_layers=[12, 4, 8, 8]).key() == base.replace(encoder_layers=(4, 8, 12)).key()
+    assert base.replace(encoder_layers=[4, 8, 12]).key() not in {six.key(), base.key()}
+    with pytest.raises(ValueError, match="1-based"):
+        D.DecoderConfig(encoder_layers=[0, 3])
+    with pytest.raises(ValueError, match="1-based"):
+        D.DecoderConfig(encoder_layers=[])
 
 
 def test_recovery_errors_on_a_patch14_frozen_model():

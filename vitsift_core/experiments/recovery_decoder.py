@@ -1,7 +1,8 @@
 """An MAE decoder trained on a FROZEN pretrained backbone (paper Sec. 2.1 offline): the closest analogue
 of Fig. 2's pretrained MAE when no official checkpoint is at hand. The encoder (default: the embedded
 model) sees the visible patches only, with its own position embeddings; only the official-layout decoder
-(:class:`vitsift_core.model.mae.MAE`) learns, on masked-patch pixel error. One run = one
+(:class:`vitsift_core.model.mae.MAE`) learns, on masked-patch pixel error. ``encoder_layers`` hands the
+decoder earlier blocks' tokens instead of the last block's (which carry little colour / texture). One run = one
 :class:`DecoderConfig` in one resumable folder (checkpoint every ``ckpt_every`` steps)."""
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ class DecoderConfig(Params):
     seed: int = 0
     encoder_precision: str = "auto"     # the frozen encoder's forward: bf16 autocast | fp32 | auto (bf16 on CUDA
                                         # or a CPU with native bf16, else fp32); the decoder is always fp32
+    encoder_layers: tuple[int, ...] | None = None   # 1-based encoder blocks whose (final-normed) tokens the decoder
+                                        # reads, concatenated then projected; None: the last block (MAE's layout)
     # runtime: not part of the identity
     device: str = "auto"
     threads: int | None = None          # torch CPU threads (None: leave as is)
@@ -78,12 +81,18 @@ class DecoderConfig(Params):
         in_range("crop_pct", self.crop_pct, 0, 1, lo_open=True, hi_open=False)
         for name in ("warmup_steps", "num_workers", "eval_every", "seed"):
             in_range(name, getattr(self, name), 0, integer=True)
+        if self.encoder_layers is not None:
+            self.encoder_layers = tuple(sorted({int(i) for i in self.encoder_layers}))
+            if not self.encoder_layers or self.encoder_layers[0] < 1:
+                raise ValueError(f"encoder_layers must be 1-based block numbers (>= 1), got {self.encoder_layers}")
         if self.encoder_precision not in ENCODER_PRECISIONS:
             raise ValueError(f"encoder_precision must be one of {ENCODER_PRECISIONS}, got {self.encoder_precision!r}")
 
     def _identity(self, d: dict) -> dict:
         d["format"] = "frozen-decoder-v1"
         d["encoder_precision"] = encoder_precision(self)     # resolved: 'auto' differs between machines
+        if d["encoder_layers"] is None:
+            d.pop("encoder_layers")       # the last-block default keeps the keys of runs made before the option
         return d
 
 
@@ -104,15 +113,28 @@ def encoder_precision(cfg: DecoderConfig) -> str:
 class FrozenEncoderMAE(MAE):
     """:class:`MAE` whose encoder is frozen: no gradients, always eval mode, weights and position
     embeddings untouched (``fixed_pos_embed=False, init='none'``); the decoder is MAE-initialised.
-    ``encoder_bf16``: the encoder's forward under bf16 autocast (its latent handed on as float32)."""
+    ``encoder_bf16``: the encoder's forward under bf16 autocast (its latent handed on as float32).
+    ``encoder_layers``: 1-based blocks whose tokens, each through the encoder's final norm, are concatenated
+    (B, npt + V, len * D) and projected by ``decoder_embed``; blocks after the last one listed are not run.
+    None: the last block's normed tokens (the plain MAE latent)."""
 
     def __init__(self, encoder: torch.nn.Module, decoder_embed_dim: int, decoder_depth: int,
-                 decoder_num_heads: int, norm_pix_loss: bool = False, encoder_bf16: bool = False):
+                 decoder_num_heads: int, norm_pix_loss: bool = False, encoder_bf16: bool = False,
+                 encoder_layers: tuple[int, ...] | None = None):
         super().__init__(encoder, decoder_embed_dim, decoder_depth, decoder_num_heads, 4.0, norm_pix_loss,
                          fixed_pos_embed=False, init="none")
         self.encoder.requires_grad_(False)
         self.encoder.eval()
         self.encoder_bf16 = bool(encoder_bf16)
+        self.encoder_layers = None if encoder_layers is None else tuple(encoder_layers)
+        if self.encoder_layers is not None:
+            depth = len(self.encoder.blocks)
+            if max(self.encoder_layers) > depth or min(self.encoder_layers) < 1:
+                raise ValueError(f"encoder_layers {self.encoder_layers} outside the encoder's blocks 1..{depth}")
+            if len(self.encoder_layers) > 1:     # wider input: a new projection, MAE-initialised like the old
+                self.decoder_embed = torch.nn.Linear(len(self.encoder_layers) * self.embed_dim, decoder_embed_dim)
+                torch.nn.init.xavier_uniform_(self.decoder_embed.weight)
+                torch.nn.init.zeros_(self.decoder_embed.bias)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -123,8 +145,21 @@ class FrozenEncoderMAE(MAE):
         # nothing upstream of the latent learns: keep no graph for it; the frozen forward dominates a
         # step's cost, bf16 autocast cuts it ~4x on a CPU with native bf16 (the decoder stays fp32)
         with torch.no_grad(), torch.autocast(imgs.device.type, dtype=torch.bfloat16, enabled=self.encoder_bf16):
-            latent, ids_restore = super().forward_encoder(imgs, mask)
+            if self.encoder_layers is None:
+                latent, ids_restore = super().forward_encoder(imgs, mask)
+            else:
+                latent, ids_restore = self._layer_tokens(imgs, mask)
         return latent.float(), ids_restore
+
+    def _layer_tokens(self, imgs, mask):
+        """(B, npt + V, len(encoder_layers) * D): the listed blocks' visible tokens, each final-normed."""
+        x, ids_restore = self.embed_visible(imgs, mask)
+        enc, outs = self.encoder, []
+        for i, blk in enumerate(enc.blocks[:max(self.encoder_layers)], start=1):
+            x = blk(x)
+            if i in self.encoder_layers:
+                outs.append(enc.norm(x))
+        return torch.cat(outs, dim=-1), ids_restore
 
     def decoder_state(self) -> dict[str, torch.Tensor]:
         """The trainable part's state dict (everything but ``encoder.*``)."""
@@ -146,7 +181,7 @@ def build_decoder_model(cfg: DecoderConfig, encoder: torch.nn.Module | None = No
     enc = encoder if encoder is not None else load_model(cfg.backbone).model
     bf16 = encoder_precision(cfg) == "bf16"
     return seeded(cfg.seed, lambda: FrozenEncoderMAE(enc, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads,
-                                                     cfg.norm_pix_loss, bf16))
+                                                     cfg.norm_pix_loss, bf16, cfg.encoder_layers))
 
 
 def run_dir(cfg: DecoderConfig, root: str | Path | None = None) -> Path:
@@ -349,8 +384,9 @@ def model_for_recovery(recovery_model: str = "frozen-embedded", *, checkpoint: s
     how = (f"trained now in {info['data_s'] + info['train_s_this_process']:.0f} s" if trained_now
            else f"found in results, trained in {info['data_s'] + info['train_s_this_process']:.0f} s")
     size = mae.grid[0] * mae.patch_size
+    reads = "" if cfg.encoder_layers is None else f" reading blocks {list(cfg.encoder_layers)}"
     desc = (f"{display_name(cfg.backbone)} (frozen) + MAE decoder {cfg.decoder_dim}-wide x {cfg.decoder_depth} "
-            f"blocks, {size}px, patch {mae.patch_size}")
+            f"blocks{reads}, {size}px, patch {mae.patch_size}")
     source = (f"an MAE decoder ({cfg.decoder_dim}-wide, {cfg.decoder_depth} blocks, loss on masked pixels) "
               f"trained for {cfg.steps} steps of {cfg.batch_size} {cfg.train_images} images "
               f"(first {cfg.train_limit}, mask ratio {cfg.mask_ratio}) on the frozen {display_name(cfg.backbone)} "

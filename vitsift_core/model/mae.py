@@ -172,6 +172,16 @@ class MAE(nn.Module):
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode the visible patches (all when ``mask`` is None) -> (latent (B, npt + V, D),
         ids_restore (B, N))."""
+        x, ids_restore = self.embed_visible(imgs, mask)
+        enc = self.encoder
+        for blk in enc.blocks:
+            x = blk(x)
+        return enc.norm(x), ids_restore
+
+    def embed_visible(self, imgs: torch.Tensor, mask: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's input tokens (B, npt + V, D) before its first block (patch embedding, position
+        embedding, visible patches kept, prefix tokens, ``norm_pre``) and ids_restore (B, N)."""
         enc = self.encoder
         x = enc.patch_embed(imgs)
         if x.ndim == 4:  # NHWC output (timm flatten=False)
@@ -185,9 +195,7 @@ class MAE(nn.Module):
         if prefix is not None:
             x = torch.cat([prefix, x], dim=1)
         x = enc.norm_pre(x) if hasattr(enc, "norm_pre") else x
-        for blk in enc.blocks:
-            x = blk(x)
-        return enc.norm(x), ids_restore
+        return x, ids_restore
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """``latent`` (B, npt + V, D) -> pixel predictions (B, N, P*P*3) for every patch."""
