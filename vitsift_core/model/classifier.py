@@ -21,6 +21,7 @@ class SupervisedViT(nn.Module):
 
     # the MAE's encoder-side methods only use the attributes copied in __init__
     forward_encoder = MAE.forward_encoder
+    embed_visible = MAE.embed_visible
     _prefix_and_pos = MAE._prefix_and_pos
     features = MAE.features
 
