@@ -206,7 +206,8 @@ def test_profile_specs_reads_the_profile_as_reproduce_passes_it(tmp_path, monkey
     (tmp_path / "params" / "p.yaml").write_text(
         "parameters: {seed: 3, num_workers: 0, limit: 9}\nnotebooks: {10_emergence: {epochs: 4, num_workers: 2}}\n")
     got = {}
-    monkeypatch.setattr(E, "ROOT", tmp_path)
+    from vitsift_core.experiments import mae_runs
+    monkeypatch.setattr(mae_runs, "ROOT", tmp_path)      # the one profile reader: mae_runs.profile_params
     monkeypatch.setattr(E, "setup", lambda profile, **p: got.update(p) or {"base": None, "objectives": [], "seed": p.get("seed", 0)})
     monkeypatch.setattr(E, "train", lambda *a, **k: {})
     assert E.profile_specs("p", progress=False) == {}

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from vitsift_core.data.keypoints import SiftParams
 from vitsift_core.data.sources import resolve_images
@@ -26,10 +25,9 @@ from vitsift_core.method import stats as S
 from vitsift_core.experiments import study
 from vitsift_core.experiments.analysis import AnalysisParams, RunDir
 from vitsift_core.experiments.mae_data import prepare_arrays
-from vitsift_core.experiments.mae_runs import mae_recipe, run_dir
+from vitsift_core.experiments.mae_runs import mae_recipe, profile_params, run_dir
 from vitsift_core.experiments.pretrain import PretrainConfig, is_complete, run_pretrain
 from vitsift_core.experiments.pretrain_state import snapshot_spec, snapshots
-from vitsift_core.paths import ROOT
 
 #: the three training objectives: name -> PretrainConfig overrides
 OBJECTIVES = {"supervised": {"objective": "supervised", "mask": "random"},
@@ -236,6 +234,6 @@ def profile_specs(profile: str, progress: bool = True) -> dict[str, str]:
     (``params/<profile>.yaml`` as ``reproduce`` hands it to notebook 10: its top-level parameters, then
     its ``10_emergence`` section, over :data:`DEFAULTS`); trains what is not in results yet (the same
     run folders notebook 10 reads)."""
-    d = yaml.safe_load((ROOT / "params" / f"{profile}.yaml").read_text()) or {}
-    s = setup(profile, **{**(d.get("parameters") or {}), **((d.get("notebooks") or {}).get(SECTION) or {})})
+    top, section = profile_params(profile, SECTION)
+    s = setup(profile, **{**top, **section})
     return final_specs(train(s["base"], s["objectives"], s["seed"], progress=progress))

@@ -36,12 +36,19 @@ def config_from_params(params: dict, **override) -> PretrainConfig:
     return PretrainConfig(**kw)
 
 
+def profile_params(profile: str, section: str) -> tuple[dict, dict]:
+    """(top-level ``parameters``, the ``notebooks.<section>`` overrides) of ``params/<profile>.yaml``:
+    what ``make reproduce`` hands that notebook, for the recipes other notebooks share."""
+    d = yaml.safe_load((ROOT / "params" / f"{profile}.yaml").read_text()) or {}
+    return dict(d.get("parameters") or {}), dict((d.get("notebooks") or {}).get(section) or {})
+
+
 def mae_recipe(profile: str, **override) -> PretrainConfig:
     """PretrainConfig's defaults, then ``params/<profile>.yaml``'s runtime keys and
     :data:`RECIPE_SECTION`, then ``override``."""
-    d = yaml.safe_load((ROOT / "params" / f"{profile}.yaml").read_text()) or {}
-    params = {k: v for k, v in (d.get("parameters") or {}).items() if k in PretrainConfig.RUNTIME_KEYS}
-    params.update((d.get("notebooks") or {}).get(RECIPE_SECTION) or {})
+    top, section = profile_params(profile, RECIPE_SECTION)
+    params = {k: v for k, v in top.items() if k in PretrainConfig.RUNTIME_KEYS}
+    params.update(section)
     if "mae_batch_size" in params:
         params["batch_size"] = params.pop("mae_batch_size")
     return config_from_params(params, **override)

@@ -149,11 +149,11 @@ def load_model(spec: str, *, control: str = "none", device: str = "cpu", seed: i
         if not arch or not path:
             raise ValueError(f"checkpoint spec must be 'ARCH@PATH', got {spec!r}")
         _check_arch_name(arch)
+        p = Path(path).expanduser()
         if seed_if_random is None:
-            loaded = _load_checkpoint(spec, arch, Path(path).expanduser(), kwargs)
+            loaded = _load_checkpoint(spec, arch, p, kwargs)
         else:   # the checkpoint's architecture (a snapshot says how it was built), new weights
-            saved = _saved_kwargs(Path(path).expanduser()) if Path(path).expanduser().is_file() else {}
-            loaded = _load_timm(spec, arch, seed_if_random, {**saved, **kwargs})
+            loaded = _load_timm(spec, arch, seed_if_random, {**(_saved_kwargs(p) if p.is_file() else {}), **kwargs})
     else:
         _check_arch_name(spec)
         loaded = _load_timm(spec, spec, seed_if_random, kwargs)

@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from vitsift_core.model.embedded import NAME as EMBEDDED_NAME
+from vitsift_core.model.registry import display_name
 
 HTML_DIR = "html"           # reports/html/NN_name.html, one page per executed notebook
 _STYLE = ("body{font-family:system-ui,sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
@@ -30,10 +30,9 @@ def notebook_row(nb: Path) -> dict:
     cell failed (papermill records the exception)."""
     meta = json.loads(nb.read_text()).get("metadata", {}).get("papermill", {})
     params = meta.get("parameters", {}) or {}
-    model = params.get("model", "-")
     return {"notebook": nb.stem, "profile": params.get("profile", "-"),
             "seconds": meta.get("duration"), "failed": bool(meta.get("exception")),
-            "model": EMBEDDED_NAME if model == "embedded" else model, "data": params.get("images", "-"),
+            "model": display_name(params["model"]) if "model" in params else "-", "data": params.get("images", "-"),
             "end_time": meta.get("end_time", "")}
 
 
