@@ -9,6 +9,8 @@ image, for the same batches as the benchmark:
                                  above: the attn_drop hooks, the attention slices, stopping early
   theta                          ``attended_mask`` + ``theta_from_mask`` inside the collector
   focus                          ``row_entropy`` inside the collector
+  theta + focus, compiled        ``native.rows``: both in one C kernel (model/native.py), used
+                                 instead of the two rows above where it is built
   bookkeeping                    ``finish_batch`` (means, chance, one host copy) + ``head_rows``
   rest of (b)                    (b) minus all of the above (collector glue, locks, noise)
 
@@ -24,24 +26,27 @@ import time
 import torch
 
 from vitsift_core.method import metrics as M
+from vitsift_core.model import native
 
 STEPS = ("forward, fused attention on (p)", "forward, fused attention off", "capture (hooks, slices)",
-         "theta", "focus", "bookkeeping (finish, rows)", "rest of (b)", "(b) analyze path, total")
-_TIMED = {"row_entropy": "focus", "attended_mask": "theta", "theta_from_mask": "theta"}
+         "theta", "focus", "theta + focus, compiled kernel", "bookkeeping (finish, rows)", "rest of (b)",
+         "(b) analyze path, total")
+_TIMED = [(M, "row_entropy", "focus"), (M, "attended_mask", "theta"), (M, "theta_from_mask", "theta"),
+          (native, "rows", "native")]
 
 
 class _ThreadTimes:
     """Wraps the metric functions the collector calls; sums each one's thread CPU time."""
 
     def __init__(self):
-        self.seconds = {"theta": 0.0, "focus": 0.0}
+        self.seconds = {"theta": 0.0, "focus": 0.0, "native": 0.0}
         self._lock = threading.Lock()
         self._saved = {}
 
     def __enter__(self):
-        for name, step in _TIMED.items():
-            fn = getattr(M, name)
-            self._saved[name] = fn
+        for mod, name, step in _TIMED:
+            fn = getattr(mod, name)
+            self._saved[(mod, name)] = fn
 
             def timed(*a, _fn=fn, _step=step, **k):
                 t0 = time.thread_time()
@@ -51,12 +56,12 @@ class _ThreadTimes:
                     dt = time.thread_time() - t0
                     with self._lock:
                         self.seconds[_step] += dt
-            setattr(M, name, functools.wraps(fn)(timed))
+            setattr(mod, name, functools.wraps(fn)(timed))
         return self
 
     def __exit__(self, *exc):
-        for name, fn in self._saved.items():
-            setattr(M, name, fn)
+        for (mod, name), fn in self._saved.items():
+            setattr(mod, name, fn)
 
 
 def _cpu(fn) -> float:
@@ -101,9 +106,10 @@ def breakdown(bench, batches, rounds: int) -> dict:
                 book += time.process_time() - t1
             total = time.process_time() - t0
         r[STEPS[2]] = r.pop("capture_total") - r[STEPS[1]]
-        r[STEPS[3]], r[STEPS[4]], r[STEPS[5]] = tt.seconds["theta"], tt.seconds["focus"], book
-        r[STEPS[6]] = total - sum(r[s] for s in STEPS[1:6])
-        r[STEPS[7]] = total
+        r[STEPS[3]], r[STEPS[4]], r[STEPS[5]] = tt.seconds["theta"], tt.seconds["focus"], tt.seconds["native"]
+        r[STEPS[6]] = book
+        r[STEPS[7]] = total - sum(r[s] for s in STEPS[1:7])
+        r[STEPS[8]] = total
         per_round.append(r)
     med = {s: float(torch.tensor([r[s] for r in per_round]).median()) / n_img * 1e3 for s in STEPS}
     n_layers = bench.n_layers

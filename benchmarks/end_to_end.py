@@ -6,8 +6,9 @@ against a plain forward over the same decoded images, in one run.
                   with capture, metrics, every file it writes. Fresh output folder and fresh keypoint
                   cache (VITSIFT_CACHE is a new folder; only the model's converted weights are linked
                   in, a one-time conversion that no repeat run pays). Images/s = the images it
-                  analysed / wall time; also its CPU time and peak RSS (the process alone, from
-                  ``os.wait4``; its decoding workers are not in the RSS).
+                  analysed / wall time; also its CPU time (``os.wait4``) and peak RSS (the
+                  process alone, its own VmHWM through ``peak_rss.py``; its decoding workers are
+                  not in the RSS).
   (f) plain       the same N records decoded to model input beforehand (not timed), then the plain
                   forward of (a) (fused attention, torch's threading) over them in batches, timed.
 
@@ -42,18 +43,21 @@ def fresh_cache(root: Path) -> dict:
 
     cache = root / "cache"
     cache.mkdir(parents=True)
-    weights = cache_dir() / "embedded"
-    if weights.is_dir():
-        (cache / "embedded").symlink_to(weights, target_is_directory=True)
+    for once in ("embedded", "native"):       # converted weights, the compiled row kernel: built once per machine
+        if (cache_dir() / once).is_dir():
+            (cache / once).symlink_to(cache_dir() / once, target_is_directory=True)
     return {**os.environ, "VITSIFT_CACHE": str(cache), "PYTHONPATH": os.pathsep.join(
         [str(C.ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
 
 
 def run_analyze(cmd: list[str], env: dict, logs: Path) -> dict:
-    """Run ``cmd``; its wall seconds, CPU seconds (it and the workers it waited for), peak RSS bytes."""
+    """Run ``cmd`` (``python -m ...``); its wall seconds, CPU seconds (it and the workers it waited for),
+    peak RSS bytes (its own VmHWM where Linux gives it, else ``ru_maxrss``, which counts the parent's size)."""
+    peak_file = logs / "peak_rss"
+    peak_file.unlink(missing_ok=True)
+    cmd = [cmd[0], str(Path(__file__).with_name("peak_rss.py")), str(peak_file), *cmd[1:]]
     with open(logs / "stdout", "w+") as out, open(logs / "stderr", "w+") as err:
         t0 = time.perf_counter()
-        # cwd: `python -m` puts it first on sys.path, so the child runs this checkout's package
         p = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, cwd=C.ROOT)
         _, status, ru = os.wait4(p.pid, 0)      # this child's own rusage (Popen.wait would discard it)
         wall = time.perf_counter() - t0
@@ -62,7 +66,8 @@ def run_analyze(cmd: list[str], env: dict, logs: Path) -> dict:
         text, error = out.read(), err.read()
     if p.returncode != 0:
         raise RuntimeError(f"vitsift analyze failed ({p.returncode}):\n{text[-2000:]}\n{error[-4000:]}")
-    return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_bytes": ru.ru_maxrss * 1024,
+    peak = int(peak_file.read_text()) if peak_file.exists() else ru.ru_maxrss * 1024
+    return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_bytes": peak,
             "stdout": text.strip().splitlines()[-1] if text.strip() else ""}
 
 

@@ -48,7 +48,9 @@ def test_bench_analysis_tiny(tmp_path):
     assert "| step" in text and "theta" in text and "focus" in text and "capture (hooks, slices)" in text
     bd = rep["breakdown"]
     assert bd["n_layers"] > 0 and bd["cpu_ms_per_image"]["(b) analyze path, total"] > 0
-    assert bd["cpu_ms_per_image"]["theta"] > 0 and bd["cpu_ms_per_image"]["focus"] > 0
+    ms = bd["cpu_ms_per_image"]
+    # theta and focus are timed whichever path computed them: eager (each > 0) or the compiled kernel
+    assert (ms["theta"] > 0 and ms["focus"] > 0) or ms["theta + focus, compiled kernel"] > 0
 
 
 def test_bench_analysis_tiny_bf16_reports_what_bf16_changes(tmp_path):

@@ -26,11 +26,13 @@ def test_fresh_cache_keeps_the_weights_only(E2E, tmp_path, monkeypatch):
     old = tmp_path / "old"
     (old / "embedded").mkdir(parents=True)
     (old / "keypoints").mkdir()
+    (old / "native").mkdir()
     (old / "embedded" / "w.safetensors").write_text("w")
     monkeypatch.setenv("VITSIFT_CACHE", str(old))
     env = E2E.fresh_cache(tmp_path / "work")
     new = Path(env["VITSIFT_CACHE"])
-    assert new != old and sorted(p.name for p in new.iterdir()) == ["embedded"]      # no keypoints
+    # no keypoints; the converted weights and the compiled row kernel are built once per machine
+    assert new != old and sorted(p.name for p in new.iterdir()) == ["embedded", "native"]
     assert (new / "embedded" / "w.safetensors").read_text() == "w"
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)     # the child runs this checkout
 
@@ -57,3 +59,19 @@ def test_end_to_end_row_tiny(tmp_path):
     assert "--control random-init" in r["command"]
     # nothing of the run is left behind: output folder and keypoint cache were temporary
     assert not (tmp_path / "cache" / "keypoints").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmHWM needs Linux /proc")
+def test_peak_rss_is_the_childs_own_not_its_large_parents(E2E, tmp_path):
+    """wait4's ru_maxrss of a child includes the parent's size at fork (Linux keeps it across exec);
+    the row reads the child's own VmHWM instead. Here the parent holds ~400 MB, the child ~10-60 MB."""
+    import numpy as np
+    big = np.ones(50_000_000)                          # 400 MB, touched: resident in this process
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    r = E2E.run_analyze([sys.executable, "-m", "json.tool", "--help"], dict(os.environ), logs)
+    p = subprocess.Popen([sys.executable, "-m", "json.tool", "--help"], stdout=subprocess.DEVNULL)
+    _, _, ru = os.wait4(p.pid, 0)
+    assert big[-1] == 1.0
+    assert ru.ru_maxrss * 1024 > 350 * 2 ** 20                # the inherited figure
+    assert 0 < r["peak_rss_bytes"] < 150 * 2 ** 20             # the child's own

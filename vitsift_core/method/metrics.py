@@ -39,17 +39,21 @@ def theta_rows(attn: torch.Tensor, counts: torch.Tensor, gamma: float = 1.0, wei
                            torch.float64 if attn.dtype == torch.float64 else torch.float32)
 
 
+def theta_weights(counts: torch.Tensor, weighted: bool = True,
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 3's per-key weights: counts (..., N) -> (numerator, denominator) weights, each (..., N):
+    (t_j, max(t_j, 1)) weighted, (1[t_j > 0], 1) unweighted; theta_i = sum over S_i of the first / of the second."""
+    t = counts.to(dtype)
+    if weighted:
+        return t, torch.where(t > 0, t, torch.ones_like(t))
+    return (t > 0).to(dtype), torch.ones_like(t)
+
+
 def theta_from_mask(mask: torch.Tensor, counts: torch.Tensor, weighted: bool = True,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """theta_i from attended sets mask (..., N, N) and counts (..., N) -> (..., N); NaN if S_i is empty."""
     m = mask.to(dtype)
-    t = counts.to(dtype=dtype, device=m.device)
-    if weighted:
-        num_w = t
-        den_w = torch.where(t > 0, t, torch.ones_like(t))
-    else:
-        num_w = (t > 0).to(dtype)
-        den_w = torch.ones_like(t)
+    num_w, den_w = theta_weights(counts.to(device=m.device), weighted, dtype)
     # numerator and denominator in one (2, N) @ (N_j, N_i) matmul (faster on CPU than (N, N) @ (N, 2))
     w = torch.stack([num_w, den_w], dim=-2)                                  # (..., 2, N)
     if m.ndim == 4 and w.ndim == 4 and w.shape[1] == 1 and m.shape[0] == w.shape[0] and m.is_contiguous():

@@ -8,6 +8,7 @@ import threading
 import torch
 
 from vitsift_core.method import metrics as M
+from vitsift_core.model import native
 from vitsift_core.model.cores import current_slice_start
 
 
@@ -84,11 +85,23 @@ class MetricCollector:
                 if layer == 0:
                     self.n_summed += b
         # per slice only the (b, H, N) row values; the means are taken once in finish_batch
-        work = self._workspace(a)
-        part = {"entropy": self._entropy(a, work)}
-        part.update(self._thetas(a, off, work))
+        if native.usable(a):
+            part = self._native_rows(a, off)
+        else:
+            work = self._workspace(a)
+            part = {"entropy": self._entropy(a, work)}
+            part.update(self._thetas(a, off, work))
         with self._lock:
             self._parts[layer].append((off, b, part))
+
+    def _native_rows(self, a: torch.Tensor, off: int) -> dict:
+        """Row entropies and every variant's theta_i of the slice a (b, H, N, N) in one compiled pass
+        (:mod:`vitsift_core.model.native`): the same keys as the eager path."""
+        b, names = a.shape[0], list(self._variants)
+        w = [wt for name in names for wt in M.theta_weights(self._counts(name, a.device)[off:off + b], self.weighted)]
+        ent, theta = native.rows(a, torch.stack(w, dim=1), [self._variants[n][1] for n in names], self.gamma,
+                                 self.focus_kind == "minmax")
+        return {"entropy": ent, **{("theta", n): theta[i] for i, n in enumerate(names)}}
 
     def _entropy(self, a: torch.Tensor, work: list[torch.Tensor]) -> torch.Tensor:
         """Row entropies of one slice a (b, H, N, N) -> (b, H, N); uses both scratch tensors."""
