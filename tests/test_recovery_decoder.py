@@ -89,12 +89,13 @@ def test_layer_tokens_are_the_hooked_blocks_normed_and_concatenated():
         D.FrozenEncoderMAE(enc, 32, 1, 2, encoder_layers=(7,))
 
 
-@pytest.mark.parametrize("layers", [None, (2,), (1, 3, 6)])
-def test_decoder_training_leaves_the_encoder_bit_identical(folder, tmp_path, layers):
+@pytest.mark.parametrize("layers,cached", [(None, 0), ((2,), 0), ((1, 3, 6), 0), ((2,), 3)])
+def test_decoder_training_leaves_the_encoder_bit_identical(folder, tmp_path, layers, cached):
     enc = encoder()
     before = {k: v.clone() for k, v in enc.state_dict().items()}
     sha = D.encoder_sha(enc)
-    out = D.run_decoder(cfg_for(folder, encoder_layers=layers), tmp_path / "run", progress=False, encoder=enc)
+    out = D.run_decoder(cfg_for(folder, encoder_layers=layers, masks_per_image=cached), tmp_path / "run",
+                        progress=False, encoder=enc)
     for k, v in enc.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed"
     assert D.encoder_sha(enc) == sha
@@ -109,12 +110,15 @@ def test_decoder_training_leaves_the_encoder_bit_identical(folder, tmp_path, lay
         D.load_decoder(out, encoder=encoder(seed=1))
 
 
-def test_decoder_overfits_one_image(tmp_path, monkeypatch):
-    """One image, random 75 % masks every step: the masked-patch loss falls to a small fraction."""
+@pytest.mark.parametrize("cached", [0, 8])
+def test_decoder_overfits_one_image(tmp_path, monkeypatch, cached):
+    """One image, random 75 % masks (a new one every step, or 8 cached ones): the masked-patch loss
+    falls to a small fraction."""
     monkeypatch.setenv("VITSIFT_CACHE", str(tmp_path / "cache"))
     one = write_folder(tmp_path / "one", n=1)
     cfg = cfg_for(one, decoder_dim=64, decoder_depth=2, decoder_heads=4, batch_size=1, steps=300, lr=2e-3,
-                  warmup_steps=10, weight_decay=0.0, flip=False, val_limit=1, ckpt_every=300)
+                  warmup_steps=10, weight_decay=0.0, flip=False, val_limit=1, ckpt_every=300,
+                  masks_per_image=cached)
     out = D.run_decoder(cfg, tmp_path / "run", progress=False, encoder=encoder())
     loss = D.load_steps(out).loss.to_numpy()
     first, last = loss[:5].mean(), loss[-20:].mean()
@@ -122,8 +126,9 @@ def test_decoder_overfits_one_image(tmp_path, monkeypatch):
     assert last < 0.05 * first and last < 0.05, (first, last)
 
 
-def test_resume_after_interruption_gives_the_uninterrupted_run(folder, tmp_path):
-    cfg = cfg_for(folder, steps=7, ckpt_every=3)
+@pytest.mark.parametrize("cached", [0, 2])
+def test_resume_after_interruption_gives_the_uninterrupted_run(folder, tmp_path, cached):
+    cfg = cfg_for(folder, steps=7, ckpt_every=3, masks_per_image=cached)
     ref = D.run_decoder(cfg, tmp_path / "ref", progress=False, encoder=encoder())
 
     class Stop(Exception):
@@ -296,3 +301,71 @@ def test_bf16_encoder_forward_is_autocast_and_close():
     loss, _, _ = m(x, mask)                                           # the decoder trains in fp32
     loss.backward()
     assert m.decoder_pred.weight.grad.dtype == torch.float32
+
+
+def test_cached_pairs_are_fixed_draws_and_the_encoders_own_latents(folder):
+    """K masks per image from (seed, copy, image): reproducible, distinct between copies, the configured
+    ratio; each cached latent is the frozen encoder's output for that image, flip and mask."""
+    from vitsift_core.experiments import decoder_latents as DL
+    from vitsift_core.experiments.mae_data import prepare_arrays, to_input
+    cfg = cfg_for(folder, masks_per_image=3, mask_ratio=0.5)
+    arr = prepare_arrays(str(folder), None, 32, 8, 1.0, {}, num_workers=0, progress=False)
+    mask, flip, image = DL.pair_draws(cfg, len(arr), 16)
+    again = DL.pair_draws(cfg, len(arr), 16)
+    assert np.array_equal(mask, again[0]) and np.array_equal(flip, again[1])
+    assert list(image) == list(range(len(arr))) * 3 and (mask.sum(1) == 8).all()
+    n = len(arr)
+    assert not np.array_equal(mask[:n], mask[n:2 * n])                # copy 1 differs from copy 0
+    assert not np.array_equal(mask, DL.pair_draws(cfg.replace(seed=1), n, 16)[0])
+    assert flip.any() and not flip.all() and not DL.pair_draws(cfg.replace(flip=False), n, 16)[1].any()
+    m = D.build_decoder_model(cfg, encoder())
+    lat = DL.encode_pairs(m, arr, cfg, "cpu", progress=False, batch_size=5)
+    assert len(lat) == 3 * n and lat.latent.dtype == torch.bfloat16 and lat.latent.shape[1] == 1 + 8
+    for p in range(3 * n):
+        img = np.array(arr.images[image[p]])
+        img = img[:, ::-1] if flip[p] else img
+        ref, ids = m.forward_encoder(to_input(img[None]), torch.from_numpy(mask[p:p + 1]))
+        assert torch.equal(lat.latent[p:p + 1], ref.to(torch.bfloat16)) and torch.equal(lat.ids_restore[p], ids[0])
+
+
+def test_masks_per_image_identity():
+    base = D.DecoderConfig()
+    assert base.replace(masks_per_image=0).key() == base.key()
+    assert "masks_per_image" not in base.identity()                  # fresh-mask runs keep their keys
+    assert base.replace(masks_per_image=2).key() != base.key() != base.replace(masks_per_image=3).key()
+    with pytest.raises(ValueError, match="masks_per_image"):
+        D.DecoderConfig(masks_per_image=-1)
+
+
+def test_random_mask_examples_hide_the_ratio_and_paste_the_visible_pixels(folder):
+    from vitsift_core.experiments import recovery
+    from vitsift_core.experiments.mae_data import prepare_arrays
+    arr = prepare_arrays(str(folder), None, 32, 8, 1.0, {}, num_workers=0, progress=False)
+    m = D.FrozenEncoderMAE(encoder(), 32, 1, 2)
+    ex = recovery.random_mask_examples(m, arr, [0, 3], 0.5, seed=0)
+    assert [e["index"] for e in ex] == [0, 3] and all(e["rel_error"] > 0 for e in ex)
+    for e in ex:
+        grey = (e["masked"] != e["original"]).any(-1)
+        hidden = grey.reshape(4, 8, 4, 8).any((1, 3))              # per 8 px patch of the 32 px image
+        assert hidden.sum() == 8                                    # half of the 16 patches
+        same = e["reconstruction"] == e["original"]
+        assert same[~np.repeat(np.repeat(hidden, 8, 0), 8, 1)].all()   # the visible pixels pasted back
+    assert recovery.random_mask_examples(m, arr, [0], 0.5, seed=0)[0]["error"] == ex[0]["error"]
+
+
+def test_a_cached_step_is_the_decoder_loss_of_its_own_pairs(folder):
+    """The step's loss is the decoder's loss on the pairs batch_indices picks: their images (flipped as
+    drawn), their masks and the encoder's latents for exactly those (bf16 as cached); lr 0 moves nothing."""
+    from vitsift_core.experiments import decoder_latents as DL
+    from vitsift_core.experiments.mae_data import prepare_arrays, to_input
+    cfg = cfg_for(folder, masks_per_image=2, batch_size=4)
+    arr = prepare_arrays(str(folder), None, 32, 8, 1.0, {}, num_workers=0, progress=False)
+    m = D.build_decoder_model(cfg, encoder())
+    lat = DL.encode_pairs(m, arr, cfg, "cpu", progress=False)
+    opt = torch.optim.AdamW(m.parameters(), lr=0.0)
+    for step in (0, 3, 5):
+        p = D.batch_indices(cfg, len(lat), step)
+        x = to_input(DL.pair_images(arr, lat.image[p], lat.flip[p]))
+        ref, ids = m.forward_encoder(x, lat.mask[p])
+        want = m.decode_loss(x, ref.to(torch.bfloat16).float(), ids, lat.mask[p])[0].item()
+        assert D._step(m, opt, cfg, arr, lat, step, 0.0, "cpu") == pytest.approx(want, rel=1e-6, abs=1e-7)

@@ -148,6 +148,14 @@ def recovery_summary(df: pd.DataFrame, value: str = "error", a: str = "keypoint-
 
 
 @torch.no_grad()
+def _masked_view(mae, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """x (B, 3, S, S) with the patches hidden by m (B, N) painted mid-grey, in x's normalised space."""
+    mm = mae.unpatchify(m[..., None].float().expand(-1, -1, mae.patch_size ** 2 * 3))
+    grey = torch.tensor([(0.5 - mu) / sd for mu, sd in zip(IMAGENET_MEAN, IMAGENET_STD)],
+                        device=x.device).view(1, 3, 1, 1)
+    return x * (1 - mm) + grey * mm
+
+
 def region_examples(mae, arrays: ArraySet, indices, small: int, large: int,
                     device: str | torch.device = "cpu") -> list[dict]:
     """Per image index, small and large square regions on the keypoint-densest window: original,
@@ -162,16 +170,32 @@ def region_examples(mae, arrays: ArraySet, indices, small: int, large: int,
             patches = MM.square_region(mae.grid, center, size)
             m = torch.from_numpy(MM.patch_set_mask(patches, mae.num_patches))[None].to(device)
             r = mae.reconstruct(x, m)
-            mm = mae.unpatchify(m[..., None].float().expand(-1, -1, mae.patch_size ** 2 * 3))
-            grey = torch.tensor([(0.5 - mu) / sd for mu, sd in zip(IMAGENET_MEAN, IMAGENET_STD)],
-                                device=x.device).view(1, 3, 1, 1)
-            masked = x * (1 - mm) + grey * mm
             out.append({"index": int(i), "id": arrays.ids[i], "region": name, "size": size,
                         "center": center, "n_patches": len(patches),
                         "keypoints_in_region": int(c[patches].sum()),
                         "error": float(r["errors"][0][m[0]].mean()),
-                        "original": to_display(x[0]), "masked": to_display(masked[0]),
+                        "original": to_display(x[0]), "masked": to_display(_masked_view(mae, x, m)[0]),
                         "reconstruction": to_display(r["pasted"][0])})
+    return out
+
+
+def random_mask_examples(mae, arrays: ArraySet, indices, ratio: float, *, seed: int = 0,
+                         device: str | torch.device = "cpu") -> list[dict]:
+    """MAE's own figure: per image index, a random ``ratio`` of the patches hidden (drawn from (seed, image));
+    original, masked, the model's prediction of every patch, the visible pixels pasted back (uint8), and
+    the masked patches' error relative to the visible-mean-colour fill."""
+    mae = mae.to(device).eval()
+    out = []
+    for i in indices:
+        m_np = MM.random_mask(mae.num_patches, ratio, MM.sample_rng(seed, 0, int(i), MM.STREAM_RECOVERY))
+        x = to_input(np.asarray(arrays.images[i:i + 1]), device)
+        m = torch.from_numpy(m_np)[None].to(device)
+        r = mae.reconstruct(x, m)
+        err, rel, _ = _masked_errors(mae, np.asarray(arrays.images[i:i + 1]), m_np[None], device, 1)
+        out.append({"index": int(i), "id": arrays.ids[i], "ratio": ratio, "error": float(err[0]),
+                    "rel_error": float(rel[0]), "original": to_display(x[0]),
+                    "masked": to_display(_masked_view(mae, x, m)[0]),
+                    "prediction": to_display(r["pred_img"][0]), "reconstruction": to_display(r["pasted"][0])})
     return out
 
 

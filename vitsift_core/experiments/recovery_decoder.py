@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vitsift_core.data.keypoints import SiftParams
+from vitsift_core.experiments import decoder_latents as DL
 from vitsift_core.experiments.mae_data import ArraySet, prepare_arrays, to_input
 from vitsift_core.experiments.pretrain import param_groups, train_runtime, train_step
 from vitsift_core.experiments import recovery
@@ -60,6 +61,8 @@ class DecoderConfig(Params):
                                         # or a CPU with native bf16, else fp32); the decoder is always fp32
     encoder_layers: tuple[int, ...] | None = None   # 1-based encoder blocks whose (final-normed) tokens the decoder
                                         # reads, concatenated then projected; None: the last block (MAE's layout)
+    masks_per_image: int = 0            # 0: a fresh random mask every step (MAE's way); K: K fixed masks per image,
+                                        # their encoder latents computed once and reused (decoder_latents.py)
     # runtime: not part of the identity
     device: str = "auto"
     threads: int | None = None          # torch CPU threads (None: leave as is)
@@ -79,7 +82,7 @@ class DecoderConfig(Params):
         in_range("lr", self.lr, 0, lo_open=True)
         in_range("weight_decay", self.weight_decay, 0)
         in_range("crop_pct", self.crop_pct, 0, 1, lo_open=True, hi_open=False)
-        for name in ("warmup_steps", "num_workers", "eval_every", "seed"):
+        for name in ("warmup_steps", "num_workers", "eval_every", "seed", "masks_per_image"):
             in_range(name, getattr(self, name), 0, integer=True)
         if self.encoder_layers is not None:
             self.encoder_layers = tuple(sorted({int(i) for i in self.encoder_layers}))
@@ -93,6 +96,8 @@ class DecoderConfig(Params):
         d["encoder_precision"] = encoder_precision(self)     # resolved: 'auto' differs between machines
         if d["encoder_layers"] is None:
             d.pop("encoder_layers")       # the last-block default keeps the keys of runs made before the option
+        if not d["masks_per_image"]:
+            d.pop("masks_per_image")      # likewise for fresh masks
         return d
 
 
@@ -194,16 +199,19 @@ def lr_at(cfg: DecoderConfig, step: int) -> float:
     return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
 
 
-def step_batch(cfg: DecoderConfig, train: ArraySet, step: int, n_patches: int, grid) -> tuple[np.ndarray, np.ndarray]:
-    """Images (B, S, S, 3) uint8 and masks (B, N) bool of optimiser step ``step``: epochs are seeded
-    permutations, flips and masks depend on (seed, step, image index) only, so a resumed run draws the same."""
-    n = len(train)
+def batch_indices(cfg: DecoderConfig, n: int, step: int, what: str = "training images") -> np.ndarray:
+    """Sorted indices (B,) into n items of optimiser step ``step``: epochs are seeded permutations."""
     if n < cfg.batch_size:
-        raise ValueError(f"{n} training images < one batch of {cfg.batch_size}")
-    per_epoch = n // cfg.batch_size
-    epoch, s = divmod(step, per_epoch)
+        raise ValueError(f"{n} {what} < one batch of {cfg.batch_size}")
+    epoch, s = divmod(step, n // cfg.batch_size)
     perm = np.random.default_rng([cfg.seed, epoch, 0xDEC0]).permutation(n)
-    idx = np.sort(perm[s * cfg.batch_size:(s + 1) * cfg.batch_size])
+    return np.sort(perm[s * cfg.batch_size:(s + 1) * cfg.batch_size])
+
+
+def step_batch(cfg: DecoderConfig, train: ArraySet, step: int, n_patches: int, grid) -> tuple[np.ndarray, np.ndarray]:
+    """Images (B, S, S, 3) uint8 and masks (B, N) bool of optimiser step ``step``: flips and masks depend on
+    (seed, step, image index) only, so a resumed run draws the same."""
+    idx = batch_indices(cfg, len(train), step)
     imgs = np.array(train.images[idx])
     masks = np.zeros((len(idx), n_patches), bool)
     for j, i in enumerate(idx):
@@ -282,16 +290,17 @@ def _train(cfg: DecoderConfig, folder: RunFolder, device, progress: bool, on_ste
         raise RunMismatch(f"{folder.path} was trained on other {cfg.backbone} weights")
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     start, steps, curve = _load(folder.path / "checkpoint.pt", model, opt, cfg)
-    data_s, c0, t1 = time.perf_counter() - t0, time.process_time(), time.perf_counter()
+    data_s, t_enc = time.perf_counter() - t0, time.perf_counter()
+    cached = DL.encode_pairs(model, train, cfg, device, progress) if cfg.masks_per_image and start < cfg.steps else None
+    encode_s, c0, t1 = time.perf_counter() - t_enc, time.process_time(), time.perf_counter()
     model.train()
     bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, disable=not progress,
                desc=f"MAE decoder on frozen {display_name(cfg.backbone)}")
     for step in range(start, cfg.steps):
         if on_step is not None:
             on_step(step)
-        imgs, masks = step_batch(cfg, train, step, model.num_patches, model.grid)
         lr = lr_at(cfg, step)
-        lval = train_step(model, opt, to_input(imgs, device), torch.from_numpy(masks).to(device), lr, amp=False)
+        lval = _step(model, opt, cfg, train, cached, step, lr, device)
         if not math.isfinite(lval):
             raise FloatingPointError(f"decoder loss is {lval} at step {step}")
         steps.append({"step": step, "loss": lval, "lr": lr})
@@ -308,9 +317,23 @@ def _train(cfg: DecoderConfig, folder: RunFolder, device, progress: bool, on_ste
         raise RuntimeError("the frozen encoder's weights changed during decoder training")
     n_new = cfg.steps - start
     folder.mark_complete(steps=cfg.steps, n_train=len(train), resumed_from_step=start, data_s=round(data_s, 2),
+                         encode_s=round(encode_s, 2),
                          train_s_this_process=round(time.perf_counter() - t1, 2),
                          cpu_s_this_process=round(time.process_time() - c0, 2), images_trained=n_new * cfg.batch_size,
                          threads=torch.get_num_threads(), device=str(device), encoder_sha=sha)
+
+
+def _step(model: FrozenEncoderMAE, opt, cfg: DecoderConfig, train: ArraySet, cached: DL.Latents | None,
+          step: int, lr: float, device) -> float:
+    """One optimiser step -> its loss: a fresh-mask batch through the frozen encoder, or (``cached``) a
+    batch of cached pairs, where only the decoder runs."""
+    if cached is None:
+        imgs, masks = step_batch(cfg, train, step, model.num_patches, model.grid)
+        return train_step(model, opt, to_input(imgs, device), torch.from_numpy(masks).to(device), lr, amp=False)
+    p = batch_indices(cfg, len(cached), step, "cached pairs")
+    lat, ids = cached.latent[p].float(), cached.ids_restore[p]
+    x = to_input(DL.pair_images(train, cached.image[p], cached.flip[p]), device)
+    return train_step(lambda xb, mb: model.decode_loss(xb, lat, ids, mb), opt, x, cached.mask[p], lr, amp=False)
 
 
 def load_decoder(out: str | Path, device: str | torch.device = "cpu",
@@ -352,6 +375,7 @@ class RecoveryModel:
     description: str
     crop_pct: float
     sift: dict
+    mask_ratio: float = 0.75            # the share of patches it was trained to fill in
 
 
 def model_for_recovery(recovery_model: str = "frozen-embedded", *, checkpoint: str = "", profile: str = "embedded",
@@ -367,7 +391,7 @@ def model_for_recovery(recovery_model: str = "frozen-embedded", *, checkpoint: s
         desc = (f"{'official MAE' if checkpoint else 'from-scratch MAE'} {mae.embed_dim}-wide x "
                 f"{len(mae.encoder.blocks)} blocks, {size}px, patch {mae.patch_size}")
         return RecoveryModel(mae, source, desc, cfg.crop_pct if cfg is not None else crop_pct,
-                             cfg.sift if cfg is not None else {})
+                             cfg.sift if cfg is not None else {}, cfg.mask_ratio if cfg is not None else 0.75)
     if recovery_model != "frozen-embedded":
         raise ValueError(f"recovery_model must be one of {RECOVERY_MODELS}, got {recovery_model!r}")
     kw = dict(decoder or {})
@@ -381,14 +405,15 @@ def model_for_recovery(recovery_model: str = "frozen-embedded", *, checkpoint: s
         run_decoder(cfg, out, progress=progress)
     mae = load_decoder(out, device=device)
     info = read_json(out / "run.json")
-    how = (f"trained now in {info['data_s'] + info['train_s_this_process']:.0f} s" if trained_now
-           else f"found in results, trained in {info['data_s'] + info['train_s_this_process']:.0f} s")
+    spent = info["data_s"] + info.get("encode_s", 0.0) + info["train_s_this_process"]
+    how = f"trained now in {spent:.0f} s" if trained_now else f"found in results, trained in {spent:.0f} s"
     size = mae.grid[0] * mae.patch_size
     reads = "" if cfg.encoder_layers is None else f" reading blocks {list(cfg.encoder_layers)}"
+    fixed = f", {cfg.masks_per_image} cached masks per image" if cfg.masks_per_image else ""
     desc = (f"{display_name(cfg.backbone)} (frozen) + MAE decoder {cfg.decoder_dim}-wide x {cfg.decoder_depth} "
             f"blocks{reads}, {size}px, patch {mae.patch_size}")
     source = (f"an MAE decoder ({cfg.decoder_dim}-wide, {cfg.decoder_depth} blocks, loss on masked pixels) "
               f"trained for {cfg.steps} steps of {cfg.batch_size} {cfg.train_images} images "
-              f"(first {cfg.train_limit}, mask ratio {cfg.mask_ratio}) on the frozen {display_name(cfg.backbone)} "
-              f"({how}: {out})")
-    return RecoveryModel(mae, source, desc, cfg.crop_pct, dataclasses.asdict(SiftParams()))
+              f"(first {cfg.train_limit}, mask ratio {cfg.mask_ratio}{fixed}) on the frozen "
+              f"{display_name(cfg.backbone)} ({how}: {out})")
+    return RecoveryModel(mae, source, desc, cfg.crop_pct, dataclasses.asdict(SiftParams()), cfg.mask_ratio)

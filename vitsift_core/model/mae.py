@@ -230,6 +230,10 @@ class MAE(nn.Module):
             raise ValueError(f"mask shape {tuple(mask.shape)} != (batch, N) = "
                              f"({imgs.shape[0]}, {self.num_patches})")
         latent, ids_restore = self.forward_encoder(imgs, mask)
+        return self.decode_loss(imgs, latent, ids_restore, mask)
+
+    def decode_loss(self, imgs: torch.Tensor, latent: torch.Tensor, ids_restore: torch.Tensor, mask: torch.Tensor):
+        """:meth:`forward` from the encoder's output ``latent`` (B, npt + V, D) for ``mask`` (B, N)."""
         pred = self.forward_decoder(latent, ids_restore)
         err = self.patch_errors(imgs, pred)
         m = mask.to(err.dtype)

@@ -329,6 +329,27 @@ def recovery_examples_figure(examples: list[dict], small: int, large: int, title
     return fig
 
 
+def random_mask_figure(examples: list[dict], title: str = "") -> plt.Figure:
+    """MAE-style grid: per image, original / masked / prediction of every patch / visible pixels pasted
+    back (:func:`~vitsift_core.experiments.recovery.random_mask_examples`)."""
+    heads = [("original", "original"), ("masked", "masked: {p:.0%} random patches"),
+             ("prediction", "prediction (every patch)"), ("reconstruction", "reconstruction (visible pasted)")]
+    fig, axes = plt.subplots(len(examples), 4, figsize=(9, 2.4 * len(examples)), squeeze=False)
+    for r, e in enumerate(examples):
+        for c, (key, head) in enumerate(heads):
+            ax = axes[r, c]
+            ax.imshow(e[key], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(head.format(p=e["ratio"]), fontsize=9)
+        axes[r, 3].set_xlabel(f"masked-patch error / mean-colour fill {e['rel_error']:.2f}", fontsize=8)
+        axes[r, 0].set_ylabel(e["id"].split("/")[-1][:22], fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def recovery_error_figure(errs: pd.DataFrame, title: str = "") -> plt.Figure:
     """Error and relative error vs k per condition (:func:`recovery_errors` rows), 95% t intervals."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
