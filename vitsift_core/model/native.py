@@ -77,7 +77,7 @@ def _build() -> Path:
 def _load():
     fn = ctypes.CDLL(str(_build())).vs_rows          # ctypes drops the GIL during the call
     fn.restype = None
-    fn.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4
+    fn.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
                    + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p])
     return fn
 
@@ -120,10 +120,14 @@ def rows(attn: torch.Tensor, weights: torch.Tensor, exclude_self: list[bool], ga
     if n != n2 or tuple(weights.shape) != (b, 2 * v, n):
         raise ValueError(f"attn {tuple(attn.shape)} and weights {tuple(weights.shape)} do not match {v} variants")
     w = weights.to(torch.float32).contiguous()
+    # Eq. 2's line from torch's own row sums: the float sum's rounding decides entries within an ulp of
+    # the line, and the eager path (metrics.attended_mask) sums the same way
+    rowsum = attn.sum(dim=-1).contiguous()
     excl = torch.tensor([int(bool(e)) for e in exclude_self], dtype=torch.int32)
     ent = torch.empty((b, h, n), dtype=torch.float32)
     theta = torch.empty((v, b, h, n), dtype=torch.float32)
     sb, sh, si, _ = attn.stride()
-    kernel()(attn.data_ptr(), sb, sh, si, w.data_ptr(), excl.data_ptr(), b, h, n, v, float(gamma), int(minmax),
+    kernel()(attn.data_ptr(), sb, sh, si, rowsum.data_ptr(), w.data_ptr(), excl.data_ptr(), b, h, n, v, float(gamma),
+             int(minmax),
              ent.data_ptr(), theta.data_ptr())
     return ent, theta

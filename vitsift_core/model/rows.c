@@ -33,12 +33,14 @@ static inline float vs_logf(float x) {
     return m + y + 0.693359375f * e;
 }
 
-/* attn: (B, H, N, N) rows at element strides (sb, sh, si), unit stride along a row; w: (B, 2V, N)
-   per image [num_w, den_w] of each variant; excl: (V,) 0/1. Out: ent (B, H, N) row entropies (minmax:
-   rows shifted by their min; NaN when a row sums to 0 or holds NaN), theta (V, B, H, N) = num / den
-   (NaN when den = 0). */
-void vs_rows(const float *attn, int64_t sb, int64_t sh, int64_t si, const float *w, const int32_t *excl,
-             int64_t B, int64_t H, int64_t N, int64_t V, float gamma, int minmax, float *ent, float *theta) {
+/* attn: (B, H, N, N) rows at element strides (sb, sh, si), unit stride along a row; rowsum: (B, H, N)
+   the rows' sums as torch computes them (Eq. 2's line from the same float sum as the eager path, so
+   the attended sets are the same to the bit); w: (B, 2V, N) per image [num_w, den_w] of each variant;
+   excl: (V,) 0/1. Out: ent (B, H, N) row entropies (minmax: rows shifted by their min; NaN when a row
+   sums to 0 or holds NaN), theta (V, B, H, N) = num / den (NaN when den = 0). */
+void vs_rows(const float *attn, int64_t sb, int64_t sh, int64_t si, const float *rowsum, const float *w,
+             const int32_t *excl, int64_t B, int64_t H, int64_t N, int64_t V, float gamma, int minmax,
+             float *ent, float *theta) {
     const float nan = NAN;
     for (int64_t b = 0; b < B; b++) {
         const float *wb = w + b * 2 * V * N;
@@ -46,10 +48,10 @@ void vs_rows(const float *attn, int64_t sb, int64_t sh, int64_t si, const float 
             for (int64_t i = 0; i < N; i++) {
                 const int64_t r = (b * H + h) * N + i;
                 const float *a = attn + b * sb + h * sh + i * si;
-                float total = 0.0f, mn = INFINITY;
-                #pragma omp simd reduction(+:total) reduction(min:mn)
-                for (int64_t j = 0; j < N; j++) { total += a[j]; mn = a[j] < mn ? a[j] : mn; }
-                const float line = gamma * (total / (float)N);
+                float mn = INFINITY;
+                #pragma omp simd reduction(min:mn)
+                for (int64_t j = 0; j < N; j++) mn = a[j] < mn ? a[j] : mn;
+                const float line = gamma * (rowsum[r] / (float)N);
                 const float shift = minmax ? mn : 0.0f;
                 float z = 0.0f, xl = 0.0f;
                 #pragma omp simd reduction(+:z, xl)
