@@ -348,8 +348,11 @@ def test_random_mask_examples_hide_the_ratio_and_paste_the_visible_pixels(folder
         grey = (e["masked"] != e["original"]).any(-1)
         hidden = grey.reshape(4, 8, 4, 8).any((1, 3))              # per 8 px patch of the 32 px image
         assert hidden.sum() == 8                                    # half of the 16 patches
+        px = np.repeat(np.repeat(hidden, 8, 0), 8, 1)
         same = e["reconstruction"] == e["original"]
-        assert same[~np.repeat(np.repeat(hidden, 8, 0), 8, 1)].all()   # the visible pixels pasted back
+        assert same[~px].all()                                       # the visible pixels pasted back
+        assert (e["prediction"][px] == e["reconstruction"][px]).all()    # the hidden patches: the prediction
+        assert (e["prediction"][~px] == e["masked"][px].reshape(-1, 3)[0]).all()   # visible ones grey
     assert recovery.random_mask_examples(m, arr, [0], 0.5, seed=0)[0]["error"] == ex[0]["error"]
 
 

@@ -149,7 +149,7 @@ def recovery_summary(df: pd.DataFrame, value: str = "error", a: str = "keypoint-
 
 @torch.no_grad()
 def _masked_view(mae, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """x (B, 3, S, S) with the patches hidden by m (B, N) painted mid-grey, in x's normalised space."""
+    """x (B, 3, S, S) with the patches where m (B, N) is True painted mid-grey, in x's normalised space."""
     mm = mae.unpatchify(m[..., None].float().expand(-1, -1, mae.patch_size ** 2 * 3))
     grey = torch.tensor([(0.5 - mu) / sd for mu, sd in zip(IMAGENET_MEAN, IMAGENET_STD)],
                         device=x.device).view(1, 3, 1, 1)
@@ -182,8 +182,9 @@ def region_examples(mae, arrays: ArraySet, indices, small: int, large: int,
 def random_mask_examples(mae, arrays: ArraySet, indices, ratio: float, *, seed: int = 0,
                          device: str | torch.device = "cpu") -> list[dict]:
     """MAE's own figure: per image index, a random ``ratio`` of the patches hidden (drawn from (seed, image));
-    original, masked, the model's prediction of every patch, the visible pixels pasted back (uint8), and
-    the masked patches' error relative to the visible-mean-colour fill."""
+    original, masked, the model's prediction of the hidden patches (visible ones grey: the loss never
+    trains them), the visible pixels pasted back (uint8), and the hidden patches' error relative to the
+    visible-mean-colour fill."""
     mae = mae.to(device).eval()
     out = []
     for i in indices:
@@ -195,7 +196,8 @@ def random_mask_examples(mae, arrays: ArraySet, indices, ratio: float, *, seed: 
         out.append({"index": int(i), "id": arrays.ids[i], "ratio": ratio, "error": float(err[0]),
                     "rel_error": float(rel[0]), "original": to_display(x[0]),
                     "masked": to_display(_masked_view(mae, x, m)[0]),
-                    "prediction": to_display(r["pred_img"][0]), "reconstruction": to_display(r["pasted"][0])})
+                    "prediction": to_display(_masked_view(mae, r["pred_img"], ~m)[0]),
+                    "reconstruction": to_display(r["pasted"][0])})
     return out
 
 

@@ -330,10 +330,10 @@ def recovery_examples_figure(examples: list[dict], small: int, large: int, title
 
 
 def random_mask_figure(examples: list[dict], title: str = "") -> plt.Figure:
-    """MAE-style grid: per image, original / masked / prediction of every patch / visible pixels pasted
-    back (:func:`~vitsift_core.experiments.recovery.random_mask_examples`)."""
+    """MAE-style grid: per image, original / masked / prediction of the hidden patches / visible pixels
+    pasted back (:func:`~vitsift_core.experiments.recovery.random_mask_examples`)."""
     heads = [("original", "original"), ("masked", "masked: {p:.0%} random patches"),
-             ("prediction", "prediction (every patch)"), ("reconstruction", "reconstruction (visible pasted)")]
+             ("prediction", "prediction of the hidden patches"), ("reconstruction", "reconstruction (visible pasted)")]
     fig, axes = plt.subplots(len(examples), 4, figsize=(9, 2.4 * len(examples)), squeeze=False)
     for r, e in enumerate(examples):
         for c, (key, head) in enumerate(heads):
