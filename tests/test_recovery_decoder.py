@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from vitsift_core.experiments import recovery_decoder as D
-from vitsift_core.store import RunMismatch
+from vitsift_core.store import RunFolder, RunMismatch
 
 
 def encoder(seed: int = 0):
@@ -94,8 +94,10 @@ def test_decoder_training_leaves_the_encoder_bit_identical(folder, tmp_path, lay
     enc = encoder()
     before = {k: v.clone() for k, v in enc.state_dict().items()}
     sha = D.encoder_sha(enc)
-    out = D.run_decoder(cfg_for(folder, encoder_layers=layers, masks_per_image=cached), tmp_path / "run",
-                        progress=False, encoder=enc)
+    cfg = cfg_for(folder, encoder_layers=layers, masks_per_image=cached)
+    out = D.run_decoder(cfg, tmp_path / "run", progress=False, encoder=enc)
+    # found again as finished (params.json holds encoder_layers as a JSON list, the config a tuple)
+    assert RunFolder(out, cfg).finished() and D.run_decoder(cfg, out, progress=False, encoder=enc) == out
     for k, v in enc.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed"
     assert D.encoder_sha(enc) == sha

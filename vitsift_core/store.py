@@ -137,6 +137,7 @@ def check_identity(params_json: Path, ident: dict, what: str = "run") -> bool:
     if not Path(params_json).exists():
         return False
     old = read_json(params_json).get("identity", {})
+    ident = json.loads(json.dumps(ident, default=str))     # as written: tuples come back as lists
     diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
     if diff:
         detail = ", ".join(f"{k}: {old.get(k)!r} there vs {ident.get(k)!r} now" for k in diff)
