@@ -187,3 +187,13 @@ def test_the_line_uses_torchs_row_sum_so_the_sets_are_the_eager_ones(kernel):
     _, theta = native.rows(a, weights([c]), [False], 1.0, True)
     ref = M.theta_from_mask(M.attended_mask(a, 1.0), c[:, None])
     same_nan_and_values(theta[0], ref)
+
+
+def test_collector_with_no_variant_runs_on_the_kernel(kernel, fresh_kernel):
+    """The content-free control's pass has no keypoint variant (it sums the maps): the kernel path takes
+    it with zero weight rows (an empty weight stack crashed it)."""
+    calls = []
+    real_rows = native.rows
+    fresh_kernel.setattr(native, "rows", lambda *a, **k: calls.append(tuple(a[1].shape)) or real_rows(*a, **k))
+    assert run_collector([awkward_maps(seed=30)], {}) == {}
+    assert calls and all(s[1] == 0 for s in calls)

@@ -99,8 +99,8 @@ class MetricCollector:
         (:mod:`vitsift_core.model.native`): the same keys as the eager path."""
         b, names = a.shape[0], list(self._variants)
         w = [wt for name in names for wt in M.theta_weights(self._counts(name, a.device)[off:off + b], self.weighted)]
-        ent, theta = native.rows(a, torch.stack(w, dim=1), [self._variants[n][1] for n in names], self.gamma,
-                                 self.focus_kind == "minmax")
+        w = torch.stack(w, dim=1) if w else a.new_zeros((b, 0, a.shape[-1]))     # no variant: focus only
+        ent, theta = native.rows(a, w, [self._variants[n][1] for n in names], self.gamma, self.focus_kind == "minmax")
         return {"entropy": ent, **{("theta", n): theta[i] for i, n in enumerate(names)}}
 
     def _entropy(self, a: torch.Tensor, work: list[torch.Tensor]) -> torch.Tensor:
