@@ -4,6 +4,8 @@ Tiny encoder (timm ``test_vit`` at 32 px) on test_mae_pretrain's synthetic 3-cla
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -88,6 +90,8 @@ def test_snapshots_load_through_the_registry_and_survive_a_resume(synth, tmp_pat
     for e, path in snapshots(ref).items():
         a, b = load_file(str(path)), load_file(str(snapshots(tmp_path / "res")[e]))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), e
+        # byte for byte (header keys sorted), so the content identity of the resumed run's snapshot is the same
+        assert path.read_bytes() == snapshots(tmp_path / "res")[e].read_bytes(), e
     # "ARCH@PATH" rebuilds the architecture and its input pipeline from the file alone
     spec = snapshot_spec(snapshots(ref)[4])
     lm = load_model(spec)
@@ -212,3 +216,19 @@ def test_profile_specs_reads_the_profile_as_reproduce_passes_it(tmp_path, monkey
     monkeypatch.setattr(E, "train", lambda *a, **k: {})
     assert E.profile_specs("p", progress=False) == {}
     assert (got["seed"], got["epochs"], got["num_workers"]) == (3, 4, 2)
+
+
+def test_the_same_snapshot_is_the_same_bytes(tmp_path):
+    """safetensors writes its metadata in hash-map order; the snapshot's header is rewritten sorted, so
+    identical weights and metadata give identical files (and ARCH@PATH identities)."""
+    from safetensors import safe_open
+    from vitsift_core.experiments import pretrain_state as S
+    from vitsift_core.model.registry import checkpoint_identity
+    cfg = P.PretrainConfig(encoder="test_vit", img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2)
+    enc = P.build_model(cfg).encoder
+    files = [S.save_snapshot(tmp_path / f"run{i}", enc, cfg, 3) for i in range(6)]
+    assert len({f.read_bytes() for f in files}) == 1
+    assert len({checkpoint_identity(f"test_vit@{f}") for f in files}) == 1
+    with safe_open(str(files[0]), "pt") as g:
+        assert g.metadata()["epoch"] == "3" and json.loads(g.metadata()["timm_kwargs"])["depth"] == 1
+        assert all(torch.equal(g.get_tensor(k), v) for k, v in enc.state_dict().items())

@@ -98,8 +98,24 @@ def save_snapshot(out: str | Path, encoder: torch.nn.Module, cfg, epoch: int) ->
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in encoder.state_dict().items()}
     meta = {"arch": cfg.encoder, "timm_kwargs": json.dumps(timm_kwargs(cfg)), "epoch": str(int(epoch)),
             "objective": cfg.objective, "mask": cfg.mask, "run_key": cfg.key()}
-    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+    def write(p: Path) -> None:
+        save_file(tensors, str(p), metadata=meta)
+        sort_header(p)
+    atomic_write(path, write)
     return path
+
+
+def sort_header(path: str | Path) -> None:
+    """Rewrite a safetensors header with its keys sorted, same length: safetensors writes the metadata in
+    hash-map order, so two identical snapshots differed byte for byte, and so did their content identity
+    (``registry.checkpoint_identity``) and the analysis folders keyed by it."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= n:                     # the same items: always; else leave the file as written
+            f.seek(8)
+            f.write(text + b" " * (n - len(text)))
 
 
 def snapshot_meta(path: str | Path) -> dict:
