@@ -29,25 +29,29 @@ def to_display(x: torch.Tensor) -> np.ndarray:
     return (y.permute(0, 2, 3, 1) if y.ndim == 4 else y.permute(1, 2, 0)).numpy()
 
 
+def _masked_error_parts(mae, x: torch.Tensor, m: torch.Tensor, errors: torch.Tensor):
+    """From the model's patch errors (B, N) on x with mask m (B, N): per image (each (B,)) the mean error
+    over its masked patches, that error relative to a fill with the visible pixels' mean colour, and the
+    fill's mean error on the same patches."""
+    vis = 1 - mae.unpatchify(m[..., None].float().expand(-1, -1, mae.patch_size ** 2 * 3))[:, :1]
+    colour = (x * vis).sum((2, 3), keepdim=True) / vis.sum((2, 3), keepdim=True)
+    target = mae.target(x.float())
+    base = torch.zeros_like(target) if mae.norm_pix_loss else mae.patchify(colour.expand_as(x))
+    base_err = ((base - target) ** 2).mean(-1)
+    mf = m.float()
+    return ((errors * mf).sum(1) / mf.sum(1), (errors * mf).sum(1) / (base_err * mf).sum(1).clamp_min(1e-12),
+            (base_err * mf).sum(1) / mf.sum(1))
+
+
 @torch.no_grad()
 def _masked_errors(mae, images: np.ndarray, masks: np.ndarray, device, batch_size: int):
-    """Per image (each (n,)): mean error over its masked patches, that error relative to a fill with
-    the visible pixels' mean colour, and the fill's mean error on the same patches."""
-    err_out, rel_out, fill_out = [], [], []
+    """:func:`_masked_error_parts` of every image (each (n,) NumPy), in batches."""
+    parts = []
     for s in range(0, len(images), batch_size):
         x = to_input(images[s:s + batch_size], device)
         m = torch.from_numpy(masks[s:s + batch_size]).to(device)
-        e = mae.reconstruct(x, m)["errors"]
-        vis = 1 - mae.unpatchify(m[..., None].float().expand(-1, -1, mae.patch_size ** 2 * 3))[:, :1]
-        colour = (x * vis).sum((2, 3), keepdim=True) / vis.sum((2, 3), keepdim=True)
-        target = mae.target(x.float())
-        base = torch.zeros_like(target) if mae.norm_pix_loss else mae.patchify(colour.expand_as(x))
-        base_err = ((base - target) ** 2).mean(-1)
-        mf = m.float()
-        err_out.append(((e * mf).sum(1) / mf.sum(1)).cpu())
-        rel_out.append(((e * mf).sum(1) / (base_err * mf).sum(1).clamp_min(1e-12)).cpu())
-        fill_out.append(((base_err * mf).sum(1) / mf.sum(1)).cpu())
-    return torch.cat(err_out).numpy(), torch.cat(rel_out).numpy(), torch.cat(fill_out).numpy()
+        parts.append([t.cpu() for t in _masked_error_parts(mae, x, m, mae.reconstruct(x, m)["errors"])])
+    return tuple(torch.cat(list(col)).numpy() for col in zip(*parts))
 
 
 def recovery_errors(mae, arrays: ArraySet, ks=(1, 2, 4, 8), *, seed: int = 0, batch_size: int = 64,
@@ -147,7 +151,6 @@ def recovery_summary(df: pd.DataFrame, value: str = "error", a: str = "keypoint-
     return pd.DataFrame(out)
 
 
-@torch.no_grad()
 def _masked_view(mae, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """x (B, 3, S, S) with the patches where m (B, N) is True painted mid-grey, in x's normalised space."""
     mm = mae.unpatchify(m[..., None].float().expand(-1, -1, mae.patch_size ** 2 * 3))
@@ -156,6 +159,7 @@ def _masked_view(mae, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return x * (1 - mm) + grey * mm
 
 
+@torch.no_grad()
 def region_examples(mae, arrays: ArraySet, indices, small: int, large: int,
                     device: str | torch.device = "cpu") -> list[dict]:
     """Per image index, small and large square regions on the keypoint-densest window: original,
@@ -179,6 +183,7 @@ def region_examples(mae, arrays: ArraySet, indices, small: int, large: int,
     return out
 
 
+@torch.no_grad()
 def random_mask_examples(mae, arrays: ArraySet, indices, ratio: float, *, seed: int = 0,
                          device: str | torch.device = "cpu") -> list[dict]:
     """MAE's own figure: per image index, a random ``ratio`` of the patches hidden (drawn from (seed, image));
@@ -192,7 +197,7 @@ def random_mask_examples(mae, arrays: ArraySet, indices, ratio: float, *, seed: 
         x = to_input(np.asarray(arrays.images[i:i + 1]), device)
         m = torch.from_numpy(m_np)[None].to(device)
         r = mae.reconstruct(x, m)
-        err, rel, _ = _masked_errors(mae, np.asarray(arrays.images[i:i + 1]), m_np[None], device, 1)
+        err, rel, _ = _masked_error_parts(mae, x, m, r["errors"])      # from this reconstruction: one forward
         out.append({"index": int(i), "id": arrays.ids[i], "ratio": ratio, "error": float(err[0]),
                     "rel_error": float(rel[0]), "original": to_display(x[0]),
                     "masked": to_display(_masked_view(mae, x, m)[0]),

@@ -375,7 +375,7 @@ class RecoveryModel:
     description: str
     crop_pct: float
     sift: dict
-    mask_ratio: float = 0.75            # the share of patches it was trained to fill in
+    mask_ratio: float = 0.75            # the share of patches it was trained to fill in (official MAE: 0.75)
 
 
 def model_for_recovery(recovery_model: str = "frozen-embedded", *, checkpoint: str = "", profile: str = "embedded",
@@ -391,7 +391,8 @@ def model_for_recovery(recovery_model: str = "frozen-embedded", *, checkpoint: s
         desc = (f"{'official MAE' if checkpoint else 'from-scratch MAE'} {mae.embed_dim}-wide x "
                 f"{len(mae.encoder.blocks)} blocks, {size}px, patch {mae.patch_size}")
         return RecoveryModel(mae, source, desc, cfg.crop_pct if cfg is not None else crop_pct,
-                             cfg.sift if cfg is not None else {}, cfg.mask_ratio if cfg is not None else 0.75)
+                             cfg.sift if cfg is not None else {},
+                             cfg.mask_ratio if cfg is not None else RecoveryModel.mask_ratio)
     if recovery_model != "frozen-embedded":
         raise ValueError(f"recovery_model must be one of {RECOVERY_MODELS}, got {recovery_model!r}")
     kw = dict(decoder or {})
