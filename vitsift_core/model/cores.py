@@ -16,6 +16,9 @@ _slice = threading.local()
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 _STOPPED = object()
+# slices queued per pool thread: the pool balances itself when the decoding worker takes a core for a
+# while, and a 4-image slice's attention block stays in cache (benchmarks/README.md, issue 17)
+SLICES_PER_CORE = 4
 
 
 class StopForward(Exception):
@@ -123,11 +126,11 @@ def core_workers(device: torch.device | str) -> int:
 
 def forward_on_cores(forward: Callable[..., torch.Tensor], x: torch.Tensor, workers: int,
                      *per_image) -> torch.Tensor | None:
-    """``forward(x, *per_image)`` on up to ``workers`` contiguous slices of the batch at once (CPU;
-    else one call). x: (B, ...) -> outputs concatenated; ``per_image`` (batch first) sliced like x.
-    The caller's grad, inference and CPU autocast modes reach the threads."""
+    """``forward(x, *per_image)`` on up to ``workers * SLICES_PER_CORE`` contiguous slices of the
+    batch, ``workers`` at once (CPU; else one call). x: (B, ...) -> outputs concatenated; ``per_image``
+    (batch first) sliced like x. The caller's grad, inference and CPU autocast modes reach the threads."""
     n = x.shape[0]
-    k = min(workers, n)
+    k = min(workers * SLICES_PER_CORE, n)
     if k <= 1 or not _can_thread(workers, x):
         return forward(x, *per_image)
     q, r = divmod(n, k)                              # k slices, sizes differing by at most 1
@@ -136,7 +139,7 @@ def forward_on_cores(forward: Callable[..., torch.Tensor], x: torch.Tensor, work
     modes = _caller_modes()
     jobs = [(_stoppable, (forward, base + s, x[s:e], tuple(a[s:e] for a in per_image), modes))
             for s, e in zip(bounds, bounds[1:])]
-    outs = _run_pooled(workers, jobs, threads=workers // k)     # fewer slices than cores: spare cores help
+    outs = _run_pooled(workers, jobs, threads=max(1, workers // k))   # fewer slices than cores: spare cores help
     if any(o is _STOPPED for o in outs):
         raise StopForward
     return torch.cat(outs)

