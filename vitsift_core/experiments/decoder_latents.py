@@ -30,17 +30,22 @@ class Latents:
         return len(self.image)
 
 
+def draw(cfg, n_patches: int, key: int, i: int) -> tuple[np.ndarray, bool]:
+    """Image i's mask (N,) bool and left-right flip under draw ``key`` (a fresh-mask step, or a cached
+    copy): seeded by (seed, key, i) only, so a resumed run draws the same."""
+    mask = MM.random_mask(n_patches, cfg.mask_ratio, MM.sample_rng(cfg.seed, key, int(i), MM.STREAM_MASK))
+    return mask, bool(cfg.flip and MM.sample_rng(cfg.seed, key, int(i), MM.STREAM_FLIP).random() < 0.5)
+
+
 def pair_draws(cfg, n_images: int, n_patches: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Masks (P, N) bool, flips (P,) and image indices (P,) of the K x n pairs: copy k of image i
-    draws from (seed, k, i), like the fresh-mask path's (seed, step, i)."""
+    is :func:`draw` (k, i), as step s of the fresh-mask path is (s, i)."""
     k = cfg.masks_per_image
     image = np.tile(np.arange(n_images), k)
     copy = np.repeat(np.arange(k), n_images)
-    mask = np.stack([MM.random_mask(n_patches, cfg.mask_ratio, MM.sample_rng(cfg.seed, c, int(i), MM.STREAM_MASK))
-                     for c, i in zip(copy, image)]) if len(image) else np.zeros((0, n_patches), bool)
-    flip = np.array([cfg.flip and MM.sample_rng(cfg.seed, c, int(i), MM.STREAM_FLIP).random() < 0.5
-                     for c, i in zip(copy, image)], dtype=bool)
-    return mask, flip, image
+    draws = [draw(cfg, n_patches, int(c), int(i)) for c, i in zip(copy, image)]
+    mask = np.stack([m for m, _ in draws]) if draws else np.zeros((0, n_patches), bool)
+    return mask, np.array([f for _, f in draws], dtype=bool), image
 
 
 def pair_images(train: ArraySet, image: np.ndarray, flip: np.ndarray) -> np.ndarray:

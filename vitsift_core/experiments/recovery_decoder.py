@@ -215,9 +215,9 @@ def step_batch(cfg: DecoderConfig, train: ArraySet, step: int, n_patches: int, g
     imgs = np.array(train.images[idx])
     masks = np.zeros((len(idx), n_patches), bool)
     for j, i in enumerate(idx):
-        if cfg.flip and MM.sample_rng(cfg.seed, step, int(i), MM.STREAM_FLIP).random() < 0.5:
+        masks[j], flip = DL.draw(cfg, n_patches, step, i)
+        if flip:
             imgs[j] = imgs[j, :, ::-1]
-        masks[j] = MM.random_mask(n_patches, cfg.mask_ratio, MM.sample_rng(cfg.seed, step, int(i), MM.STREAM_MASK))
     return imgs, masks
 
 

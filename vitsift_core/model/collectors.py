@@ -33,7 +33,7 @@ class MetricCollector:
         self._batch = 0
         self._offset: list[int] = []
         self._parts: list[list[tuple[int, int, dict]]] = []   # per layer: (start, size, metrics)
-        self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}   # counts, theta weights
         self._lock = threading.Lock()
         self._local = threading.local()
 
@@ -98,8 +98,11 @@ class MetricCollector:
         """Row entropies and every variant's theta_i of the slice a (b, H, N, N) in one compiled pass
         (:mod:`vitsift_core.model.native`): the same keys as the eager path."""
         b, names = a.shape[0], list(self._variants)
-        w = [wt for name in names for wt in M.theta_weights(self._counts(name, a.device)[off:off + b], self.weighted)]
-        w = torch.stack(w, dim=1) if w else a.new_zeros((b, 0, a.shape[-1]))     # no variant: focus only
+        key = ("theta weights", a.device)
+        if names and key not in self._on_device:   # once per batch for every layer and slice (a race computes the same)
+            w = [wt for name in names for wt in M.theta_weights(self._counts(name, a.device), self.weighted)]
+            self._on_device[key] = torch.stack(w, dim=1)                          # (B, 2V, N)
+        w = self._on_device[key][off:off + b] if names else a.new_zeros((b, 0, a.shape[-1]))   # no variant: focus only
         ent, theta = native.rows(a, w, [self._variants[n][1] for n in names], self.gamma, self.focus_kind == "minmax")
         return {"entropy": ent, **{("theta", n): theta[i] for i, n in enumerate(names)}}
 

@@ -5,12 +5,13 @@ torch thread count, which the pool threads also move for the whole process.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable
 
 import torch
+
+from vitsift_core.options import env_switch
 
 _slice = threading.local()
 _pools: dict[int, ThreadPoolExecutor] = {}
@@ -112,16 +113,11 @@ def _stoppable(forward, start, x, args, modes):
 
 
 def core_workers(device: torch.device | str) -> int:
-    """Slices :func:`forward_on_cores` makes on ``device``: torch's thread count on CPU, else 1
+    """Threads :func:`forward_on_cores` runs at once on ``device``: torch's thread count on CPU, else 1
     (``VITSIFT_CORE_SPLIT=0``: 1; how to run, never part of a run's identity)."""
     if torch.device(device).type != "cpu":
         return 1
-    env = os.environ.get("VITSIFT_CORE_SPLIT", "").strip().lower()
-    if env in ("0", "false", "no", "off"):
-        return 1
-    if env not in ("", "1", "true", "yes", "on"):
-        raise ValueError(f"VITSIFT_CORE_SPLIT must be 0 or 1, got {env!r}")
-    return torch.get_num_threads()
+    return 1 if env_switch("VITSIFT_CORE_SPLIT") == "off" else torch.get_num_threads()
 
 
 def forward_on_cores(forward: Callable[..., torch.Tensor], x: torch.Tensor, workers: int,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from vitsift_core.options import env_switch
 from vitsift_core.paths import atomic_write, cache_dir
 
 SOURCE = Path(__file__).with_name("rows.c")
@@ -31,14 +32,7 @@ _state: dict[str, object] = {}          # "fn": the ctypes function or None, "wh
 
 def mode() -> str:
     """'auto' (default), 'off' or 'on' from VITSIFT_NATIVE (unset/auto, 0, 1)."""
-    env = os.environ.get(ENV, "").strip().lower()
-    if env in ("", "auto"):
-        return "auto"
-    if env in ("0", "false", "no", "off"):
-        return "off"
-    if env in ("1", "true", "yes", "on"):
-        return "on"
-    raise ValueError(f"{ENV} must be 0, 1 or auto, got {env!r}")
+    return env_switch(ENV, "auto")
 
 
 def _machine_id(cc: str) -> str:

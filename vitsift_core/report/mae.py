@@ -300,6 +300,15 @@ def paired_figure(table: pd.DataFrame, diffs: pd.DataFrame, title: str = "") -> 
     return fig
 
 
+def _picture(ax, img: np.ndarray, head: str | None = None) -> None:
+    """One image panel of an example grid: pixels as they are, no ticks, the column head on the first row."""
+    ax.imshow(img, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if head is not None:
+        ax.set_title(head, fontsize=9)
+
+
 _PANELS = [("original", "small", "original"), ("masked", "small", "masked: small {s}x{s}"),
            ("reconstruction", "small", "reconstruction"), ("masked", "large", "masked: large {l}x{l}"),
            ("reconstruction", "large", "reconstruction")]
@@ -314,11 +323,7 @@ def recovery_examples_figure(examples: list[dict], small: int, large: int, title
     for r, d in enumerate(by_img.values()):
         for c, (key, region, head) in enumerate(_PANELS):
             e, ax = d[region], axes[r, c]
-            ax.imshow(e[key], interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(head.format(s=small, l=large), fontsize=9)
+            _picture(ax, e[key], head.format(s=small, l=large) if r == 0 else None)
             if key == "reconstruction":
                 ax.set_xlabel(f"MSE on region {e['error']:.3f}", fontsize=8)
             if key == "masked":
@@ -337,12 +342,7 @@ def random_mask_figure(examples: list[dict], title: str = "") -> plt.Figure:
     fig, axes = plt.subplots(len(examples), 4, figsize=(9, 2.4 * len(examples)), squeeze=False)
     for r, e in enumerate(examples):
         for c, (key, head) in enumerate(heads):
-            ax = axes[r, c]
-            ax.imshow(e[key], interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(head.format(p=e["ratio"]), fontsize=9)
+            _picture(axes[r, c], e[key], head.format(p=e["ratio"]) if r == 0 else None)
         axes[r, 3].set_xlabel(f"masked-patch error / mean-colour fill {e['rel_error']:.2f}", fontsize=8)
         axes[r, 0].set_ylabel(e["id"].split("/")[-1][:22], fontsize=7)
     fig.suptitle(title, fontsize=9)
