@@ -47,3 +47,25 @@ def test_a_command_imports_its_module_only(tmp_path):
     assert "vitsift_core.experiments.analysis" in out["modules"] and "torch" in out["modules"]
     assert "vitsift_core.experiments.maskeval" not in out["modules"]
     assert "vitsift_core.experiments.mae_runs" not in out["modules"]
+
+
+def test_the_command_exits_without_the_final_collections_and_keeps_its_status(tmp_path):
+    # python -m vitsift_core.cli as the benchmarks and users run it: gc.freeze() before the exit
+    # (cli.entry), seen from an atexit hook, which runs after it; the exit status is main's
+    script = ("import atexit, gc, runpy, sys\n"
+              "atexit.register(lambda: print('frozen', gc.get_freeze_count()))\n"
+              "sys.argv = ['vitsift'] + sys.argv[1:]\n"
+              "runpy.run_module('vitsift_core.cli', run_name='__main__')\n")
+    p = subprocess.run([sys.executable, "-c", script, "analyze", "--images", str(tmp_path / "missing"),
+                        "--out", str(tmp_path / "o"), "--device", "cpu", "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "error" in p.stderr, (p.returncode, p.stderr)
+    frozen = int(p.stdout.split("frozen")[-1])
+    assert frozen > 100_000, p.stdout          # torch and timm's objects, not a handful
+
+
+def test_the_installed_command_is_the_entry_that_freezes():
+    import tomllib
+    from pathlib import Path
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["vitsift"] == "vitsift_core.cli:entry"
