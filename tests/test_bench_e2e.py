@@ -50,6 +50,10 @@ def test_end_to_end_row_tiny(tmp_path):
     # the ratio is images/s of the process over images/s of the plain forward, both timed here
     want = (r["n_analyzed"] / r["analyze_wall_s"]) / (r["n_plain"] / r["plain_wall_s"])
     assert r["end_to_end_over_plain"] == pytest.approx(want, rel=1e-9)
+    # (f) timed before and after (e): its wall is their mean, both printed
+    f_runs = (r["plain_wall_s_before"], r["plain_wall_s_after"])
+    assert min(f_runs) > 0 and r["plain_wall_s"] == pytest.approx(sum(f_runs) / 2, rel=1e-12)
+    assert f"(f) wall before / after (e): {f_runs[0]:.1f} / {f_runs[1]:.1f} s" in p.stdout
     # on CPU also against (p), the plain forward split over the cores as the analysis runs it
     split = (r["n_analyzed"] / r["analyze_wall_s"]) / (r["n_plain"] / r["plain_split_wall_s"])
     assert r["end_to_end_over_plain_split"] == pytest.approx(split, rel=1e-9) and "e/(f split)" in p.stdout
