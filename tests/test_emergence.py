@@ -132,7 +132,11 @@ def test_emergence_on_snapshots_equals_vitsift_analyze_by_hand(synth, tmp_path):
     sem = (gap["none"] - gap["donor-keypoints"]).dropna()
     row = curves[(curves.objective == "supervised") & (curves.epoch == 1)].set_index("layer")
     np.testing.assert_allclose(row.semantic.loc[sem.columns].to_numpy(), sem.mean(axis=0).to_numpy(), rtol=1e-6)
-    np.testing.assert_allclose(row.semantic.loc[E.ALL_LAYERS], sem.to_numpy().mean(), rtol=1e-6)
+    # both sides start from float32 thetas and round differently, and the mean over layers nearly
+    # cancels (~4e-4 from terms ~5e-2): an absolute slack of float32's size beside the relative one
+    scale = float(np.abs(sem.to_numpy(np.float64)).mean())
+    np.testing.assert_allclose(row.semantic.loc[E.ALL_LAYERS], sem.to_numpy(np.float64).mean(), rtol=1e-6,
+                               atol=1e-7 * scale)
     assert (row.low <= row.semantic).all() and (row.semantic <= row.high).all()
     table = E.first_table(curves)
     assert set(table.objective) == {"supervised", "mae-random"} and "all (mean)" in set(table.layer)

@@ -400,3 +400,13 @@ def test_malicious_checkpoint_in_a_run_folder_is_refused_not_run(synth, tmp_path
     with pytest.raises(ValueError, match="checkpoint.pt holds objects other than tensors"):
         load_pretrained_mae(out)
     assert not marker.exists()
+
+
+def test_without_a_train_limit_the_knn_memory_still_spans_the_classes(synth):
+    # the memory (and the probe's train set) is the first knn_memory train images; the folder sorted
+    # by id would give 3 blobs here (and 2-3 of Imagenette's 10 classes for 2,000 of 9,469)
+    from vitsift_core.experiments.mae_data import load_train_data
+    data = load_train_data(tiny_cfg(synth, train_limit=None, knn_memory=6), 8, False)
+    assert len(data.train) == 36 and data.mem == 6
+    assert sorted(data.y_train[:6].tolist()) == [0, 0, 1, 1, 2, 2]
+    assert sorted(data.y_train.tolist()) == [c for c in range(3) for _ in range(12)]   # still every image

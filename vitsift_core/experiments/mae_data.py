@@ -118,8 +118,11 @@ def load_train_data(cfg, patch: int, progress: bool, rank: int = 0, barrier=None
         return prepare_arrays(images, limit, cfg.img_size, patch, cfg.crop_pct, cfg.sift,
                               num_workers=cfg.num_workers, progress=progress and rank == 0)
 
+    # the k-NN memory and the probe's train set are the first ``mem`` train images: with no limit,
+    # take them all in the classes' round-robin order too (sorted by id, 2,000 held 2-3 classes)
+    n_train = cfg.train_limit if cfg.train_limit is not None else len(resolve_images(cfg.train_images))
     train, val = Dist(rank, barrier=barrier).rank0_first(
-        lambda: (prep(cfg.train_images, cfg.train_limit), prep(cfg.val_images, cfg.val_limit)))
+        lambda: (prep(cfg.train_images, n_train), prep(cfg.val_images, cfg.val_limit)))
     classes = sorted({str(l) for l in train.labels})
     mem = len(train) if cfg.knn_memory is None else min(int(cfg.knn_memory), len(train))
     return TrainData(train, val, classes, _labels_to_int([str(l) for l in train.labels], classes),
