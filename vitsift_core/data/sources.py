@@ -68,9 +68,10 @@ class ImageRecord:
     skip: str | None = None
 
 
-def resolve_images(spec: str, limit: int | None = None) -> list[ImageRecord]:
+def resolve_images(spec: str, limit: int | None = None, *, by_class: bool = False) -> list[ImageRecord]:
     """Records for ``spec`` sorted by id; with ``limit``, at most that many round-robin over the
-    sorted classes (a prefix of any larger limit). Files that do not decode are kept (reported later).
+    sorted classes (a prefix of any larger limit; ``by_class``: that order without a limit too, so
+    every prefix spans the classes). Files that do not decode are kept (reported later).
     """
     if limit is not None and int(limit) < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
@@ -89,7 +90,9 @@ def resolve_images(spec: str, limit: int | None = None) -> list[ImageRecord]:
             why = "is a file, not a folder" if p.exists() else "does not exist"
             raise ValueError(f"unknown image spec {spec!r} ({p} {why}): use {_ALLOWED_SPECS}")
         recs = _folder_records(p, id_base=p)
-    return recs if limit is None else _round_robin(recs, int(limit))
+    if limit is None:
+        return _round_robin(recs, len(recs)) if by_class else recs
+    return _round_robin(recs, int(limit))
 
 
 def _folder_records(folder: Path, id_base: Path) -> list[ImageRecord]:

@@ -47,13 +47,14 @@ def data_config(img_size: int, crop_pct: float = 0.875) -> dict:
 
 def prepare_arrays(images: str, limit: int | None, img_size: int, patch_size: int,
                    crop_pct: float = 0.875, sift: SiftParams | dict = SiftParams(), *,
-                   num_workers: int = 1, progress: bool = True, root: Path | None = None) -> ArraySet:
-    """``resolve_images(images, limit)`` as model crops and SIFT counts, decoded once (cached under
-    ``root``, later calls memory-map it)."""
+                   num_workers: int = 1, progress: bool = True, root: Path | None = None,
+                   by_class: bool = False) -> ArraySet:
+    """``resolve_images(images, limit, by_class=by_class)`` as model crops and SIFT counts, decoded
+    once (cached under ``root``, later calls memory-map it)."""
     sift = sift if isinstance(sift, SiftParams) else SiftParams(**sift)
     if img_size % patch_size:
         raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
-    records = resolve_images(images, limit)
+    records = resolve_images(images, limit, by_class=by_class)
     if not records:
         raise ValueError(f"no images for {images!r}")
     g = img_size // patch_size
@@ -114,15 +115,14 @@ class TrainData:
 
 def load_train_data(cfg, patch: int, progress: bool, rank: int = 0, barrier=None) -> TrainData:
     """The arrays of ``cfg`` (a PretrainConfig); under torchrun rank 0 decodes first."""
-    def prep(images, limit):
+    def prep(images, limit, by_class=False):
         return prepare_arrays(images, limit, cfg.img_size, patch, cfg.crop_pct, cfg.sift,
-                              num_workers=cfg.num_workers, progress=progress and rank == 0)
+                              num_workers=cfg.num_workers, progress=progress and rank == 0, by_class=by_class)
 
-    # the k-NN memory and the probe's train set are the first ``mem`` train images: with no limit,
-    # take them all in the classes' round-robin order too (sorted by id, 2,000 held 2-3 classes)
-    n_train = cfg.train_limit if cfg.train_limit is not None else len(resolve_images(cfg.train_images))
+    # the k-NN memory and the probe's train set are the first ``mem`` train images: class-interleaved
+    # with no limit too (sorted by id, 2,000 of all held 2-3 classes)
     train, val = Dist(rank, barrier=barrier).rank0_first(
-        lambda: (prep(cfg.train_images, n_train), prep(cfg.val_images, cfg.val_limit)))
+        lambda: (prep(cfg.train_images, cfg.train_limit, by_class=True), prep(cfg.val_images, cfg.val_limit)))
     classes = sorted({str(l) for l in train.labels})
     mem = len(train) if cfg.knn_memory is None else min(int(cfg.knn_memory), len(train))
     return TrainData(train, val, classes, _labels_to_int([str(l) for l in train.labels], classes),

@@ -83,14 +83,12 @@ def probe_paths(lm, settings: ProbeSettings, root: Path | None = None) -> tuple[
 
 
 def _records(settings: ProbeSettings):
-    recs = resolve_images(settings.train_images)
+    recs = resolve_images(settings.train_images, by_class=True)   # per-class subsets are prefixes
     classes = sorted({r.label for r in recs if r.label is not None})
     if not classes:
         raise ValueError(f"probe training images {settings.train_images!r} carry no labels "
                          "(use imagenette:train or a folder with one subfolder per class)")
-    # round-robin order over classes in every case, so per-class subsets are prefixes
-    limit = len(recs) if settings.per_class is None else settings.per_class * len(classes)
-    return resolve_images(settings.train_images, min(limit, len(recs))), classes
+    return (recs if settings.per_class is None else recs[:settings.per_class * len(classes)]), classes
 
 
 def extract_features(lm, records, folder: Path, *, batch_size: int = 32, num_workers: int = 1,
