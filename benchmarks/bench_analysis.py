@@ -268,15 +268,24 @@ def memory_child(args) -> None:
 
 
 def cpu_memory(args, argv: list[str]) -> dict:
-    res = {}
-    for v in VARIANTS:
+    """A fresh process per variant, one after the other; with --tiny all at once (each figure is its own
+    process's RSS, so only the wall time shares the cores: the tiny check's imports then overlap)."""
+    def child(v: str) -> subprocess.Popen:
         cmd = [sys.executable, os.path.abspath(__file__), *argv, "--memory-child", v]
-        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **C.MALLOC_ENV})
-        line = [ln for ln in p.stdout.splitlines() if ln.startswith("MEMORY ")]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, **C.MALLOC_ENV})
+
+    def result(v: str, p: subprocess.Popen) -> dict:
+        out, err = p.communicate()
+        line = [ln for ln in out.splitlines() if ln.startswith("MEMORY ")]
         if p.returncode != 0 or not line:
-            raise RuntimeError(f"memory child for ({v}) failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
-        res[v] = json.loads(line[-1][len("MEMORY "):])
-    return res
+            raise RuntimeError(f"memory child for ({v}) failed:\n{out[-2000:]}\n{err[-4000:]}")
+        return json.loads(line[-1][len("MEMORY "):])
+
+    if args.tiny:
+        procs = {v: child(v) for v in VARIANTS}
+        return {v: result(v, p) for v, p in procs.items()}
+    return {v: result(v, child(v)) for v in VARIANTS}
 
 
 def cuda_memory(bench: Bench, batches) -> dict:
