@@ -40,6 +40,8 @@ def test_bench_analysis_tiny(tmp_path):
     assert rep["analysis_over_plain_on_cores"] > 0 and rep["plain_on_cores_over_plain"] > 0
     if sys.platform.startswith("linux"):
         assert rep["memory"]["b"]["peak_bytes"] > 0 and rep["memory_analysis_over_plain"] > 0
+        # --tiny runs the four memory processes at once: each figure is still its own variant's
+        assert {v: m["variant"] for v, m in rep["memory"].items()} == {v: v for v in "apbc"}
     # (b) and (c) compute the same metrics; focus has no ties, so it agrees to float32 rounding
     assert rep["max_abs_diff_b_vs_c"]["focus"] < 1e-4
     assert "vs last run (earlier): analysis_over_plain 0.5 ->" in text     # compared with the last run
