@@ -35,8 +35,9 @@ test: $(STAMP) ## run the test suite (no network; Imagenette tests skip when VIT
 test-slow: $(STAMP) ## run the tests marked slow
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -m slow
 
-bench: $(STAMP) ## time analysis (plain forward / analyze / AttentionExtract+NumPy, memory, and `vitsift analyze` end to end on 1,000 Imagenette val images; fp32, then bf16 forwards where the CPU has native bf16) and keypoints; embedded model, batch 32; reports/bench/*.json
+bench: $(STAMP) ## time analysis (plain forward / analyze / AttentionExtract+NumPy, memory, and `vitsift analyze` end to end on 1,000 Imagenette val images; fp32 with glibc's allocator and again with freed memory kept (no page-fault churn), then bf16 forwards where the CPU has native bf16) and keypoints; embedded model, batch 32; reports/bench/*.json
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_analysis.py --model embedded --batch 32 --e2e-limit 1000
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_analysis.py --model embedded --batch 32 --no-memory --malloc steady
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_analysis.py --model embedded --batch 32 --precision bf16 --only-native-bf16
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_keypoints.py --model embedded --batch 32
 

@@ -26,6 +26,33 @@ if str(ROOT) not in sys.path:
 from vitsift_core.store import write_json  # noqa: E402 (after the sys.path line above)
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+# --malloc steady: glibc keeps what is freed (no mmap'd blocks, no trimming), so re-allocating a
+# buffer of the same size faults no pages in. By default blocks above glibc's mmap threshold (at
+# most 32 MiB) go back to the kernel when freed and come back page fault by page fault; on a VM that
+# reports free pages to its host (this one) a fault costs microseconds, and the variants that hold
+# big tensors in the main thread, (a) and (c), pay that while (b)'s small slices do not.
+STEADY_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2 ** 30),
+                     "MALLOC_TOP_PAD_": str(64 << 20)}
+_MALLOPT = {"MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_TOP_PAD_": -2, "MALLOC_MMAP_MAX_": -4}   # <malloc.h> M_*
+
+
+def steady_malloc() -> bool:
+    """STEADY_MALLOC_ENV in this process (``mallopt``) and in every process it starts (environment);
+    False where this is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    os.environ.update(STEADY_MALLOC_ENV)
+    return all(libc.mallopt(_MALLOPT[k], int(v)) == 1 for k, v in STEADY_MALLOC_ENV.items())
+
+
+def faults_and_system_time() -> tuple[int, float]:
+    """(minor page faults, system CPU seconds) of this process so far."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_minflt, ru.ru_stime
 
 
 # ------------------------------------------------------------------------------ images

@@ -29,6 +29,8 @@ counts. Writes ``reports/bench/analysis.json`` (``analysis_over_plain`` = b/a,
 
     python benchmarks/bench_analysis.py                     # embedded model, batch 32
     python benchmarks/bench_analysis.py --tiny              # seconds: test_vit, checks it runs
+    python benchmarks/bench_analysis.py --malloc steady     # glibc keeps freed memory: no variant pays
+                                                            # page faults for re-allocating its buffers
 """
 from __future__ import annotations
 
@@ -273,7 +275,8 @@ def cpu_memory(args, argv: list[str]) -> dict:
     def child(v: str) -> subprocess.Popen:
         cmd = [sys.executable, os.path.abspath(__file__), *argv, "--memory-child", v]
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, **C.MALLOC_ENV})
+                                env={**{k: v for k, v in os.environ.items() if k not in C.STEADY_MALLOC_ENV},
+                                     **C.MALLOC_ENV})
 
     def result(v: str, p: subprocess.Popen) -> dict:
         out, err = p.communicate()
@@ -303,6 +306,26 @@ def cuda_memory(bench: Bench, batches) -> dict:
 
 
 # ------------------------------------------------------------------------------ main
+def time_rounds(bench: Bench, batches, timed: list[str], rounds: int) -> dict[str, dict[str, list[float]]]:
+    """After one warm-up batch of each (allocator, oneDNN primitives, fx graph), ``rounds`` rounds, each
+    every variant over all batches in rotating order. Per variant and round: "wall" and "cpu" seconds
+    (all threads), "faults" (minor page faults) and "system" (system CPU seconds) per image."""
+    for v in timed:
+        bench.run(v, batches[:1])
+    n_img = sum(len(ids) for _, _, ids in batches)
+    out: dict[str, dict[str, list[float]]] = {k: {v: [] for v in timed} for k in ("wall", "cpu", "faults", "system")}
+    for r in range(rounds):
+        for v in timed[r % len(timed):] + timed[:r % len(timed)]:
+            (f0, s0), t0, c0 = C.faults_and_system_time(), time.perf_counter(), time.process_time()
+            bench.run(v, batches)
+            out["wall"][v].append(time.perf_counter() - t0)
+            out["cpu"][v].append(time.process_time() - c0)
+            f1, s1 = C.faults_and_system_time()
+            out["faults"][v].append((f1 - f0) / n_img)
+            out["system"][v].append((s1 - s0) / n_img)
+    return out
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -326,6 +349,10 @@ def parse(argv):
                    help="with --precision bf16 on a CPU: run only if the CPU has a native bf16 matmul "
                         "(AVX512-BF16/AMX); elsewhere bf16 is emulated and one pass takes > 20 min")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--malloc", default="default", choices=("default", "steady"),
+                   help="glibc's allocator as a user gets it, or 'steady': freed memory kept, so no variant "
+                        "pays page faults for re-allocating its buffers (also in the end-to-end processes; "
+                        "see _common.STEADY_MALLOC_ENV)")
     p.add_argument("--breakdown", action="store_true", help="also time (b) step by step, per layer: "
                    "forward with fused attention off, capture, theta, focus, bookkeeping (CPU time)")
     p.add_argument("--out", default=None, help="default: <reports>/bench/analysis.json, analysis-<precision>.json "
@@ -372,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_child:
         memory_child(args)
         return 0
+    if args.malloc == "steady" and not C.steady_malloc():
+        raise SystemExit("--malloc steady needs glibc (mallopt)")
     lm = load(args)
     if skip_emulated_bf16(args, next(lm.model.parameters()).device):
         return 0
@@ -391,19 +420,9 @@ def main(argv: list[str] | None = None) -> int:
           f"attention slices {capture_micro_batch(dev) or 'whole batch'}; images: {spec} "
           f"({args.batch * args.batches} images, {n_distinct} distinct)")
     diff = check_agreement(bench, batches[0]) if "c" in timed else None
-    # warm-up: one batch of each (allocator, oneDNN primitives, fx graph)
-    for v in timed:
-        bench.run(v, batches[:1])
-    times: dict[str, list[float]] = {v: [] for v in timed}
-    cpu: dict[str, list[float]] = {v: [] for v in timed}
     load0 = C.machine().get("load_avg_1m")
-    for r in range(args.rounds):
-        order = timed[r % len(timed):] + timed[:r % len(timed)]
-        for v in order:
-            t0, c0 = time.perf_counter(), time.process_time()
-            bench.run(v, batches)
-            times[v].append(time.perf_counter() - t0)
-            cpu[v].append(time.process_time() - c0)
+    rounds = time_rounds(bench, batches, timed, args.rounds)
+    times, cpu, faults, system = (rounds[k] for k in ("wall", "cpu", "faults", "system"))
     n_img = args.batch * args.batches
     ips = {v: n_img / C.median(ts) for v, ts in times.items()}
     cpu_per_img = {v: C.median(ts) / n_img for v, ts in cpu.items()}
@@ -424,8 +443,12 @@ def main(argv: list[str] | None = None) -> int:
     for v in [v for v in VARIANTS if v in times or v in mem]:
         m = mem.get(v, {})
         rows.append([f"({v}) {VARIANTS[v]}", ips.get(v), cpu_per_img.get(v),
+                     C.median(system[v]) if v in system else None, C.median(faults[v]) if v in faults else None,
                      m.get("peak_bytes", float("nan")) / mib, m.get("working_bytes", float("nan")) / mib])
-    print(C.table(rows, ["variant", "images/s", "CPU s/image", "peak MiB", "working MiB"]))
+    print(f"allocator: {args.malloc}" + (" (glibc keeps freed memory: no page faults for re-allocated buffers)"
+                                         if args.malloc == "steady" else " (glibc's own)"))
+    print(C.table(rows, ["variant", "images/s", "CPU s/image", "system s/image", "page faults/image",
+                         "peak MiB", "working MiB"]))
     mem_ratio = mem["b"]["peak_bytes"] / mem["a"]["peak_bytes"] if "a" in mem and "b" in mem else None
     work_ratio = mem["b"]["working_bytes"] / mem["a"]["working_bytes"] if "a" in mem and "b" in mem else None
     b_a, b_c = ratio("b", "a"), ratio("b", "c")
@@ -472,7 +495,10 @@ def main(argv: list[str] | None = None) -> int:
         "analysis_over_plain_on_cores": b_p, "plain_on_cores_over_plain": p_a,
         "cpu_analysis_over_plain": ratio("b", "a", cpu), "cpu_analysis_over_attention_extract": ratio("b", "c", cpu),
         "images_per_s": ips, "cpu_seconds_per_image": cpu_per_img, "seconds_per_round": times,
-        "cpu_seconds_per_round": cpu, "load_avg_1m": {"before": load0, "after": C.machine().get("load_avg_1m")},
+        "cpu_seconds_per_round": cpu, "malloc": args.malloc,
+        "page_faults_per_image": {v: C.median(f) for v, f in faults.items()},
+        "system_seconds_per_image": {v: C.median(x) for v, x in system.items()},
+        "load_avg_1m": {"before": load0, "after": C.machine().get("load_avg_1m")},
         "memory": mem, "breakdown": bd, "end_to_end": e2e,
         "end_to_end_over_plain": e2e and e2e["end_to_end_over_plain"],
         "memory_method": ("torch.cuda.max_memory_allocated" if dev.type == "cuda" else
@@ -484,8 +510,9 @@ def main(argv: list[str] | None = None) -> int:
         "micro_batch": capture_micro_batch(dev), "images": spec, "n_images": n_img,
         "n_distinct_images": n_distinct, "machine": C.machine(),
     }
-    # one file per forward precision, so each run is compared with the last of its kind
-    name = "analysis.json" if args.precision == "auto" else f"analysis-{args.precision}.json"
+    # one file per forward precision and allocator, so each run is compared with the last of its kind
+    name = ("analysis" + ("" if args.precision == "auto" else f"-{args.precision}")
+            + ("-steady-malloc" if args.malloc == "steady" else "") + ".json")
     C.write_report(C.report_path(args.out, name), report, ("analysis_over_plain", "analysis_over_attention_extract",
                                             "memory_analysis_over_plain", "end_to_end_over_plain"))
     return 0
@@ -501,7 +528,7 @@ def end_to_end_row(args, bench: Bench, spec: str) -> dict | None:
     row = E2E.end_to_end(args, bench.lm, lambda x: bench.plain(x, None, None), args.e2e_limit, split)
     row["load_avg_1m"] = {"before": load0, "after": C.machine().get("load_avg_1m")}
     print("\n".join(E2E.report_lines(row)) + f" (1-min load average {load0} before, "
-          f"{row['load_avg_1m']['after']} after, on {os.cpu_count()} CPUs)")
+          f"{row['load_avg_1m']['after']} after, on {os.cpu_count()} CPUs; allocator: {args.malloc})")
     return row
 
 
@@ -511,7 +538,9 @@ def only_end_to_end(args, bench: Bench) -> int:
         raise SystemExit("--only-e2e needs --e2e-limit N")
     spec, _, _ = C.pick_images(args.images, 1)
     row = end_to_end_row(args, bench, spec)
-    C.write_report(C.report_path(args.out, "end_to_end.json"), {**row, "machine": C.machine(), "model": args.model},
+    name = "end_to_end" + ("-steady-malloc" if args.malloc == "steady" else "") + ".json"
+    C.write_report(C.report_path(args.out, name), {**row, "machine": C.machine(), "model": args.model,
+                                                   "malloc": args.malloc},
                    ("end_to_end_over_plain", "analyze_images_per_s", "plain_images_per_s"))
     return 0
 

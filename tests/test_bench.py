@@ -46,6 +46,9 @@ def test_bench_analysis_tiny(tmp_path):
     assert rep["max_abs_diff_b_vs_c"]["focus"] < 1e-4
     assert "vs last run (earlier): analysis_over_plain 0.5 ->" in text     # compared with the last run
     assert rep["forward"] == "fp32" and rep["precision_effect_vs_fp32"] is None
+    # each variant's page faults and system time are printed beside its speed (the allocator's share)
+    assert "page faults/image" in text and "allocator: default" in text and rep["malloc"] == "default"
+    assert set(rep["page_faults_per_image"]) == set(rep["system_seconds_per_image"]) == {"a", "p", "b", "c"}
     # --tiny times (b) step by step too (--breakdown): every step, CPU ms per image and per layer
     assert "| step" in text and "theta" in text and "focus" in text and "capture (hooks, slices)" in text
     bd = rep["breakdown"]
@@ -56,10 +59,12 @@ def test_bench_analysis_tiny(tmp_path):
 
 
 def test_bench_analysis_tiny_bf16_reports_what_bf16_changes(tmp_path):
-    text = run("bench_analysis.py", "--tiny", "--precision", "bf16", "--no-memory", tmp_path=tmp_path)
-    out = tmp_path / "reports" / "bench"                 # VITSIFT_REPORTS: one file per precision
-    assert sorted(f.name for f in out.iterdir()) == ["analysis-bf16.json"]
-    rep = json.loads((out / "analysis-bf16.json").read_text())
+    text = run("bench_analysis.py", "--tiny", "--precision", "bf16", "--no-memory", "--malloc", "steady",
+               tmp_path=tmp_path)
+    out = tmp_path / "reports" / "bench"                 # VITSIFT_REPORTS: one file per precision and allocator
+    assert sorted(f.name for f in out.iterdir()) == ["analysis-bf16-steady-malloc.json"]
+    rep = json.loads((out / "analysis-bf16-steady-malloc.json").read_text())
+    assert rep["malloc"] == "steady" and "allocator: steady" in text
     assert rep["forward"] == "bf16-autocast" and "bf16-autocast vs fp32 forward" in text
     eff = rep["precision_effect_vs_fp32"]
     assert set(eff) == {"theta_kk", "theta_nk", "focus"}
@@ -159,3 +164,43 @@ def test_bench_skips_bf16_rows_only_on_an_emulating_cpu(monkeypatch, capsys):
     assert not B.skip_emulated_bf16(argparse.Namespace(only_native_bf16=False, precision="bf16"), torch.device("cpu"))
     assert not B.skip_emulated_bf16(argparse.Namespace(only_native_bf16=True, precision="fp32"), torch.device("cpu"))
     assert not B.skip_emulated_bf16(args, torch.device("cuda"))
+
+
+STEADY_PROBE = """
+import ctypes, sys
+sys.path.insert(0, sys.argv[1])
+import _common as C
+if sys.argv[2] == "steady":
+    assert C.steady_malloc()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+size = 48 << 20                                 # above glibc's largest mmap threshold (32 MiB)
+counts = []
+for _ in range(4):
+    f0, _s = C.faults_and_system_time()
+    p = libc.malloc(size)
+    ctypes.memset(p, 1, size)                   # touch every page
+    libc.free(p)
+    counts.append(C.faults_and_system_time()[0] - f0)
+import os
+print(counts[-1], os.environ.get("MALLOC_MMAP_MAX_"))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt (Linux)")
+def test_steady_malloc_keeps_freed_memory_so_a_reallocation_faults_no_pages():
+    """--malloc steady: the same 48 MiB block, freed and allocated again, faults its pages in only the
+    first time; with glibc's default every allocation faults them in again (the block is mmap'd)."""
+    def last_faults(mode):
+        p = subprocess.run([sys.executable, "-c", STEADY_PROBE, str(BENCH), mode], capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 0, p.stderr[-4000:]
+        n, env = p.stdout.split()
+        return int(n), env
+
+    default, env_default = last_faults("default")
+    steady, env_steady = last_faults("steady")
+    assert default > 1000, default                   # 12,288 pages, fewer with transparent huge pages
+    assert steady < default / 20, (steady, default)
+    assert env_default == "None" and env_steady == "0"   # the processes it starts inherit it
