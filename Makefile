@@ -4,6 +4,9 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PROFILE ?= embedded
+# pytest-xdist workers for `make test` (0: one process). Many tests wait on subprocesses (notebook
+# kernels, torchrun, the benchmarks' children), so 2 workers help even on 2 cores.
+TEST_WORKERS ?= 2
 STAMP := $(VENV)/.vitsift-installed
 
 # The project's data setting: VITSIFT_DATA, else a shared copy beside the checkout, else ./data.
@@ -18,7 +21,7 @@ endif
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
-	@echo "  variables: PROFILE=$(PROFILE) (smoke|embedded|embedded-full|paper|zoo), VITSIFT_DATA=$(VITSIFT_DATA)"
+	@echo "  variables: PROFILE=$(PROFILE) (smoke|embedded|embedded-full|paper|zoo), VITSIFT_DATA=$(VITSIFT_DATA), TEST_WORKERS=$(TEST_WORKERS)"
 
 setup: $(STAMP) ## create .venv and install the package with its dev extras (only when needed)
 
@@ -29,8 +32,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
-test: $(STAMP) ## run the test suite (no network; Imagenette tests skip when VITSIFT_DATA is absent)
-	HF_HUB_OFFLINE=1 $(BIN)/pytest
+test: $(STAMP) ## run the test suite, TEST_WORKERS processes, a test file at a time each (no network; Imagenette tests skip when VITSIFT_DATA is absent)
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: $(STAMP) ## run the tests marked slow
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -m slow

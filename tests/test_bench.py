@@ -193,8 +193,9 @@ def test_steady_malloc_keeps_freed_memory_so_a_reallocation_faults_no_pages():
     """--malloc steady: the same 48 MiB block, freed and allocated again, faults its pages in only the
     first time; with glibc's default every allocation faults them in again (the block is mmap'd)."""
     def last_faults(mode):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}   # glibc's default
         p = subprocess.run([sys.executable, "-c", STEADY_PROBE, str(BENCH), mode], capture_output=True,
-                           text=True, timeout=60)
+                           text=True, timeout=60, env=env)
         assert p.returncode == 0, p.stderr[-4000:]
         n, env = p.stdout.split()
         return int(n), env
