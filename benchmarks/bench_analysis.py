@@ -371,6 +371,11 @@ def parse(argv):
     return a
 
 
+def malloc_suffix(args) -> str:
+    """Report file names' suffix: each allocator's runs are compared with the last of their kind."""
+    return "-steady-malloc" if args.malloc == "steady" else ""
+
+
 def target_line(key: str, value: float | None) -> str:
     op, thr = TARGETS[key]
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -422,7 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     diff = check_agreement(bench, batches[0]) if "c" in timed else None
     load0 = C.machine().get("load_avg_1m")
     rounds = time_rounds(bench, batches, timed, args.rounds)
-    times, cpu, faults, system = (rounds[k] for k in ("wall", "cpu", "faults", "system"))
+    times, cpu = rounds["wall"], rounds["cpu"]
+    faults = {v: C.median(f) for v, f in rounds["faults"].items()}        # per image, median over rounds
+    system = {v: C.median(x) for v, x in rounds["system"].items()}
     n_img = args.batch * args.batches
     ips = {v: n_img / C.median(ts) for v, ts in times.items()}
     cpu_per_img = {v: C.median(ts) / n_img for v, ts in cpu.items()}
@@ -443,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     for v in [v for v in VARIANTS if v in times or v in mem]:
         m = mem.get(v, {})
         rows.append([f"({v}) {VARIANTS[v]}", ips.get(v), cpu_per_img.get(v),
-                     C.median(system[v]) if v in system else None, C.median(faults[v]) if v in faults else None,
+                     system.get(v), faults.get(v),
                      m.get("peak_bytes", float("nan")) / mib, m.get("working_bytes", float("nan")) / mib])
     print(f"allocator: {args.malloc}" + (" (glibc keeps freed memory: no page faults for re-allocated buffers)"
                                          if args.malloc == "steady" else " (glibc's own)"))
@@ -496,8 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_analysis_over_plain": ratio("b", "a", cpu), "cpu_analysis_over_attention_extract": ratio("b", "c", cpu),
         "images_per_s": ips, "cpu_seconds_per_image": cpu_per_img, "seconds_per_round": times,
         "cpu_seconds_per_round": cpu, "malloc": args.malloc,
-        "page_faults_per_image": {v: C.median(f) for v, f in faults.items()},
-        "system_seconds_per_image": {v: C.median(x) for v, x in system.items()},
+        "page_faults_per_image": faults, "system_seconds_per_image": system,
         "load_avg_1m": {"before": load0, "after": C.machine().get("load_avg_1m")},
         "memory": mem, "breakdown": bd, "end_to_end": e2e,
         "end_to_end_over_plain": e2e and e2e["end_to_end_over_plain"],
@@ -512,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     # one file per forward precision and allocator, so each run is compared with the last of its kind
     name = ("analysis" + ("" if args.precision == "auto" else f"-{args.precision}")
-            + ("-steady-malloc" if args.malloc == "steady" else "") + ".json")
+            + malloc_suffix(args) + ".json")
     C.write_report(C.report_path(args.out, name), report, ("analysis_over_plain", "analysis_over_attention_extract",
                                             "memory_analysis_over_plain", "end_to_end_over_plain"))
     return 0
@@ -538,7 +544,7 @@ def only_end_to_end(args, bench: Bench) -> int:
         raise SystemExit("--only-e2e needs --e2e-limit N")
     spec, _, _ = C.pick_images(args.images, 1)
     row = end_to_end_row(args, bench, spec)
-    name = "end_to_end" + ("-steady-malloc" if args.malloc == "steady" else "") + ".json"
+    name = "end_to_end" + malloc_suffix(args) + ".json"
     C.write_report(C.report_path(args.out, name), {**row, "machine": C.machine(), "model": args.model,
                                                    "malloc": args.malloc},
                    ("end_to_end_over_plain", "analyze_images_per_s", "plain_images_per_s"))
